@@ -1,0 +1,13 @@
+"""Exceptions raised by FlashFace-TRT; every message names the offending value."""
+
+
+class FlashFaceError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class WeightsError(FlashFaceError):
+    """A weights file or directory is missing, corrupt or of the wrong layout."""
+
+
+class InputError(FlashFaceError, ValueError):
+    """A user-supplied parameter, image or prompt is out of range or malformed."""

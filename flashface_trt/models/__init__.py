@@ -1,0 +1,1 @@
+"""PyTorch definitions of the FlashFace networks and their weight loaders."""

@@ -1,0 +1,221 @@
+"""FlashFace UNet: the main 5-channel UNet with reference attention, and its ReferenceNet.
+
+Structure and parameter names follow the official `RefStableUNet` (ali-vilab/FlashFace,
+`flashface/all_finetune/models/reference_unet.py` over `ldm/models/unet.py`). One module
+holds both networks because they share weights: the ReferenceNet is `ref_encoder` +
+the main UNet's `middle` + `ref_decoder` (the official `switch_mode` swaps only the encoder
+and decoder, so `ref_middle` is never used) and both use the main `time_embedding`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import WeightsError
+from .config import UNetConfig
+from .unet_blocks import (
+    AttentionBlock,
+    GroupNorm32,
+    RefInputs,
+    RefSelfAttention,
+    ResidualBlock,
+    StackedAttention,
+    Upsample,
+    head_count,
+    is_attention_scale,
+    sinusoidal_embedding,
+)
+from .weights import StateDict, drop_aliases
+
+# aliases in the released flashface.ckpt that share storage with the canonical names
+_ALIASES = {"ori_encoder.": "encoder.", "ori_middle.": "middle.", "ori_decoder.": "decoder."}
+_UNUSED_PREFIX = "ref_middle."  # stored by the official model, never read by its forward
+
+
+def _build_encoder(cfg: UNetConfig, in_dim: int) -> tuple[nn.ModuleList, list[int], float]:
+    """Encoder entries: stem conv, residual(+attention) blocks, stride-2 downsampling convs."""
+    dims = [cfg.dim * m for m in (1, *cfg.dim_mult)]
+    encoder = nn.ModuleList([nn.Conv2d(in_dim, cfg.dim, 3, padding=1)])
+    skips = [cfg.dim]
+    scale = 1.0
+    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+        for j in range(cfg.num_res_blocks):
+            block = nn.ModuleList([ResidualBlock(d_in, cfg.embed_dim, d_out)])
+            if is_attention_scale(scale, cfg.attn_scales):
+                heads = head_count(d_out, cfg.num_heads)
+                block.append(StackedAttention(d_out, cfg.context_dim, heads, cfg.num_attn_blocks, False))
+            encoder.append(block)
+            skips.append(d_out)
+            d_in = d_out
+            if i != len(cfg.dim_mult) - 1 and j == cfg.num_res_blocks - 1:
+                encoder.append(nn.Conv2d(d_out, d_out, 3, stride=2, padding=1))
+                skips.append(d_out)
+                scale /= 2.0
+    return encoder, skips, scale
+
+
+def _build_middle(cfg: UNetConfig, ref_branch: bool) -> nn.ModuleList:
+    d = cfg.dim * cfg.dim_mult[-1]
+    heads = head_count(d, cfg.num_heads)
+    return nn.ModuleList(
+        [
+            ResidualBlock(d, cfg.embed_dim, d),
+            StackedAttention(d, cfg.context_dim, heads, cfg.num_attn_blocks, ref_branch),
+            ResidualBlock(d, cfg.embed_dim, d),
+        ]
+    )
+
+
+def _build_decoder(cfg: UNetConfig, skips: list[int], scale: float, ref_branch: bool) -> nn.ModuleList:
+    """Decoder entries: residual(+attention) blocks over concatenated skips, nearest upsampling."""
+    skips = list(skips)
+    mult = cfg.dim_mult
+    dims = [cfg.dim * m for m in (mult[-1], *mult[::-1])]
+    decoder = nn.ModuleList()
+    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+        for j in range(cfg.num_res_blocks + 1):
+            block = nn.ModuleList([ResidualBlock(d_in + skips.pop(), cfg.embed_dim, d_out)])
+            if is_attention_scale(scale, cfg.attn_scales):
+                heads = head_count(d_out, cfg.num_heads)
+                block.append(StackedAttention(d_out, cfg.context_dim, heads, cfg.num_attn_blocks, ref_branch))
+            d_in = d_out
+            if i != len(mult) - 1 and j == cfg.num_res_blocks:
+                block.append(Upsample(d_out))
+                scale *= 2.0
+            decoder.append(block)
+    return decoder
+
+
+class FlashFaceUNet(nn.Module):
+    """Main UNet (latent + face mask -> eps) and ReferenceNet (reference latents -> K/V)."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        e = cfg.embed_dim
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.dim, e), nn.SiLU(), nn.Linear(e, e))
+        self.encoder, skips, scale = _build_encoder(cfg, cfg.in_dim)
+        self.middle = _build_middle(cfg, ref_branch=True)
+        self.decoder = _build_decoder(cfg, skips, scale, ref_branch=True)
+        self.head = nn.Sequential(
+            GroupNorm32(cfg.dim * cfg.dim_mult[0]), nn.SiLU(), nn.Conv2d(cfg.dim * cfg.dim_mult[0], cfg.out_dim, 3, padding=1)
+        )
+        self.ref_encoder, ref_skips, ref_scale = _build_encoder(cfg, cfg.ref_in_dim)
+        self.ref_decoder = _build_decoder(cfg, ref_skips, ref_scale, ref_branch=False)
+        main = self._attention_blocks(self.decoder)
+        ref = self._attention_blocks(self.ref_decoder)
+        for i, (a, b) in enumerate(zip(main, ref)):
+            a.ref_index = b.ref_index = i
+        self.reference_layers: list[str] = [
+            name for name, m in self.named_modules() if isinstance(m, AttentionBlock) and m.ref_index >= 0
+            and not name.startswith("ref_")
+        ]
+
+    def _attention_blocks(self, decoder: nn.ModuleList) -> list[AttentionBlock]:
+        """Reference layers in traversal order: the middle's blocks, then the decoder's."""
+        blocks = [m for part in (self.middle, decoder) for m in part.modules() if isinstance(m, AttentionBlock)]
+        return blocks
+
+    @property
+    def num_reference_layers(self) -> int:
+        return len(self.reference_layers)
+
+    def _embed(self, t: torch.Tensor) -> torch.Tensor:
+        dtype = self.time_embedding[0].weight.dtype
+        return self.time_embedding(sinusoidal_embedding(t, self.cfg.dim).to(dtype))  # [B, 4*dim]
+
+    def _block(self, block: nn.Module, x, e, context, ref, collect, size) -> torch.Tensor:
+        if isinstance(block, ResidualBlock):
+            return block(x, e)
+        if isinstance(block, StackedAttention):
+            return block(x, context, ref, collect, self.num_reference_layers - 1)
+        if isinstance(block, Upsample):
+            return block(x, size)
+        if isinstance(block, nn.ModuleList):
+            for sub in block:
+                x = self._block(sub, x, e, context, ref, collect, size)
+                if collect is not None and len(collect) == self.num_reference_layers:
+                    return x
+            return x
+        return block(x)
+
+    def _run(self, x, e, context, encoder, decoder, ref=None, collect=None) -> torch.Tensor | None:
+        """UNet traversal of the official `encode`/`decode`; stops early once `collect` is full."""
+        skips = []
+        for block in encoder:
+            x = self._block(block, x, e, context, None, collect, None)
+            skips.append(x)
+        for block in self.middle:
+            x = self._block(block, x, e, context, ref, collect, None)
+            if collect is not None and len(collect) == self.num_reference_layers:
+                return None
+        for block in decoder:
+            x = torch.cat([x, skips.pop()], dim=1)
+            size = tuple(skips[-1].shape[-2:]) if skips else None
+            x = self._block(block, x, e, context, ref, collect, size)
+            if collect is not None and len(collect) == self.num_reference_layers:
+                return None
+        return self.head(x)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        ref: RefInputs | None = None,
+    ) -> torch.Tensor:
+        """eps for latents x [B,4,h,w], face mask [B|1,1,h,w], t [B], context [B,77,C].
+
+        Rows [:B_ref] (B_ref = len(ref.scale)) attend to the reference tokens; the rest do not.
+        """
+        b, _, h, w = x.shape
+        x = torch.cat([x, mask.to(x.dtype).expand(b, 1, h, w)], dim=1)  # [B, 5, h, w]
+        out = self._run(x, self._embed(t), context.to(x.dtype), self.encoder, self.decoder, ref=ref)
+        assert out is not None
+        return out  # [B, 4, h, w]
+
+    def reference_features(self, ref_latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> list[torch.Tensor]:
+        """ReferenceNet: inputs of every middle/decoder self-attention, each [R, L_i, C_i].
+
+        ref_latents [R,4,hr,wr]; t: the step's timestep ([1] or scalar); context: [1,77,C]
+        (the negative-prompt embedding, shared by every reference).
+        """
+        r = ref_latents.shape[0]
+        e = self._embed(t.reshape(-1)[:1]).expand(r, -1)
+        ctx = context.to(ref_latents.dtype).expand(r, -1, -1)
+        collect: list[torch.Tensor] = []
+        self._run(ref_latents, e, ctx, self.ref_encoder, self.ref_decoder, collect=collect)
+        return collect
+
+    def reference_kv(self, features: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Project reference features with each layer's SA1 k/v: [R, L, C] -> ([1, R*L, C], [1, R*L, C])."""
+        out = []
+        for block, f in zip(self._attention_blocks(self.decoder), features):
+            sa1 = block.self_attn
+            assert isinstance(sa1, RefSelfAttention)
+            tokens = f.reshape(1, -1, f.shape[-1])  # reference after reference, as the official reshape
+            out.append((sa1.self_attn_first.k(tokens), sa1.self_attn_first.v(tokens)))
+        return out
+
+    def reference_layer_modules(self) -> Iterator[tuple[str, AttentionBlock]]:
+        modules = dict(self.named_modules())
+        for name in self.reference_layers:
+            block = modules[name]
+            assert isinstance(block, AttentionBlock)
+            yield name, block
+
+
+def unet_state(state: Mapping[str, torch.Tensor], source: str) -> StateDict:
+    """Official `flashface.ckpt` layout -> canonical keys (aliases merged, unused `ref_middle` dropped)."""
+    out = drop_aliases(dict(state), _ALIASES, source)
+    unused = {k: v for k, v in out.items() if k.startswith(_UNUSED_PREFIX)}
+    for key, tensor in unused.items():
+        twin = "middle." + key[len(_UNUSED_PREFIX):]
+        if twin not in out or tuple(out[twin].shape) != tuple(tensor.shape):
+            raise WeightsError(f"{source}: unused key {key!r} {tuple(tensor.shape)} has no matching {twin!r}")
+        del out[key]
+    return out

@@ -1,0 +1,234 @@
+"""UNet layers of SD 1.5 as the official FlashFace code defines them (`ldm/models/unet.py`).
+
+Parameter names follow the official modules exactly so that released checkpoints load
+without renaming. The reference-attention branch (`self_attn.self_attn_first`) follows
+`flashface/all_finetune/models/reference_unet.py`, computed without the official code's
+zero-weighted work: SA1(y) once per row, attention over reference tokens only for the rows
+that use references.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Timestep embedding [cos | sin] of the official UNet (DDPM positional encoding)."""
+    half = dim // 2
+    t = t.float()  # [B]
+    freqs = torch.pow(10000, -torch.arange(half, device=t.device).to(t).div(half))
+    x = torch.outer(t, freqs)  # [B, half]
+    x = torch.cat([torch.cos(x), torch.sin(x)], dim=1)
+    if dim % 2:
+        x = torch.cat([x, torch.zeros_like(x[:, :1])], dim=1)
+    return x  # [B, dim]
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm(32) computed in float32 whatever the weight dtype (official `GroupNorm`)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__(32, dim, eps=eps, affine=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).type_as(x)
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm computed in float32 (matches autocast's float32 layer_norm in the official demo)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.float()
+        b = self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Multi-head softmax attention, scale 1/sqrt(head_dim): [B, Lq, C] x [B, Lk, C] -> [B, Lq, C]."""
+    b, lq, c = q.shape
+    d = c // heads
+    q = q.view(b, lq, heads, d).transpose(1, 2)  # [B, n, Lq, d]
+    k = k.view(b, k.shape[1], heads, d).transpose(1, 2)  # [B, n, Lk, d]
+    v = v.view(b, v.shape[1], heads, d).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v)  # [B, n, Lq, d]
+    return out.transpose(1, 2).reshape(b, lq, c)
+
+
+class Attention(nn.Module):
+    """Official `MultiHeadAttention`: bias-free q/k/v, biased output projection."""
+
+    def __init__(self, dim: int, context_dim: int | None, heads: int):
+        super().__init__()
+        context_dim = context_dim or dim
+        self.heads = heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.k = nn.Linear(context_dim, dim, bias=False)
+        self.v = nn.Linear(context_dim, dim, bias=False)
+        self.o = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        return self.o(attend(self.q(x), self.k(context), self.v(context), self.heads))
+
+
+class RefSelfAttention(Attention):
+    """Self-attention that also owns the reference branch SA1 (`self_attn.self_attn_first`)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__(dim, None, heads)
+        self.self_attn_first = Attention(dim, None, heads)
+
+
+class GeGLU(nn.Module):
+    """GEGLU feed-forward input projection (arXiv:2002.05202)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, out_dim * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+@dataclass
+class RefInputs:
+    """Reference inputs of one main-UNet call.
+
+    kv: per reference layer (middle, then decoder order) the projected reference keys and
+        values, each [1, R*L, C], shared by every row that uses references.
+    scale: [B_ref] reference strength λ of the first B_ref rows; the other rows use none.
+    """
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    scale: torch.Tensor
+
+
+class AttentionBlock(nn.Module):
+    """Transformer block (self-attn, cross-attn, GEGLU FFN), optionally with the reference branch."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int, ref_branch: bool):
+        super().__init__()
+        self.norm1 = LayerNorm32(dim)
+        self.self_attn: Attention = RefSelfAttention(dim, heads) if ref_branch else Attention(dim, None, heads)
+        self.norm2 = LayerNorm32(dim)
+        self.cross_attn = Attention(dim, context_dim, heads)
+        self.norm3 = LayerNorm32(dim)
+        self.ffn = nn.Sequential(GeGLU(dim, dim * 4), nn.Dropout(0.0), nn.Linear(dim * 4, dim))
+        self.ref_index = -1  # position among reference layers; -1: not a reference layer
+
+    def reference_branch(self, y: torch.Tensor, ref: RefInputs | None) -> torch.Tensor:
+        """SA1(y) + λ(SA1(y, [y; refs]) - SA1(y)) for the first B_ref rows, SA1(y) for the rest."""
+        sa1 = self.self_attn.self_attn_first
+        q, k, v = sa1.q(y), sa1.k(y), sa1.v(y)  # [B, L, C]
+        plain = sa1.o(attend(q, k, v, sa1.heads))  # SA1(y), once per row
+        if ref is None or ref.scale.shape[0] == 0:
+            return plain
+        n = ref.scale.shape[0]
+        k_ref, v_ref = ref.kv[self.ref_index]  # [1, R*L, C]
+        k_cat = torch.cat([k[:n], k_ref.expand(n, -1, -1).to(k.dtype)], dim=1)  # [B_ref, L + R*L, C]
+        v_cat = torch.cat([v[:n], v_ref.expand(n, -1, -1).to(v.dtype)], dim=1)
+        with_ref = sa1.o(attend(q[:n], k_cat, v_cat, sa1.heads))
+        lam = ref.scale.to(y.dtype).view(n, 1, 1)
+        mixed = plain[:n] + lam * (with_ref - plain[:n])
+        return torch.cat([mixed, plain[n:]], dim=0)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        ref: RefInputs | None = None,
+        collect: list[torch.Tensor] | None = None,
+        stop_after_collect: bool = False,
+    ) -> torch.Tensor:
+        y = self.norm1(x)  # [B, L, C]
+        if collect is not None and self.ref_index >= 0:
+            collect.append(y)  # ReferenceNet: the input of this self-attention is the feature
+            if stop_after_collect:
+                return x
+        x = x + self.self_attn(y)
+        if isinstance(self.self_attn, RefSelfAttention) and collect is None:
+            x = x + self.reference_branch(y, ref)
+        x = x + self.cross_attn(self.norm2(x), context)
+        return x + self.ffn(self.norm3(x))
+
+
+class StackedAttention(nn.Module):
+    """Official `StackedAttentionBlocks`: GroupNorm, 1x1 conv, transformer blocks, 1x1 conv, residual."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int, num_blocks: int, ref_branch: bool):
+        super().__init__()
+        self.norm1 = GroupNorm32(dim)
+        self.conv1 = nn.Conv2d(dim, dim, 1)
+        self.blocks = nn.ModuleList(
+            [AttentionBlock(dim, context_dim, heads, ref_branch) for _ in range(num_blocks)]
+        )
+        self.conv2 = nn.Conv2d(dim, dim, 1)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        ref: RefInputs | None = None,
+        collect: list[torch.Tensor] | None = None,
+        stop_at: int = -1,
+    ) -> torch.Tensor:
+        b, c, h, w = x.shape
+        identity = x
+        x = self.conv1(self.norm1(x)).view(b, c, h * w).transpose(1, 2)  # [B, HW, C]
+        for block in self.blocks:
+            stop = collect is not None and block.ref_index == stop_at
+            x = block(x, context, ref, collect, stop)
+            if stop:
+                return identity  # the ReferenceNet has every feature it needs
+        x = x.transpose(1, 2).reshape(b, c, h, w)
+        return self.conv2(x) + identity
+
+
+class ResidualBlock(nn.Module):
+    """Official UNet `ResidualBlock` with timestep-embedding injection."""
+
+    def __init__(self, in_dim: int, embed_dim: int, out_dim: int):
+        super().__init__()
+        self.layer1 = nn.Sequential(GroupNorm32(in_dim), nn.SiLU(), nn.Conv2d(in_dim, out_dim, 3, padding=1))
+        self.embedding = nn.Sequential(nn.SiLU(), nn.Linear(embed_dim, out_dim))
+        self.layer2 = nn.Sequential(
+            GroupNorm32(out_dim), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(out_dim, out_dim, 3, padding=1)
+        )
+        self.shortcut = nn.Identity() if in_dim == out_dim else nn.Conv2d(in_dim, out_dim, 1)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        h = self.layer1(x)
+        h = h + self.embedding(e).unsqueeze(-1).unsqueeze(-1).type_as(h)
+        return self.layer2(h) + self.shortcut(x)
+
+
+class _Nearest(nn.Module):
+    """Placeholder at index 0 of the official `Sequential(Upsample, Conv2d)` (no parameters)."""
+
+
+class Upsample(nn.Sequential):
+    """Nearest-neighbour resize to the next skip connection's size, then a 3x3 conv (keys `.1.*`)."""
+
+    def __init__(self, dim: int):
+        super().__init__(_Nearest(), nn.Conv2d(dim, dim, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:  # type: ignore[override]
+        return self[1](F.interpolate(x, size=size, mode="nearest"))
+
+
+def head_count(dim: int, heads: int) -> int:
+    """Heads for a width (official rule with head_dim=None: num_heads fixed, head_dim = dim // heads)."""
+    if dim % heads:
+        raise ValueError(f"attention width {dim} is not divisible by num_heads={heads}")
+    return heads
+
+
+def is_attention_scale(scale: float, scales: tuple[float, ...]) -> bool:
+    """Official test `scale in attn_scales`, tolerant to float spelling (0.25 vs 1/4)."""
+    return any(math.isclose(scale, s) for s in scales)

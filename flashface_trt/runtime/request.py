@@ -1,0 +1,176 @@
+"""What a user asks for: parameters, named recipes, validation, prompts, face mask, references.
+
+Torch-free so that every backend shares it. Prompt suffixes, the face-mask rule and the
+recipes follow the official demo (`flashface/all_finetune/demo_gradio.py`) and README.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import TypeVar
+
+import numpy as np
+
+from ..errors import InputError
+from .sampler import GuidanceParams
+
+DEFAULT_POSITIVE_SUFFIX = "best quality, masterpiece,ultra-detailed, UHD 4K, photographic"
+DEFAULT_NEGATIVE = (
+    "blurry, ugly, tiling, poorly drawn hands, poorly drawn feet, poorly drawn face, out of frame, "
+    "extra limbs, disfigured, deformed, body out of frame, bad anatomy, watermark, signature, cut off, "
+    "low contrast, underexposed, overexposed, bad art, beginner, amateur, distorted face"
+)
+REFERENCE_SIZE = 224  # reference crops are padded to this square (official PadToSquare(224))
+MIN_REFERENCES = 4  # the demo pads fewer reference faces to this many
+MAX_SEED = 2**32 - 1
+MAX_SIDE = 4096
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation.
+
+    prompt / negative_prompt: user text; the official suffix and default negative are appended.
+    steps: DDIM steps (trailing timesteps). seed: NumPy seed of the initial noise.
+    num_samples: images per request. height / width: output pixels, multiples of 8.
+    face_bbox: normalised [x1, y1, x2, y2] face position; (0, 0, 0, 0) means no position constraint.
+    guidance: guidance strengths and the launch timestep.
+    """
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 30
+    seed: int = 0
+    num_samples: int = 1
+    height: int = 768
+    width: int = 768
+    face_bbox: tuple[float, float, float, float] = (0.3, 0.2, 0.6, 0.5)
+    guidance: GuidanceParams = field(default_factory=GuidanceParams)
+
+    def validated(self) -> GenerationRequest:
+        """Return self after checking every field; raises InputError naming the bad value."""
+        _check_int("steps", self.steps, 1, 1000)
+        _check_int("seed", self.seed, 0, MAX_SEED)
+        _check_int("num_samples", self.num_samples, 1, 64)
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            _check_int(name, value, 8, MAX_SIDE)
+            if value % 8:
+                raise InputError(f"{name}={value} must be a multiple of 8")
+        if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
+            raise InputError("prompt and negative_prompt must be strings")
+        validate_bbox(self.face_bbox)
+        validate_guidance(self.guidance)
+        return self
+
+
+def _check_int(name: str, value: object, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
+        raise InputError(f"{name}={value!r} must be an integer in [{lo}, {hi}]")
+
+
+def _check_float(name: str, value: object, lo: float, hi: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{name}={value!r} must be a finite number in [{lo}, {hi}]")
+    if not lo <= value <= hi:
+        raise InputError(f"{name}={value!r} is out of range [{lo}, {hi}]")
+
+
+def validate_guidance(g: GuidanceParams) -> None:
+    """Ranges: the official demo's sliders, widened where the model stays well defined."""
+    _check_float("text_guidance", g.text_guidance, 0.0, 30.0)
+    _check_float("face_guidance", g.face_guidance, 0.0, 10.0)
+    _check_float("ref_strength", g.ref_strength, 0.0, 3.0)
+    _check_float("ref_strength_before", g.ref_strength_before, 0.0, 3.0)
+    _check_int("step_to_launch", g.step_to_launch, 0, 1000)
+    _check_float("guide_rescale", g.guide_rescale, 0.0, 1.0)
+
+
+def validate_bbox(bbox: Sequence[float]) -> tuple[float, float, float, float]:
+    """A normalised [x1, y1, x2, y2] with 0 <= x1 < x2 <= 1, 0 <= y1 < y2 <= 1, or all zeros."""
+    try:
+        values = tuple(float(v) for v in bbox)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"face_bbox={bbox!r} must be four numbers [x1, y1, x2, y2]") from exc
+    if len(values) != 4 or not all(math.isfinite(v) for v in values):
+        raise InputError(f"face_bbox={bbox!r} must be four finite numbers [x1, y1, x2, y2]")
+    if values == (0.0, 0.0, 0.0, 0.0):
+        return values
+    x1, y1, x2, y2 = values
+    if not (0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1):
+        raise InputError(
+            f"face_bbox={list(values)} must satisfy 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1 "
+            "(normalised coordinates), or be [0, 0, 0, 0] for no face position"
+        )
+    return (x1, y1, x2, y2)
+
+
+def face_mask(bbox: Sequence[float], height: int, width: int) -> np.ndarray:
+    """Latent face mask [height/8, width/8] as the demo builds it.
+
+    Pixel box (int(x1*W), int(y1*H), int(x2*W), int(y2*H)); a square of side max(w, h) anchored at
+    (x1, y1) is set to 1 (clipped at the image border), then every 8th pixel is kept.
+    """
+    x1, y1, x2, y2 = validate_bbox(bbox)
+    mask = np.zeros((height, width), dtype=np.float32)
+    if (x1, y1, x2, y2) != (0.0, 0.0, 0.0, 0.0):
+        px1, py1, px2, py2 = int(x1 * width), int(y1 * height), int(x2 * width), int(y2 * height)
+        side = max(px2 - px1, py2 - py1)
+        mask[py1 : py1 + side, px1 : px1 + side] = 1.0
+    return mask[::8, ::8]
+
+
+def full_prompts(prompt: str, negative_prompt: str) -> tuple[str, str]:
+    """Append the official default positive suffix and default negative prompt as the demo does."""
+    positive = prompt + ", " + DEFAULT_POSITIVE_SUFFIX
+    negative = negative_prompt + ", " + DEFAULT_NEGATIVE if negative_prompt else DEFAULT_NEGATIVE
+    return positive, negative
+
+
+T = TypeVar("T")
+
+
+def pad_references(refs: Sequence[T], minimum: int = MIN_REFERENCES) -> list[T]:
+    """Pad fewer than `minimum` references by repeating them in order (the demo picks at random)."""
+    if len(refs) == 0:
+        raise InputError("at least one reference face is required")
+    out = list(refs)
+    i = 0
+    while len(out) < minimum:
+        out.append(refs[i % len(refs)])
+        i += 1
+    return out
+
+
+def initial_noise(seed: int, num_samples: int, height: int, width: int, channels: int = 4, factor: int = 8) -> np.ndarray:
+    """Initial latent noise [N, 4, H/8, W/8] from NumPy's PCG64, identical for every backend."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    return rng.standard_normal((num_samples, channels, height // factor, width // factor), dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named set of parameters recommended by the official README."""
+
+    description: str
+    face_bbox: tuple[float, float, float, float]
+    guidance: GuidanceParams
+
+    def apply(self, request: GenerationRequest) -> GenerationRequest:
+        return replace(request, face_bbox=self.face_bbox, guidance=self.guidance)
+
+
+RECIPES: dict[str, Recipe] = {
+    "identity": Recipe(
+        "stable identity fidelity (official README; the default)",
+        (0.3, 0.2, 0.6, 0.5),
+        GuidanceParams(text_guidance=7.5, face_guidance=3.2, ref_strength=1.2, step_to_launch=750),
+    ),
+    "age": Recipe(
+        "changing the age: put the age words in the prompt, e.g. 'a very old woman' (official README)",
+        (0.3, 0.2, 0.6, 0.5),
+        GuidanceParams(text_guidance=8.5, face_guidance=2.5, ref_strength=0.9, step_to_launch=750),
+    ),
+}
