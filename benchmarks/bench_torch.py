@@ -1,0 +1,130 @@
+"""Per-stage timing of the PyTorch path (text, references, ReferenceNet K/V, UNet loop, decode).
+
+Correctness is checked before timing: the run is repeated from the same seed and must give
+finite, identical latents. Times are wall-clock medians over `--repeats` runs after those two.
+
+    python benchmarks/bench_torch.py --preset tiny --height 128 --width 128 --steps 10
+    python benchmarks/bench_torch.py --preset sd15-random --device cuda --precision fp16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flashface_trt.models.backend import TorchBackend, TorchModels
+from flashface_trt.models.config import SD15
+from flashface_trt.models.loading import build_loaded, component_shapes, load_models, random_state, tiny_models
+from flashface_trt.models.tokenizer import ClipTokenizer
+from flashface_trt.runtime.images import synthetic_face
+from flashface_trt.runtime.pipeline import prepare_references
+from flashface_trt.runtime.request import GenerationRequest, face_mask, full_prompts, initial_noise
+from flashface_trt.runtime.sampler import plan, sample
+
+
+def sd15_random(device: str, dtype: torch.dtype) -> TorchModels:
+    """Full-size networks with deterministic random weights: speed needs no real weights."""
+    nets = {n: build_loaded(n, SD15, random_state(component_shapes(n, SD15), i), f"random {n}", device, dtype)
+            for i, n in enumerate(("unet", "text", "vae"))}
+    return TorchModels(SD15, nets["unet"], nets["text"], nets["vae"], ClipTokenizer())  # type: ignore[arg-type]
+
+
+class Clock:
+    """Wall-clock stage timer that synchronises the device around each stage."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.times: dict[str, float] = {}
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self, name: str, fn, *args):
+        self.sync()
+        t0 = time.perf_counter()
+        out = fn(*args)
+        self.sync()
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+        return out
+
+
+def run_once(backend: TorchBackend, req: GenerationRequest, refs: np.ndarray, clock: Clock):
+    pos, neg = full_prompts(req.prompt, req.negative_prompt)
+    ids = backend.tokenizer.encode([pos, neg])
+    text = clock("text", backend.encode_text, ids)
+    ref_lat = clock("references", backend.encode_references, refs)
+    den = backend.denoiser(text[:1], text[1:2], ref_lat, face_mask(req.face_bbox, req.height, req.width), req.guidance)
+    steps = plan(req.steps, req.guidance)
+    for s in steps:  # ReferenceNet K/V for every timestep (what the loop would compute on the fly)
+        clock("reference_kv", den.reference_kv, s.t)
+    x = backend.from_numpy(initial_noise(req.seed, req.num_samples, req.height, req.width))
+    z0 = clock("unet_loop", sample, den, x, steps)
+    clock("decode", backend.decode, z0)
+    return z0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", choices=["tiny", "sd15-random"])
+    src.add_argument("--weights", type=Path)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    p.add_argument("--height", type=int, default=128)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--refs", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", type=Path, help="write the result record here")
+    args = p.parse_args(argv)
+
+    dtype = torch.float16 if args.precision == "fp16" else torch.float32
+    load = {"tiny": lambda: tiny_models(args.device, dtype), "sd15-random": lambda: sd15_random(args.device, dtype)}
+    models = load[args.preset]() if args.preset else load_models(args.weights, args.device, dtype)
+    backend = TorchBackend(models)
+    req = GenerationRequest(prompt="a handsome young man", steps=args.steps, num_samples=args.num_samples,
+                            height=args.height, width=args.width).validated()
+    refs = prepare_references([synthetic_face(seed=i) for i in range(args.refs)])
+
+    # correctness before timing (and warm-up): finite and reproducible latents
+    warm = Clock(backend.device)
+    z_a, z_b = run_once(backend, req, refs, warm), run_once(backend, req, refs, warm)
+    if not torch.isfinite(z_a).all() or not torch.equal(z_a, z_b):
+        print("correctness check failed: latents are not finite or not reproducible", file=sys.stderr)
+        return 1
+
+    runs = []
+    for _ in range(args.repeats):
+        clock = Clock(backend.device)
+        t0 = time.perf_counter()
+        run_once(backend, req, refs, clock)
+        clock.times["end_to_end"] = time.perf_counter() - t0
+        runs.append(clock.times)
+    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    record = {
+        "device": torch.cuda.get_device_name() if backend.device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "config": vars(args) | {"weights": str(args.weights) if args.weights else None, "json": None},
+        "seconds_median": med,
+        "images_per_second": args.num_samples / med["end_to_end"],
+    }
+    for k, v in med.items():
+        print(f"{k:>14}: {v * 1000:9.1f} ms")
+    print(f"{'images/s':>14}: {record['images_per_second']:9.3f}")
+    if args.json:
+        args.json.write_text(json.dumps(record, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""`flashface-trt` command line: argparse lives here and nowhere else."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from .errors import FlashFaceError
+from .runtime.request import RECIPES, GenerationRequest
+
+log = logging.getLogger("flashface_trt")
+
+# sizes used when --height/--width are not given: the tiny preset is a seconds-long CPU demo
+DEFAULT_SIZE = {"weights": 768, "tiny": 128}
+
+
+def _bbox(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.strip("[]() ").split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--face-bbox {text!r} must be four comma-separated numbers") from exc
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(f"--face-bbox {text!r} must be four comma-separated numbers")
+    return values
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--weights", type=Path, help="directory with the official or converted weights")
+    src.add_argument("--preset", choices=["tiny"], help="embedded deterministic random model (no weights needed)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available")
+    p.add_argument("--precision", choices=["auto", "fp32", "fp16"], default="auto",
+                   help="default: fp16 weights on CUDA, fp32 on CPU")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flashface-trt", description=__doc__)
+    parser.add_argument("--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="personalised images from reference faces and a prompt")
+    _add_model_args(gen)
+    gen.add_argument("--face", type=Path, action="append", default=[],
+                     help="an already-cropped reference face (repeat for more); the tiny preset draws one if omitted")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative-prompt", default="")
+    gen.add_argument("--recipe", choices=sorted(RECIPES), default="identity",
+                     help="; ".join(f"{k}: {r.description}" for k, r in RECIPES.items()))
+    gen.add_argument("--steps", type=int, default=30)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--num-samples", type=int, default=1)
+    gen.add_argument("--height", type=int, help="pixels, multiple of 8 (default 768; 128 with --preset tiny)")
+    gen.add_argument("--width", type=int, help="pixels, multiple of 8 (default 768; 128 with --preset tiny)")
+    gen.add_argument("--face-bbox", type=_bbox, help="normalised x1,y1,x2,y2 of the face; 0,0,0,0 = anywhere")
+    gen.add_argument("--text-guidance", type=float, help="text CFG scale (recipe default)")
+    gen.add_argument("--face-guidance", type=float, help="reference guidance scale (recipe default)")
+    gen.add_argument("--ref-strength", type=float, help="λ after the launch (recipe default)")
+    gen.add_argument("--ref-strength-before", type=float, help="λ before the launch (recipe default)")
+    gen.add_argument("--step-to-launch", type=int, help="3-way guidance for timesteps t <= this (recipe default)")
+    gen.add_argument("--guide-rescale", type=float, help="CFG rescale in [0, 1] (recipe default)")
+    gen.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG; several samples get _0, _1, ...")
+
+    conv = sub.add_parser("convert-weights", help="official files -> deduplicated float16 safetensors")
+    conv.add_argument("src", type=Path)
+    conv.add_argument("out", type=Path)
+    return parser
+
+
+def _request(args: argparse.Namespace) -> GenerationRequest:
+    size = DEFAULT_SIZE["tiny" if args.preset else "weights"]
+    req = RECIPES[args.recipe].apply(GenerationRequest(prompt=args.prompt))
+    overrides = {
+        "text_guidance": args.text_guidance,
+        "face_guidance": args.face_guidance,
+        "ref_strength": args.ref_strength,
+        "ref_strength_before": args.ref_strength_before,
+        "step_to_launch": args.step_to_launch,
+        "guide_rescale": args.guide_rescale,
+    }
+    guidance = replace(req.guidance, **{k: v for k, v in overrides.items() if v is not None})
+    return replace(
+        req,
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        seed=args.seed,
+        num_samples=args.num_samples,
+        height=args.height or size,
+        width=args.width or size,
+        face_bbox=args.face_bbox if args.face_bbox is not None else req.face_bbox,
+        guidance=guidance,
+    ).validated()
+
+
+def _generate(args: argparse.Namespace) -> None:
+    import torch
+    from tqdm.auto import tqdm
+
+    from .models.backend import TorchBackend
+    from .models.loading import load_models, tiny_models
+    from .runtime.images import load_image, synthetic_face
+    from .runtime.pipeline import generate
+
+    request = _request(args)
+    if args.face:
+        faces = [load_image(p) for p in args.face]
+    elif args.preset:
+        log.info("no --face given: using a drawn stand-in face for the tiny preset")
+        faces = [synthetic_face()]
+    else:
+        raise FlashFaceError("give at least one reference face with --face")
+    cuda = torch.cuda.is_available()
+    device = ("cuda" if cuda else "cpu") if args.device == "auto" else args.device
+    if device == "cuda" and not cuda:
+        raise FlashFaceError("--device cuda was asked for but torch sees no CUDA device")
+    precision = args.precision if args.precision != "auto" else ("fp16" if device == "cuda" else "fp32")
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    t0 = time.perf_counter()
+    models = tiny_models(device, dtype) if args.preset else load_models(args.weights, device, dtype)
+    log.info("models ready in %.1f s (%s, %s)", time.perf_counter() - t0, device, precision)
+    t0 = time.perf_counter()
+    images = generate(TorchBackend(models), request, faces,
+                      wrap=lambda steps: tqdm(steps, desc="denoising", unit="step", file=sys.stderr))
+    log.info("generated %d image(s) in %.1f s", len(images), time.perf_counter() - t0)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        path = args.out if len(images) == 1 else args.out.with_name(f"{args.out.stem}_{i}{args.out.suffix}")
+        img.save(path)
+        print(path)
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from .models.loading import convert_weights
+
+    manifest = convert_weights(args.src, args.out)
+    total = sum(f["bytes"] for f in manifest["files"].values())
+    print(f"wrote {len(manifest['files'])} files, {total / 2**30:.2f} GiB, to {args.out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        {"generate": _generate, "convert-weights": _convert}[args.command](args)
+    except FlashFaceError as exc:
+        print(f"flashface-trt: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The PyTorch backend: text, reference and decode calls plus a `denoise` for the shared sampler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..runtime.sampler import GuidanceParams, StepPlan, guide
+from .config import LATENT_SCALE, ModelConfig
+from .text_encoder import TextEncoder
+from .tokenizer import ClipTokenizer
+from .unet import FlashFaceUNet
+from .unet_blocks import RefInputs
+from .vae import AutoencoderKL
+
+VAE_BATCH = 3  # references encoded per VAE call (official cfg.ae_batch_size)
+
+
+@dataclass
+class TorchModels:
+    """Every network of FlashFace, on one device and dtype."""
+
+    config: ModelConfig
+    unet: FlashFaceUNet
+    text: TextEncoder
+    vae: AutoencoderKL
+    tokenizer: ClipTokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+
+@dataclass
+class TorchDenoiser:
+    """`denoise(x, step) -> x0` for one request: the 2-/3-way batch, guidance and x0 (float32).
+
+    cond / uncond: [1, 77, C] text embeddings; ref_latents: [R, 4, hr, wr] scaled latents;
+    mask: [1, 1, h, w]. Reference K/V are computed once per timestep and reused by every row
+    (and by later requests through `kv_cache`, keyed by timestep).
+    """
+
+    unet: FlashFaceUNet
+    cond: torch.Tensor
+    uncond: torch.Tensor
+    ref_latents: torch.Tensor
+    mask: torch.Tensor
+    guidance: GuidanceParams
+    kv_cache: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+
+    def reference_kv(self, t: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if t not in self.kv_cache:
+            tt = torch.full((1,), t, device=self.ref_latents.device, dtype=torch.long)
+            feats = self.unet.reference_features(self.ref_latents, tt, self.uncond)
+            self.kv_cache[t] = self.unet.reference_kv(feats)
+        return self.kv_cache[t]
+
+    def eps(self, x: torch.Tensor, step: StepPlan) -> torch.Tensor:
+        """Raw model output for the whole batch [k*N, 4, h, w] (k = 3 or 2), as the official model call."""
+        n = x.shape[0]
+        k = step.batch_factor
+        dtype = self.cond.dtype
+        texts = [self.cond, self.cond, self.uncond] if step.three_way else [self.cond, self.uncond]
+        context = torch.cat([c.expand(n, -1, -1) for c in texts])  # [k*N, 77, C]
+        xb = x.to(dtype).repeat(k, 1, 1, 1)  # [k*N, 4, h, w]
+        t = torch.full((k * n,), step.t, device=x.device, dtype=torch.long)
+        scale = torch.full((step.ref_rows(n),), step.ref_strength, device=x.device, dtype=dtype)
+        return self.unet(xb, self.mask, t, context, RefInputs(self.reference_kv(step.t), scale))
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor, step: StepPlan) -> torch.Tensor:
+        out = guide(self.eps(x, step).float(), x.shape[0], step, self.guidance)
+        return step.ddim.x0_from_eps(x, out)
+
+
+class TorchBackend:
+    """Runs FlashFace with PyTorch modules (float32 on CPU, float16 weights on CUDA)."""
+
+    name = "torch"
+
+    def __init__(self, models: TorchModels):
+        self.models = models
+        self.device = models.device
+        self.dtype = models.dtype
+
+    @property
+    def tokenizer(self) -> ClipTokenizer:
+        return self.models.tokenizer
+
+    @property
+    def latent_factor(self) -> int:
+        return self.models.config.vae_factor
+
+    def from_numpy(self, x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+
+    @torch.inference_mode()
+    def encode_text(self, ids: np.ndarray) -> torch.Tensor:
+        """Token ids [P, 77] -> last hidden states [P, 77, C]."""
+        return self.models.text(self.from_numpy(ids.astype(np.int64)))
+
+    @torch.inference_mode()
+    def encode_references(self, images: np.ndarray) -> torch.Tensor:
+        """Reference crops [R, 3, S, S] in [-1, 1] -> scaled latents [R, 4, S/8, S/8] (posterior mean)."""
+        x = self.from_numpy(images.astype(np.float32)).to(self.dtype)
+        return torch.cat([LATENT_SCALE * self.models.vae.encode(chunk) for chunk in x.split(VAE_BATCH)])
+
+    def denoiser(
+        self,
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        ref_latents: torch.Tensor,
+        mask: np.ndarray,
+        guidance: GuidanceParams,
+    ) -> TorchDenoiser:
+        m = self.from_numpy(mask.astype(np.float32))[None, None].to(self.dtype)  # [1, 1, h, w]
+        return TorchDenoiser(self.models.unet, cond, uncond, ref_latents, m, guidance)
+
+    @torch.inference_mode()
+    def decode(self, z: torch.Tensor) -> np.ndarray:
+        """Scaled latents [N, 4, h, w] -> images [N, 3, 8h, 8w] in about [-1, 1], float32."""
+        x = self.models.vae.decode((z / LATENT_SCALE).to(self.dtype))
+        return x.float().cpu().numpy()

@@ -1,0 +1,73 @@
+"""The FlashFace pipeline over any backend: prompts -> text -> references -> guided DDIM -> images."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+from ..errors import InputError
+from .images import reference_array, to_pil
+from .request import REFERENCE_SIZE, GenerationRequest, face_mask, full_prompts, initial_noise, pad_references
+from .sampler import GuidanceParams, StepPlan, plan, sample
+
+log = logging.getLogger(__name__)
+
+
+class Tokenizer(Protocol):
+    def encode(self, prompts: str | list[str]) -> np.ndarray: ...
+
+
+class Backend(Protocol):
+    """What a backend provides; arrays it returns stay on its device until `decode`."""
+
+    name: str
+
+    @property
+    def tokenizer(self) -> Tokenizer: ...
+
+    def from_numpy(self, x: np.ndarray) -> Any: ...
+
+    def encode_text(self, ids: np.ndarray) -> Any:
+        """Token ids [P, 77] int64 -> hidden states [P, 77, C]."""
+
+    def encode_references(self, images: np.ndarray) -> Any:
+        """Crops [R, 3, S, S] in [-1, 1] -> scaled latents [R, 4, S/8, S/8]."""
+
+    def denoiser(self, cond: Any, uncond: Any, ref_latents: Any, mask: np.ndarray, guidance: GuidanceParams) -> Callable[[Any, StepPlan], Any]:
+        """`denoise(x, step) -> x0` for one request (mask [h, w])."""
+
+    def decode(self, z: Any) -> np.ndarray:
+        """Scaled latents [N, 4, h, w] -> images [N, 3, H, W] float32 in about [-1, 1]."""
+
+
+def prepare_references(faces: Sequence[Image.Image]) -> np.ndarray:
+    """Face crops -> [R, 3, 224, 224] in [-1, 1]; fewer than 4 are repeated in order, as the demo pads."""
+    if len(faces) == 0:
+        raise InputError("at least one reference face is required")
+    return np.stack([reference_array(f, REFERENCE_SIZE) for f in pad_references(list(faces))])
+
+
+def generate(
+    backend: Backend,
+    request: GenerationRequest,
+    faces: Sequence[Image.Image],
+    wrap: Callable[[Iterable[StepPlan]], Iterable[StepPlan]] | None = None,
+) -> list[Image.Image]:
+    """Generate `request.num_samples` images of the person in `faces` (already-cropped faces)."""
+    req = request.validated()
+    positive, negative = full_prompts(req.prompt, req.negative_prompt)
+    text = backend.encode_text(backend.tokenizer.encode([positive, negative]))  # [2, 77, C]
+    cond, uncond = text[0:1], text[1:2]
+    ref_latents = backend.encode_references(prepare_references(faces))
+    mask = face_mask(req.face_bbox, req.height, req.width)  # [H/8, W/8]
+    denoise = backend.denoiser(cond, uncond, ref_latents, mask, req.guidance)
+    x = backend.from_numpy(initial_noise(req.seed, req.num_samples, req.height, req.width))
+    steps = plan(req.steps, req.guidance)
+    log.info("%s: %d steps (%d three-way), %d references, %dx%d", backend.name, len(steps),
+             sum(s.three_way for s in steps), len(ref_latents), req.width, req.height)
+    z0 = sample(denoise, x, steps, wrap)
+    return to_pil(backend.decode(z0))

@@ -1,0 +1,175 @@
+"""UNet + ReferenceNet: oracle parity, batch semantics of the reference branch, checkpoint layout."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from flashface_trt.errors import WeightsError
+from flashface_trt.models import unet_blocks
+from flashface_trt.models.config import SD15, TINY, ModelConfig
+from flashface_trt.models.loading import build_loaded, component_shapes, random_state
+from flashface_trt.models.unet import FlashFaceUNet, unet_state
+from flashface_trt.models.unet_blocks import RefInputs
+from flashface_trt.models.weights import read_checkpoint
+
+from .conftest import rel_err
+
+
+@pytest.fixture(scope="module")
+def oracle_unet(oracle_dir, oracle_config) -> FlashFaceUNet:
+    cfg = ModelConfig.from_dict(oracle_config)
+    path = oracle_dir / "flashface_unet.ckpt"
+    state = unet_state(read_checkpoint(path), str(path))
+    return build_loaded("unet", cfg, state, str(path), "cpu", torch.float32)
+
+
+@pytest.fixture(scope="module")
+def cases(oracle_dir):
+    return dict(np.load(oracle_dir / "unet_cases.npz"))
+
+
+def _ref_rows(case: str, n: int) -> int:
+    return 2 * n if case == "two_way" else n
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("case", ["two_way", "three_way"])
+def test_eps_matches_official_batch(oracle_unet, cases, case):
+    """The raw model output for the official 2-way / 3-way batch, with references at λ."""
+    x = torch.from_numpy(cases[f"{case}/x"])
+    t = torch.from_numpy(cases[f"{case}/t"])
+    n = x.shape[0]
+    k = 2 if case == "two_way" else 3
+    with torch.no_grad():
+        feats = oracle_unet.reference_features(
+            torch.from_numpy(cases["ref_latents"]), t[:1], torch.from_numpy(cases["neg_context"])
+        )
+        kv = oracle_unet.reference_kv(feats)
+        lam = torch.full((_ref_rows(case, n),), float(cases[f"{case}/similarity"]))
+        mask = torch.from_numpy(cases["mask"])[None, None]
+        eps = oracle_unet(x.repeat(k, 1, 1, 1), mask, t.repeat(k), torch.from_numpy(cases[f"{case}/context"]),
+                          RefInputs(kv, lam))
+    err = rel_err(eps.numpy(), cases[f"{case}/eps"])
+    print(f"{case} eps rel err {err:.2e}")
+    assert err <= 1e-4
+
+
+def _random_inputs(unet: FlashFaceUNet, batch: int, refs: int = 2, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    c = unet.cfg
+    x = torch.randn(batch, 4, 16, 16, generator=g)
+    mask = (torch.rand(1, 1, 16, 16, generator=g) > 0.5).float()
+    t = torch.full((batch,), 500)
+    ctx = torch.randn(batch, 77, c.context_dim, generator=g)
+    ref_lat = torch.randn(refs, 4, 8, 8, generator=g)
+    return x, mask, t, ctx, ref_lat
+
+
+@pytest.fixture(scope="module")
+def tiny_unet() -> FlashFaceUNet:
+    return build_loaded("unet", TINY, random_state(component_shapes("unet", TINY), 3), "tiny", "cpu", torch.float32)
+
+
+def test_rows_without_references_ignore_them(tiny_unet):
+    """Rows past B_ref give the same output whatever the reference K/V (and as with B_ref = 0)."""
+    x, mask, t, ctx, ref_lat = _random_inputs(tiny_unet, batch=3)
+    with torch.no_grad():
+        kv = tiny_unet.reference_kv(tiny_unet.reference_features(ref_lat, t[:1], ctx[:1]))
+        other = [(k * 3 + 1, v - 2) for k, v in kv]
+        a = tiny_unet(x, mask, t, ctx, RefInputs(kv, torch.tensor([1.2])))
+        b = tiny_unet(x, mask, t, ctx, RefInputs(other, torch.tensor([1.2])))
+        c = tiny_unet(x, mask, t, ctx, None)
+    torch.testing.assert_close(a[1:], b[1:], rtol=0, atol=0)
+    torch.testing.assert_close(a[1:], c[1:], rtol=1e-6, atol=1e-6)
+    assert (a[0] - b[0]).abs().max() > 1e-3  # the reference row does see them
+
+
+def test_zero_strength_equals_no_references(tiny_unet):
+    """λ = 0 reduces the branch to SA1(y): x + SA(y) + SA1(y)."""
+    x, mask, t, ctx, ref_lat = _random_inputs(tiny_unet, batch=2)
+    with torch.no_grad():
+        kv = tiny_unet.reference_kv(tiny_unet.reference_features(ref_lat, t[:1], ctx[:1]))
+        a = tiny_unet(x, mask, t, ctx, RefInputs(kv, torch.zeros(2)))
+        b = tiny_unet(x, mask, t, ctx, None)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_work_per_row(tiny_unet, monkeypatch):
+    """Only the first B_ref rows attend over reference tokens; SA1(y) runs once per row and layer."""
+    calls: list[tuple[int, int, int]] = []
+    real = unet_blocks.attend
+
+    def spy(q, k, v, heads):
+        calls.append((q.shape[0], q.shape[1], k.shape[1]))
+        return real(q, k, v, heads)
+
+    monkeypatch.setattr(unet_blocks, "attend", spy)
+    x, mask, t, ctx, ref_lat = _random_inputs(tiny_unet, batch=6, refs=2)
+    with torch.no_grad():
+        kv = tiny_unet.reference_kv(tiny_unet.reference_features(ref_lat, t[:1], ctx[:1]))
+        calls.clear()
+        tiny_unet(x, mask, t, ctx, RefInputs(kv, torch.full((2,), 1.2)))
+    over_refs = [c for c in calls if c[2] > c[1] and c[2] != 77]
+    layers = tiny_unet.num_reference_layers
+    assert len(over_refs) == layers and all(c[0] == 2 for c in over_refs)
+    own = [c for c in calls if c[2] == c[1]]  # self-attention SA and SA1 over the row's own tokens
+    enc_blocks = sum(1 for n, _ in tiny_unet.named_modules() if n.startswith("encoder") and n.endswith("blocks.0"))
+    assert len(own) == enc_blocks + 2 * layers and all(c[0] == 6 for c in own)
+
+
+def test_reference_net_stops_after_last_feature(tiny_unet):
+    """The ReferenceNet returns one feature per reference layer, in layer order, at the right widths."""
+    x, mask, t, ctx, ref_lat = _random_inputs(tiny_unet, batch=1, refs=3)
+    feats = tiny_unet.reference_features(ref_lat, t[:1], ctx[:1])
+    assert len(feats) == tiny_unet.num_reference_layers
+    widths = [b.norm1.normalized_shape[0] for _, b in tiny_unet.reference_layer_modules()]
+    assert [f.shape[-1] for f in feats] == widths
+    assert all(f.shape[0] == 3 for f in feats)
+    kv = tiny_unet.reference_kv(feats)
+    assert all(k.shape == (1, 3 * f.shape[1], f.shape[2]) for (k, _), f in zip(kv, feats))
+
+
+@pytest.mark.oracle
+def test_official_checkpoint_layout_maps_onto_model(manifests):
+    """Every key of the released flashface.ckpt maps to a parameter of the same shape, and back."""
+    layout = manifests["flashface.ckpt"]
+    fake = {k: torch.empty(tuple(s), device="meta") for k, s in layout.items()}
+    state = unet_state(fake, "flashface.ckpt manifest")
+    expected = component_shapes("unet", SD15)
+    assert {k: tuple(v.shape) for k, v in state.items()} == expected
+    dropped = set(layout) - set(state)
+    assert all(k.startswith(("ori_", "ref_middle.")) for k in dropped)
+
+
+def test_strict_loading_names_bad_keys(tiny_unet):
+    state = {k: v.clone() for k, v in tiny_unet.state_dict().items()}
+    missing = dict(state)
+    del missing["head.2.weight"]
+    with pytest.raises(WeightsError, match="head.2.weight"):
+        build_loaded("unet", TINY, missing, "test", "cpu", torch.float32)
+    extra = dict(state, **{"decoder.99.weight": torch.zeros(1)})
+    with pytest.raises(WeightsError, match="decoder.99.weight"):
+        build_loaded("unet", TINY, extra, "test", "cpu", torch.float32)
+    bad = dict(state, **{"encoder.0.weight": torch.zeros(3, 3)})
+    with pytest.raises(WeightsError, match=r"encoder.0.weight \(3, 3\)"):
+        build_loaded("unet", TINY, bad, "test", "cpu", torch.float32)
+
+
+def test_aliases_must_agree(tiny_unet):
+    state = {k: v.clone() for k, v in tiny_unet.state_dict().items()}
+    state["ori_encoder.0.weight"] = state["encoder.0.weight"] + 1
+    with pytest.raises(WeightsError, match="ori_encoder.0.weight"):
+        unet_state(state, "test")
+    same = dict(state, **{"ori_encoder.0.weight": state["encoder.0.weight"]})
+    assert "ori_encoder.0.weight" not in unet_state(same, "test")
+
+
+def test_corrupt_checkpoint_names_file(tmp_path):
+    path = tmp_path / "flashface.ckpt"
+    path.write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(WeightsError, match="flashface.ckpt"):
+        read_checkpoint(path)
+    with pytest.raises(WeightsError, match="does not exist"):
+        read_checkpoint(tmp_path / "missing.ckpt")
