@@ -22,7 +22,13 @@ import torch
 
 from flashface_trt.models.backend import TorchBackend, TorchModels
 from flashface_trt.models.config import SD15
-from flashface_trt.models.loading import build_loaded, component_shapes, load_models, random_state, tiny_models
+from flashface_trt.models.loading import (
+    build_loaded,
+    component_shapes,
+    load_models,
+    random_state,
+    tiny_models,
+)
 from flashface_trt.models.tokenizer import ClipTokenizer
 from flashface_trt.runtime.images import synthetic_face
 from flashface_trt.runtime.pipeline import prepare_references
@@ -32,8 +38,10 @@ from flashface_trt.runtime.sampler import plan, sample
 
 def sd15_random(device: str, dtype: torch.dtype) -> TorchModels:
     """Full-size networks with deterministic random weights: speed needs no real weights."""
-    nets = {n: build_loaded(n, SD15, random_state(component_shapes(n, SD15), i), f"random {n}", device, dtype)
-            for i, n in enumerate(("unet", "text", "vae"))}
+    nets = {
+        n: build_loaded(n, SD15, random_state(component_shapes(n, SD15), i), f"random {n}", device, dtype)
+        for i, n in enumerate(("unet", "text", "vae"))
+    }
     return TorchModels(SD15, nets["unet"], nets["text"], nets["vae"], ClipTokenizer())  # type: ignore[arg-type]
 
 
@@ -62,7 +70,9 @@ def run_once(backend: TorchBackend, req: GenerationRequest, refs: np.ndarray, cl
     ids = backend.tokenizer.encode([pos, neg])
     text = clock("text", backend.encode_text, ids)
     ref_lat = clock("references", backend.encode_references, refs)
-    den = backend.denoiser(text[:1], text[1:2], ref_lat, face_mask(req.face_bbox, req.height, req.width), req.guidance)
+    den = backend.denoiser(
+        text[:1], text[1:2], ref_lat, face_mask(req.face_bbox, req.height, req.width), req.guidance
+    )
     steps = plan(req.steps, req.guidance)
     for s in steps:  # ReferenceNet K/V for every timestep (what the loop would compute on the fly)
         clock("reference_kv", den.reference_kv, s.t)
@@ -89,11 +99,19 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     dtype = torch.float16 if args.precision == "fp16" else torch.float32
-    load = {"tiny": lambda: tiny_models(args.device, dtype), "sd15-random": lambda: sd15_random(args.device, dtype)}
+    load = {
+        "tiny": lambda: tiny_models(args.device, dtype),
+        "sd15-random": lambda: sd15_random(args.device, dtype),
+    }
     models = load[args.preset]() if args.preset else load_models(args.weights, args.device, dtype)
     backend = TorchBackend(models)
-    req = GenerationRequest(prompt="a handsome young man", steps=args.steps, num_samples=args.num_samples,
-                            height=args.height, width=args.width).validated()
+    req = GenerationRequest(
+        prompt="a handsome young man",
+        steps=args.steps,
+        num_samples=args.num_samples,
+        height=args.height,
+        width=args.width,
+    ).validated()
     refs = prepare_references([synthetic_face(seed=i) for i in range(args.refs)])
 
     # correctness before timing (and warm-up): finite and reproducible latents
@@ -112,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(clock.times)
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     record = {
-        "device": torch.cuda.get_device_name() if backend.device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name()
+        if backend.device.type == "cuda"
+        else platform.processor() or "cpu",
         "torch": torch.__version__,
         "config": vars(args) | {"weights": str(args.weights) if args.weights else None, "json": None},
         "seconds_median": med,

@@ -22,7 +22,9 @@ def _bbox(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(v) for v in text.strip("[]() ").split(","))
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"--face-bbox {text!r} must be four comma-separated numbers") from exc
+        raise argparse.ArgumentTypeError(
+            f"--face-bbox {text!r} must be four comma-separated numbers"
+        ) from exc
     if len(values) != 4:
         raise argparse.ArgumentTypeError(f"--face-bbox {text!r} must be four comma-separated numbers")
     return values
@@ -31,10 +33,18 @@ def _bbox(text: str) -> tuple[float, ...]:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--weights", type=Path, help="directory with the official or converted weights")
-    src.add_argument("--preset", choices=["tiny"], help="embedded deterministic random model (no weights needed)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available")
-    p.add_argument("--precision", choices=["auto", "fp32", "fp16"], default="auto",
-                   help="default: fp16 weights on CUDA, fp32 on CPU")
+    src.add_argument(
+        "--preset", choices=["tiny"], help="embedded deterministic random model (no weights needed)"
+    )
+    p.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available"
+    )
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "fp16"],
+        default="auto",
+        help="default: fp16 weights on CUDA, fp32 on CPU",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,12 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="personalised images from reference faces and a prompt")
     _add_model_args(gen)
-    gen.add_argument("--face", type=Path, action="append", default=[],
-                     help="an already-cropped reference face (repeat for more); the tiny preset draws one if omitted")
+    gen.add_argument(
+        "--face",
+        type=Path,
+        action="append",
+        default=[],
+        help="an already-cropped reference face (repeat for more); the tiny preset draws one if omitted",
+    )
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", default="")
-    gen.add_argument("--recipe", choices=sorted(RECIPES), default="identity",
-                     help="; ".join(f"{k}: {r.description}" for k, r in RECIPES.items()))
+    gen.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        default="identity",
+        help="; ".join(f"{k}: {r.description}" for k, r in RECIPES.items()),
+    )
     gen.add_argument("--steps", type=int, default=30)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--num-samples", type=int, default=1)
@@ -60,9 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--face-guidance", type=float, help="reference guidance scale (recipe default)")
     gen.add_argument("--ref-strength", type=float, help="λ after the launch (recipe default)")
     gen.add_argument("--ref-strength-before", type=float, help="λ before the launch (recipe default)")
-    gen.add_argument("--step-to-launch", type=int, help="3-way guidance for timesteps t <= this (recipe default)")
+    gen.add_argument(
+        "--step-to-launch", type=int, help="3-way guidance for timesteps t <= this (recipe default)"
+    )
     gen.add_argument("--guide-rescale", type=float, help="CFG rescale in [0, 1] (recipe default)")
-    gen.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG; several samples get _0, _1, ...")
+    gen.add_argument(
+        "--out", type=Path, default=Path("out.png"), help="output PNG; several samples get _0, _1, ..."
+    )
 
     conv = sub.add_parser("convert-weights", help="official files -> deduplicated float16 safetensors")
     conv.add_argument("src", type=Path)
@@ -122,8 +145,12 @@ def _generate(args: argparse.Namespace) -> None:
     models = tiny_models(device, dtype) if args.preset else load_models(args.weights, device, dtype)
     log.info("models ready in %.1f s (%s, %s)", time.perf_counter() - t0, device, precision)
     t0 = time.perf_counter()
-    images = generate(TorchBackend(models), request, faces,
-                      wrap=lambda steps: tqdm(steps, desc="denoising", unit="step", file=sys.stderr))
+    images = generate(
+        TorchBackend(models),
+        request,
+        faces,
+        wrap=lambda steps: tqdm(steps, desc="denoising", unit="step", file=sys.stderr),
+    )
     log.info("generated %d image(s) in %.1f s", len(images), time.perf_counter() - t0)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(images):
@@ -142,7 +169,9 @@ def _convert(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         {"generate": _generate, "convert-weights": _convert}[args.command](args)
     except FlashFaceError as exc:

@@ -12,8 +12,24 @@ from flashface_trt.runtime.images import synthetic_face
 
 def _run(tmp_path, *extra) -> np.ndarray:
     out = tmp_path / "out.png"
-    code = main(["generate", "--preset", "tiny", "--prompt", "a handsome young man", "--steps", "3",
-                 "--height", "64", "--width", "64", "--out", str(out), *extra])
+    code = main(
+        [
+            "generate",
+            "--preset",
+            "tiny",
+            "--prompt",
+            "a handsome young man",
+            "--steps",
+            "3",
+            "--height",
+            "64",
+            "--width",
+            "64",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
     assert code == 0
     return np.asarray(Image.open(out))
 
@@ -32,8 +48,28 @@ def test_generate_with_faces_and_samples(tmp_path):
         synthetic_face(160, seed=i).save(p)
         faces += ["--face", str(p)]
     main_out = tmp_path / "s.png"
-    code = main(["generate", "--preset", "tiny", "--prompt", "a woman", "--steps", "2", "--num-samples", "2",
-                 "--height", "64", "--width", "48", "--recipe", "age", "--out", str(main_out), *faces])
+    code = main(
+        [
+            "generate",
+            "--preset",
+            "tiny",
+            "--prompt",
+            "a woman",
+            "--steps",
+            "2",
+            "--num-samples",
+            "2",
+            "--height",
+            "64",
+            "--width",
+            "48",
+            "--recipe",
+            "age",
+            "--out",
+            str(main_out),
+            *faces,
+        ]
+    )
     assert code == 0
     imgs = [Image.open(tmp_path / f"s_{i}.png") for i in range(2)]
     assert all(im.size == (48, 64) for im in imgs)
@@ -57,6 +93,18 @@ def test_bad_parameters_are_reported(tmp_path, capsys, args, message):
 def test_bad_face_file_is_reported(tmp_path, capsys):
     bad = tmp_path / "face.png"
     bad.write_bytes(b"not an image")
-    code = main(["generate", "--preset", "tiny", "--prompt", "x", "--face", str(bad), "--out", str(tmp_path / "o.png")])
+    code = main(
+        [
+            "generate",
+            "--preset",
+            "tiny",
+            "--prompt",
+            "x",
+            "--face",
+            str(bad),
+            "--out",
+            str(tmp_path / "o.png"),
+        ]
+    )
     assert code == 2
     assert "face.png" in capsys.readouterr().err

@@ -47,7 +47,9 @@ def converted_dir(official_dir, tmp_path_factory):
 
 
 def _params(models):
-    return {f"{n}.{k}": v for n in ("unet", "text", "vae") for k, v in getattr(models, n).state_dict().items()}
+    return {
+        f"{n}.{k}": v for n in ("unet", "text", "vae") for k, v in getattr(models, n).state_dict().items()
+    }
 
 
 @pytest.mark.oracle

@@ -40,7 +40,10 @@ def test_face_mask_rule():
     assert clipped.shape == (8, 8) and clipped[4:, 4:].all() and clipped.sum() == 16
 
 
-@pytest.mark.parametrize("bbox", [(0.6, 0.2, 0.3, 0.5), (0.3, 0.2, 1.5, 0.5), (-0.1, 0, 0.5, 0.5), (0.1, 0.2, 0.3), (0.1, "a", 0.3, 0.4)])
+@pytest.mark.parametrize(
+    "bbox",
+    [(0.6, 0.2, 0.3, 0.5), (0.3, 0.2, 1.5, 0.5), (-0.1, 0, 0.5, 0.5), (0.1, 0.2, 0.3), (0.1, "a", 0.3, 0.4)],
+)
 def test_bad_bbox_is_named(bbox):
     with pytest.raises(InputError, match="face_bbox"):
         face_mask(bbox, 64, 64)
@@ -68,7 +71,11 @@ def test_validation_names_the_value(change, name):
 
 def test_recipes_and_prompts():
     req = RECIPES["age"].apply(GenerationRequest(prompt="a very old woman"))
-    assert req.guidance.text_guidance == 8.5 and req.guidance.ref_strength == 0.9 and req.guidance.face_guidance == 2.5
+    assert (
+        req.guidance.text_guidance == 8.5
+        and req.guidance.ref_strength == 0.9
+        and req.guidance.face_guidance == 2.5
+    )
     assert GenerationRequest(prompt="x").guidance == RECIPES["identity"].guidance
     pos, neg = full_prompts("a man", "")
     assert pos == "a man, " + DEFAULT_POSITIVE_SUFFIX and neg == DEFAULT_NEGATIVE

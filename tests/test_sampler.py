@@ -40,7 +40,7 @@ def test_trailing_timesteps_match_official(oracle_config):
 
 @pytest.mark.parametrize("steps", [1, 2, 3, 7, 16, 25, 30, 35, 48, 50, 64, 99, 100, 128, 250, 333, 500, 1000])
 def test_trailing_timesteps_follow_exact_arithmetic(steps):
-    """Integer timesteps = round(999 - k*1000/N); at exact .5 ties either neighbour (float32 rounding decides)."""
+    """Integer timesteps = round(999 - k*1000/N); at exact .5 ties either neighbour (float32 decides)."""
     got = [s.t for s in ddim_steps(steps)]
     assert len(got) == steps
     for k, t in enumerate(got):
@@ -97,7 +97,9 @@ def test_guidance_same_on_numpy_and_torch(three_way):
     assert step.three_way == three_way
     expected = _reference_guide(eps, n, three_way, g)
     np.testing.assert_allclose(guide(eps, n, step, g), expected, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(guide(torch.from_numpy(eps), n, step, g).numpy(), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        guide(torch.from_numpy(eps), n, step, g).numpy(), expected, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_sample_loop_is_backend_agnostic():
@@ -118,11 +120,19 @@ def test_sample_loop_is_backend_agnostic():
 def oracle_denoiser(oracle_dir, oracle_config):
     cfg = ModelConfig.from_dict(oracle_config)
     path = oracle_dir / "flashface_unet.ckpt"
-    unet = build_loaded("unet", cfg, unet_state(read_checkpoint(path), str(path)), str(path), "cpu", torch.float32)
+    unet = build_loaded(
+        "unet", cfg, unet_state(read_checkpoint(path), str(path)), str(path), "cpu", torch.float32
+    )
     d = np.load(oracle_dir / "unet_cases.npz")
     mask = torch.from_numpy(d["mask"])[None, None]
-    return TorchDenoiser(unet, torch.from_numpy(d["pos_context"]), torch.from_numpy(d["neg_context"]),
-                         torch.from_numpy(d["ref_latents"]), mask, oracle_guidance(oracle_config)), d
+    return TorchDenoiser(
+        unet,
+        torch.from_numpy(d["pos_context"]),
+        torch.from_numpy(d["neg_context"]),
+        torch.from_numpy(d["ref_latents"]),
+        mask,
+        oracle_guidance(oracle_config),
+    ), d
 
 
 @pytest.mark.oracle
@@ -144,10 +154,14 @@ def test_one_guided_step_matches_official(oracle_denoiser, oracle_config, case):
 def test_whole_sampling_runs_match_official(oracle_denoiser, oracle_config):
     """Every `sampleN/*` case of the fixture: the official DDIM run from its noise."""
     den, d = oracle_denoiser
-    runs = sorted(int(k[len("sample"):-len("/z0")]) for k in d.files if k.startswith("sample") and k.endswith("/z0"))
+    runs = sorted(
+        int(k[len("sample") : -len("/z0")]) for k in d.files if k.startswith("sample") and k.endswith("/z0")
+    )
     assert runs, "fixture has no sampling runs"
     for steps in runs:
-        z0 = sample(den, torch.from_numpy(d[f"sample{steps}/noise"]), plan(steps, oracle_guidance(oracle_config)))
+        z0 = sample(
+            den, torch.from_numpy(d[f"sample{steps}/noise"]), plan(steps, oracle_guidance(oracle_config))
+        )
         err = rel_err(z0.numpy(), d[f"sample{steps}/z0"])
         print(f"sample{steps}: z0 rel err {err:.2e}")
         assert err <= 1e-3, steps

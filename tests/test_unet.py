@@ -49,8 +49,13 @@ def test_eps_matches_official_batch(oracle_unet, cases, case):
         kv = oracle_unet.reference_kv(feats)
         lam = torch.full((_ref_rows(case, n),), float(cases[f"{case}/similarity"]))
         mask = torch.from_numpy(cases["mask"])[None, None]
-        eps = oracle_unet(x.repeat(k, 1, 1, 1), mask, t.repeat(k), torch.from_numpy(cases[f"{case}/context"]),
-                          RefInputs(kv, lam))
+        eps = oracle_unet(
+            x.repeat(k, 1, 1, 1),
+            mask,
+            t.repeat(k),
+            torch.from_numpy(cases[f"{case}/context"]),
+            RefInputs(kv, lam),
+        )
     err = rel_err(eps.numpy(), cases[f"{case}/eps"])
     print(f"{case} eps rel err {err:.2e}")
     assert err <= 1e-4
@@ -69,7 +74,9 @@ def _random_inputs(unet: FlashFaceUNet, batch: int, refs: int = 2, seed: int = 0
 
 @pytest.fixture(scope="module")
 def tiny_unet() -> FlashFaceUNet:
-    return build_loaded("unet", TINY, random_state(component_shapes("unet", TINY), 3), "tiny", "cpu", torch.float32)
+    return build_loaded(
+        "unet", TINY, random_state(component_shapes("unet", TINY), 3), "tiny", "cpu", torch.float32
+    )
 
 
 def test_rows_without_references_ignore_them(tiny_unet):
@@ -115,7 +122,9 @@ def test_attention_work_per_row(tiny_unet, monkeypatch):
     layers = tiny_unet.num_reference_layers
     assert len(over_refs) == layers and all(c[0] == 2 for c in over_refs)
     own = [c for c in calls if c[2] == c[1]]  # self-attention SA and SA1 over the row's own tokens
-    enc_blocks = sum(1 for n, _ in tiny_unet.named_modules() if n.startswith("encoder") and n.endswith("blocks.0"))
+    enc_blocks = sum(
+        1 for n, _ in tiny_unet.named_modules() if n.startswith("encoder") and n.endswith("blocks.0")
+    )
     assert len(own) == enc_blocks + 2 * layers and all(c[0] == 6 for c in own)
 
 

@@ -27,7 +27,7 @@ from .text_encoder import TextEncoder, text_encoder_state
 from .tokenizer import ClipTokenizer
 from .unet import FlashFaceUNet, unet_state
 from .vae import AutoencoderKL, vae_state
-from .weights import StateDict, check_state_dict, expected_shapes, read_checkpoint
+from .weights import StateDict, build_strict, check_state_dict, meta_shapes, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,9 @@ class Component:
 
 
 COMPONENTS = {
-    "unet": Component("unet", "FlashFace UNet + ReferenceNet", "unet.safetensors", ("flashface.ckpt",), unet_state),
+    "unet": Component(
+        "unet", "FlashFace UNet + ReferenceNet", "unet.safetensors", ("flashface.ckpt",), unet_state
+    ),
     "text": Component(
         "text",
         "CLIP ViT-L/14 text encoder",
@@ -77,17 +79,14 @@ def _factory(name: str, cfg: ModelConfig) -> nn.Module:
 
 def component_shapes(name: str, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Parameter shapes of a network, built on the meta device (no memory)."""
-    with torch.device("meta"):
-        return expected_shapes(_factory(name, cfg))
+    return meta_shapes(lambda: _factory(name, cfg))
 
 
-def build_loaded(name: str, cfg: ModelConfig, state: Mapping[str, torch.Tensor], source: str, device, dtype) -> nn.Module:
+def build_loaded(
+    name: str, cfg: ModelConfig, state: Mapping[str, torch.Tensor], source: str, device, dtype
+) -> nn.Module:
     """Build a network on the meta device and strictly assign the canonical `state` into it."""
-    with torch.device("meta"):
-        module = _factory(name, cfg)
-    check_state_dict(expected_shapes(module), state, source)
-    module.load_state_dict(dict(state), strict=True, assign=True)
-    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return build_strict(lambda: _factory(name, cfg), state, source, device, dtype)
 
 
 def _find_source(root: Path, comp: Component) -> tuple[Path, bool]:
@@ -109,7 +108,9 @@ def _read_manifest(root: Path) -> dict:
     except (OSError, json.JSONDecodeError) as exc:
         raise WeightsError(f"{str(path)!r} is not a readable manifest: {exc}") from exc
     if manifest.get("format") != MANIFEST_FORMAT:
-        raise WeightsError(f"{str(path)!r} has format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+        raise WeightsError(
+            f"{str(path)!r} has format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}"
+        )
     return manifest
 
 
@@ -120,7 +121,9 @@ def read_component(root: Path, name: str) -> tuple[StateDict, str]:
     if converted:
         entry = _read_manifest(root).get("files", {}).get(comp.converted)
         if entry is None:
-            raise WeightsError(f"{str(root / MANIFEST)!r} does not list {comp.converted}; re-run convert-weights")
+            raise WeightsError(
+                f"{str(root / MANIFEST)!r} does not list {comp.converted}; re-run convert-weights"
+            )
         if path.stat().st_size != entry["bytes"]:
             raise WeightsError(
                 f"{str(path)!r} has {path.stat().st_size} bytes but the manifest says {entry['bytes']}: "
@@ -141,7 +144,9 @@ def model_config_for(root: Path) -> ModelConfig:
     return ModelConfig()
 
 
-def load_models(weights: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> TorchModels:
+def load_models(
+    weights: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> TorchModels:
     """Load every network of a weights directory strictly, onto `device` in `dtype`."""
     root = Path(weights)
     if not root.is_dir():
@@ -174,7 +179,9 @@ def random_state(shapes: Mapping[str, tuple[int, ...]], seed: int) -> StateDict:
     return out
 
 
-def tiny_models(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> TorchModels:
+def tiny_models(
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
+) -> TorchModels:
     """The embedded default: a deterministic random tiny FlashFace (its images are noise)."""
     nets = {}
     for i, name in enumerate(COMPONENTS):
@@ -233,8 +240,16 @@ def convert_weights(src: str | Path, out: str | Path) -> dict:
         log.info("converted %s: %d tensors -> %s", path.name, len(tensors), target)
     vocab = src / VOCAB
     shutil.copyfile(vocab if vocab.is_file() else ClipTokenizer.packaged_vocab(), out / VOCAB)
-    (out / CONFIG).write_text(json.dumps({"unet": cfg.to_dict()["unet"], "text_encoder": cfg.to_dict()["text"],
-                                          "vae": cfg.to_dict()["vae"]}, indent=1))
+    (out / CONFIG).write_text(
+        json.dumps(
+            {
+                "unet": cfg.to_dict()["unet"],
+                "text_encoder": cfg.to_dict()["text"],
+                "vae": cfg.to_dict()["vae"],
+            },
+            indent=1,
+        )
+    )
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
 
@@ -246,4 +261,6 @@ def verify_converted(root: str | Path) -> None:
     for fname, entry in manifest["files"].items():
         digest = _sha256_file(root / fname)
         if digest != entry["sha256"]:
-            raise WeightsError(f"{str(root / fname)!r} sha256 {digest[:12]}... != manifest {entry['sha256'][:12]}...")
+            raise WeightsError(
+                f"{str(root / fname)!r} sha256 {digest[:12]}... != manifest {entry['sha256'][:12]}..."
+            )

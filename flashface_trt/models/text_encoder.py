@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import InputError
 from .config import TextConfig
-from .weights import StateDict, check_state_dict, expected_shapes, read_checkpoint
+from .weights import StateDict, build_strict, meta_shapes, read_state
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +168,7 @@ def text_encoder_state(state: Mapping[str, torch.Tensor], source: str) -> StateD
 
 def text_encoder_shapes(cfg: TextConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every `TextEncoder` parameter, built on the meta device."""
-    with torch.device("meta"):
-        return expected_shapes(TextEncoder(cfg))
+    return meta_shapes(lambda: TextEncoder(cfg))
 
 
 def load_text_encoder(
@@ -179,14 +178,5 @@ def load_text_encoder(
     device: str | torch.device = "cpu",
 ) -> TextEncoder:
     """Read (if a path), convert and strictly load text-encoder weights; eval mode, no gradients."""
-    if isinstance(path_or_state, (str, Path)):
-        source = str(path_or_state)
-        raw = read_checkpoint(path_or_state)
-    else:
-        source, raw = "the given state dict", dict(path_or_state)
-    state = text_encoder_state(raw, source)
-    with torch.device("meta"):
-        module = TextEncoder(cfg)
-    check_state_dict(expected_shapes(module), state, source)
-    module.load_state_dict(state, strict=True, assign=True)
-    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    raw, source = read_state(path_or_state)
+    return build_strict(lambda: TextEncoder(cfg), text_encoder_state(raw, source), source, device, dtype)

@@ -101,7 +101,9 @@ class FlashFaceUNet(nn.Module):
         self.middle = _build_middle(cfg, ref_branch=True)
         self.decoder = _build_decoder(cfg, skips, scale, ref_branch=True)
         self.head = nn.Sequential(
-            GroupNorm32(cfg.dim * cfg.dim_mult[0]), nn.SiLU(), nn.Conv2d(cfg.dim * cfg.dim_mult[0], cfg.out_dim, 3, padding=1)
+            GroupNorm32(cfg.dim * cfg.dim_mult[0]),
+            nn.SiLU(),
+            nn.Conv2d(cfg.dim * cfg.dim_mult[0], cfg.out_dim, 3, padding=1),
         )
         self.ref_encoder, ref_skips, ref_scale = _build_encoder(cfg, cfg.ref_in_dim)
         self.ref_decoder = _build_decoder(cfg, ref_skips, ref_scale, ref_branch=False)
@@ -110,13 +112,16 @@ class FlashFaceUNet(nn.Module):
         for i, (a, b) in enumerate(zip(main, ref)):
             a.ref_index = b.ref_index = i
         self.reference_layers: list[str] = [
-            name for name, m in self.named_modules() if isinstance(m, AttentionBlock) and m.ref_index >= 0
-            and not name.startswith("ref_")
+            name
+            for name, m in self.named_modules()
+            if isinstance(m, AttentionBlock) and m.ref_index >= 0 and not name.startswith("ref_")
         ]
 
     def _attention_blocks(self, decoder: nn.ModuleList) -> list[AttentionBlock]:
         """Reference layers in traversal order: the middle's blocks, then the decoder's."""
-        blocks = [m for part in (self.middle, decoder) for m in part.modules() if isinstance(m, AttentionBlock)]
+        blocks = [
+            m for part in (self.middle, decoder) for m in part.modules() if isinstance(m, AttentionBlock)
+        ]
         return blocks
 
     @property
@@ -124,7 +129,7 @@ class FlashFaceUNet(nn.Module):
         return len(self.reference_layers)
 
     def _embed(self, t: torch.Tensor) -> torch.Tensor:
-        dtype = self.time_embedding[0].weight.dtype
+        dtype = next(self.time_embedding.parameters()).dtype
         return self.time_embedding(sinusoidal_embedding(t, self.cfg.dim).to(dtype))  # [B, 4*dim]
 
     def _block(self, block: nn.Module, x, e, context, ref, collect, size) -> torch.Tensor:
@@ -178,7 +183,9 @@ class FlashFaceUNet(nn.Module):
         assert out is not None
         return out  # [B, 4, h, w]
 
-    def reference_features(self, ref_latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> list[torch.Tensor]:
+    def reference_features(
+        self, ref_latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor
+    ) -> list[torch.Tensor]:
         """ReferenceNet: inputs of every middle/decoder self-attention, each [R, L_i, C_i].
 
         ref_latents [R,4,hr,wr]; t: the step's timestep ([1] or scalar); context: [1,77,C]
@@ -214,7 +221,7 @@ def unet_state(state: Mapping[str, torch.Tensor], source: str) -> StateDict:
     out = drop_aliases(dict(state), _ALIASES, source)
     unused = {k: v for k, v in out.items() if k.startswith(_UNUSED_PREFIX)}
     for key, tensor in unused.items():
-        twin = "middle." + key[len(_UNUSED_PREFIX):]
+        twin = "middle." + key[len(_UNUSED_PREFIX) :]
         if twin not in out or tuple(out[twin].shape) != tuple(tensor.shape):
             raise WeightsError(f"{source}: unused key {key!r} {tuple(tensor.shape)} has no matching {twin!r}")
         del out[key]

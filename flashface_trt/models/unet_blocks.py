@@ -36,7 +36,9 @@ class GroupNorm32(nn.GroupNorm):
         super().__init__(32, dim, eps=eps, affine=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).type_as(x)
+        return F.group_norm(
+            x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps
+        ).type_as(x)
 
 
 class LayerNorm32(nn.LayerNorm):
@@ -115,7 +117,9 @@ class AttentionBlock(nn.Module):
     def __init__(self, dim: int, context_dim: int, heads: int, ref_branch: bool):
         super().__init__()
         self.norm1 = LayerNorm32(dim)
-        self.self_attn: Attention = RefSelfAttention(dim, heads) if ref_branch else Attention(dim, None, heads)
+        self.self_attn: Attention = (
+            RefSelfAttention(dim, heads) if ref_branch else Attention(dim, None, heads)
+        )
         self.norm2 = LayerNorm32(dim)
         self.cross_attn = Attention(dim, context_dim, heads)
         self.norm3 = LayerNorm32(dim)
@@ -124,7 +128,8 @@ class AttentionBlock(nn.Module):
 
     def reference_branch(self, y: torch.Tensor, ref: RefInputs | None) -> torch.Tensor:
         """SA1(y) + λ(SA1(y, [y; refs]) - SA1(y)) for the first B_ref rows, SA1(y) for the rest."""
-        sa1 = self.self_attn.self_attn_first
+        assert isinstance(self.self_attn, RefSelfAttention)
+        sa1: Attention = self.self_attn.self_attn_first
         q, k, v = sa1.q(y), sa1.k(y), sa1.v(y)  # [B, L, C]
         plain = sa1.o(attend(q, k, v, sa1.heads))  # SA1(y), once per row
         if ref is None or ref.scale.shape[0] == 0:

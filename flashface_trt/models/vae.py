@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VAEConfig
-from .weights import StateDict, check_state_dict, expected_shapes, read_checkpoint
+from .weights import StateDict, build_strict, meta_shapes, read_state
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +65,13 @@ class ResidualBlock(nn.Module):
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
         self.residual = nn.Sequential(
-            GroupNorm(in_dim), nn.SiLU(), nn.Conv2d(in_dim, out_dim, 3, padding=1),
-            GroupNorm(out_dim), nn.SiLU(), nn.Identity(), nn.Conv2d(out_dim, out_dim, 3, padding=1),
+            GroupNorm(in_dim),
+            nn.SiLU(),
+            nn.Conv2d(in_dim, out_dim, 3, padding=1),
+            GroupNorm(out_dim),
+            nn.SiLU(),
+            nn.Identity(),
+            nn.Conv2d(out_dim, out_dim, 3, padding=1),
         )
         self.shortcut = nn.Conv2d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
@@ -169,20 +174,40 @@ class AutoencoderKL(nn.Module):
 
 
 # diffusers ResnetBlock2D parameter -> official ResidualBlock parameter
-_RESNET = {"norm1": "residual.0", "conv1": "residual.2", "norm2": "residual.3", "conv2": "residual.6",
-           "conv_shortcut": "shortcut"}
+_RESNET = {
+    "norm1": "residual.0",
+    "conv1": "residual.2",
+    "norm2": "residual.3",
+    "conv2": "residual.6",
+    "conv_shortcut": "shortcut",
+}
 # diffusers Attention parameter (new and pre-0.14 names) -> q/k/v part or official AttentionBlock name
-_ATTN = {"to_q": "q", "query": "q", "to_k": "k", "key": "k", "to_v": "v", "value": "v",
-         "to_out.0": "proj", "proj_attn": "proj", "group_norm": "norm"}
+_ATTN = {
+    "to_q": "q",
+    "query": "q",
+    "to_k": "k",
+    "key": "k",
+    "to_v": "v",
+    "value": "v",
+    "to_out.0": "proj",
+    "proj_attn": "proj",
+    "group_norm": "norm",
+}
 _TOP = {"quant_conv": "conv1", "post_quant_conv": "conv2"}
 _SIDE = {"conv_in": "conv1", "conv_norm_out": "head.0", "conv_out": "head.2"}
-_BLOCK = re.compile(r"(encoder\.down|decoder\.up)_blocks\.(\d+)\."
-                    r"(resnets\.(\d+)|downsamplers\.0|upsamplers\.0)\.(.+)")
+_BLOCK = re.compile(
+    r"(encoder\.down|decoder\.up)_blocks\.(\d+)\."
+    r"(resnets\.(\d+)|downsamplers\.0|upsamplers\.0)\.(.+)"
+)
 _MID = re.compile(r"(encoder|decoder)\.mid_block\.(resnets\.([01])|attentions\.0)\.(.+)")
-_SIMPLE = re.compile(r"(?:(encoder|decoder)\.(conv_in|conv_norm_out|conv_out)|(quant_conv|post_quant_conv))"
-                     r"\.(weight|bias)")
-_DIFFUSERS = re.compile(r"(encoder|decoder)\.(conv_in|down_blocks|up_blocks|mid_block|conv_norm_out|conv_out)"
-                        r"\.|(post_)?quant_conv\.")
+_SIMPLE = re.compile(
+    r"(?:(encoder|decoder)\.(conv_in|conv_norm_out|conv_out)|(quant_conv|post_quant_conv))"
+    r"\.(weight|bias)"
+)
+_DIFFUSERS = re.compile(
+    r"(encoder|decoder)\.(conv_in|down_blocks|up_blocks|mid_block|conv_norm_out|conv_out)"
+    r"\.|(post_)?quant_conv\."
+)
 
 
 def _resnet_name(rest: str) -> str | None:
@@ -232,7 +257,7 @@ def _from_diffusers(state: Mapping[str, torch.Tensor]) -> StateDict:
             if j is not None and (name := _resnet_name(rest)):
                 new = f"{seq}.{first + int(j)}.{name}"
             elif j is None and rest in ("conv.weight", "conv.bias"):
-                new = f"{seq}.{first + resnets}.resample.1.{rest[len('conv.'):]}"
+                new = f"{seq}.{first + resnets}.resample.1.{rest[len('conv.') :]}"
         elif m := _MID.fullmatch(key):
             side, j, rest = m[1], m[3], m[4]
             if j is not None:
@@ -267,8 +292,7 @@ def vae_state(state: Mapping[str, torch.Tensor], source: str) -> StateDict:
 
 def vae_shapes(cfg: VAEConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every `AutoencoderKL` parameter, built on the meta device."""
-    with torch.device("meta"):
-        return expected_shapes(AutoencoderKL(cfg))
+    return meta_shapes(lambda: AutoencoderKL(cfg))
 
 
 def load_vae(
@@ -279,14 +303,7 @@ def load_vae(
     official_reshape: bool = True,
 ) -> AutoencoderKL:
     """Read (if a path), convert and strictly load VAE weights; eval mode, no gradients."""
-    if isinstance(path_or_state, (str, Path)):
-        source = str(path_or_state)
-        raw = read_checkpoint(path_or_state)
-    else:
-        source, raw = "the given state dict", dict(path_or_state)
-    state = vae_state(raw, source)
-    with torch.device("meta"):
-        module = AutoencoderKL(cfg, official_reshape)
-    check_state_dict(expected_shapes(module), state, source)
-    module.load_state_dict(state, strict=True, assign=True)
-    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    raw, source = read_state(path_or_state)
+    return build_strict(
+        lambda: AutoencoderKL(cfg, official_reshape), vae_state(raw, source), source, device, dtype
+    )

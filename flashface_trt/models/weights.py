@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import pickle
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -79,11 +80,31 @@ def expected_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
-def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> nn.Module:
-    """Strictly load `state` into `module`, casting each tensor to the parameter's dtype."""
+def meta_shapes(factory: Callable[[], nn.Module]) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of the module `factory` builds, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        return expected_shapes(factory())
+
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def build_strict(
+    factory: Callable[[], M], state: Mapping[str, torch.Tensor], source: str, device, dtype
+) -> M:
+    """Build on the meta device, check `state` strictly, assign it, then move: eval mode, no gradients."""
+    with torch.device("meta"):
+        module = factory()
     check_state_dict(expected_shapes(module), state, source)
-    module.load_state_dict(dict(state), strict=True, assign=False)
-    return module
+    module.load_state_dict(dict(state), strict=True, assign=True)
+    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def read_state(path_or_state: str | Path | Mapping[str, torch.Tensor]) -> tuple[StateDict, str]:
+    """A state dict and a name for error messages, from a file path or an in-memory mapping."""
+    if isinstance(path_or_state, (str, Path)):
+        return read_checkpoint(path_or_state), str(path_or_state)
+    return dict(path_or_state), "the given state dict"
 
 
 def drop_aliases(state: StateDict, aliases: Mapping[str, str], source: str) -> StateDict:
@@ -91,7 +112,7 @@ def drop_aliases(state: StateDict, aliases: Mapping[str, str], source: str) -> S
     out = dict(state)
     for alias, canonical in aliases.items():
         for key in [k for k in out if k.startswith(alias)]:
-            twin = canonical + key[len(alias):]
+            twin = canonical + key[len(alias) :]
             if twin not in out:
                 out[twin] = out.pop(key)
                 continue

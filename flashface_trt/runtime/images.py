@@ -35,7 +35,7 @@ def _padding(w: int, h: int, size: int) -> tuple[int, int, int, int]:
 
 
 def pad_to_square(img: Image.Image, size: int) -> Image.Image:
-    """Resize the longer side to `size` (Pillow's default bicubic) and pad with black (official `PadToSquare`)."""
+    """Longer side to `size` (Pillow's default bicubic), pad with black (official `PadToSquare`)."""
     scale = size / max(img.size)
     img = img.resize((round(img.width * scale), round(img.height * scale)))
     left, top, right, bottom = _padding(img.width, img.height, size)
@@ -52,7 +52,7 @@ def reference_array(img: Image.Image, size: int) -> np.ndarray:
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
-    """Decoded images [N, 3, H, W] in about [-1, 1] -> uint8 [N, H, W, 3] (official: scale, clip, truncate)."""
+    """Decoded [N, 3, H, W] in about [-1, 1] -> uint8 [N, H, W, 3] (official: scale, clip, truncate)."""
     x = images.transpose(0, 2, 3, 1) * 127.5 + 127.5
     return x.clip(0, 255).astype(np.uint8)
 
@@ -72,6 +72,8 @@ def synthetic_face(size: int = 224, seed: int = 0) -> Image.Image:
     d.ellipse([52 * s, 30 * s, 172 * s, 190 * s], fill=(224, 180, 150))
     for cx in (88, 136):
         d.ellipse([(cx - 10) * s, 88 * s, (cx + 10) * s, 102 * s], fill=(40, 30, 30))
-    d.line([112 * s, 105 * s, 106 * s, 135 * s, 116 * s, 138 * s], fill=(150, 100, 90), width=max(1, int(3 * s)))
+    d.line(
+        [112 * s, 105 * s, 106 * s, 135 * s, 116 * s, 138 * s], fill=(150, 100, 90), width=max(1, int(3 * s))
+    )
     d.arc([86 * s, 140 * s, 138 * s, 168 * s], 20, 160, fill=(160, 60, 60), width=max(1, int(4 * s)))
     return img

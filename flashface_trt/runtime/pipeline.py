@@ -37,7 +37,9 @@ class Backend(Protocol):
     def encode_references(self, images: np.ndarray) -> Any:
         """Crops [R, 3, S, S] in [-1, 1] -> scaled latents [R, 4, S/8, S/8]."""
 
-    def denoiser(self, cond: Any, uncond: Any, ref_latents: Any, mask: np.ndarray, guidance: GuidanceParams) -> Callable[[Any, StepPlan], Any]:
+    def denoiser(
+        self, cond: Any, uncond: Any, ref_latents: Any, mask: np.ndarray, guidance: GuidanceParams
+    ) -> Callable[[Any, StepPlan], Any]:
         """`denoise(x, step) -> x0` for one request (mask [h, w])."""
 
     def decode(self, z: Any) -> np.ndarray:
@@ -67,7 +69,14 @@ def generate(
     denoise = backend.denoiser(cond, uncond, ref_latents, mask, req.guidance)
     x = backend.from_numpy(initial_noise(req.seed, req.num_samples, req.height, req.width))
     steps = plan(req.steps, req.guidance)
-    log.info("%s: %d steps (%d three-way), %d references, %dx%d", backend.name, len(steps),
-             sum(s.three_way for s in steps), len(ref_latents), req.width, req.height)
+    log.info(
+        "%s: %d steps (%d three-way), %d references, %dx%d",
+        backend.name,
+        len(steps),
+        sum(s.three_way for s in steps),
+        len(ref_latents),
+        req.width,
+        req.height,
+    )
     z0 = sample(denoise, x, steps, wrap)
     return to_pil(backend.decode(z0))

@@ -144,7 +144,9 @@ def pad_references(refs: Sequence[T], minimum: int = MIN_REFERENCES) -> list[T]:
     return out
 
 
-def initial_noise(seed: int, num_samples: int, height: int, width: int, channels: int = 4, factor: int = 8) -> np.ndarray:
+def initial_noise(
+    seed: int, num_samples: int, height: int, width: int, channels: int = 4, factor: int = 8
+) -> np.ndarray:
     """Initial latent noise [N, 4, H/8, W/8] from NumPy's PCG64, identical for every backend."""
     rng = np.random.Generator(np.random.PCG64(seed))
     return rng.standard_normal((num_samples, channels, height // factor, width // factor), dtype=np.float32)

@@ -35,7 +35,9 @@ def _log32(x: np.ndarray) -> np.ndarray:
 
 
 @lru_cache(maxsize=4)
-def scaled_linear_sigmas(n: int = NUM_TIMESTEPS, beta_min: float = BETA_MIN, beta_max: float = BETA_MAX) -> np.ndarray:
+def scaled_linear_sigmas(
+    n: int = NUM_TIMESTEPS, beta_min: float = BETA_MIN, beta_max: float = BETA_MAX
+) -> np.ndarray:
     """Noise std sigma_t of the SD scaled-linear schedule, float64 [n] (official `scaled_linear_schedule`)."""
     betas = np.linspace(beta_min**0.5, beta_max**0.5, n, dtype=np.float64) ** 2
     return np.sqrt(1.0 - np.cumprod(1.0 - betas))
