@@ -108,3 +108,44 @@ def test_bad_face_file_is_reported(tmp_path, capsys):
     )
     assert code == 2
     assert "face.png" in capsys.readouterr().err
+
+
+@pytest.mark.oracle
+def test_generate_and_convert_with_weights_directories(oracle_dir, tmp_path):
+    """`generate --weights` on official-named files and on their `convert-weights` output agree."""
+    official = tmp_path / "official"
+    official.mkdir()
+    names = {
+        "flashface_unet.ckpt": "flashface.ckpt",
+        "clip_text.pth": "openai-clip-vit-large-14.pth",
+        "vae.pth": "sd-v1-vae.pth",
+        "config.json": "config.json",
+    }
+    for src, dst in names.items():
+        (official / dst).symlink_to(oracle_dir / src)
+    assert main(["convert-weights", str(official), str(tmp_path / "fp16")]) == 0
+    face = tmp_path / "face.png"
+    synthetic_face(200).save(face)
+    outs = []
+    for weights in (official, tmp_path / "fp16"):
+        out = tmp_path / f"{weights.name}.png"
+        args = [
+            "generate",
+            "--weights",
+            str(weights),
+            "--face",
+            str(face),
+            "--prompt",
+            "a young woman",
+            "--steps",
+            "2",
+            "--height",
+            "64",
+            "--width",
+            "64",
+            "--out",
+            str(out),
+        ]
+        assert main(args) == 0
+        outs.append(np.asarray(Image.open(out)))
+    np.testing.assert_array_equal(outs[0], outs[1])

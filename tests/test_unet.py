@@ -182,3 +182,26 @@ def test_corrupt_checkpoint_names_file(tmp_path):
         read_checkpoint(path)
     with pytest.raises(WeightsError, match="does not exist"):
         read_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_official_constructor_arguments_build_the_same_network():
+    """Official `sd_v1_ref_unet` kwargs (in_dim=4, per-level lists, head_dim, y_dim) -> the SD 1.5 layout."""
+    official = {
+        "in_dim": 4,
+        "dim": 320,
+        "y_dim": None,
+        "context_dim": 768,
+        "out_dim": 4,
+        "dim_mult": [1, 2, 4, 4],
+        "num_heads": 8,
+        "head_dim": None,
+        "num_res_blocks": [2, 2, 2, 2],
+        "num_attn_blocks": [1, 1, 1, 1],
+        "attn_scales": [1 / 4, 1 / 2, 1],
+        "dropout": 0.0,
+    }
+    cfg = ModelConfig.from_dict({"unet": official, "text_encoder": {}, "vae": {"dim_mult": [1, 2, 4, 4]}})
+    assert cfg.unet.in_dim == 5 and cfg.unet.ref_in_dim == 4
+    assert component_shapes("unet", cfg) == component_shapes("unet", SD15)
+    by_head_dim = ModelConfig.from_dict({"unet": dict(official, head_dim=40), "text_encoder": {}, "vae": {}})
+    assert by_head_dim.unet.heads(320) == 8 and by_head_dim.unet.heads(1280) == 32

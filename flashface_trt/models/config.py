@@ -17,9 +17,11 @@ class UNetConfig:
     dim: int = 320  # base channel width
     context_dim: int = 768  # text-embedding width
     dim_mult: tuple[int, ...] = (1, 2, 4, 4)  # channel multiplier per resolution level
-    num_heads: int = 8  # attention heads (head_dim = width // num_heads)
-    num_res_blocks: int = 2  # residual blocks per encoder level (decoder has one more)
-    num_attn_blocks: int = 1  # transformer blocks per attention stack
+    num_heads: int = 8  # attention heads (head_dim = width // num_heads) unless head_dim is set
+    head_dim: int | None = None  # if set, heads = width // head_dim (official rule)
+    num_res_blocks: int | tuple[int, ...] = 2  # residual blocks per encoder level (decoder: one more)
+    num_attn_blocks: int | tuple[int, ...] = 1  # transformer blocks per attention stack, per level
+    middle_attn_blocks: int | None = None  # transformer blocks in the middle (default: last level's)
     attn_scales: tuple[float, ...] = (1.0, 0.5, 0.25)  # resolutions (1 = latent) with attention
     in_dim: int = 5  # main UNet input: 4 latent channels + face mask
     ref_in_dim: int = 4  # ReferenceNet input: latent channels only
@@ -28,6 +30,25 @@ class UNetConfig:
     @property
     def embed_dim(self) -> int:
         return self.dim * 4
+
+    def res_blocks(self, level: int) -> int:
+        n = self.num_res_blocks
+        return n if isinstance(n, int) else n[level]
+
+    def attn_blocks(self, level: int) -> int:
+        n = self.num_attn_blocks
+        return n if isinstance(n, int) else n[level]
+
+    @property
+    def middle_blocks(self) -> int:
+        return self.middle_attn_blocks or self.attn_blocks(len(self.dim_mult) - 1)
+
+    def heads(self, width: int) -> int:
+        """Attention heads at a width (official: num_heads = width // head_dim if head_dim else num_heads)."""
+        heads = width // self.head_dim if self.head_dim else self.num_heads
+        if heads < 1 or width % heads:
+            raise ValueError(f"attention width {width} does not split into {heads} heads")
+        return heads
 
 
 @dataclass(frozen=True)
@@ -73,11 +94,19 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Build from the `unet`/`text_encoder`/`vae` sections of an oracle `config.json`."""
         unet = dict(d["unet"])
-        for key in ("dim_mult", "attn_scales"):
-            unet[key] = tuple(unet[key])
+        for key in ("dim_mult", "attn_scales", "num_res_blocks", "num_attn_blocks"):
+            if isinstance(unet.get(key), list):
+                unet[key] = tuple(unet[key])
+        # official `in_dim` is the ReferenceNet input width; the main UNet adds the mask channel
+        if "in_dim" in unet and "ref_in_dim" not in unet:
+            unet["ref_in_dim"] = unet["in_dim"]
+            unet["in_dim"] = unet["in_dim"] + 1
+        for unused in ("y_dim", "dropout"):  # no class embedding in FlashFace; dropout is 0 at inference
+            unet.pop(unused, None)
         text = dict(d.get("text_encoder", d.get("text", {})))
         vae = dict(d["vae"])
-        vae["dim_mult"] = tuple(vae["dim_mult"])
+        if "dim_mult" in vae:
+            vae["dim_mult"] = tuple(vae["dim_mult"])
         vae.pop("attn_scales", None)
         return cls(UNetConfig(**unet), TextConfig(**text), VAEConfig(**vae))
 

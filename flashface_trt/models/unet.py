@@ -24,7 +24,6 @@ from .unet_blocks import (
     ResidualBlock,
     StackedAttention,
     Upsample,
-    head_count,
     is_attention_scale,
     sinusoidal_embedding,
 )
@@ -42,15 +41,15 @@ def _build_encoder(cfg: UNetConfig, in_dim: int) -> tuple[nn.ModuleList, list[in
     skips = [cfg.dim]
     scale = 1.0
     for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
-        for j in range(cfg.num_res_blocks):
+        for j in range(cfg.res_blocks(i)):
             block = nn.ModuleList([ResidualBlock(d_in, cfg.embed_dim, d_out)])
             if is_attention_scale(scale, cfg.attn_scales):
-                heads = head_count(d_out, cfg.num_heads)
-                block.append(StackedAttention(d_out, cfg.context_dim, heads, cfg.num_attn_blocks, False))
+                heads = cfg.heads(d_out)
+                block.append(StackedAttention(d_out, cfg.context_dim, heads, cfg.attn_blocks(i), False))
             encoder.append(block)
             skips.append(d_out)
             d_in = d_out
-            if i != len(cfg.dim_mult) - 1 and j == cfg.num_res_blocks - 1:
+            if i != len(cfg.dim_mult) - 1 and j == cfg.res_blocks(i) - 1:
                 encoder.append(nn.Conv2d(d_out, d_out, 3, stride=2, padding=1))
                 skips.append(d_out)
                 scale /= 2.0
@@ -59,11 +58,10 @@ def _build_encoder(cfg: UNetConfig, in_dim: int) -> tuple[nn.ModuleList, list[in
 
 def _build_middle(cfg: UNetConfig, ref_branch: bool) -> nn.ModuleList:
     d = cfg.dim * cfg.dim_mult[-1]
-    heads = head_count(d, cfg.num_heads)
     return nn.ModuleList(
         [
             ResidualBlock(d, cfg.embed_dim, d),
-            StackedAttention(d, cfg.context_dim, heads, cfg.num_attn_blocks, ref_branch),
+            StackedAttention(d, cfg.context_dim, cfg.heads(d), cfg.middle_blocks, ref_branch),
             ResidualBlock(d, cfg.embed_dim, d),
         ]
     )
@@ -76,13 +74,16 @@ def _build_decoder(cfg: UNetConfig, skips: list[int], scale: float, ref_branch: 
     dims = [cfg.dim * m for m in (mult[-1], *mult[::-1])]
     decoder = nn.ModuleList()
     for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
-        for j in range(cfg.num_res_blocks + 1):
+        level = len(mult) - i - 1
+        for j in range(cfg.res_blocks(level) + 1):
             block = nn.ModuleList([ResidualBlock(d_in + skips.pop(), cfg.embed_dim, d_out)])
             if is_attention_scale(scale, cfg.attn_scales):
-                heads = head_count(d_out, cfg.num_heads)
-                block.append(StackedAttention(d_out, cfg.context_dim, heads, cfg.num_attn_blocks, ref_branch))
+                heads = cfg.heads(d_out)
+                block.append(
+                    StackedAttention(d_out, cfg.context_dim, heads, cfg.attn_blocks(level), ref_branch)
+                )
             d_in = d_out
-            if i != len(mult) - 1 and j == cfg.num_res_blocks:
+            if i != len(mult) - 1 and j == cfg.res_blocks(level):
                 block.append(Upsample(d_out))
                 scale *= 2.0
             decoder.append(block)

@@ -227,13 +227,6 @@ class Upsample(nn.Sequential):
         return self[1](F.interpolate(x, size=size, mode="nearest"))
 
 
-def head_count(dim: int, heads: int) -> int:
-    """Heads for a width (official rule with head_dim=None: num_heads fixed, head_dim = dim // heads)."""
-    if dim % heads:
-        raise ValueError(f"attention width {dim} is not divisible by num_heads={heads}")
-    return heads
-
-
 def is_attention_scale(scale: float, scales: tuple[float, ...]) -> bool:
     """Official test `scale in attn_scales`, tolerant to float spelling (0.25 vs 1/4)."""
     return any(math.isclose(scale, s) for s in scales)
