@@ -2,25 +2,125 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from ..errors import InputError
 
+log = logging.getLogger(__name__)
 
-def load_image(path: str | Path) -> Image.Image:
-    """Read an image file as RGB; anything unreadable raises InputError naming the file."""
+DEFAULT_MAX_PIXELS = 64_000_000  # 64 megapixels: any phone photo; refuses decompression bombs
+
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError)
+
+
+def load_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Read an image file as 8-bit RGB; anything unreadable raises InputError naming the file.
+
+    The size in the header is checked against `max_pixels` (None: no limit of ours) before any
+    pixel is decoded, and Pillow's own decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`) also
+    applies; both raise InputError. The EXIF orientation is applied (phone photos). Transparent
+    images (RGBA, LA, PA, P with transparency) are composited onto white. 16-bit grayscale
+    (I;16*, I) is scaled by 255/65535; F is taken as [0, 1] or [0, 255] if it fits, else its range.
+    """
     path = Path(path)
+    name = str(path)
+    if not path.exists():
+        raise InputError(f"image file {name!r} does not exist")
     if not path.is_file():
-        raise InputError(f"image file {str(path)!r} does not exist")
+        raise InputError(f"{name!r} is not a file")
+    caught: list[warnings.WarningMessage] = []
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise InputError(f"{str(path)!r} is not a readable image: {exc}") from exc
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                _check_size(name, img.size, max_pixels, caught)
+                if ImageFile.LOAD_TRUNCATED_IMAGES:
+                    log.warning("ImageFile.LOAD_TRUNCATED_IMAGES is set: a truncated %r may load", name)
+                img.load()  # the full decode: truncated or corrupt data fails here
+                return _to_rgb(name, _oriented(name, img))
+    except InputError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"{name!r} is too large to decode: {exc}") from exc
+    except MemoryError as exc:
+        raise InputError(f"{name!r} is too large to decode: out of memory") from exc
+    except _DECODE_ERRORS as exc:
+        raise InputError(f"{name!r} is not a readable image: {exc}") from exc
+    finally:
+        for w in caught:
+            if not issubclass(w.category, Image.DecompressionBombWarning):
+                log.warning("%s: %s", name, w.message)
+
+
+def _check_size(
+    name: str, size: tuple[int, int], max_pixels: int | None, caught: list[warnings.WarningMessage]
+) -> None:
+    """Refuse a header size over our limit or Pillow's (its DecompressionBombWarning), before decoding."""
+    width, height = size
+    pixels = width * height
+    if pixels == 0:
+        raise InputError(f"{name!r} has no pixels ({width}x{height})")
+    limits = [] if max_pixels is None else [max_pixels]
+    bomb = any(issubclass(w.category, Image.DecompressionBombWarning) for w in caught)
+    if bomb and Image.MAX_IMAGE_PIXELS is not None:
+        limits.append(Image.MAX_IMAGE_PIXELS)
+    if limits and (bomb or pixels > min(limits)):
+        raise InputError(
+            f"{name!r} is {width}x{height} = {pixels} pixels, over the limit of {min(limits)} pixels"
+        )
+
+
+def _oriented(name: str, img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation; a corrupt EXIF block is logged and ignored."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except _DECODE_ERRORS as exc:
+        log.warning("%s: EXIF orientation ignored (%s)", name, exc)
+        return img
+
+
+def _composite_white(rgba: Image.Image) -> Image.Image:
+    """RGBA -> RGB over a white background."""
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
+
+
+def _gray_to_rgb(gray: np.ndarray) -> Image.Image:
+    """[H, W] float gray in [0, 255] -> RGB, rounded."""
+    g = np.clip(np.rint(gray), 0, 255).astype(np.uint8)
+    return Image.fromarray(g).convert("RGB")
+
+
+def _to_rgb(name: str, img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB (see `load_image` for the rules)."""
+    mode = img.mode
+    if mode == "RGB":
+        return img.copy()
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
+        return _composite_white(img.convert("RGBA"))
+    if mode.startswith("I;16") or mode == "I":
+        x = np.asarray(img).astype(np.float64)  # [H, W]
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0 or hi > 65535:
+            return _gray_to_rgb((x - lo) * (255.0 / max(hi - lo, 1.0)))
+        return _gray_to_rgb(x * (255.0 / 65535.0))
+    if mode == "F":
+        x = np.nan_to_num(np.asarray(img, dtype=np.float64))  # [H, W]
+        lo, hi = float(x.min()), float(x.max())
+        if lo >= 0 and hi <= 1:
+            return _gray_to_rgb(x * 255.0)
+        if lo >= 0 and hi <= 255:
+            return _gray_to_rgb(x)
+        return _gray_to_rgb((x - lo) * (255.0 / max(hi - lo, 1e-30)))
+    try:
+        return img.convert("RGB")  # P, CMYK, L, 1, YCbCr, ...
+    except ValueError as exc:
+        raise InputError(f"{name!r} has the unsupported image mode {mode!r}") from exc
 
 
 def _padding(w: int, h: int, size: int) -> tuple[int, int, int, int]:

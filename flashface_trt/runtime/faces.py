@@ -1,0 +1,125 @@
+"""Face crops in NumPy and Pillow: crop and level by the eyes, reference tensors, one face per photo."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+from numpy.typing import ArrayLike
+from PIL import Image
+
+from ..errors import InputError
+from .images import reference_array
+
+log = logging.getLogger(__name__)
+
+FACE_SIZE = 224  # the official `padding_to_square = PadToSquare(224)` of demo_gradio.py
+
+
+def _box(box: ArrayLike) -> tuple[int, int, int, int]:
+    """[4 or 5] box -> integer (x1, y1, x2, y2), rounded half to even like the official `bbox.round()`."""
+    b = np.asarray(box, dtype=np.float32).reshape(-1)  # the official boxes are float32 tensors
+    if b.shape[0] not in (4, 5) or not np.isfinite(b[:4]).all():
+        raise InputError(f"a face box must be 4 or 5 finite numbers [x1, y1, x2, y2(, score)]: {b.tolist()}")
+    x1, y1, x2, y2 = (int(v) for v in np.round(b[:4]))
+    if x2 <= x1 or y2 <= y1:
+        raise InputError(f"face box {b[:4].tolist()} is empty after rounding to ({x1}, {y1}, {x2}, {y2})")
+    return x1, y1, x2, y2
+
+
+def _norm(v: np.ndarray) -> float:
+    """float32 Euclidean length, as the official `v.square().sum().sqrt().item()`."""
+    return float(np.sqrt(np.sum(np.square(v, dtype=np.float32), dtype=np.float32), dtype=np.float32))
+
+
+def eye_angle(landmarks: ArrayLike) -> float | None:
+    """Rotation (degrees, counter-clockwise) that levels the eyes; None where the official skips it.
+
+    Reproduces the law-of-cosines arithmetic of the official `crop_face` (ldm/models/retinaface.py),
+    including its `direction` flip and the `b == 0 or c == 0` (coincident eyes) skip.
+    """
+    lm = np.asarray(landmarks, dtype=np.float32)  # [5, 2]: left eye, right eye, nose, mouth corners
+    if lm.shape != (5, 2):
+        raise InputError(f"face landmarks must have shape [5, 2], got {list(lm.shape)}")
+    leye, reye = lm[0], lm[1]
+    if leye[1] > reye[1]:
+        point_3rd = np.array([reye[0], leye[1]], dtype=np.float32)
+        direction = -1
+    else:
+        point_3rd = np.array([leye[0], reye[1]], dtype=np.float32)
+        direction = 1
+    a = _norm(leye - point_3rd)
+    b = _norm(reye - point_3rd)
+    c = _norm(reye - leye)
+    if b == 0 or c == 0:
+        return None
+    cos_a = min(1.0, max(-1.0, (b * b + c * c - a * a) / (2 * b * c)))
+    angle = (math.acos(cos_a) * 180) / math.pi
+    if direction == -1:
+        angle = 90 - angle
+    return direction * angle
+
+
+def crop_face(img: Image.Image, box: ArrayLike, landmarks: ArrayLike) -> Image.Image:
+    """Crop the rounded box and rotate it level by the eyes (official `crop_face`, ldm/models/retinaface.py).
+
+    As the official: PIL `crop` (outside the photo is black), then PIL `rotate` with its defaults
+    (nearest neighbour, same size, black corners).
+    """
+    crop = img.crop(_box(box))
+    angle = eye_angle(landmarks)
+    if angle is not None:
+        crop = crop.rotate(angle)
+    return crop
+
+
+def crop_faces(img: Image.Image, boxes: ArrayLike, landmarks: ArrayLike) -> list[Image.Image]:
+    """`crop_face` for every face: boxes [K, 4 or 5], landmarks [K, 5, 2] -> K crops."""
+    b = np.asarray(boxes, dtype=np.float32)
+    lm = np.asarray(landmarks, dtype=np.float32)
+    if b.size == 0 and lm.size == 0:
+        return []
+    if b.ndim != 2 or lm.ndim != 3 or len(b) != len(lm):
+        raise InputError(
+            f"boxes [K, 4 or 5] and landmarks [K, 5, 2] must agree, got {list(b.shape)} and {list(lm.shape)}"
+        )
+    return [crop_face(img, bi, li) for bi, li in zip(b, lm)]
+
+
+def face_tensor(crop: Image.Image, size: int = FACE_SIZE) -> np.ndarray:
+    """A crop as the model's reference: official `PadToSquare(224)`, `ToTensor`, `Normalize(0.5, 0.5)`.
+
+    Returns [3, size, size] float32 in [-1, 1].
+    """
+    return reference_array(crop, size)
+
+
+def select_face(boxes: ArrayLike, landmarks: ArrayLike, photo_name: str, largest: bool = False) -> int:
+    """Index of the one face of a photo; no face, or several without `largest`, raise InputError.
+
+    boxes [K, 5] (x1, y1, x2, y2, score), landmarks [K, 5, 2]. With `largest`, the box of largest
+    area wins; ties go to the higher score, then to the earlier box.
+    """
+    b = np.asarray(boxes, dtype=np.float64)
+    lm = np.asarray(landmarks, dtype=np.float64)
+    if b.size == 0:
+        b = b.reshape(0, 5)
+    if lm.size == 0:
+        lm = lm.reshape(0, 5, 2)
+    if b.ndim != 2 or b.shape[1] != 5 or lm.shape[1:] != (5, 2) or len(lm) != len(b):
+        raise InputError(
+            f"{photo_name!r}: boxes must be [K, 5] and landmarks [K, 5, 2], "
+            f"got {list(b.shape)} and {list(lm.shape)}"
+        )
+    k = len(b)
+    if k == 0:
+        raise InputError(f"no face found in {photo_name!r}")
+    if k == 1:
+        return 0
+    if not largest:
+        raise InputError(f"{k} faces found in {photo_name!r}; crop it or pass --largest-face")
+    areas = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # [K]
+    best = max(range(k), key=lambda i: (areas[i], b[i, 4], -i))
+    log.info("%s: %d faces found, keeping the largest (#%d, area %.0f)", photo_name, k, best, areas[best])
+    return best
