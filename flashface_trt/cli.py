@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .errors import FlashFaceError
+from .runtime.images import DEFAULT_MAX_PIXELS
 from .runtime.request import RECIPES, GenerationRequest
 
 log = logging.getLogger("flashface_trt")
@@ -60,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         help="an already-cropped reference face (repeat for more); the tiny preset draws one if omitted",
+    )
+    gen.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="refuse photos with more pixels than this (decompression-bomb guard)",
     )
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", default="")
@@ -129,7 +136,7 @@ def _generate(args: argparse.Namespace) -> None:
 
     request = _request(args)
     if args.face:
-        faces = [load_image(p) for p in args.face]
+        faces = [load_image(p, max_pixels=args.max_pixels) for p in args.face]
     elif args.preset:
         log.info("no --face given: using a drawn stand-in face for the tiny preset")
         faces = [synthetic_face()]

@@ -149,3 +149,12 @@ def test_generate_and_convert_with_weights_directories(oracle_dir, tmp_path):
         assert main(args) == 0
         outs.append(np.asarray(Image.open(out)))
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_oversized_face_photo_is_refused(tmp_path, capsys):
+    photo = tmp_path / "big.png"
+    synthetic_face(120).save(photo)
+    args = ["generate", "--preset", "tiny", "--prompt", "x", "--face", str(photo), "--max-pixels", "10000"]
+    assert main([*args, "--out", str(tmp_path / "o.png")]) == 2
+    err = capsys.readouterr().err
+    assert "big.png" in err and "14400" in err
