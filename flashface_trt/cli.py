@@ -9,6 +9,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from .errors import FlashFaceError
 from .runtime.images import DEFAULT_MAX_PIXELS
 from .runtime.request import RECIPES, GenerationRequest
@@ -48,6 +50,28 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_face_args(p: argparse.ArgumentParser, cropped: bool = True) -> None:
+    if cropped:
+        p.add_argument(
+            "--cropped",
+            "--no-detect",
+            dest="cropped",
+            action="store_true",
+            help="the --face files are already-cropped faces: skip face detection",
+        )
+    p.add_argument(
+        "--largest-face",
+        action="store_true",
+        help="where a photo holds several faces, use the largest instead of refusing the photo",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="refuse photos with more pixels than this (decompression-bomb guard)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashface-trt", description=__doc__)
     parser.add_argument("--verbose", action="store_true", help="log debug messages")
@@ -60,14 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         action="append",
         default=[],
-        help="an already-cropped reference face (repeat for more); the tiny preset draws one if omitted",
+        help="a reference photo with one face (repeat for more); the tiny preset draws one if omitted",
     )
-    gen.add_argument(
-        "--max-pixels",
-        type=int,
-        default=DEFAULT_MAX_PIXELS,
-        help="refuse photos with more pixels than this (decompression-bomb guard)",
-    )
+    _add_face_args(gen)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", default="")
     gen.add_argument(
@@ -93,6 +112,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--out", type=Path, default=Path("out.png"), help="output PNG; several samples get _0, _1, ..."
     )
+
+    det = sub.add_parser("detect", help="find the face in each photo and write the crops generate would use")
+    det.add_argument("photos", type=Path, nargs="+", metavar="PHOTO")
+    src = det.add_mutually_exclusive_group(required=True)
+    src.add_argument("--weights", type=Path, help="directory with retinaface_resnet50.pth (or converted)")
+    src.add_argument("--preset", choices=["tiny"], help="random detector (finds random 'faces'; for testing)")
+    src.add_argument("--onnx", type=Path, help="an exported detector graph, run by ONNX Runtime")
+    det.add_argument("--out-dir", type=Path, default=Path("faces"), help="where crops are written")
+    det.add_argument("--show", type=int, default=5, help="detections listed per photo (best first)")
+    _add_face_args(det, cropped=False)
+
+    exp = sub.add_parser("export-detector", help="export the face detector to ONNX (hash-named, reused)")
+    src = exp.add_mutually_exclusive_group(required=True)
+    src.add_argument("--weights", type=Path, help="directory with retinaface_resnet50.pth (or converted)")
+    src.add_argument("--preset", choices=["tiny"], help="the tiny preset's random detector")
+    exp.add_argument("--out-dir", type=Path, default=Path("onnx"), help="where the graph is written")
 
     conv = sub.add_parser("convert-weights", help="official files -> deduplicated float16 safetensors")
     conv.add_argument("src", type=Path)
@@ -125,29 +160,95 @@ def _request(args: argparse.Namespace) -> GenerationRequest:
     ).validated()
 
 
+def _device(args: argparse.Namespace):
+    """(device, dtype) from --device/--precision; fp16 by default on CUDA."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    device = ("cuda" if cuda else "cpu") if args.device == "auto" else args.device
+    if device == "cuda" and not cuda:
+        raise FlashFaceError("--device cuda was asked for but torch sees no CUDA device")
+    precision = args.precision if args.precision != "auto" else ("fp16" if device == "cuda" else "fp32")
+    return device, torch.float16 if precision == "fp16" else torch.float32
+
+
+def _torch_detector(args: argparse.Namespace, device: str = "cpu"):
+    """RunDetector over the PyTorch RetinaFace of --weights or the tiny preset (always float32)."""
+    from .models.loading import load_detector, tiny_detector
+    from .models.retinaface import detector_runner
+
+    if args.preset:
+        log.warning("the tiny preset's detector has random weights: its 'faces' are random boxes")
+        return detector_runner(tiny_detector(device))
+    return detector_runner(load_detector(args.weights, device))
+
+
+def _detect(args: argparse.Namespace) -> int:
+    from .runtime.detection import detect_faces
+    from .runtime.images import load_image
+    from .runtime.references import pick_reference
+
+    if args.onnx:
+        from .runtime.ort_detector import OrtDetector
+
+        detector = OrtDetector(args.onnx)
+    else:
+        detector = _torch_detector(args)
+
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    refused = 0
+    for path in args.photos:
+        try:
+            image = load_image(path, max_pixels=args.max_pixels)
+            ((boxes, landmarks),) = detect_faces([image], detector)
+            print(f"{path}: {len(boxes)} face(s)")
+            for box in boxes[: args.show]:
+                x1, y1, x2, y2 = (int(v) for v in np.round(box[:4]))
+                print(f"  box ({x1}, {y1}, {x2}, {y2})  score {box[4]:.6f}")
+            if len(boxes) > args.show:
+                print(f"  ... {len(boxes) - args.show} more")
+            ref = pick_reference(image, path.name, boxes, landmarks, args.largest_face)
+        except FlashFaceError as exc:
+            print(f"  refused: {exc}")
+            refused += 1
+            continue
+        out = args.out_dir / f"{path.stem}_face.png"
+        ref.crop.save(out)
+        print(f"  crop -> {out}")
+    return 2 if refused else 0
+
+
+def _export_detector(args: argparse.Namespace) -> int:
+    from .export.detector import cached_detector
+    from .models.loading import load_detector, tiny_detector
+
+    model = tiny_detector() if args.preset else load_detector(args.weights)
+    print(cached_detector(model, args.out_dir))
+    return 0
+
+
 def _generate(args: argparse.Namespace) -> None:
     import torch
     from tqdm.auto import tqdm
 
     from .models.backend import TorchBackend
     from .models.loading import load_models, tiny_models
-    from .runtime.images import load_image, synthetic_face
+    from .runtime.images import synthetic_face
     from .runtime.pipeline import generate
+    from .runtime.references import load_references
 
     request = _request(args)
+    device, dtype = _device(args)
     if args.face:
-        faces = [load_image(p, max_pixels=args.max_pixels) for p in args.face]
+        detector = None if args.cropped else _torch_detector(args, device)
+        refs = load_references(args.face, detector, args.largest_face, args.max_pixels)
+        faces = [r.crop for r in refs]
     elif args.preset:
         log.info("no --face given: using a drawn stand-in face for the tiny preset")
         faces = [synthetic_face()]
     else:
-        raise FlashFaceError("give at least one reference face with --face")
-    cuda = torch.cuda.is_available()
-    device = ("cuda" if cuda else "cpu") if args.device == "auto" else args.device
-    if device == "cuda" and not cuda:
-        raise FlashFaceError("--device cuda was asked for but torch sees no CUDA device")
-    precision = args.precision if args.precision != "auto" else ("fp16" if device == "cuda" else "fp32")
-    dtype = torch.float16 if precision == "fp16" else torch.float32
+        raise FlashFaceError("give at least one reference photo with --face")
+    precision = "fp16" if dtype == torch.float16 else "fp32"
     t0 = time.perf_counter()
     models = tiny_models(device, dtype) if args.preset else load_models(args.weights, device, dtype)
     log.info("models ready in %.1f s (%s, %s)", time.perf_counter() - t0, device, precision)
@@ -180,11 +281,17 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
-        {"generate": _generate, "convert-weights": _convert}[args.command](args)
+        commands = {
+            "generate": _generate,
+            "detect": _detect,
+            "export-detector": _export_detector,
+            "convert-weights": _convert,
+        }
+        rc = commands[args.command](args)
     except FlashFaceError as exc:
         print(f"flashface-trt: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return rc or 0
 
 
 if __name__ == "__main__":

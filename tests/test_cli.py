@@ -67,6 +67,7 @@ def test_generate_with_faces_and_samples(tmp_path):
             "age",
             "--out",
             str(main_out),
+            "--cropped",
             *faces,
         ]
     )
@@ -145,6 +146,7 @@ def test_generate_and_convert_with_weights_directories(oracle_dir, tmp_path):
             "64",
             "--out",
             str(out),
+            "--no-detect",
         ]
         assert main(args) == 0
         outs.append(np.asarray(Image.open(out)))
@@ -158,3 +160,64 @@ def test_oversized_face_photo_is_refused(tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "o.png")]) == 2
     err = capsys.readouterr().err
     assert "big.png" in err and "14400" in err
+
+
+def _photos(tmp_path, n=2):
+    paths = []
+    for i in range(n):
+        p = tmp_path / f"person{i}.jpg"
+        synthetic_face(220, seed=i).resize((220, 260)).save(p, quality=95)
+        paths.append(str(p))
+    return paths
+
+
+def test_detect_writes_the_crops_generate_would_use(tmp_path, capsys):
+    photos = _photos(tmp_path)
+    out = tmp_path / "crops"
+    assert main(["detect", *photos, "--preset", "tiny", "--largest-face", "--out-dir", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.count("face(s)") == 2 and "box (" in text and "score" in text
+    crops = sorted(out.glob("*_face.png"))
+    assert [c.name for c in crops] == ["person0_face.png", "person1_face.png"]
+    # the same crops as the library path that `generate` uses
+    from flashface_trt.models.loading import tiny_detector
+    from flashface_trt.models.retinaface import detector_runner
+    from flashface_trt.runtime.references import load_references
+
+    refs = load_references(photos, detector_runner(tiny_detector()), largest=True)
+    for ref, crop in zip(refs, crops):
+        np.testing.assert_array_equal(np.asarray(ref.crop), np.asarray(Image.open(crop)))
+
+
+def test_detect_refuses_photos_with_several_faces(tmp_path, capsys):
+    photos = _photos(tmp_path, 1)
+    bad = tmp_path / "notes.txt.jpg"
+    bad.write_text("not a photo")
+    code = main(["detect", *photos, str(bad), "--preset", "tiny", "--out-dir", str(tmp_path / "c")])
+    assert code == 2
+    text = capsys.readouterr().out
+    assert "faces found in 'person0.jpg'" in text and "--largest-face" in text
+    assert "notes.txt.jpg" in text
+    assert not list((tmp_path / "c").glob("*.png"))
+
+
+def test_generate_detects_faces_in_photos_by_default(tmp_path, capsys):
+    photos = _photos(tmp_path, 1)
+    args = ["generate", "--preset", "tiny", "--prompt", "x", "--steps", "1", "--height", "64"]
+    args += ["--width", "64", "--face", photos[0], "--out", str(tmp_path / "o.png")]
+    assert main(args) == 2
+    assert "faces found in 'person0.jpg'" in capsys.readouterr().err
+    assert main([*args, "--largest-face"]) == 0
+    assert Image.open(tmp_path / "o.png").size == (64, 64)
+
+
+def test_export_detector_and_detect_with_onnx_runtime(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    assert main(["export-detector", "--preset", "tiny", "--out-dir", str(tmp_path / "onnx")]) == 0
+    graph = capsys.readouterr().out.strip().splitlines()[-1]
+    assert graph.endswith(".onnx")
+    photos = _photos(tmp_path, 1)
+    code = main(["detect", *photos, "--onnx", graph, "--largest-face", "--out-dir", str(tmp_path / "c")])
+    assert code == 0
+    assert (tmp_path / "c" / "person0_face.png").is_file()

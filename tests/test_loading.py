@@ -14,10 +14,12 @@ from flashface_trt.models.loading import (
     COMPONENTS,
     component_shapes,
     convert_weights,
+    load_detector,
     load_models,
     tiny_models,
     verify_converted,
 )
+from flashface_trt.models.retinaface import retinaface_shapes
 
 from .conftest import rel_err
 
@@ -28,6 +30,7 @@ OFFICIAL_NAMES = {
     "vae.pth": "sd-v1-vae.pth",
     "bpe_simple_vocab_16e6.txt.gz": "bpe_simple_vocab_16e6.txt.gz",
     "config.json": "config.json",
+    "face/retinaface_resnet50.pth": "retinaface_resnet50.pth",
 }
 
 
@@ -116,3 +119,25 @@ def test_tiny_preset_is_deterministic():
     assert all(torch.equal(a[k], b[k]) for k in a)
     c = _params(tiny_models(seed=1))
     assert not torch.equal(a["unet.head.2.weight"], c["unet.head.2.weight"])
+
+
+@pytest.mark.oracle
+def test_detector_converts_in_float32_and_loads(official_dir, converted_dir):
+    if not (official_dir / "retinaface_resnet50.pth").is_file():
+        pytest.skip("no face/retinaface_resnet50.pth in the fixtures")
+    manifest = json.loads((converted_dir / "manifest.json").read_text())
+    entry = manifest["files"]["retinaface.safetensors"]
+    assert {k: tuple(v["shape"]) for k, v in entry["tensors"].items()} == retinaface_shapes()
+    a, b = load_detector(official_dir).state_dict(), load_detector(converted_dir).state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    from safetensors import safe_open
+
+    with safe_open(str(converted_dir / "retinaface.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32", "I64"}
+
+
+def test_missing_detector_points_to_cropped(tmp_path):
+    with pytest.raises(WeightsError, match="retinaface_resnet50.pth.*--cropped"):
+        load_detector(tmp_path)

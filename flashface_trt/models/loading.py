@@ -1,7 +1,8 @@
 """Weights directories: locating files, strict loading, the tiny preset, and float16 conversion.
 
 A weights directory holds either the official files (`flashface.ckpt`,
-`openai-clip-vit-large-14.pth`, `sd-v1-vae.pth`, `bpe_simple_vocab_16e6.txt.gz`), the
+`openai-clip-vit-large-14.pth`, `sd-v1-vae.pth`, `bpe_simple_vocab_16e6.txt.gz`, and
+`retinaface_resnet50.pth` unless faces come pre-cropped), the
 Hugging Face / diffusers layouts of the text encoder and VAE, or what
 `flashface-trt convert-weights` writes (deduplicated float16 safetensors + `manifest.json`).
 """
@@ -21,8 +22,11 @@ import torch
 from torch import nn
 
 from ..errors import WeightsError
+from ..runtime.detection import preprocess, to_unit_tensor
+from ..runtime.images import synthetic_face
 from .backend import TorchModels
 from .config import TINY, ModelConfig
+from .retinaface import RetinaFace, random_retinaface_state, retinaface_state
 from .text_encoder import TextEncoder, text_encoder_state
 from .tokenizer import ClipTokenizer
 from .unet import FlashFaceUNet, unet_state
@@ -46,6 +50,7 @@ class Component:
     converted: str
     sources: tuple[str, ...]
     convert: Callable[[Mapping[str, torch.Tensor], str], StateDict]
+    dtype: torch.dtype = torch.float16  # storage dtype of the converted file
 
 
 COMPONENTS = {
@@ -68,8 +73,22 @@ COMPONENTS = {
     ),
 }
 
+# optional: only needed when reference photos go through face detection; kept in float32 so that
+# converted weights detect exactly what the official file does
+DETECTOR = Component(
+    "detector",
+    "RetinaFace-ResNet50 face detector",
+    "retinaface.safetensors",
+    ("retinaface_resnet50.pth",),
+    retinaface_state,
+    torch.float32,
+)
+ALL_COMPONENTS = {**COMPONENTS, "detector": DETECTOR}
+
 
 def _factory(name: str, cfg: ModelConfig) -> nn.Module:
+    if name == "detector":
+        return RetinaFace()
     if name == "unet":
         return FlashFaceUNet(cfg.unet)
     if name == "text":
@@ -116,7 +135,7 @@ def _read_manifest(root: Path) -> dict:
 
 def read_component(root: Path, name: str) -> tuple[StateDict, str]:
     """Canonical state dict of one component of a weights directory, and where it came from."""
-    comp = COMPONENTS[name]
+    comp = ALL_COMPONENTS[name]
     path, converted = _find_source(root, comp)
     if converted:
         entry = _read_manifest(root).get("files", {}).get(comp.converted)
@@ -160,6 +179,43 @@ def load_models(
     vocab = root / VOCAB
     tokenizer = ClipTokenizer(vocab if vocab.is_file() else None)
     return TorchModels(cfg, nets["unet"], nets["text"], nets["vae"], tokenizer)  # type: ignore[arg-type]
+
+
+def load_detector(
+    weights: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> RetinaFace:
+    """The face detector of a weights directory (official `retinaface_resnet50.pth` or converted)."""
+    root = Path(weights)
+    if not root.is_dir():
+        raise WeightsError(f"weights directory {str(root)!r} does not exist")
+    try:
+        state, source = read_component(root, "detector")
+    except WeightsError as exc:
+        raise WeightsError(f"{exc}; pass already-cropped faces with --cropped to skip detection") from exc
+    model = build_loaded("detector", model_config_for(root), state, source, device, dtype)
+    log.info("loaded %s from %s", DETECTOR.what, source)
+    return model  # type: ignore[return-value]
+
+
+def tiny_detector(device: str | torch.device = "cpu", seed: int = 0, face_bias: float = 0.0) -> RetinaFace:
+    """The tiny preset's detector: full-size RetinaFace, random weights, BatchNorm calibrated once.
+
+    Random BatchNorm statistics make a 50-layer ResNet's activations explode, so the statistics are
+    set from one pass over a drawn face (train-mode BatchNorm, cumulative average). Its 'faces' are
+    still random boxes; it exists to run the detection path without real weights.
+    """
+    model = build_strict(
+        RetinaFace, random_retinaface_state(seed, face_bias), "tiny preset (detector)", "cpu", torch.float32
+    )
+    calib = synthetic_face(256, seed)
+    x = torch.from_numpy(preprocess(to_unit_tensor(calib)[None]))
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    with torch.no_grad():
+        model.train()(x)
+    return model.eval().to(device)
 
 
 def random_state(shapes: Mapping[str, tuple[int, ...]], seed: int) -> StateDict:
@@ -216,15 +272,21 @@ def convert_weights(src: str | Path, out: str | Path) -> dict:
     cfg = model_config_for(src)
     out.mkdir(parents=True, exist_ok=True)
     manifest: dict = {"format": MANIFEST_FORMAT, "config": cfg.to_dict(), "files": {}}
-    for name, comp in COMPONENTS.items():
+    for name, comp in ALL_COMPONENTS.items():
         path = next((src / rel for rel in comp.sources if (src / rel).is_file()), None)
+        if path is None and name == DETECTOR.name:
+            log.info("no %s in %s: converted weights will need --cropped faces", comp.what, src)
+            continue
         if path is None:
             raise WeightsError(f"{str(src)!r} has no {comp.what} ({' or '.join(comp.sources)})")
         raw = read_checkpoint(path)
         state = comp.convert(raw, str(path))
         check_state_dict(component_shapes(name, cfg), state, str(path))
         dropped = sorted(set(raw) - set(state))
-        tensors = {k: v.to(torch.float16).contiguous().clone() for k, v in sorted(state.items())}
+        tensors = {
+            k: (v.to(comp.dtype) if v.is_floating_point() else v).contiguous().clone()
+            for k, v in sorted(state.items())
+        }
         target = out / comp.converted
         save_file(tensors, str(target), metadata={"source": path.name, "format": MANIFEST_FORMAT})
         manifest["files"][comp.converted] = {

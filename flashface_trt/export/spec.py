@@ -1,0 +1,104 @@
+"""What an exported network looks like from outside: tensor names, dtypes, dynamic axes, profiles.
+
+One `NetworkSpec` per network is the single source for the ONNX export (names, dynamic axes),
+the TensorRT optimisation profiles (min/opt/max shapes) and the runtimes' input checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from ..errors import InputError
+
+Dim = int | str  # a fixed size, or the name of a dynamic axis
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output: name, dtype name (numpy spelling) and shape, dynamic axes by name."""
+
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...]
+
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+    def concrete(self, sizes: Mapping[str, int]) -> tuple[int, ...]:
+        """The shape with every dynamic axis replaced by its size in `sizes`."""
+        try:
+            return tuple(d if isinstance(d, int) else int(sizes[d]) for d in self.shape)
+        except KeyError as exc:
+            raise InputError(f"{self.name}: no size given for the dynamic axis {exc.args[0]!r}") from exc
+
+
+@dataclass(frozen=True)
+class AxisRange:
+    """Sizes a dynamic axis may take in an engine profile: min <= opt <= max."""
+
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min <= self.opt <= self.max:
+            raise InputError(
+                f"axis range needs 1 <= min <= opt <= max, got {self.min}, {self.opt}, {self.max}"
+            )
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """An exported network: inputs, outputs, and the default range of each dynamic axis."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    axes: Mapping[str, AxisRange] = field(default_factory=dict)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """`torch.onnx.export(dynamic_axes=...)` form, for inputs and outputs."""
+        return {t.name: t.dynamic_axes() for t in (*self.inputs, *self.outputs) if t.dynamic_axes()}
+
+    def profile(self, which: str) -> dict[str, tuple[int, ...]]:
+        """Input shapes at the `min`, `opt` or `max` end of every axis range (a TensorRT profile point)."""
+        if which not in ("min", "opt", "max"):
+            raise InputError(f"profile point must be 'min', 'opt' or 'max', got {which!r}")
+        sizes = {k: getattr(r, which) for k, r in self.axes.items()}
+        return {t.name: t.concrete(sizes) for t in self.inputs}
+
+    def sample_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Input shapes for tracing: opt sizes, but at least 2 where allowed (torch.export specialises 1)."""
+        sizes = {k: min(max(r.opt, 2), r.max) for k, r in self.axes.items()}
+        return {t.name: t.concrete(sizes) for t in self.inputs}
+
+    def check_inputs(self, feeds: Mapping[str, object]) -> None:
+        """Names, ranks and fixed sizes of `feeds` (arrays) against the spec, with a clear error."""
+        missing = [n for n in self.input_names if n not in feeds]
+        extra = [n for n in feeds if n not in self.input_names]
+        if missing or extra:
+            raise InputError(f"{self.name}: inputs {sorted(feeds)} do not match {self.input_names}")
+        for t in self.inputs:
+            shape = tuple(getattr(feeds[t.name], "shape", ()))
+            ok = len(shape) == len(t.shape) and all(
+                isinstance(d, str) or d == s for d, s in zip(t.shape, shape)
+            )
+            if not ok:
+                raise InputError(
+                    f"{self.name}: input {t.name!r} has shape {list(shape)}, expected {list(t.shape)}"
+                )
+            for d, s in zip(t.shape, shape):
+                r = self.axes.get(d) if isinstance(d, str) else None
+                if r is not None and not r.min <= s <= r.max:
+                    raise InputError(
+                        f"{self.name}: input {t.name!r} axis {d!r} = {s} is outside [{r.min}, {r.max}]"
+                    )

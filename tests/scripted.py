@@ -1,0 +1,31 @@
+"""A torch-free stand-in detector with one known face, for tests of the mapping and the crops."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from flashface_trt.runtime.detection import prior_boxes
+
+
+def scripted_detector(box640: tuple[float, float, float, float], size: int = 640):
+    """A RunDetector whose only face is `box640` (pixels of the padded square), landmarks at its corners."""
+    priors = prior_boxes(size, size)
+    x1, y1, x2, y2 = box640
+    cx, cy, w, h = (x1 + x2) / 2 / size, (y1 + y2) / 2 / size, (x2 - x1) / size, (y2 - y1) / size
+    k = int(np.argmin(np.abs(priors[:, 0] - cx) + np.abs(priors[:, 1] - cy) + np.abs(priors[:, 2] - w)))
+    pcx, pcy, pw, ph = priors[k].astype(np.float64)
+    offsets = [(cx - pcx) / (0.1 * pw), (cy - pcy) / (0.1 * ph), np.log(w / pw) / 0.2, np.log(h / ph) / 0.2]
+    marks = [(x1 + 10, y1 + 10), (x2 - 10, y1 + 20), ((x1 + x2) / 2, (y1 + y2) / 2), (x1, y2), (x2, y2)]
+    lm = [((px / size - pcx) / (0.1 * pw), (py / size - pcy) / (0.1 * ph)) for px, py in marks]
+
+    def run(images):
+        b, n = len(images), len(priors)
+        logits = np.tile(np.float32([5.0, -5.0]), (b, n, 1))
+        boxes = np.zeros((b, n, 4), np.float32)
+        landmarks = np.zeros((b, n, 10), np.float32)
+        logits[:, k] = [-5.0, 5.0]
+        boxes[:, k] = offsets
+        landmarks[:, k] = np.ravel(lm)
+        return logits, boxes, landmarks
+
+    return run, np.float64(marks)
