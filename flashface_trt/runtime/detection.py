@@ -154,8 +154,7 @@ def decode(
 def nms(dets: np.ndarray, iou: float) -> np.ndarray:
     """Greedy NMS with the official +1 pixel area convention; dets [K, 5] -> kept indices, best first.
 
-    Equal scores keep their input order; `postprocess` feeds candidates sorted by score with ties
-    by descending anchor index, which reproduces the official (torch CPU) output on the fixtures.
+    Equal scores keep their input order (`postprocess` decides it; see its `tie_rank`).
     """
     f32 = np.float32
     x1, y1, x2, y2, scores = (np.ascontiguousarray(c) for c in dets.T.astype(f32))
@@ -181,10 +180,14 @@ def postprocess(
     height: int,
     width: int,
     cfg: DetectorConfig = DETECTOR,
+    tie_rank: np.ndarray | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Raw head outputs of a [B, 3, H, W] batch -> per image (boxes [K, 5], landmarks [K, 5, 2]).
 
-    Boxes are (x1, y1, x2, y2, score) in input pixels, best first.
+    Boxes are (x1, y1, x2, y2, score) in input pixels, best first. Equal scores are ordered by
+    `tie_rank` [B, N] (lower first) if given, else by descending anchor index. The official code
+    leaves this order to its sort implementation (libstdc++ `nth_element`, x86-simd-sort or CUDA
+    by platform), so no fixed rule reproduces it everywhere; see the README.
     """
     priors = prior_boxes(height, width, cfg)  # [N, 4]
     if logits.shape[1] != len(priors):
@@ -195,7 +198,8 @@ def postprocess(
     out = []
     for b in range(len(scores)):
         pix, pts = decode(boxes[b], landmarks[b], priors, height, width, cfg)
-        top = np.argsort(scores[b], kind="stable")[::-1][: min(cfg.pre_nms_top_k, scores.shape[1])]
+        ties = -np.arange(scores.shape[1]) if tie_rank is None else tie_rank[b]
+        top = np.lexsort((ties, -scores[b]))[: min(cfg.pre_nms_top_k, scores.shape[1])]
         top = top[scores[b, top] > np.float32(cfg.min_score)]
         finite = np.isfinite(pix[top]).all(1) & np.isfinite(pts[top]).all(1)
         if not finite.all():  # a broken detector; the official would carry inf/nan boxes into NMS
@@ -228,16 +232,21 @@ def detect_faces(
         return []
     batch = np.stack([to_unit_tensor(pad_to_square(img.convert("RGB"), size)) for img in images])
     found = detect(batch, run, cfg)
-    out = []
-    for img, (boxes, pts) in zip(images, found):
-        scale = size / max(img.size)
-        left, top, _, _ = _padding(round(scale * img.width), round(scale * img.height), size)
-        boxes, pts = boxes.copy(), pts.copy()
-        boxes[:, [0, 2]] -= np.float32(left)
-        boxes[:, [1, 3]] -= np.float32(top)
-        pts[:, :, 0] -= np.float32(left)
-        pts[:, :, 1] -= np.float32(top)
-        boxes[:, :4] /= np.float32(scale)
-        pts /= np.float32(scale)
-        out.append((boxes, pts))
-    return out
+    return [to_photo(boxes, pts, img.size, size) for img, (boxes, pts) in zip(images, found)]
+
+
+def to_photo(
+    boxes: np.ndarray, landmarks: np.ndarray, photo_size: tuple[int, int], size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes [K, 5] and landmarks [K, 5, 2] in the padded square -> photo pixels (the demo's undo)."""
+    width, height = photo_size
+    scale = size / max(width, height)
+    left, top, _, _ = _padding(round(scale * width), round(scale * height), size)
+    boxes, pts = boxes.copy(), landmarks.copy()
+    boxes[:, [0, 2]] -= np.float32(left)
+    boxes[:, [1, 3]] -= np.float32(top)
+    pts[:, :, 0] -= np.float32(left)
+    pts[:, :, 1] -= np.float32(top)
+    boxes[:, :4] /= np.float32(scale)
+    pts /= np.float32(scale)
+    return boxes, pts
