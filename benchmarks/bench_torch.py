@@ -30,6 +30,7 @@ from flashface_trt.models.loading import (
     tiny_models,
 )
 from flashface_trt.models.tokenizer import ClipTokenizer
+from flashface_trt.runtime.identities import identity_from_crops
 from flashface_trt.runtime.images import synthetic_face
 from flashface_trt.runtime.pipeline import prepare_references
 from flashface_trt.runtime.request import GenerationRequest, face_mask, full_prompts, initial_noise
@@ -69,9 +70,10 @@ def run_once(backend: TorchBackend, req: GenerationRequest, refs: np.ndarray, cl
     pos, neg = full_prompts(req.prompt, req.negative_prompt)
     ids = backend.tokenizer.encode([pos, neg])
     text = clock("text", backend.encode_text, ids)
-    ref_lat = clock("references", backend.encode_references, refs)
+    identity = clock("references", identity_from_crops, backend.encode_references, refs)
+    backend.kv_cache.clear()  # every run pays for the ReferenceNet
     den = backend.denoiser(
-        text[:1], text[1:2], ref_lat, face_mask(req.face_bbox, req.height, req.width), req.guidance
+        text[:1], text[1:2], identity, face_mask(req.face_bbox, req.height, req.width), req.guidance
     )
     steps = plan(req.steps, req.guidance)
     for s in steps:  # ReferenceNet K/V for every timestep (what the loop would compute on the fly)

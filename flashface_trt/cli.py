@@ -33,12 +33,25 @@ def _bbox(text: str) -> tuple[float, ...]:
     return values
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, onnx: bool = False) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--weights", type=Path, help="directory with the official or converted weights")
     src.add_argument(
         "--preset", choices=["tiny"], help="embedded deterministic random model (no weights needed)"
     )
+    if onnx:
+        src.add_argument("--onnx", type=Path, help="a directory written by `flashface-trt export`")
+        p.add_argument(
+            "--backend",
+            choices=["torch", "onnxruntime"],
+            help="default: onnxruntime with --onnx, else torch",
+        )
+        p.add_argument(
+            "--provider",
+            choices=["cpu", "cuda", "tensorrt"],
+            default="cpu",
+            help="ONNX Runtime execution provider (cuda/tensorrt where installed)",
+        )
     p.add_argument(
         "--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available"
     )
@@ -78,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="personalised images from reference faces and a prompt")
-    _add_model_args(gen)
+    _add_model_args(gen, onnx=True)
     gen.add_argument(
         "--face",
         type=Path,
@@ -129,14 +142,27 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--preset", choices=["tiny"], help="the tiny preset's random detector")
     exp.add_argument("--out-dir", type=Path, default=Path("onnx"), help="where the graph is written")
 
+    ex = sub.add_parser(
+        "export", help="export every network to ONNX (hash-named graphs, reused when current)"
+    )
+    _add_model_args(ex)
+    ex.add_argument("--out", type=Path, required=True, help="output directory (self-contained)")
+    ex.add_argument("--fp16", action="store_true", help="float16 graphs (normalisations in float32)")
+    ex.add_argument("--max-samples", type=int, help="images per request (default 4; 2 for tiny)")
+    ex.add_argument("--max-refs", type=int, default=4, help="reference faces per request")
+    ex.add_argument("--min-size", type=int, help="smallest output side in pixels (default 256; 64 tiny)")
+    ex.add_argument("--max-size", type=int, help="largest output side in pixels (default 1024; 256 tiny)")
+    ex.add_argument("--height", type=int, help="typical output height (default 768; 128 tiny)")
+    ex.add_argument("--width", type=int, help="typical output width (default 768; 128 tiny)")
+    ex.add_argument("--dynamo", action="store_true", help="use the torch.export-based ONNX exporter")
+
     conv = sub.add_parser("convert-weights", help="official files -> deduplicated float16 safetensors")
     conv.add_argument("src", type=Path)
     conv.add_argument("out", type=Path)
     return parser
 
 
-def _request(args: argparse.Namespace) -> GenerationRequest:
-    size = DEFAULT_SIZE["tiny" if args.preset else "weights"]
+def _request(args: argparse.Namespace, size: tuple[int, int]) -> GenerationRequest:
     req = RECIPES[args.recipe].apply(GenerationRequest(prompt=args.prompt))
     overrides = {
         "text_guidance": args.text_guidance,
@@ -153,8 +179,8 @@ def _request(args: argparse.Namespace) -> GenerationRequest:
         steps=args.steps,
         seed=args.seed,
         num_samples=args.num_samples,
-        height=args.height or size,
-        width=args.width or size,
+        height=args.height or size[0],
+        width=args.width or size[1],
         face_bbox=args.face_bbox if args.face_bbox is not None else req.face_bbox,
         guidance=guidance,
     ).validated()
@@ -228,43 +254,112 @@ def _export_detector(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    import torch
     from tqdm.auto import tqdm
 
-    from .models.backend import TorchBackend
-    from .models.loading import load_models, tiny_models
-    from .runtime.images import synthetic_face
     from .runtime.pipeline import generate
-    from .runtime.references import load_references
 
-    request = _request(args)
-    device, dtype = _device(args)
-    if args.face:
-        detector = None if args.cropped else _torch_detector(args, device)
-        refs = load_references(args.face, detector, args.largest_face, args.max_pixels)
-        faces = [r.crop for r in refs]
-    elif args.preset:
-        log.info("no --face given: using a drawn stand-in face for the tiny preset")
-        faces = [synthetic_face()]
-    else:
-        raise FlashFaceError("give at least one reference photo with --face")
-    precision = "fp16" if dtype == torch.float16 else "fp32"
-    t0 = time.perf_counter()
-    models = tiny_models(device, dtype) if args.preset else load_models(args.weights, device, dtype)
-    log.info("models ready in %.1f s (%s, %s)", time.perf_counter() - t0, device, precision)
+    backend_name = args.backend or ("onnxruntime" if args.onnx else "torch")
+    if (backend_name == "onnxruntime") != (args.onnx is not None):
+        raise FlashFaceError(
+            "--backend onnxruntime runs an export: give it --onnx DIR (and torch, --weights)"
+        )
+    backend, detector = _ort_backend(args) if args.onnx else _torch_backend(args)
+    faces = _faces(args, detector)
+    request = _request(args, _default_size(args, backend))
     t0 = time.perf_counter()
     images = generate(
-        TorchBackend(models),
+        backend,
         request,
         faces,
         wrap=lambda steps: tqdm(steps, desc="denoising", unit="step", file=sys.stderr),
     )
-    log.info("generated %d image(s) in %.1f s", len(images), time.perf_counter() - t0)
+    log.info("generated %d image(s) in %.1f s on %s", len(images), time.perf_counter() - t0, backend.name)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(images):
         path = args.out if len(images) == 1 else args.out.with_name(f"{args.out.stem}_{i}{args.out.suffix}")
         img.save(path)
         print(path)
+
+
+def _default_size(args: argparse.Namespace, backend) -> tuple[int, int]:
+    if args.onnx:
+        shapes = backend.manifest["shapes"]
+        return shapes["opt_height"], shapes["opt_width"]
+    size = DEFAULT_SIZE["tiny" if args.preset else "weights"]
+    return size, size
+
+
+def _faces(args: argparse.Namespace, detector):
+    """Reference crops from --face photos (detected unless --cropped), or the tiny preset's drawn face."""
+    from .runtime.images import synthetic_face
+    from .runtime.references import load_references
+
+    if args.face:
+        refs = load_references(
+            args.face, None if args.cropped else detector(), args.largest_face, args.max_pixels
+        )
+        return [r.crop for r in refs]
+    if args.preset or args.onnx:
+        log.info("no --face given: using a drawn stand-in face")
+        return [synthetic_face()]
+    raise FlashFaceError("give at least one reference photo with --face")
+
+
+def _torch_backend(args: argparse.Namespace):
+    from .models.backend import TorchBackend
+    from .models.loading import load_models, tiny_models
+
+    device, dtype = _device(args)
+    t0 = time.perf_counter()
+    models = tiny_models(device, dtype) if args.preset else load_models(args.weights, device, dtype)
+    log.info("models ready in %.1f s (%s, %s)", time.perf_counter() - t0, device, dtype)
+    return TorchBackend(models), lambda: _torch_detector(args, device)
+
+
+def _ort_backend(args: argparse.Namespace):
+    """ONNX Runtime backend over an export directory (imports no torch)."""
+    from .runtime.ort_backend import OrtBackend, OrtSettings
+
+    backend = OrtBackend(args.onnx, OrtSettings(provider=args.provider))
+    return backend, backend.detector
+
+
+def _export(args: argparse.Namespace) -> None:
+    from .export.exporter import ExportSettings, export_models
+    from .export.networks import TINY_SHAPES, ExportShapes
+    from .models.loading import load_detector, load_models, tiny_detector, tiny_models
+
+    base = TINY_SHAPES if args.preset else ExportShapes()
+    given = {
+        "max_samples": args.max_samples,
+        "max_refs": args.max_refs,
+        "min_size": args.min_size,
+        "max_size": args.max_size,
+        "opt_height": args.height,
+        "opt_width": args.width,
+    }
+    shapes = replace(base, **{k: v for k, v in given.items() if v is not None})
+    shapes = replace(shapes, opt_refs=min(shapes.opt_refs, shapes.max_refs))
+    settings = ExportSettings("fp16" if args.fp16 else "fp32", shapes=shapes, dynamo=args.dynamo)
+    device, _ = _device(args)
+    models = (
+        tiny_models(device, settings.dtype)
+        if args.preset
+        else load_models(args.weights, device, settings.dtype)
+    )
+    detector = None
+    if args.preset:
+        detector = tiny_detector()
+    elif any((args.weights / f).is_file() for f in ("retinaface_resnet50.pth", "retinaface.safetensors")):
+        detector = load_detector(args.weights)
+    else:
+        log.warning("no face detector in %s: the export will need --cropped faces", args.weights)
+    vocab = None if args.preset else args.weights / "bpe_simple_vocab_16e6.txt.gz"
+    manifest = export_models(
+        models, args.out, settings, detector, vocab if vocab and vocab.is_file() else None
+    )
+    for name, entry in manifest["networks"].items():
+        print(f"{name:14s} {args.out / entry['file']}")
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -285,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             "generate": _generate,
             "detect": _detect,
             "export-detector": _export_detector,
+            "export": _export,
             "convert-weights": _convert,
         }
         rc = commands[args.command](args)

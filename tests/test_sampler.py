@@ -14,6 +14,7 @@ from flashface_trt.models.config import ModelConfig
 from flashface_trt.models.loading import build_loaded
 from flashface_trt.models.unet import unet_state
 from flashface_trt.models.weights import read_checkpoint
+from flashface_trt.runtime.identities import Identity
 from flashface_trt.runtime.sampler import GuidanceParams, guide, plan, sample, single_step
 from flashface_trt.runtime.schedule import ddim_steps, scaled_linear_sigmas, trailing_timesteps
 
@@ -129,7 +130,7 @@ def oracle_denoiser(oracle_dir, oracle_config):
         unet,
         torch.from_numpy(d["pos_context"]),
         torch.from_numpy(d["neg_context"]),
-        torch.from_numpy(d["ref_latents"]),
+        Identity("oracle", torch.from_numpy(d["ref_latents"])),
         mask,
         oracle_guidance(oracle_config),
     ), d

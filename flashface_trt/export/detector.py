@@ -14,7 +14,7 @@ import torch
 from ..models.retinaface import RetinaFace
 from ..runtime.detection import DETECTOR, prior_boxes
 from .artifacts import arrays_digest, cached_artifact
-from .onnx_io import check_graph, export_graph
+from .onnx_io import check_graph, export_graph, simplify
 from .spec import AxisRange, NetworkSpec, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ def export_detector(model: RetinaFace, path: str | Path, spec: NetworkSpec | Non
     model = model.float().eval()
     sample = torch.zeros(spec.sample_shapes()["images"])
     export_graph(model, (sample,), spec, Path(path), OPSET)
+    simplify(Path(path))
     check_graph(Path(path), spec)
 
 
@@ -50,7 +51,12 @@ def cached_detector(model: RetinaFace, out_dir: str | Path, spec: NetworkSpec | 
     """The detector graph in `out_dir`, named by a hash of its weights and spec; reused when current."""
     spec = spec or detector_spec()
     digest = arrays_digest({k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()})
-    settings = {"opset": OPSET, "inputs": [t.shape for t in spec.inputs], "dtype": "float32"}
+    settings = {
+        "exporter": "torchscript",
+        "opset": OPSET,
+        "inputs": [t.shape for t in spec.inputs],
+        "dtype": "float32",
+    }
     return cached_artifact(
         out_dir, "detector", ".onnx", digest, settings, lambda p: export_detector(model, p, spec)
     )

@@ -56,6 +56,7 @@ class NetworkSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     axes: Mapping[str, AxisRange] = field(default_factory=dict)
+    samples: Mapping[str, int] = field(default_factory=dict)  # tracing sizes that override the default
 
     @property
     def input_names(self) -> list[str]:
@@ -79,10 +80,31 @@ class NetworkSpec:
     def sample_shapes(self) -> dict[str, tuple[int, ...]]:
         """Input shapes for tracing: opt sizes, but at least 2 where allowed (torch.export specialises 1)."""
         sizes = {k: min(max(r.opt, 2), r.max) for k, r in self.axes.items()}
-        return {t.name: t.concrete(sizes) for t in self.inputs}
+        return {t.name: t.concrete({**sizes, **self.samples}) for t in self.inputs}
 
-    def check_inputs(self, feeds: Mapping[str, object]) -> None:
-        """Names, ranks and fixed sizes of `feeds` (arrays) against the spec, with a clear error."""
+    def to_dict(self) -> dict:
+        """JSON-ready form (kept in an export's manifest so that runtimes need no model code)."""
+
+        def tensors(ts: tuple[TensorSpec, ...]) -> list[dict]:
+            return [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in ts]
+
+        return {
+            "name": self.name,
+            "inputs": tensors(self.inputs),
+            "outputs": tensors(self.outputs),
+            "axes": {k: [r.min, r.opt, r.max] for k, r in self.axes.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> NetworkSpec:
+        def tensors(ts: list) -> tuple[TensorSpec, ...]:
+            return tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in ts)
+
+        axes = {k: AxisRange(*v) for k, v in d.get("axes", {}).items()}
+        return cls(d["name"], tensors(d["inputs"]), tensors(d["outputs"]), axes)
+
+    def check_inputs(self, feeds: Mapping[str, object], ranges: bool = True) -> None:
+        """Names, ranks and fixed sizes (and with `ranges`, axis ranges) of `feeds` against the spec."""
         missing = [n for n in self.input_names if n not in feeds]
         extra = [n for n in feeds if n not in self.input_names]
         if missing or extra:
@@ -97,7 +119,7 @@ class NetworkSpec:
                     f"{self.name}: input {t.name!r} has shape {list(shape)}, expected {list(t.shape)}"
                 )
             for d, s in zip(t.shape, shape):
-                r = self.axes.get(d) if isinstance(d, str) else None
+                r = self.axes.get(d) if isinstance(d, str) and ranges else None
                 if r is not None and not r.min <= s <= r.max:
                     raise InputError(
                         f"{self.name}: input {t.name!r} axis {d!r} = {s} is outside [{r.min}, {r.max}]"

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..runtime.identities import DEFAULT_KV_CACHE_BYTES, Identity, ReferenceKVCache, kv_key
+from ..runtime.images import to_uint8
 from ..runtime.sampler import GuidanceParams, StepPlan, guide
 from .config import LATENT_SCALE, ModelConfig
 from .text_encoder import TextEncoder
@@ -41,25 +43,31 @@ class TorchModels:
 class TorchDenoiser:
     """`denoise(x, step) -> x0` for one request: the 2-/3-way batch, guidance and x0 (float32).
 
-    cond / uncond: [1, 77, C] text embeddings; ref_latents: [R, 4, hr, wr] scaled latents;
-    mask: [1, 1, h, w]. Reference K/V are computed once per timestep and reused by every row
-    (and by later requests through `kv_cache`, keyed by timestep).
+    cond / uncond: [1, 77, C] text embeddings; identity: reference latents [R, 4, hr, wr] and
+    their key; mask: [1, 1, h, w]. Reference K/V are computed once per timestep, shared by every
+    row, and kept in `cache` (keyed by identity, timestep, negative prompt and reference size) so
+    that later requests for the same identity skip the ReferenceNet.
     """
 
     unet: FlashFaceUNet
     cond: torch.Tensor
     uncond: torch.Tensor
-    ref_latents: torch.Tensor
+    identity: Identity
     mask: torch.Tensor
     guidance: GuidanceParams
-    kv_cache: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    cache: ReferenceKVCache = field(default_factory=ReferenceKVCache)
+    uncond_key: str = ""
 
     def reference_kv(self, t: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        if t not in self.kv_cache:
-            tt = torch.full((1,), t, device=self.ref_latents.device, dtype=torch.long)
-            feats = self.unet.reference_features(self.ref_latents, tt, self.uncond)
-            self.kv_cache[t] = self.unet.reference_kv(feats)
-        return self.kv_cache[t]
+        key = kv_key(self.identity, t, self.uncond_key)
+        kv = self.cache.get(key)
+        if kv is None:
+            lat = self.identity.latents
+            with torch.inference_mode():
+                tt = torch.full((1,), t, device=lat.device, dtype=torch.long)
+                kv = self.unet.reference_kv(self.unet.reference_features(lat, tt, self.uncond))
+            self.cache.put(key, kv)
+        return kv
 
     def eps(self, x: torch.Tensor, step: StepPlan) -> torch.Tensor:
         """Raw model output for the whole batch [k*N, 4, h, w] (k = 3 or 2), as the official model call."""
@@ -84,10 +92,11 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, models: TorchModels):
+    def __init__(self, models: TorchModels, kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES):
         self.models = models
         self.device = models.device
         self.dtype = models.dtype
+        self.kv_cache = ReferenceKVCache(kv_cache_bytes)
 
     @property
     def tokenizer(self) -> ClipTokenizer:
@@ -115,15 +124,16 @@ class TorchBackend:
         self,
         cond: torch.Tensor,
         uncond: torch.Tensor,
-        ref_latents: torch.Tensor,
+        identity: Identity,
         mask: np.ndarray,
         guidance: GuidanceParams,
+        uncond_key: str = "",
     ) -> TorchDenoiser:
         m = self.from_numpy(mask.astype(np.float32))[None, None].to(self.dtype)  # [1, 1, h, w]
-        return TorchDenoiser(self.models.unet, cond, uncond, ref_latents, m, guidance)
+        return TorchDenoiser(self.models.unet, cond, uncond, identity, m, guidance, self.kv_cache, uncond_key)
 
     @torch.inference_mode()
     def decode(self, z: torch.Tensor) -> np.ndarray:
-        """Scaled latents [N, 4, h, w] -> images [N, 3, 8h, 8w] in about [-1, 1], float32."""
+        """Scaled latents [N, 4, h, w] -> uint8 images [N, 8h, 8w, 3]."""
         x = self.models.vae.decode((z / LATENT_SCALE).to(self.dtype))
-        return x.float().cpu().numpy()
+        return to_uint8(x.float().cpu().numpy())

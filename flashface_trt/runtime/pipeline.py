@@ -10,7 +10,8 @@ import numpy as np
 from PIL import Image
 
 from ..errors import InputError
-from .images import reference_array, to_pil
+from .identities import Identity, array_key, identity_from_crops
+from .images import reference_array
 from .request import REFERENCE_SIZE, GenerationRequest, face_mask, full_prompts, initial_noise, pad_references
 from .sampler import GuidanceParams, StepPlan, plan, sample
 
@@ -38,12 +39,19 @@ class Backend(Protocol):
         """Crops [R, 3, S, S] in [-1, 1] -> scaled latents [R, 4, S/8, S/8]."""
 
     def denoiser(
-        self, cond: Any, uncond: Any, ref_latents: Any, mask: np.ndarray, guidance: GuidanceParams
+        self,
+        cond: Any,
+        uncond: Any,
+        identity: Identity,
+        mask: np.ndarray,
+        guidance: GuidanceParams,
+        uncond_key: str = "",
     ) -> Callable[[Any, StepPlan], Any]:
-        """`denoise(x, step) -> x0` for one request (mask [h, w])."""
+        """`denoise(x, step) -> x0` for one request (mask [h, w]); reference K/V cached per
+        (identity, timestep, `uncond_key` = the negative prompt's ids, reference size)."""
 
     def decode(self, z: Any) -> np.ndarray:
-        """Scaled latents [N, 4, h, w] -> images [N, 3, H, W] float32 in about [-1, 1]."""
+        """Scaled latents [N, 4, h, w] -> uint8 images [N, H, W, 3]."""
 
 
 def prepare_references(faces: Sequence[Image.Image]) -> np.ndarray:
@@ -53,20 +61,27 @@ def prepare_references(faces: Sequence[Image.Image]) -> np.ndarray:
     return np.stack([reference_array(f, REFERENCE_SIZE) for f in pad_references(list(faces))])
 
 
+def register_identity(backend: Backend, faces: Sequence[Image.Image], photos: Sequence[str] = ()) -> Identity:
+    """Encode face crops once; the identity's latents (and its cached K/V) serve later requests."""
+    return identity_from_crops(backend.encode_references, prepare_references(faces), photos)
+
+
 def generate(
     backend: Backend,
     request: GenerationRequest,
-    faces: Sequence[Image.Image],
+    faces: Sequence[Image.Image] | Identity,
     wrap: Callable[[Iterable[StepPlan]], Iterable[StepPlan]] | None = None,
 ) -> list[Image.Image]:
-    """Generate `request.num_samples` images of the person in `faces` (already-cropped faces)."""
+    """Generate `request.num_samples` images of a person: face crops, or a registered identity."""
     req = request.validated()
     positive, negative = full_prompts(req.prompt, req.negative_prompt)
-    text = backend.encode_text(backend.tokenizer.encode([positive, negative]))  # [2, 77, C]
+    ids = backend.tokenizer.encode([positive, negative])  # [2, 77]
+    text = backend.encode_text(ids)  # [2, 77, C]
     cond, uncond = text[0:1], text[1:2]
-    ref_latents = backend.encode_references(prepare_references(faces))
+    identity = faces if isinstance(faces, Identity) else register_identity(backend, faces)
+    ref_latents = identity.latents
     mask = face_mask(req.face_bbox, req.height, req.width)  # [H/8, W/8]
-    denoise = backend.denoiser(cond, uncond, ref_latents, mask, req.guidance)
+    denoise = backend.denoiser(cond, uncond, identity, mask, req.guidance, array_key(ids[1]))
     x = backend.from_numpy(initial_noise(req.seed, req.num_samples, req.height, req.width))
     steps = plan(req.steps, req.guidance)
     log.info(
@@ -79,4 +94,4 @@ def generate(
         req.height,
     )
     z0 = sample(denoise, x, steps, wrap)
-    return to_pil(backend.decode(z0))
+    return [Image.fromarray(img) for img in backend.decode(z0)]

@@ -1,0 +1,217 @@
+"""Graph-shaped wrappers of the FlashFace networks and their specs (names, dtypes, dynamic axes).
+
+Each wrapper's `forward` is exactly the graph a runtime calls: plain tensors in and out, float32
+at the edges except the reference keys/values, which stay in the model dtype because they pass
+from the ReferenceNet graph to the UNet graph (and into the identity cache) unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..models.backend import TorchModels
+from ..models.config import LATENT_SCALE
+from ..models.unet import FlashFaceUNet
+from ..models.unet_blocks import RefInputs
+from ..runtime.request import REFERENCE_SIZE
+from .spec import AxisRange, NetworkSpec, TensorSpec
+
+NETWORKS = ("text_encoder", "vae_encoder", "vae_decoder", "reference_net", "unet")
+
+
+@dataclass(frozen=True)
+class ExportShapes:
+    """Ranges the exported graphs (and TensorRT profiles built from them) must accept.
+
+    max_samples: images per request (UNet batch up to 3 x this); min_size/max_size: output pixels
+    per side (multiples of 8); opt_height/opt_width: the typical output size; max_refs: reference
+    faces (the demo pads to 4); opt_refs/opt_samples: typical values; ref_size: reference crop side.
+    """
+
+    max_samples: int = 4
+    min_size: int = 256
+    max_size: int = 1024
+    opt_height: int = 768
+    opt_width: int = 768
+    max_refs: int = 4
+    opt_refs: int = 4
+    opt_samples: int = 1
+    ref_size: int = REFERENCE_SIZE  # reference crops are padded to this square
+
+    def __post_init__(self) -> None:
+        for name in ("min_size", "max_size", "opt_height", "opt_width", "ref_size"):
+            if getattr(self, name) % 8:
+                raise InputError(f"{name}={getattr(self, name)} must be a multiple of 8")
+        AxisRange(self.min_size, self.opt_height, self.max_size)
+        AxisRange(self.min_size, self.opt_width, self.max_size)
+        AxisRange(1, self.opt_refs, self.max_refs)
+        AxisRange(1, self.opt_samples, self.max_samples)
+
+    def latent(self, opt: int) -> AxisRange:
+        return AxisRange(self.min_size // 8, opt // 8, self.max_size // 8)
+
+
+TINY_SHAPES = ExportShapes(max_samples=2, min_size=64, max_size=256, opt_height=128, opt_width=128)
+
+
+def kv_names(layer: str) -> tuple[str, str]:
+    """Graph tensor names of one reference layer's keys and values (they say which layer they feed)."""
+    return f"ref_k.{layer}", f"ref_v.{layer}"
+
+
+class TextEncoderGraph(nn.Module):
+    def __init__(self, models: TorchModels):
+        super().__init__()
+        self.text = models.text
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """int32 ids [B, 77] -> last hidden states [B, 77, C] float32."""
+        return self.text(input_ids).float()
+
+
+class VAEEncoderGraph(nn.Module):
+    def __init__(self, models: TorchModels):
+        super().__init__()
+        self.vae = models.vae
+        self.dtype = models.dtype
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Reference crops [R, 3, S, S] in [-1, 1] -> scaled latents [R, 4, S/8, S/8] (posterior mean)."""
+        return (LATENT_SCALE * self.vae.encode(images.to(self.dtype))).float()
+
+
+class VAEDecoderGraph(nn.Module):
+    def __init__(self, models: TorchModels):
+        super().__init__()
+        self.vae = models.vae
+        self.dtype = models.dtype
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents [N, 4, h, w] -> uint8 images [N, 8h, 8w, 3] (official scale, clamp, truncate)."""
+        x = self.vae.decode((latents / LATENT_SCALE).to(self.dtype)).float()
+        x = (x.permute(0, 2, 3, 1) * 127.5 + 127.5).clamp(0.0, 255.0)
+        return torch.floor(x).to(torch.uint8)
+
+
+class ReferenceNetGraph(nn.Module):
+    def __init__(self, models: TorchModels):
+        super().__init__()
+        self.unet: FlashFaceUNet = models.unet
+        self.dtype = models.dtype
+
+    def forward(self, ref_latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor):
+        """Reference latents [R, 4, hr, wr], timestep [1], negative context [1, 77, C] -> per layer K, V."""
+        feats = self.unet.reference_features(ref_latents.to(self.dtype), timestep, context.to(self.dtype))
+        return tuple(t for kv in self.unet.reference_kv(feats) for t in kv)  # each [1, R*L_i, C_i]
+
+
+class UNetGraph(nn.Module):
+    def __init__(self, models: TorchModels):
+        super().__init__()
+        self.unet: FlashFaceUNet = models.unet
+        self.dtype = models.dtype
+
+    def forward(self, x, mask, timestep, context, ref_scale, *kv):
+        """eps [B, 4, h, w] float32; rows [:B_ref] (B_ref = len(ref_scale)) attend to the references."""
+        pairs = [(kv[2 * i], kv[2 * i + 1]) for i in range(len(kv) // 2)]
+        ref = RefInputs(pairs, ref_scale.to(self.dtype))
+        return self.unet(x.to(self.dtype), mask, timestep, context.to(self.dtype), ref).float()
+
+
+GRAPHS = {
+    "text_encoder": TextEncoderGraph,
+    "vae_encoder": VAEEncoderGraph,
+    "vae_decoder": VAEDecoderGraph,
+    "reference_net": ReferenceNetGraph,
+    "unet": UNetGraph,
+}
+
+
+def reference_layer_shapes(models: TorchModels, ref_size: int = REFERENCE_SIZE) -> list[tuple[str, int, int]]:
+    """(layer, tokens per reference, channels) of every reference layer, from one ReferenceNet run."""
+    unet = models.unet
+    lat = ref_size // models.config.vae_factor
+    p = next(unet.parameters())
+    with torch.inference_mode():
+        ref = torch.zeros(1, models.config.unet.ref_in_dim, lat, lat, device=p.device, dtype=p.dtype)
+        ctx = torch.zeros(1, 77, models.config.unet.context_dim, device=p.device, dtype=p.dtype)
+        feats = unet.reference_features(ref, torch.zeros(1, device=p.device), ctx)
+    return [(name, f.shape[1], f.shape[2]) for name, f in zip(unet.reference_layers, feats)]
+
+
+def network_specs(models: TorchModels, shapes: ExportShapes) -> dict[str, NetworkSpec]:
+    """The spec of every exported network for these models and shape ranges."""
+    cfg = models.config
+    kv_dtype = "float16" if models.dtype == torch.float16 else "float32"
+    ctx, z, lat_ref = cfg.unet.context_dim, cfg.vae.z_dim, shapes.ref_size // cfg.vae_factor
+    batch = AxisRange(1, 2 * shapes.opt_samples, 3 * shapes.max_samples)
+    samples = AxisRange(1, shapes.opt_samples, shapes.max_samples)
+    refs = AxisRange(1, shapes.opt_refs, shapes.max_refs)
+    height = AxisRange(shapes.min_size, shapes.opt_height, shapes.max_size)
+    width = AxisRange(shapes.min_size, shapes.opt_width, shapes.max_size)
+    lat_h, lat_w = shapes.latent(shapes.opt_height), shapes.latent(shapes.opt_width)
+    layers = reference_layer_shapes(models, shapes.ref_size)
+    kv_axes = {
+        f"ref_tokens_{i}": AxisRange(refs.min * n, refs.opt * n, refs.max * n)
+        for i, (_, n, _) in enumerate(layers)
+    }
+    kv = [
+        TensorSpec(name, kv_dtype, (1, f"ref_tokens_{i}", c))
+        for i, (layer, _, c) in enumerate(layers)
+        for name in kv_names(layer)
+    ]
+    f32 = "float32"
+    return {
+        "text_encoder": NetworkSpec(
+            "text_encoder",
+            (TensorSpec("input_ids", "int32", ("prompts", cfg.text.text_len)),),
+            (TensorSpec("hidden", f32, ("prompts", cfg.text.text_len, ctx)),),
+            {"prompts": AxisRange(1, 2, 4)},
+        ),
+        "vae_encoder": NetworkSpec(
+            "vae_encoder",
+            (TensorSpec("images", f32, ("num_refs", 3, shapes.ref_size, shapes.ref_size)),),
+            (TensorSpec("latents", f32, ("num_refs", z, lat_ref, lat_ref)),),
+            {"num_refs": refs},
+        ),
+        "vae_decoder": NetworkSpec(
+            "vae_decoder",
+            (TensorSpec("latents", f32, ("samples", z, "latent_h", "latent_w")),),
+            (TensorSpec("images", "uint8", ("samples", "height", "width", 3)),),
+            {"samples": samples, "latent_h": lat_h, "latent_w": lat_w, "height": height, "width": width},
+        ),
+        "reference_net": NetworkSpec(
+            "reference_net",
+            (
+                TensorSpec("ref_latents", f32, ("num_refs", cfg.unet.ref_in_dim, lat_ref, lat_ref)),
+                TensorSpec("timestep", f32, (1,)),
+                TensorSpec("context", f32, (1, cfg.text.text_len, ctx)),
+            ),
+            tuple(kv),
+            {"num_refs": refs, **kv_axes},
+        ),
+        "unet": NetworkSpec(
+            "unet",
+            (
+                TensorSpec("x", f32, ("batch", cfg.unet.out_dim, "latent_h", "latent_w")),
+                TensorSpec("mask", f32, (1, 1, "latent_h", "latent_w")),
+                TensorSpec("timestep", f32, ("batch",)),
+                TensorSpec("context", f32, ("batch", cfg.text.text_len, ctx)),
+                TensorSpec("ref_scale", f32, ("b_ref",)),
+                *kv,
+            ),
+            (TensorSpec("eps", f32, ("batch", cfg.unet.out_dim, "latent_h", "latent_w")),),
+            {
+                "batch": batch,
+                "b_ref": AxisRange(1, shapes.opt_samples, 2 * shapes.max_samples),
+                **kv_axes,
+                "latent_h": lat_h,
+                "latent_w": lat_w,
+            },
+            samples={"batch": min(3, batch.max), "b_ref": min(2, 2 * shapes.max_samples)},
+        ),
+    }

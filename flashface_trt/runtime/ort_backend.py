@@ -1,0 +1,256 @@
+"""The ONNX Runtime backend: FlashFace from an exported directory, without torch.
+
+It implements the same small backend interface as the PyTorch backend (tokenizer, text, reference
+encoding, `denoiser`, decode), so the pipeline and the sampler loop never ask which one they have.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import FlashFaceError, InputError, WeightsError
+from ..export.spec import NetworkSpec
+from ..models.tokenizer import ClipTokenizer
+from .identities import DEFAULT_KV_CACHE_BYTES, Identity, ReferenceKVCache, kv_key
+from .ort_detector import OrtDetector
+from .sampler import GuidanceParams, StepPlan, guide
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT = "flashface-trt-onnx/1"
+NETWORKS = ("text_encoder", "vae_encoder", "vae_decoder", "reference_net", "unet")
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+@dataclass(frozen=True)
+class OrtSettings:
+    """ONNX Runtime options.
+
+    provider: 'cpu', 'cuda' (with I/O binding: reference K/V stay on the device between the
+    ReferenceNet and UNet sessions) or 'tensorrt' (ONNX Runtime's TensorRT provider, fp16, engine
+    cache and profiles from the export's specs); threads: intra-op threads (0 = ONNX Runtime's
+    choice); kv_cache_bytes: budget of the reference K/V cache.
+    """
+
+    provider: str = "cpu"
+    threads: int = 0
+    kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES
+
+    def __post_init__(self) -> None:
+        if self.provider not in PROVIDERS:
+            raise InputError(f"ONNX Runtime provider {self.provider!r} is not one of {sorted(PROVIDERS)}")
+
+
+def read_export(root: str | Path) -> dict:
+    """The manifest of an exported directory, after checking that every graph it names is there."""
+    root = Path(root)
+    path = root / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise WeightsError(
+            f"{str(root)!r} is not an exported directory (no readable manifest.json): {exc}"
+        ) from exc
+    if manifest.get("format") != EXPORT_FORMAT:
+        raise WeightsError(f"{str(path)!r} has format {manifest.get('format')!r}, expected {EXPORT_FORMAT!r}")
+    for name in NETWORKS:
+        entry = manifest.get("networks", {}).get(name)
+        if entry is None or not (root / entry["file"]).is_file():
+            raise WeightsError(f"{str(root)!r} lacks the {name} graph; re-run `flashface-trt export`")
+        _check_artifact(root / entry["file"])
+    return manifest
+
+
+def _check_artifact(path: Path) -> None:
+    """Size check against the graph's own manifest (a full sha256 is `flashface-trt export`'s job)."""
+    try:
+        meta = json.loads(path.with_suffix(".onnx.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"{str(path)!r} has no readable manifest beside it; re-run the export") from exc
+    if path.stat().st_size != meta.get("bytes"):
+        raise WeightsError(
+            f"{str(path)!r} changed after export (size differs from its manifest); re-run the export"
+        )
+
+
+def trt_provider_options(spec: NetworkSpec, cache_dir: Path, fp16: bool = True) -> dict[str, Any]:
+    """ONNX Runtime TensorRT provider options: fp16, engine cache and the spec's min/opt/max profile."""
+
+    def shapes(which: str) -> str:
+        return ",".join(f"{k}:{'x'.join(map(str, v))}" for k, v in spec.profile(which).items())
+
+    return {
+        "trt_fp16_enable": fp16,
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(cache_dir),
+        "trt_timing_cache_enable": True,
+        "trt_profile_min_shapes": shapes("min"),
+        "trt_profile_opt_shapes": shapes("opt"),
+        "trt_profile_max_shapes": shapes("max"),
+    }
+
+
+class Session:
+    """One graph: an ONNX Runtime session plus its spec; `run(**feeds)` returns outputs by name."""
+
+    def __init__(
+        self, path: Path, spec: NetworkSpec, settings: OrtSettings, keep_on_device: tuple[str, ...] = ()
+    ) -> None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        wanted = PROVIDERS[settings.provider]
+        if wanted[0] not in available:
+            raise FlashFaceError(f"ONNX Runtime here has no {wanted[0]} (available: {available})")
+        providers: list[Any] = [p for p in wanted if p in available]
+        if settings.provider == "tensorrt":
+            providers[0] = (providers[0], trt_provider_options(spec, path.parent / "trt_cache"))
+        opts = ort.SessionOptions()
+        if settings.threads:
+            opts.intra_op_num_threads = settings.threads
+        self.spec = spec
+        self.device = "cpu" if settings.provider == "cpu" else "cuda"
+        self.keep_on_device = keep_on_device  # outputs returned as device OrtValues (I/O binding)
+        self.session = ort.InferenceSession(str(path), opts, providers=providers)
+
+    def run(self, **feeds: Any) -> dict[str, Any]:
+        """Host arrays (or device OrtValues on a GPU provider) in; host arrays out but `keep_on_device`."""
+        host = {k: v for k, v in feeds.items() if isinstance(v, np.ndarray)}
+        if len(host) == len(feeds):  # device OrtValues were produced by a checked graph
+            self.spec.check_inputs(feeds, ranges=False)
+        arrays = {
+            t.name: np.ascontiguousarray(feeds[t.name], dtype=t.dtype) if t.name in host else feeds[t.name]
+            for t in self.spec.inputs
+        }
+        if self.device == "cpu":
+            outs = self.session.run(self.spec.output_names, arrays)
+            return dict(zip(self.spec.output_names, outs))
+        binding = self.session.io_binding()  # GPU providers: bind, keep chosen outputs on the device
+        for name, value in arrays.items():
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
+        for name in self.spec.output_names:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        return {
+            n: v if n in self.keep_on_device else v.numpy() for n, v in zip(self.spec.output_names, values)
+        }
+
+
+@dataclass
+class OrtDenoiser:
+    """`denoise(x, step) -> x0` on ONNX Runtime: ReferenceNet K/V (cached), the UNet batch, guidance."""
+
+    backend: OrtBackend
+    cond: np.ndarray  # [1, 77, C]
+    uncond: np.ndarray  # [1, 77, C]
+    identity: Identity
+    mask: np.ndarray  # [1, 1, h, w]
+    guidance: GuidanceParams
+    uncond_key: str = ""
+
+    def reference_kv(self, t: int) -> dict[str, np.ndarray]:
+        cache = self.backend.kv_cache
+        key = kv_key(self.identity, t, self.uncond_key)
+        kv = cache.get(key)
+        if kv is None:
+            kv = self.backend.sessions["reference_net"].run(
+                ref_latents=self.identity.latents, timestep=np.full(1, t, np.float32), context=self.uncond
+            )
+            cache.put(key, list(kv.values()))
+            kv = dict(kv)
+        elif isinstance(kv, list):
+            kv = dict(zip(self.backend.sessions["reference_net"].spec.output_names, kv))
+        return kv
+
+    def eps(self, x: np.ndarray, step: StepPlan) -> np.ndarray:
+        """Raw model output for the whole batch [k*N, 4, h, w] (k = 3 or 2)."""
+        n, k = x.shape[0], step.batch_factor
+        texts = [self.cond, self.cond, self.uncond] if step.three_way else [self.cond, self.uncond]
+        out = self.backend.sessions["unet"].run(
+            x=np.concatenate([x] * k),
+            mask=self.mask,
+            timestep=np.full(k * n, step.t, np.float32),
+            context=np.concatenate([np.repeat(c, n, axis=0) for c in texts]),
+            ref_scale=np.full(step.ref_rows(n), step.ref_strength, np.float32),
+            **self.reference_kv(step.t),
+        )
+        return out["eps"]
+
+    def __call__(self, x: np.ndarray, step: StepPlan) -> np.ndarray:
+        out = guide(self.eps(x, step), x.shape[0], step, self.guidance)
+        return step.ddim.x0_from_eps(x, out)
+
+
+class OrtBackend:
+    """FlashFace on ONNX Runtime from `flashface-trt export`'s directory (no torch)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, export_dir: str | Path, settings: OrtSettings | None = None) -> None:
+        self.root = Path(export_dir)
+        self.settings = settings or OrtSettings()
+        self.manifest = read_export(self.root)
+        nets = self.manifest["networks"]
+        specs = {name: NetworkSpec.from_dict(nets[name]["spec"]) for name in NETWORKS}
+        kv_names = tuple(specs["reference_net"].output_names)
+        self.sessions = {
+            name: Session(self.root / nets[name]["file"], specs[name], self.settings, kv_names)
+            for name in NETWORKS
+        }
+        self._tokenizer = ClipTokenizer(self.root / self.manifest["vocab"])
+        self.kv_cache = ReferenceKVCache(self.settings.kv_cache_bytes)
+        log.info("ONNX Runtime backend: %s (%s)", self.root, self.manifest["precision"])
+
+    @property
+    def tokenizer(self) -> ClipTokenizer:
+        return self._tokenizer
+
+    def detector(self) -> OrtDetector:
+        """The exported face detector, if the export has one."""
+        entry = self.manifest["networks"].get("detector")
+        if entry is None:
+            raise WeightsError(
+                f"{str(self.root)!r} has no detector graph; export with the detector or pass --cropped"
+            )
+        return OrtDetector(self.root / entry["file"], PROVIDERS[self.settings.provider])
+
+    def from_numpy(self, x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def encode_text(self, ids: np.ndarray) -> np.ndarray:
+        """Token ids [P, 77] -> hidden states [P, 77, C]."""
+        return self.sessions["text_encoder"].run(input_ids=ids.astype(np.int32))["hidden"]
+
+    def encode_references(self, images: np.ndarray) -> np.ndarray:
+        """Crops [R, 3, S, S] in [-1, 1] -> scaled latents [R, 4, S/8, S/8]."""
+        return self.sessions["vae_encoder"].run(images=images)["latents"]
+
+    def denoiser(
+        self,
+        cond: np.ndarray,
+        uncond: np.ndarray,
+        identity: Identity,
+        mask: np.ndarray,
+        guidance: GuidanceParams,
+        uncond_key: str = "",
+    ) -> OrtDenoiser:
+        m = mask.astype(np.float32)[None, None]  # [1, 1, h, w]
+        return OrtDenoiser(self, cond, uncond, identity, m, guidance, uncond_key)
+
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        """Scaled latents [N, 4, h, w] -> uint8 images [N, 8h, 8w, 3]."""
+        return self.sessions["vae_decoder"].run(latents=z)["images"]

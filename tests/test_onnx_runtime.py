@@ -1,0 +1,239 @@
+"""ONNX export of every network and the torch-free ONNX Runtime pipeline."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+import onnx  # noqa: E402
+
+from flashface_trt.export.exporter import ExportSettings, export_models  # noqa: E402
+from flashface_trt.export.networks import TINY_SHAPES, ExportShapes  # noqa: E402
+from flashface_trt.models.backend import TorchBackend  # noqa: E402
+from flashface_trt.models.config import ModelConfig  # noqa: E402
+from flashface_trt.models.loading import load_models, tiny_detector, tiny_models  # noqa: E402
+from flashface_trt.runtime.identities import Identity, ReferenceKVCache  # noqa: E402
+from flashface_trt.runtime.images import synthetic_face  # noqa: E402
+from flashface_trt.runtime.ort_backend import OrtBackend, OrtDenoiser  # noqa: E402
+from flashface_trt.runtime.pipeline import generate, register_identity  # noqa: E402
+from flashface_trt.runtime.request import GenerationRequest  # noqa: E402
+from flashface_trt.runtime.sampler import single_step  # noqa: E402
+
+from .conftest import REPO, rel_err  # noqa: E402
+from .test_sampler import oracle_guidance  # noqa: E402
+
+REQUEST = GenerationRequest(prompt="a woman with a hat", steps=4, height=96, width=64, num_samples=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx_tiny")
+    export_models(tiny_models(), out, ExportSettings(shapes=TINY_SHAPES), detector=tiny_detector())
+    return out
+
+
+def _faces():
+    return [synthetic_face(180, seed=i) for i in range(3)]
+
+
+def test_onnx_runtime_pipeline_matches_torch(tiny_export):
+    ours = generate(OrtBackend(tiny_export), REQUEST, _faces())
+    ref = generate(TorchBackend(tiny_models()), REQUEST, _faces())
+    assert len(ours) == len(ref) == 2
+    for a, b in zip(ours, ref):
+        assert a.size == b.size == (64, 96)
+        diff = np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16))
+        print(
+            f"\nONNX Runtime vs PyTorch image: max pixel diff {diff.max()}, differing {(diff > 0).mean():.2%}"
+        )
+        assert diff.max() <= 2  # float32 rounding of two runtimes; the decoded uint8 may flip by one
+
+
+def test_identity_cache_skips_the_reference_net(tiny_export):
+    backend = OrtBackend(tiny_export)
+    identity = register_identity(backend, _faces(), ["a.jpg", "b.jpg", "c.jpg"])
+    first = generate(backend, REQUEST, identity)
+    assert backend.kv_cache.stats()["misses"] == REQUEST.steps and backend.kv_cache.hits == 0
+    calls = []
+    ref_net = backend.sessions["reference_net"]
+    original = ref_net.run
+    ref_net.run = lambda **kw: calls.append(1) or original(**kw)  # type: ignore[method-assign]
+    again = generate(backend, REQUEST, identity)
+    assert calls == [] and backend.kv_cache.hits == REQUEST.steps
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    other_negative = generate(
+        backend, GenerationRequest(**{**REQUEST.__dict__, "negative_prompt": "hat"}), identity
+    )
+    assert len(calls) == REQUEST.steps and len(other_negative) == 2  # new negative prompt: new K/V
+
+
+def test_kv_cache_lru_budget():
+    cache = ReferenceKVCache(budget_bytes=3 * 400)
+    for i in range(4):
+        cache.put(i, [np.zeros(50, np.float32), np.zeros(50, np.float32)])  # 400 bytes each
+    assert len(cache) == 3 and cache.evictions == 1 and cache.bytes == 1200
+    assert cache.get(0) is None and cache.get(1) is not None
+    cache.put(4, [np.zeros(100, np.float32)])  # evicts 2, the least recently used (1 was just read)
+    assert cache.get(2) is None and cache.get(1) is not None
+    assert cache.stats()["hits"] == 2 and cache.stats()["misses"] == 2
+    cache.put(5, np.zeros(1000, np.float32))  # larger than the whole budget: not kept
+    assert cache.get(5) is None
+
+
+def test_export_is_reused_and_stale_graphs_are_rebuilt(tiny_export, tmp_path):
+    models = tiny_models()
+    settings = ExportSettings(shapes=TINY_SHAPES)
+    out = tmp_path / "exp"
+    first = export_models(models, out, settings)
+    files = {k: v["file"] for k, v in first["networks"].items()}
+    stamps = {f: (out / f).stat().st_mtime_ns for f in files.values()}
+    assert {k: v["file"] for k, v in export_models(models, out, settings)["networks"].items()} == files
+    assert all((out / f).stat().st_mtime_ns == t for f, t in stamps.items())  # nothing rebuilt
+    with torch.no_grad():
+        models.text.norm.bias.add_(1.0)  # new text weights: only the text encoder changes name
+    changed = {k: v["file"] for k, v in export_models(models, out, settings)["networks"].items()}
+    assert [k for k in files if files[k] != changed[k]] == ["text_encoder"]
+    assert not (out / files["text_encoder"]).exists()  # the stale graph is removed
+    graph = out / changed["unet"]
+    data = bytearray(graph.read_bytes())
+    data[-1] ^= 1  # same size, different bytes
+    graph.write_bytes(bytes(data))
+    export_models(models, out, settings)
+    assert (out / changed["unet"]).stat().st_mtime_ns != stamps.get(changed["unet"], 0)
+    OrtBackend(out)  # loads after the rebuild
+
+
+def test_graphs_use_only_tensorrt_operators(tiny_export):
+    data = json.loads((REPO / "flashface_trt" / "export" / "data" / "tensorrt_onnx_ops.json").read_text())
+    manifest = json.loads((tiny_export / "manifest.json").read_text())
+    assert set(manifest["networks"]) == {
+        "text_encoder",
+        "vae_encoder",
+        "vae_decoder",
+        "reference_net",
+        "unet",
+        "detector",
+    }
+    for name, entry in manifest["networks"].items():
+        model = onnx.load(str(tiny_export / entry["file"]), load_external_data=False)
+        ops = {n.op_type for n in model.graph.node}
+        assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}, name
+        opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+        assert data["opset_min"] <= opset <= data["opset_max"], (name, opset)
+        missing = sorted(ops - set(data["supported"]))
+        print(
+            f"\n{name}: {len(ops)} op types, all in TensorRT {data['tensorrt']}'s parser list: {not missing}"
+        )
+        assert not missing, (name, missing)
+    unet = json.loads((tiny_export / "manifest.json").read_text())["networks"]["unet"]["spec"]
+    kv_inputs = [t["name"] for t in unet["inputs"] if t["name"].startswith(("ref_k.", "ref_v."))]
+    assert kv_inputs and all(n.split(".", 1)[1].startswith(("middle.", "decoder.")) for n in kv_inputs)
+
+
+def test_runtime_runs_without_torch(tiny_export, tmp_path):
+    photo = tmp_path / "me.png"
+    synthetic_face(300, seed=7).save(photo)
+    script = textwrap.dedent(
+        f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ImportError("torch is blocked in this test")
+        sys.meta_path.insert(0, Block())
+        from flashface_trt.cli import main
+        code = main(["generate", "--onnx", {str(tiny_export)!r}, "--face", {str(photo)!r}, "--largest-face",
+                     "--prompt", "a man", "--steps", "2", "--height", "64", "--width", "64",
+                     "--out", {str(tmp_path / "o.png")!r}])
+        assert code == 0, code
+        assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules)
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    assert (tmp_path / "o.png").is_file()
+
+
+def test_float16_export_against_float32(tiny_export, tmp_path):
+    """float16 graphs on ONNX Runtime's CPU provider vs the float32 graphs, same inputs.
+
+    float16 keeps 11 significant bits (unit roundoff 4.9e-4); through a few dozen layers with
+    float32 normalisations the rounding errors add up to well under 1% of eps, so 2e-2 is a bound
+    that a wrong cast (or a normalisation left in float16) exceeds by far, and decoded images
+    stay within a few levels of 255.
+    """
+    fp16 = tmp_path / "fp16"
+    export_models(tiny_models(dtype=torch.float16), fp16, ExportSettings("fp16", shapes=TINY_SHAPES))
+    b16, b32 = OrtBackend(fp16), OrtBackend(tiny_export)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 4, 16, 12)).astype(np.float32)
+    ctx = rng.standard_normal((3, 77, tiny_models().config.unet.context_dim)).astype(np.float32) * 0.5
+    lat = rng.standard_normal((2, 4, 28, 28)).astype(np.float32)
+    kv16 = b16.sessions["reference_net"].run(ref_latents=lat, timestep=np.float32([400]), context=ctx[:1])
+    kv32 = b32.sessions["reference_net"].run(ref_latents=lat, timestep=np.float32([400]), context=ctx[:1])
+    assert all(v.dtype == np.float16 for v in kv16.values())
+    feeds = dict(x=x, mask=np.ones((1, 1, 16, 12), np.float32), timestep=np.float32([400] * 3), context=ctx)
+    feeds["ref_scale"] = np.float32([1.2])
+    e16 = b16.sessions["unet"].run(**feeds, **kv16)["eps"]
+    e32 = b32.sessions["unet"].run(**feeds, **kv32)["eps"]
+    err = rel_err(e16, e32)
+    img16 = generate(b16, REQUEST, _faces())[0]
+    img32 = generate(b32, REQUEST, _faces())[0]
+    pix = int(np.abs(np.asarray(img16, np.int16) - np.asarray(img32, np.int16)).max())
+    print(f"\nfloat16 vs float32: eps rel err {err:.2e}, image max pixel diff {pix}")
+    assert err <= 2e-2 and pix <= 8
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("case", ["two_way", "three_way"])
+def test_exported_unet_matches_official(oracle_dir, oracle_config, tmp_path_factory, case):
+    """The oracle checkpoint exported and run by ONNX Runtime in float32: eps and x0 of one guided step."""
+    out = tmp_path_factory.getbasetemp() / "onnx_oracle"
+    if not (out / "manifest.json").is_file():
+        from .test_loading import OFFICIAL_NAMES
+
+        official = tmp_path_factory.mktemp("official_for_onnx")
+        for src, dst in OFFICIAL_NAMES.items():
+            (official / dst).symlink_to(oracle_dir / src)
+        cfg = ModelConfig.from_dict(oracle_config)
+        size, refs = int(oracle_config["image_size"]), int(oracle_config["num_refs"])
+        shapes = ExportShapes(
+            max_samples=2,
+            min_size=64,
+            max_size=max(256, size),
+            opt_height=size,
+            opt_width=size,
+            max_refs=max(refs, 4),
+            opt_refs=refs,
+            ref_size=int(oracle_config["ref_image_size"]),
+        )
+        models = load_models(official)
+        assert models.config == cfg
+        export_models(models, out, ExportSettings(shapes=shapes))
+    backend = OrtBackend(out)
+    d = np.load(oracle_dir / "unet_cases.npz")
+    guidance = oracle_guidance(oracle_config)
+    den = OrtDenoiser(
+        backend,
+        d["pos_context"],
+        d["neg_context"],
+        Identity("oracle", d["ref_latents"]),
+        d["mask"][None, None].astype(np.float32),
+        guidance,
+    )
+    step = single_step(int(d[f"{case}/t"][0]), guidance)
+    x = d[f"{case}/x"]
+    e1, e2 = rel_err(den.eps(x, step), d[f"{case}/eps"]), rel_err(den(x, step), d[f"{case}/x0"])
+    print(f"\nONNX Runtime {case}: eps rel err {e1:.2e}, x0 rel err {e2:.2e}")
+    assert e1 <= 1e-4 and e2 <= 1e-4
