@@ -10,6 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -237,3 +238,40 @@ def test_exported_unet_matches_official(oracle_dir, oracle_config, tmp_path_fact
     e1, e2 = rel_err(den.eps(x, step), d[f"{case}/eps"]), rel_err(den(x, step), d[f"{case}/x0"])
     print(f"\nONNX Runtime {case}: eps rel err {e1:.2e}, x0 rel err {e2:.2e}")
     assert e1 <= 1e-4 and e2 <= 1e-4
+
+
+def test_large_graphs_use_external_data(tmp_path, monkeypatch):
+    """Above the threshold the weights go to `<graph>.onnx.data`, which the cache keeps with the graph."""
+    import flashface_trt.export.exporter as exporter
+    import flashface_trt.export.onnx_io as onnx_io
+
+    monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr(exporter, "EXTERNAL_DATA_BYTES", 0)
+    models = tiny_models()
+    out = tmp_path / "ext"
+    manifest = export_models(models, out, ExportSettings(shapes=TINY_SHAPES))
+    for entry in manifest["networks"].values():
+        data = out / (entry["file"] + ".data")
+        assert data.is_file() and data.stat().st_size > (out / entry["file"]).stat().st_size
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no scratch left behind
+    ids = OrtBackend(out).tokenizer.encode(["a face"])
+    hidden = OrtBackend(out).encode_text(ids)
+    ref = TorchBackend(models).encode_text(ids).numpy()
+    assert rel_err(hidden, ref) <= 1e-5
+
+
+def test_cli_export_and_backend_choice(tmp_path, capsys):
+    from flashface_trt.cli import main
+
+    out = tmp_path / "cli_onnx"
+    args = ["export", "--preset", "tiny", "--out", str(out), "--max-samples", "1", "--height", "64"]
+    assert main([*args, "--width", "70"]) == 2  # not a multiple of 8
+    assert "opt_width=70" in capsys.readouterr().err
+    assert main([*args, "--width", "64"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["shapes"]["max_samples"] == 1 and manifest["shapes"]["opt_height"] == 64
+    gen = ["generate", "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "o.png")]
+    assert main([*gen, "--preset", "tiny", "--backend", "onnxruntime"]) == 2
+    assert "--onnx" in capsys.readouterr().err
+    assert main([*gen, "--onnx", str(out)]) == 0
+    assert Image.open(tmp_path / "o.png").size == (64, 64)  # the export's typical size
