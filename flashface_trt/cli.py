@@ -5,20 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
-from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
+from . import commands as cmd
 from .errors import FlashFaceError
 from .runtime.images import DEFAULT_MAX_PIXELS
-from .runtime.request import RECIPES, GenerationRequest
+from .runtime.request import RECIPES
 
 log = logging.getLogger("flashface_trt")
-
-# sizes used when --height/--width are not given: the tiny preset is a seconds-long CPU demo
-DEFAULT_SIZE = {"weights": 768, "tiny": 128}
 
 
 def _bbox(text: str) -> tuple[float, ...]:
@@ -41,10 +35,11 @@ def _add_model_args(p: argparse.ArgumentParser, onnx: bool = False) -> None:
     )
     if onnx:
         src.add_argument("--onnx", type=Path, help="a directory written by `flashface-trt export`")
+        src.add_argument("--engines", type=Path, help="a directory written by `flashface-trt build`")
         p.add_argument(
             "--backend",
-            choices=["torch", "onnxruntime"],
-            help="default: onnxruntime with --onnx, else torch",
+            choices=["torch", "onnxruntime", "tensorrt"],
+            help="default: tensorrt with --engines, onnxruntime with --onnx, else torch",
         )
         p.add_argument(
             "--provider",
@@ -156,218 +151,27 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--width", type=int, help="typical output width (default 768; 128 tiny)")
     ex.add_argument("--dynamo", action="store_true", help="use the torch.export-based ONNX exporter")
 
+    bld = sub.add_parser("build", help="TensorRT engines from an export (needs TensorRT and a GPU)")
+    bld.add_argument("--onnx", type=Path, required=True, help="a directory written by `flashface-trt export`")
+    bld.add_argument("--out", type=Path, required=True, help="engine directory")
+    bld.add_argument("--max-samples", type=int, default=4, help="images per request (UNet batch 3x this)")
+    bld.add_argument("--max-refs", type=int, default=4, help="reference faces per request")
+    bld.add_argument("--min-size", type=int, default=256, help="smallest output side in pixels")
+    bld.add_argument("--max-size", type=int, default=1024, help="largest output side in pixels")
+    bld.add_argument("--height", type=int, default=768, help="typical output height")
+    bld.add_argument("--width", type=int, default=768, help="typical output width")
+    bld.add_argument("--opt-level", type=int, default=3, help="builder optimisation level 0-5")
+    bld.add_argument("--workspace-gib", type=float, default=8.0, help="builder workspace limit")
+    bld.add_argument("--timing-cache", type=Path, help="kernel timing cache file (reused across builds)")
+
+    ver = sub.add_parser("verify", help="every engine vs ONNX Runtime float32 on the same inputs")
+    ver.add_argument("--engines", type=Path, required=True)
+    ver.add_argument("--onnx", type=Path, required=True, help="a float32 export (the reference)")
+
     conv = sub.add_parser("convert-weights", help="official files -> deduplicated float16 safetensors")
     conv.add_argument("src", type=Path)
     conv.add_argument("out", type=Path)
     return parser
-
-
-def _request(args: argparse.Namespace, size: tuple[int, int]) -> GenerationRequest:
-    req = RECIPES[args.recipe].apply(GenerationRequest(prompt=args.prompt))
-    overrides = {
-        "text_guidance": args.text_guidance,
-        "face_guidance": args.face_guidance,
-        "ref_strength": args.ref_strength,
-        "ref_strength_before": args.ref_strength_before,
-        "step_to_launch": args.step_to_launch,
-        "guide_rescale": args.guide_rescale,
-    }
-    guidance = replace(req.guidance, **{k: v for k, v in overrides.items() if v is not None})
-    return replace(
-        req,
-        negative_prompt=args.negative_prompt,
-        steps=args.steps,
-        seed=args.seed,
-        num_samples=args.num_samples,
-        height=args.height or size[0],
-        width=args.width or size[1],
-        face_bbox=args.face_bbox if args.face_bbox is not None else req.face_bbox,
-        guidance=guidance,
-    ).validated()
-
-
-def _device(args: argparse.Namespace):
-    """(device, dtype) from --device/--precision; fp16 by default on CUDA."""
-    import torch
-
-    cuda = torch.cuda.is_available()
-    device = ("cuda" if cuda else "cpu") if args.device == "auto" else args.device
-    if device == "cuda" and not cuda:
-        raise FlashFaceError("--device cuda was asked for but torch sees no CUDA device")
-    precision = args.precision if args.precision != "auto" else ("fp16" if device == "cuda" else "fp32")
-    return device, torch.float16 if precision == "fp16" else torch.float32
-
-
-def _torch_detector(args: argparse.Namespace, device: str = "cpu"):
-    """RunDetector over the PyTorch RetinaFace of --weights or the tiny preset (always float32)."""
-    from .models.loading import load_detector, tiny_detector
-    from .models.retinaface import detector_runner
-
-    if args.preset:
-        log.warning("the tiny preset's detector has random weights: its 'faces' are random boxes")
-        return detector_runner(tiny_detector(device))
-    return detector_runner(load_detector(args.weights, device))
-
-
-def _detect(args: argparse.Namespace) -> int:
-    from .runtime.detection import detect_faces
-    from .runtime.images import load_image
-    from .runtime.references import pick_reference
-
-    if args.onnx:
-        from .runtime.ort_detector import OrtDetector
-
-        detector = OrtDetector(args.onnx)
-    else:
-        detector = _torch_detector(args)
-
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    refused = 0
-    for path in args.photos:
-        try:
-            image = load_image(path, max_pixels=args.max_pixels)
-            ((boxes, landmarks),) = detect_faces([image], detector)
-            print(f"{path}: {len(boxes)} face(s)")
-            for box in boxes[: args.show]:
-                x1, y1, x2, y2 = (int(v) for v in np.round(box[:4]))
-                print(f"  box ({x1}, {y1}, {x2}, {y2})  score {box[4]:.6f}")
-            if len(boxes) > args.show:
-                print(f"  ... {len(boxes) - args.show} more")
-            ref = pick_reference(image, path.name, boxes, landmarks, args.largest_face)
-        except FlashFaceError as exc:
-            print(f"  refused: {exc}")
-            refused += 1
-            continue
-        out = args.out_dir / f"{path.stem}_face.png"
-        ref.crop.save(out)
-        print(f"  crop -> {out}")
-    return 2 if refused else 0
-
-
-def _export_detector(args: argparse.Namespace) -> int:
-    from .export.detector import cached_detector
-    from .models.loading import load_detector, tiny_detector
-
-    model = tiny_detector() if args.preset else load_detector(args.weights)
-    print(cached_detector(model, args.out_dir))
-    return 0
-
-
-def _generate(args: argparse.Namespace) -> None:
-    from tqdm.auto import tqdm
-
-    from .runtime.pipeline import generate
-
-    backend_name = args.backend or ("onnxruntime" if args.onnx else "torch")
-    if (backend_name == "onnxruntime") != (args.onnx is not None):
-        raise FlashFaceError(
-            "--backend onnxruntime runs an export: give it --onnx DIR (and torch, --weights)"
-        )
-    backend, detector = _ort_backend(args) if args.onnx else _torch_backend(args)
-    faces = _faces(args, detector)
-    request = _request(args, _default_size(args, backend))
-    t0 = time.perf_counter()
-    images = generate(
-        backend,
-        request,
-        faces,
-        wrap=lambda steps: tqdm(steps, desc="denoising", unit="step", file=sys.stderr),
-    )
-    log.info("generated %d image(s) in %.1f s on %s", len(images), time.perf_counter() - t0, backend.name)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    for i, img in enumerate(images):
-        path = args.out if len(images) == 1 else args.out.with_name(f"{args.out.stem}_{i}{args.out.suffix}")
-        img.save(path)
-        print(path)
-
-
-def _default_size(args: argparse.Namespace, backend) -> tuple[int, int]:
-    if args.onnx:
-        shapes = backend.manifest["shapes"]
-        return shapes["opt_height"], shapes["opt_width"]
-    size = DEFAULT_SIZE["tiny" if args.preset else "weights"]
-    return size, size
-
-
-def _faces(args: argparse.Namespace, detector):
-    """Reference crops from --face photos (detected unless --cropped), or the tiny preset's drawn face."""
-    from .runtime.images import synthetic_face
-    from .runtime.references import load_references
-
-    if args.face:
-        refs = load_references(
-            args.face, None if args.cropped else detector(), args.largest_face, args.max_pixels
-        )
-        return [r.crop for r in refs]
-    if args.preset or args.onnx:
-        log.info("no --face given: using a drawn stand-in face")
-        return [synthetic_face()]
-    raise FlashFaceError("give at least one reference photo with --face")
-
-
-def _torch_backend(args: argparse.Namespace):
-    from .models.backend import TorchBackend
-    from .models.loading import load_models, tiny_models
-
-    device, dtype = _device(args)
-    t0 = time.perf_counter()
-    models = tiny_models(device, dtype) if args.preset else load_models(args.weights, device, dtype)
-    log.info("models ready in %.1f s (%s, %s)", time.perf_counter() - t0, device, dtype)
-    return TorchBackend(models), lambda: _torch_detector(args, device)
-
-
-def _ort_backend(args: argparse.Namespace):
-    """ONNX Runtime backend over an export directory (imports no torch)."""
-    from .runtime.ort_backend import OrtBackend, OrtSettings
-
-    backend = OrtBackend(args.onnx, OrtSettings(provider=args.provider))
-    return backend, backend.detector
-
-
-def _export(args: argparse.Namespace) -> None:
-    from .export.exporter import ExportSettings, export_models
-    from .export.networks import TINY_SHAPES, ExportShapes
-    from .models.loading import load_detector, load_models, tiny_detector, tiny_models
-
-    base = TINY_SHAPES if args.preset else ExportShapes()
-    given = {
-        "max_samples": args.max_samples,
-        "max_refs": args.max_refs,
-        "min_size": args.min_size,
-        "max_size": args.max_size,
-        "opt_height": args.height,
-        "opt_width": args.width,
-    }
-    shapes = replace(base, **{k: v for k, v in given.items() if v is not None})
-    shapes = replace(shapes, opt_refs=min(shapes.opt_refs, shapes.max_refs))
-    settings = ExportSettings("fp16" if args.fp16 else "fp32", shapes=shapes, dynamo=args.dynamo)
-    device, _ = _device(args)
-    models = (
-        tiny_models(device, settings.dtype)
-        if args.preset
-        else load_models(args.weights, device, settings.dtype)
-    )
-    detector = None
-    if args.preset:
-        detector = tiny_detector()
-    elif any((args.weights / f).is_file() for f in ("retinaface_resnet50.pth", "retinaface.safetensors")):
-        detector = load_detector(args.weights)
-    else:
-        log.warning("no face detector in %s: the export will need --cropped faces", args.weights)
-    vocab = None if args.preset else args.weights / "bpe_simple_vocab_16e6.txt.gz"
-    manifest = export_models(
-        models, args.out, settings, detector, vocab if vocab and vocab.is_file() else None
-    )
-    for name, entry in manifest["networks"].items():
-        print(f"{name:14s} {args.out / entry['file']}")
-
-
-def _convert(args: argparse.Namespace) -> None:
-    from .models.loading import convert_weights
-
-    manifest = convert_weights(args.src, args.out)
-    total = sum(f["bytes"] for f in manifest["files"].values())
-    print(f"wrote {len(manifest['files'])} files, {total / 2**30:.2f} GiB, to {args.out}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -377,11 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         commands = {
-            "generate": _generate,
-            "detect": _detect,
-            "export-detector": _export_detector,
-            "export": _export,
-            "convert-weights": _convert,
+            "generate": cmd.generate,
+            "detect": cmd.detect,
+            "export-detector": cmd.export_detector,
+            "export": cmd.export,
+            "build": cmd.build,
+            "verify": cmd.verify,
+            "convert-weights": cmd.convert,
         }
         rc = commands[args.command](args)
     except FlashFaceError as exc:

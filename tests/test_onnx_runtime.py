@@ -18,7 +18,12 @@ pytest.importorskip("onnx")
 import onnx  # noqa: E402
 
 from flashface_trt.export.exporter import ExportSettings, export_models  # noqa: E402
-from flashface_trt.export.networks import TINY_SHAPES, ExportShapes  # noqa: E402
+from flashface_trt.export.networks import (  # noqa: E402
+    NETWORKS,
+    TINY_SHAPES,
+    ExportShapes,
+    step_coefficients,
+)
 from flashface_trt.models.backend import TorchBackend  # noqa: E402
 from flashface_trt.models.config import ModelConfig  # noqa: E402
 from flashface_trt.models.loading import load_models, tiny_detector, tiny_models  # noqa: E402
@@ -27,7 +32,7 @@ from flashface_trt.runtime.images import synthetic_face  # noqa: E402
 from flashface_trt.runtime.ort_backend import OrtBackend, OrtDenoiser  # noqa: E402
 from flashface_trt.runtime.pipeline import generate, register_identity  # noqa: E402
 from flashface_trt.runtime.request import GenerationRequest  # noqa: E402
-from flashface_trt.runtime.sampler import single_step  # noqa: E402
+from flashface_trt.runtime.sampler import GuidanceParams, guide, plan, single_step  # noqa: E402
 
 from .conftest import REPO, rel_err  # noqa: E402
 from .test_sampler import oracle_guidance  # noqa: E402
@@ -117,14 +122,7 @@ def test_export_is_reused_and_stale_graphs_are_rebuilt(tiny_export, tmp_path):
 def test_graphs_use_only_tensorrt_operators(tiny_export):
     data = json.loads((REPO / "flashface_trt" / "export" / "data" / "tensorrt_onnx_ops.json").read_text())
     manifest = json.loads((tiny_export / "manifest.json").read_text())
-    assert set(manifest["networks"]) == {
-        "text_encoder",
-        "vae_encoder",
-        "vae_decoder",
-        "reference_net",
-        "unet",
-        "detector",
-    }
+    assert set(manifest["networks"]) == {*NETWORKS, "detector"}
     for name, entry in manifest["networks"].items():
         model = onnx.load(str(tiny_export / entry["file"]), load_external_data=False)
         ops = {n.op_type for n in model.graph.node}
@@ -250,7 +248,9 @@ def test_large_graphs_use_external_data(tmp_path, monkeypatch):
     models = tiny_models()
     out = tmp_path / "ext"
     manifest = export_models(models, out, ExportSettings(shapes=TINY_SHAPES))
-    for entry in manifest["networks"].values():
+    for name, entry in manifest["networks"].items():
+        if name.startswith("step_"):
+            continue  # no weights
         data = out / (entry["file"] + ".data")
         assert data.is_file() and data.stat().st_size > (out / entry["file"]).stat().st_size
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no scratch left behind
@@ -275,3 +275,27 @@ def test_cli_export_and_backend_choice(tmp_path, capsys):
     assert "--onnx" in capsys.readouterr().err
     assert main([*gen, "--onnx", str(out)]) == 0
     assert Image.open(tmp_path / "o.png").size == (64, 64)  # the export's typical size
+
+
+@pytest.mark.parametrize("rescale", [0.5, 0.0])
+def test_update_step_graphs_match_the_numpy_sampler(tiny_export, rescale):
+    """The guidance + DDIM update graphs (what a CUDA-graphed loop replays) vs `guide` + `DDIMStep`."""
+    import onnxruntime as ort
+
+    manifest = json.loads((tiny_export / "manifest.json").read_text())
+    g = GuidanceParams(guide_rescale=rescale)
+    steps = plan(10, g)
+    picks = [steps[0], next(s for s in steps if s.three_way), steps[-1]]  # 2-way, 3-way, last (s_next = 0)
+    rng = np.random.default_rng(1)
+    for step in picks:
+        name = "step_3way" if step.three_way else "step_2way"
+        session = ort.InferenceSession(str(tiny_export / manifest["networks"][name]["file"]))
+        n = 2
+        x = rng.standard_normal((n, 4, 12, 10)).astype(np.float32)
+        eps = rng.standard_normal((step.batch_factor * n, 4, 12, 10)).astype(np.float32)
+        coef = np.float32(step_coefficients(step, g))
+        (ours,) = session.run(None, {"x": x, "eps": eps, "coef": coef})
+        ref = step.ddim.update(x, step.ddim.x0_from_eps(x, guide(eps, n, step, g)))
+        err = rel_err(ours, ref)
+        print(f"\n{name} t={step.t} rescale={rescale}: rel err {err:.2e}")
+        assert ours.shape == ref.shape and err <= 1e-5

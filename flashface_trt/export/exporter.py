@@ -68,6 +68,9 @@ def sample_inputs(spec: NetworkSpec, device: torch.device) -> tuple[torch.Tensor
         dtype = getattr(torch, t.dtype)
         if t.name == "timestep":
             out.append(torch.full(shapes[t.name], 500.0, dtype=dtype, device=device))
+        elif t.name == "coef":  # a plausible step: guidance 7.5 / 3.2 / 0.5, DDIM coefficients
+            values = [7.5, 3.2, 0.5, 0.6, 0.8, 0.8, 0.6, 0.9, 0.4]
+            out.append(torch.tensor(values, dtype=dtype, device=device))
         elif t.name in ("ref_scale", "mask"):
             out.append(torch.ones(shapes[t.name], dtype=dtype, device=device))
         else:

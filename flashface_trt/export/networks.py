@@ -7,55 +7,20 @@ from the ReferenceNet graph to the UNet graph (and into the identity cache) unch
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from ..errors import InputError
 from ..models.backend import TorchModels
 from ..models.config import LATENT_SCALE
 from ..models.unet import FlashFaceUNet
 from ..models.unet_blocks import RefInputs
+from ..runtime.buffers import STEP_COEFFICIENTS, step_coefficients
 from ..runtime.request import REFERENCE_SIZE
-from .spec import AxisRange, NetworkSpec, TensorSpec
+from .spec import TINY_SHAPES, AxisRange, ExportShapes, NetworkSpec, TensorSpec
 
-NETWORKS = ("text_encoder", "vae_encoder", "vae_decoder", "reference_net", "unet")
+__all__ = ["STEP_COEFFICIENTS", "TINY_SHAPES", "ExportShapes", "step_coefficients"]
 
-
-@dataclass(frozen=True)
-class ExportShapes:
-    """Ranges the exported graphs (and TensorRT profiles built from them) must accept.
-
-    max_samples: images per request (UNet batch up to 3 x this); min_size/max_size: output pixels
-    per side (multiples of 8); opt_height/opt_width: the typical output size; max_refs: reference
-    faces (the demo pads to 4); opt_refs/opt_samples: typical values; ref_size: reference crop side.
-    """
-
-    max_samples: int = 4
-    min_size: int = 256
-    max_size: int = 1024
-    opt_height: int = 768
-    opt_width: int = 768
-    max_refs: int = 4
-    opt_refs: int = 4
-    opt_samples: int = 1
-    ref_size: int = REFERENCE_SIZE  # reference crops are padded to this square
-
-    def __post_init__(self) -> None:
-        for name in ("min_size", "max_size", "opt_height", "opt_width", "ref_size"):
-            if getattr(self, name) % 8:
-                raise InputError(f"{name}={getattr(self, name)} must be a multiple of 8")
-        AxisRange(self.min_size, self.opt_height, self.max_size)
-        AxisRange(self.min_size, self.opt_width, self.max_size)
-        AxisRange(1, self.opt_refs, self.max_refs)
-        AxisRange(1, self.opt_samples, self.max_samples)
-
-    def latent(self, opt: int) -> AxisRange:
-        return AxisRange(self.min_size // 8, opt // 8, self.max_size // 8)
-
-
-TINY_SHAPES = ExportShapes(max_samples=2, min_size=64, max_size=256, opt_height=128, opt_width=128)
+NETWORKS = ("text_encoder", "vae_encoder", "vae_decoder", "reference_net", "unet", "step_2way", "step_3way")
 
 
 def kv_names(layer: str) -> tuple[str, str]:
@@ -122,12 +87,52 @@ class UNetGraph(nn.Module):
         return self.unet(x.to(self.dtype), mask, timestep, context.to(self.dtype), ref).float()
 
 
+def _row_std(x: torch.Tensor) -> torch.Tensor:
+    """Unbiased standard deviation per row [N, ...] -> [N, 1, 1, 1] (as `sampler._row_std`)."""
+    flat = x.reshape(x.shape[0], -1)
+    mean = flat.sum(1, keepdim=True) / flat.shape[1]
+    var = ((flat - mean) ** 2).sum(1) / (flat.shape[1] - 1)
+    return (var**0.5).reshape(-1, 1, 1, 1)
+
+
+class GuidanceStepGraph(nn.Module):
+    """Disentangled guidance + CFG rescale + x0 + DDIM update of one step, as a graph.
+
+    Same operations and order as `runtime.sampler.guide` and `schedule.DDIMStep`, with the step's
+    scalars read from a coefficient row so that one graph (or engine) serves every step, and a
+    CUDA graph can replay the loop with the scalars in a device table. Rescale is always applied:
+    with guide_rescale = 0 the factor is exactly 1.
+    """
+
+    def __init__(self, three_way: bool):
+        super().__init__()
+        self.three_way = three_way
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+        """x [N, 4, h, w], eps [k*N, 4, h, w] (k = 3 or 2), coef [9] -> x of the next step."""
+        n = x.shape[0]
+        tg, fg, rs, sigma, alpha, a_cur, s_cur, a_next, s_next = (coef[i] for i in range(9))
+        if self.three_way:
+            y_ref, y, u = eps[:n], eps[n : 2 * n], eps[2 * n : 3 * n]
+            out = u + tg * (y - u) + fg * (y_ref - y)
+        else:
+            y, u = eps[:n], eps[n : 2 * n]
+            out = u + tg * (y - u)
+        ratio = _row_std(y) / (_row_std(out) + 1e-12)
+        out = out * (rs * ratio + (1.0 - rs))
+        x0 = (x - sigma * out) / alpha
+        d = (x - a_cur * x0) / s_cur
+        return a_next * x0 + s_next * d
+
+
 GRAPHS = {
     "text_encoder": TextEncoderGraph,
     "vae_encoder": VAEEncoderGraph,
     "vae_decoder": VAEDecoderGraph,
     "reference_net": ReferenceNetGraph,
     "unet": UNetGraph,
+    "step_2way": lambda models: GuidanceStepGraph(three_way=False),
+    "step_3way": lambda models: GuidanceStepGraph(three_way=True),
 }
 
 
@@ -194,6 +199,25 @@ def network_specs(models: TorchModels, shapes: ExportShapes) -> dict[str, Networ
             tuple(kv),
             {"num_refs": refs, **kv_axes},
         ),
+        **{
+            f"step_{k}way": NetworkSpec(
+                f"step_{k}way",
+                (
+                    TensorSpec("x", f32, ("samples", cfg.unet.out_dim, "latent_h", "latent_w")),
+                    TensorSpec("eps", f32, (f"batch{k}", cfg.unet.out_dim, "latent_h", "latent_w")),
+                    TensorSpec("coef", f32, (len(STEP_COEFFICIENTS),)),
+                ),
+                (TensorSpec("x_next", f32, ("samples", cfg.unet.out_dim, "latent_h", "latent_w")),),
+                {
+                    "samples": samples,
+                    f"batch{k}": AxisRange(k, k * samples.opt, k * samples.max),
+                    "latent_h": lat_h,
+                    "latent_w": lat_w,
+                },
+                samples={"samples": 2, f"batch{k}": 2 * k},
+            )
+            for k in (2, 3)
+        },
         "unet": NetworkSpec(
             "unet",
             (

@@ -124,3 +124,38 @@ class NetworkSpec:
                     raise InputError(
                         f"{self.name}: input {t.name!r} axis {d!r} = {s} is outside [{r.min}, {r.max}]"
                     )
+
+
+@dataclass(frozen=True)
+class ExportShapes:
+    """Ranges the exported graphs (and TensorRT profiles built from them) must accept.
+
+    max_samples: images per request (UNet batch up to 3 x this); min_size/max_size: output pixels
+    per side (multiples of 8); opt_height/opt_width: the typical output size; max_refs: reference
+    faces (the demo pads to 4); opt_refs/opt_samples: typical values; ref_size: reference crop side.
+    """
+
+    max_samples: int = 4
+    min_size: int = 256
+    max_size: int = 1024
+    opt_height: int = 768
+    opt_width: int = 768
+    max_refs: int = 4
+    opt_refs: int = 4
+    opt_samples: int = 1
+    ref_size: int = 224  # reference crops are padded to this square (official PadToSquare(224))
+
+    def __post_init__(self) -> None:
+        for name in ("min_size", "max_size", "opt_height", "opt_width", "ref_size"):
+            if getattr(self, name) % 8:
+                raise InputError(f"{name}={getattr(self, name)} must be a multiple of 8")
+        AxisRange(self.min_size, self.opt_height, self.max_size)
+        AxisRange(self.min_size, self.opt_width, self.max_size)
+        AxisRange(1, self.opt_refs, self.max_refs)
+        AxisRange(1, self.opt_samples, self.max_samples)
+
+    def latent(self, opt: int) -> AxisRange:
+        return AxisRange(self.min_size // 8, opt // 8, self.max_size // 8)
+
+
+TINY_SHAPES = ExportShapes(max_samples=2, min_size=64, max_size=256, opt_height=128, opt_width=128)

@@ -9,7 +9,7 @@ import torch
 
 from ..runtime.identities import DEFAULT_KV_CACHE_BYTES, Identity, ReferenceKVCache, kv_key
 from ..runtime.images import to_uint8
-from ..runtime.sampler import GuidanceParams, StepPlan, guide
+from ..runtime.sampler import GuidanceParams, StepPlan, guide, sample
 from .config import LATENT_SCALE, ModelConfig
 from .text_encoder import TextEncoder
 from .tokenizer import ClipTokenizer
@@ -133,6 +133,10 @@ class TorchBackend:
         return TorchDenoiser(self.models.unet, cond, uncond, identity, m, guidance, self.kv_cache, uncond_key)
 
     @torch.inference_mode()
+    def loop(self, denoise, x, steps, wrap=None):
+        """The denoising loop: the shared plain sampler over `denoise` (k-diffusion style)."""
+        return sample(denoise, x, steps, wrap)
+
     def decode(self, z: torch.Tensor) -> np.ndarray:
         """Scaled latents [N, 4, h, w] -> uint8 images [N, 8h, 8w, 3]."""
         x = self.models.vae.decode((z / LATENT_SCALE).to(self.dtype))

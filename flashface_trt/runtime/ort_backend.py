@@ -19,7 +19,7 @@ from ..export.spec import NetworkSpec
 from ..models.tokenizer import ClipTokenizer
 from .identities import DEFAULT_KV_CACHE_BYTES, Identity, ReferenceKVCache, kv_key
 from .ort_detector import OrtDetector
-from .sampler import GuidanceParams, StepPlan, guide
+from .sampler import GuidanceParams, StepPlan, guide, sample
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +250,10 @@ class OrtBackend:
     ) -> OrtDenoiser:
         m = mask.astype(np.float32)[None, None]  # [1, 1, h, w]
         return OrtDenoiser(self, cond, uncond, identity, m, guidance, uncond_key)
+
+    def loop(self, denoise, x, steps, wrap=None):
+        """The denoising loop: the shared plain sampler over `denoise` (k-diffusion style)."""
+        return sample(denoise, x, steps, wrap)
 
     def decode(self, z: np.ndarray) -> np.ndarray:
         """Scaled latents [N, 4, h, w] -> uint8 images [N, 8h, 8w, 3]."""

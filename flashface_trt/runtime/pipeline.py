@@ -13,7 +13,7 @@ from ..errors import InputError
 from .identities import Identity, array_key, identity_from_crops
 from .images import reference_array
 from .request import REFERENCE_SIZE, GenerationRequest, face_mask, full_prompts, initial_noise, pad_references
-from .sampler import GuidanceParams, StepPlan, plan, sample
+from .sampler import GuidanceParams, StepPlan, plan
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,15 @@ class Backend(Protocol):
     ) -> Callable[[Any, StepPlan], Any]:
         """`denoise(x, step) -> x0` for one request (mask [h, w]); reference K/V cached per
         (identity, timestep, `uncond_key` = the negative prompt's ids, reference size)."""
+
+    def loop(
+        self,
+        denoise: Callable[[Any, StepPlan], Any],
+        x: Any,
+        steps: Sequence[StepPlan],
+        wrap: Callable[[Iterable[StepPlan]], Iterable[StepPlan]] | None = None,
+    ) -> Any:
+        """Run the denoising loop: the plain `sample` over `denoise`, or one CUDA-graph replay of it."""
 
     def decode(self, z: Any) -> np.ndarray:
         """Scaled latents [N, 4, h, w] -> uint8 images [N, H, W, 3]."""
@@ -93,5 +102,5 @@ def generate(
         req.width,
         req.height,
     )
-    z0 = sample(denoise, x, steps, wrap)
+    z0 = backend.loop(denoise, x, steps, wrap)
     return [Image.fromarray(img) for img in backend.decode(z0)]

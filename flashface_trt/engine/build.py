@@ -1,0 +1,114 @@
+"""Build TensorRT engines from an export directory with polygraphy (the thin TensorRT-specific part).
+
+Never run here: TensorRT cannot be installed on these machines. The code is type-checked against
+`tensorrt-stubs` (TensorRT 10.13) and everything it consumes (profiles, keys, manifests) is tested.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from ..errors import FlashFaceError
+from ..export.spec import NetworkSpec
+from ..runtime.cuda import device_info
+from ..runtime.ort_backend import read_export
+from .cache import EngineKey, GpuIdentity, StaleEngineError, check_engine, write_manifest
+from .profiles import BuildSettings, engine_profile
+
+log = logging.getLogger(__name__)
+
+ENGINES_MANIFEST = "engines.json"
+
+
+def tensorrt_version() -> str:
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise FlashFaceError(
+            "TensorRT is not installed (pip install tensorrt on a machine with an NVIDIA GPU and driver)"
+        ) from exc
+    return str(trt.__version__)
+
+
+def current_gpu() -> GpuIdentity:
+    info = device_info(0)
+    return GpuIdentity(info.name, info.compute_capability)
+
+
+def build_engine(
+    onnx_path: Path, spec: NetworkSpec, settings: BuildSettings, strongly_typed: bool, out: Path
+) -> None:
+    """One engine: parse the ONNX graph, one optimisation profile from the spec, build, serialise."""
+    import tensorrt as trt
+    from polygraphy.backend.trt import (
+        CreateConfig,
+        Profile,
+        engine_bytes_from_network,
+        network_from_onnx_path,
+    )
+
+    network = network_from_onnx_path(str(onnx_path), strongly_typed=strongly_typed)
+    profile = Profile()
+    for name, (lo, opt, hi) in engine_profile(spec, settings.shapes).items():
+        profile.add(name, lo, opt, hi)
+    cache = settings.timing_cache
+    config = CreateConfig(
+        fp16=settings.fp16 and not strongly_typed,
+        profiles=[profile],
+        memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(settings.workspace_gib * (1 << 30))},
+        builder_optimization_level=settings.opt_level,
+        load_timing_cache=str(cache) if cache is not None and cache.is_file() else None,
+    )
+    serialized = engine_bytes_from_network(
+        network, config=config, save_timing_cache=str(cache) if cache else None
+    )
+    out.write_bytes(bytes(serialized))
+
+
+def build_engines(onnx_dir: str | Path, out_dir: str | Path, settings: BuildSettings | None = None) -> dict:
+    """Build (or reuse) one engine per exported graph; write `engines.json` and the tokenizer vocabulary."""
+    settings = settings or BuildSettings()
+    src, out = Path(onnx_dir), Path(out_dir)
+    export = read_export(src)
+    trt_version, gpu = tensorrt_version(), current_gpu()
+    strongly_typed = export["precision"] == "fp16"
+    out.mkdir(parents=True, exist_ok=True)
+    engines = {}
+    for name, entry in export["networks"].items():
+        spec = NetworkSpec.from_dict(entry["spec"])
+        graph = src / entry["file"]
+        onnx_sha = json.loads(graph.with_suffix(".onnx.json").read_text())["sha256"]
+        key = EngineKey(name, onnx_sha, settings.key(), trt_version, gpu)
+        path = out / key.file_name()
+        try:
+            check_engine(path, trt_version, gpu, onnx_sha)
+            log.info("reusing %s", path.name)
+        except StaleEngineError:
+            log.info("building %s (%s, TensorRT %s, %s) ...", path.name, name, trt_version, gpu.name)
+            t0 = time.perf_counter()
+            build_engine(graph, spec, settings, strongly_typed, path)
+            seconds = time.perf_counter() - t0
+            write_manifest(path, key, seconds)
+            log.info("built %s in %.0f s", path.name, seconds)
+        engines[name] = {"file": path.name, "spec": entry["spec"]}
+    shutil.copyfile(src / export["vocab"], out / export["vocab"])
+    detector = export["networks"].get("detector")
+    if detector is not None:  # detection stays on ONNX Runtime: keep its graph with the engines
+        for suffix in ("", ".json"):
+            shutil.copyfile(src / (detector["file"] + suffix), out / (detector["file"] + suffix))
+    manifest = {
+        "format": "flashface-trt-engines/1",
+        "tensorrt": trt_version,
+        "gpu": {"name": gpu.name, "compute_capability": gpu.compute_capability},
+        "precision": export["precision"],
+        "shapes": settings.key()["shapes"],
+        "export": export,
+        "vocab": export["vocab"],
+        "engines": engines,
+    }
+    (out / ENGINES_MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest

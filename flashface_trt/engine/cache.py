@@ -1,0 +1,95 @@
+"""Engine identity: an engine is keyed by its ONNX graph, build settings, TensorRT version and GPU.
+
+A manifest beside each engine records that key. Loading compares it with the running TensorRT and
+GPU and refuses a mismatch with a message saying what differs and how to rebuild: a TensorRT
+engine only runs on the TensorRT version and GPU model it was built for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..errors import FlashFaceError
+
+ENGINE_FORMAT = "flashface-trt-engine/1"
+
+
+class StaleEngineError(FlashFaceError):
+    """An engine built for another graph, settings, TensorRT version or GPU."""
+
+
+@dataclass(frozen=True)
+class GpuIdentity:
+    """The device an engine is built for: name and compute capability."""
+
+    name: str
+    compute_capability: str  # "9.0" for an H100
+
+
+@dataclass(frozen=True)
+class EngineKey:
+    """Everything that makes an engine: graph content, build settings, TensorRT version and GPU."""
+
+    network: str
+    onnx_sha256: str
+    settings: dict
+    tensorrt: str
+    gpu: GpuIdentity
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+    def file_name(self) -> str:
+        return f"{self.network}-{self.digest()}.plan"
+
+
+def write_manifest(engine: Path, key: EngineKey, build_seconds: float) -> None:
+    manifest = {
+        "format": ENGINE_FORMAT,
+        "key": asdict(key),
+        "digest": key.digest(),
+        "bytes": engine.stat().st_size,
+        "build_seconds": round(build_seconds, 1),
+    }
+    engine.with_suffix(".plan.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+
+
+def read_manifest(engine: Path) -> dict:
+    path = engine.with_suffix(".plan.json")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise StaleEngineError(f"{engine.name} has no readable manifest ({path.name}); rebuild it") from exc
+    if manifest.get("format") != ENGINE_FORMAT:
+        raise StaleEngineError(
+            f"{path.name} has format {manifest.get('format')!r}, expected {ENGINE_FORMAT!r}"
+        )
+    return manifest
+
+
+def check_engine(engine: Path, tensorrt: str, gpu: GpuIdentity, onnx_sha256: str | None = None) -> dict:
+    """The manifest of `engine` if it fits this TensorRT, GPU (and graph); else StaleEngineError."""
+    if not engine.is_file():
+        raise StaleEngineError(f"engine {str(engine)!r} does not exist; run `flashface-trt build`")
+    manifest = read_manifest(engine)
+    key = manifest["key"]
+    problems = []
+    if key["tensorrt"] != tensorrt:
+        problems.append(f"built with TensorRT {key['tensorrt']}, running {tensorrt}")
+    if key["gpu"]["name"] != gpu.name or key["gpu"]["compute_capability"] != gpu.compute_capability:
+        built = f"{key['gpu']['name']} (sm {key['gpu']['compute_capability']})"
+        problems.append(f"built for {built}, running on {gpu.name} (sm {gpu.compute_capability})")
+    if onnx_sha256 is not None and key["onnx_sha256"] != onnx_sha256:
+        problems.append("built from another ONNX graph than the export's current one")
+    if engine.stat().st_size != manifest.get("bytes"):
+        problems.append("the engine file changed after it was built")
+    if problems:
+        raise StaleEngineError(
+            f"{engine.name} is stale: "
+            + "; ".join(problems)
+            + ". Rebuild with `flashface-trt build --onnx DIR --out DIR`"
+        )
+    return manifest
