@@ -237,3 +237,17 @@ def test_engine_modules_import_no_torch():
     )
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_onnxruntime_tensorrt_provider_options(tmp_path):
+    from flashface_trt.runtime.ort_backend import trt_provider_options
+
+    opts = trt_provider_options(_specs()["reference_net"], tmp_path / "trt_cache")
+    assert opts["trt_fp16_enable"] and opts["trt_engine_cache_enable"]
+    assert opts["trt_engine_cache_path"] == str(tmp_path / "trt_cache")
+    assert opts["trt_profile_min_shapes"].split(",")[0] == "ref_latents:1x4x28x28"
+    assert opts["trt_profile_max_shapes"].split(",")[0] == "ref_latents:4x4x28x28"
+    assert (
+        "timestep:1," in opts["trt_profile_opt_shapes"]
+        and "context:1x77x768" in opts["trt_profile_opt_shapes"]
+    )
