@@ -37,3 +37,38 @@ def test_bench_tiny_cpu(tmp_path):
     assert stages <= set(record["seconds_median"])
     assert all(v > 0 for v in record["seconds_median"].values())
     assert record["config"]["steps"] == 3 and record["images_per_second"] > 0
+
+
+def test_suite_tiny_cpu_record(tmp_path):
+    from benchmarks.suite import main as suite
+
+    out = tmp_path / "suite.json"
+    args = ["--preset", "tiny", "--device", "cpu", "--precision", "fp32", "--height", "64", "--width", "64"]
+    assert suite([*args, "--steps", "4", "--refs", "2", "--repeats", "1", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["device"] and r["torch"] and r["commit"] and r["config"]["steps"] == 4
+    assert r["numerics"]["ours_vs_official_pattern_eps_rel_err"] <= 1e-4
+    for name in ("ours", "official_pattern", "ours_cached_identity"):
+        assert {"prepare", "loop", "decode", "end_to_end"} <= set(r["seconds"][name])
+    assert r["tflop"]["official_pattern"]["loop"] > r["tflop"]["ours"]["loop"] > 0
+    assert r["matmul_peak_tflops_per_s"] > 0 and 0 < r["loop_percent_of_peak"]
+
+
+def test_loop_flops_add_up_to_a_counted_run():
+    """The per-component FLOP counts times the plan equal FlopCounterMode over a whole cold run."""
+    import torch
+
+    from benchmarks.workload import Workload, count_flops, loop_flops, make_denoiser
+    from flashface_trt.models.backend import TorchBackend
+    from flashface_trt.models.loading import tiny_models
+    from flashface_trt.runtime.sampler import sample
+
+    backend = TorchBackend(tiny_models())
+    w = Workload(height=64, width=48, refs=2, steps=5, samples=2)
+    parts = loop_flops(backend, w)
+    backend.kv_cache.clear()
+    den, x, steps, _ = make_denoiser(backend, w, official_pattern=False)
+    with torch.inference_mode():
+        whole = count_flops(sample, den, x, steps)
+    assert sum(s.three_way for s in steps) not in (0, len(steps))  # both kinds of steps counted
+    assert whole == parts["loop"], (whole, parts)

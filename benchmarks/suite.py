@@ -1,0 +1,207 @@
+"""Speed of our PyTorch path against the official computation pattern, measured side by side.
+
+For one workload (default W768: 768x768, 4 references, 30 steps, 1 sample) it reports per-stage
+times, end-to-end latency, images/s, peak GPU memory, counted FLOPs, achieved TFLOP/s against the
+device's measured dense matmul rate, the baseline's numbers, and a repeated request for a cached
+identity. Numerics are checked before any timing: our denoiser and the baseline must agree, and
+with `--precision fp16` the float16 eps is compared with float32 on the same inputs.
+
+    python -m benchmarks.suite --preset tiny --device cpu --height 128 --width 128 --steps 10
+    python -m benchmarks.suite --preset sd15-random --device cuda --precision fp16   # W768 on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flashface_trt.models.backend import TorchBackend
+from flashface_trt.models.loading import tiny_models
+from flashface_trt.runtime.sampler import sample
+
+from .bench_torch import sd15_random
+from .workload import Workload, loop_flops, make_denoiser, matmul_peak_tflops, sync
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def timed(device: torch.device, fn, *args):
+    """(result, seconds): CUDA events on a GPU, wall clock after a sync on the CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn(*args)
+        end.record()
+        end.synchronize()
+        return out, start.elapsed_time(end) / 1000.0
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
+
+
+def run(
+    backend: TorchBackend, workload: Workload, official: bool, identity=None
+) -> tuple[dict, torch.Tensor, object]:
+    """One generation; per-stage seconds. `identity` given: a repeated request for a registered person."""
+    device = backend.device
+    sync(device)
+    t0 = time.perf_counter()
+    if not official and identity is None:
+        backend.kv_cache.clear()
+    (den, x, steps, ident), t_prep = timed(device, make_denoiser, backend, workload, official, identity)
+    z0, t_loop = timed(device, lambda: torch.inference_mode()(sample)(den, x, steps))
+    _, t_dec = timed(device, backend.decode, z0)
+    sync(device)
+    return (
+        {"prepare": t_prep, "loop": t_loop, "decode": t_dec, "end_to_end": time.perf_counter() - t0},
+        z0,
+        ident,
+    )
+
+
+def median_runs(fn, repeats: int) -> dict[str, float]:
+    runs = [fn() for _ in range(repeats)]
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def check_numerics(backend: TorchBackend, workload: Workload, args) -> dict:
+    """Before timing: ours vs the official pattern (same result), and float16 vs float32 eps."""
+    with torch.inference_mode():
+        ours, x, steps, _ = make_denoiser(backend, workload, official_pattern=False)
+        base, _, _, _ = make_denoiser(backend, workload, official_pattern=True)
+        step = next((s for s in steps if s.three_way), steps[0])
+        a, b = ours.eps(x, step).float(), base.eps(x, step).float()
+    out = {"ours_vs_official_pattern_eps_rel_err": float((a - b).abs().max() / b.abs().max())}
+    if backend.dtype == torch.float16:
+        ref = load_models(args, torch.float32)
+        with torch.inference_mode():
+            d32, x32, _, _ = make_denoiser(ref, workload, official_pattern=False)
+            e32 = d32.eps(x32, step).float()
+            z16 = sample(ours, x, steps)
+            z32 = sample(d32, x32, steps)
+        i16, i32 = backend.decode(z16).astype(np.float64), ref.decode(z32).astype(np.float64)
+        mse = float(((i16 - i32) ** 2).mean())
+        out["fp16_vs_fp32_eps_rel_err"] = float((a - e32).abs().max() / e32.abs().max())
+        out["fp16_vs_fp32_image_psnr_db"] = float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+    return out
+
+
+def load_models(args, dtype: torch.dtype) -> TorchBackend:
+    device = torch.device(args.device)
+    models = tiny_models(device, dtype) if args.preset == "tiny" else sd15_random(device, dtype)
+    return TorchBackend(models)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=["tiny", "sd15-random"], default="sd15-random")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--precision", choices=["fp32", "fp16"], default="fp16" if torch.cuda.is_available() else "fp32"
+    )
+    p.add_argument("--height", type=int, default=768)
+    p.add_argument("--width", type=int, default=768)
+    p.add_argument("--refs", type=int, default=4)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--samples", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--matmul-size", type=int, help="square matmul size for the peak (default 8192 GPU, 1024 CPU)"
+    )
+    p.add_argument(
+        "--json", type=Path, help="result record (default: benchmarks/results/<device>-<commit>.json)"
+    )
+    args = p.parse_args(argv)
+
+    dtype = torch.float16 if args.precision == "fp16" else torch.float32
+    backend = load_models(args, dtype)
+    device = backend.device
+    workload = Workload(args.height, args.width, args.refs, args.steps, args.samples)
+    numerics = check_numerics(backend, workload, args)
+    if not numerics["ours_vs_official_pattern_eps_rel_err"] <= (1e-2 if dtype == torch.float16 else 1e-4):
+        print(f"numerics check failed: {numerics}", file=sys.stderr)
+        return 1
+    run(backend, workload, official=False)  # warm-up both paths
+    run(backend, workload, official=True)
+    ours = median_runs(lambda: run(backend, workload, official=False)[0], args.repeats)
+    base = median_runs(lambda: run(backend, workload, official=True)[0], args.repeats)
+    _, _, identity = run(backend, workload, official=False)
+    cached = median_runs(lambda: run(backend, workload, official=False, identity=identity)[0], args.repeats)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        run(backend, workload, official=False)
+    peak_mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    flops, flops_base = loop_flops(backend, workload), loop_flops(backend, workload, official_pattern=True)
+    size = args.matmul_size or (8192 if device.type == "cuda" else 1024)
+    peak = matmul_peak_tflops(device, dtype, size)
+    loop_tflops = flops["loop"] / ours["loop"] / 1e12
+    record = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "torch": torch.__version__,
+        "commit": git_commit(),
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "numerics": numerics,
+        "seconds": {"ours": ours, "official_pattern": base, "ours_cached_identity": cached},
+        "images_per_second": {
+            "ours": args.samples / ours["end_to_end"],
+            "official_pattern": args.samples / base["end_to_end"],
+        },
+        "speedup_end_to_end": base["end_to_end"] / ours["end_to_end"],
+        "speedup_cached_identity": base["end_to_end"] / cached["end_to_end"],
+        "tflop": {
+            "ours": {k: v / 1e12 for k, v in flops.items()},
+            "official_pattern": {k: v / 1e12 for k, v in flops_base.items()},
+        },
+        "loop_tflops_per_s": loop_tflops,
+        "matmul_peak_tflops_per_s": peak,
+        "loop_percent_of_peak": 100 * loop_tflops / peak,
+        "peak_memory_bytes": peak_mem,
+    }
+    print(f"device {record['device']}, {args.preset}, {args.precision}, {workload}")
+    for name, sec in record["seconds"].items():
+        print(f"  {name:22s} " + "  ".join(f"{k} {v * 1000:8.1f} ms" for k, v in sec.items()))
+    speed = record["speedup_end_to_end"], record["speedup_cached_identity"]
+    print(f"  speedup (end to end) {speed[0]:.2f}x, cached identity {speed[1]:.2f}x")
+    pct = record["loop_percent_of_peak"]
+    print(
+        f"  loop {flops['loop'] / 1e12:.3f} TFLOP (official pattern {flops_base['loop'] / 1e12:.3f}), "
+        f"{loop_tflops:.2f} TFLOP/s = {pct:.1f}% of the measured matmul peak {peak:.1f}"
+    )
+    out = args.json or RESULTS / f"{record['device'].replace(' ', '_')}-{args.preset}-{record['commit']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1))
+    print(f"  record -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

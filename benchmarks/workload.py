@@ -1,0 +1,157 @@
+"""Benchmark workloads, FLOP counts, the matmul peak, and the official-pattern baseline denoiser.
+
+FLOPs are counted by torch's `FlopCounterMode` on the very calls a run makes, so they follow
+whatever workload is benchmarked; the baseline reproduces the official computation pattern
+(ReferenceNet features every step, reference keys/values projected for every row, the
+reference branch for every row of the batch) on our modules, so both run in one process.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from flashface_trt.models.backend import TorchBackend, TorchDenoiser
+from flashface_trt.models.unet_blocks import RefInputs
+from flashface_trt.runtime.identities import Identity, identity_from_crops
+from flashface_trt.runtime.images import synthetic_face
+from flashface_trt.runtime.pipeline import prepare_references
+from flashface_trt.runtime.request import GenerationRequest, face_mask, full_prompts, initial_noise
+from flashface_trt.runtime.sampler import StepPlan, guide, plan
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one benchmark run generates (W768: the issue's reference workload)."""
+
+    height: int = 768
+    width: int = 768
+    refs: int = 4
+    steps: int = 30
+    samples: int = 1
+
+    def request(self) -> GenerationRequest:
+        return GenerationRequest(
+            prompt="a handsome young man",
+            steps=self.steps,
+            num_samples=self.samples,
+            height=self.height,
+            width=self.width,
+        ).validated()
+
+    def crops(self) -> np.ndarray:
+        return prepare_references([synthetic_face(seed=i) for i in range(self.refs)])
+
+
+W768 = Workload()
+
+
+class OfficialPatternDenoiser(TorchDenoiser):
+    """The official computation pattern on our modules (same result, more work).
+
+    Per step: ReferenceNet features recomputed (no cache), the reference keys/values projected once
+    per row of the batch (the official projects `[y; refs]` row by row), and the reference branch
+    run for every row (rows without references get λ = 0, which leaves them unchanged).
+    """
+
+    def reference_kv(self, t: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        lat = self.identity.latents
+        tt = torch.full((1,), t, device=lat.device, dtype=torch.long)
+        return self.unet.reference_kv(self.unet.reference_features(lat, tt, self.uncond))
+
+    def eps(self, x: torch.Tensor, step: StepPlan) -> torch.Tensor:
+        n, k = x.shape[0], step.batch_factor
+        texts = [self.cond, self.cond, self.uncond] if step.three_way else [self.cond, self.uncond]
+        context = torch.cat([c.expand(n, -1, -1) for c in texts])
+        xb = x.to(self.cond.dtype).repeat(k, 1, 1, 1)
+        t = torch.full((k * n,), step.t, device=x.device, dtype=torch.long)
+        feats = self.unet.reference_features(self.identity.latents, t[:1], self.uncond)
+        kv = [self.unet.reference_kv(feats) for _ in range(k * n)][0]  # projected for every row
+        scale = torch.zeros(k * n, device=x.device, dtype=self.cond.dtype)
+        scale[: step.ref_rows(n)] = step.ref_strength
+        with torch.autocast(x.device.type, dtype=torch.float16, enabled=x.device.type == "cuda"):
+            return self.unet(xb, self.mask, t, context, RefInputs(kv, scale))
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor, step: StepPlan) -> torch.Tensor:
+        out = guide(self.eps(x, step).float(), x.shape[0], step, self.guidance)
+        return step.ddim.x0_from_eps(x, out)
+
+
+def make_denoiser(backend: TorchBackend, workload: Workload, official_pattern: bool, identity=None):
+    """(denoiser, initial noise, plan, identity) for one run of `workload`."""
+    req = workload.request()
+    pos, neg = full_prompts(req.prompt, req.negative_prompt)
+    text = backend.encode_text(backend.tokenizer.encode([pos, neg]))
+    identity = identity or identity_from_crops(backend.encode_references, workload.crops())
+    mask = backend.from_numpy(face_mask(req.face_bbox, req.height, req.width).astype(np.float32))
+    mask = mask[None, None].to(backend.dtype)
+    cls = OfficialPatternDenoiser if official_pattern else TorchDenoiser
+    den = cls(backend.models.unet, text[:1], text[1:2], identity, mask, req.guidance, backend.kv_cache, "neg")
+    x = backend.from_numpy(initial_noise(req.seed, req.num_samples, req.height, req.width))
+    return den, x, plan(req.steps, req.guidance), identity
+
+
+def count_flops(fn, *args) -> int:
+    """FLOPs of one call, as torch's FlopCounterMode counts them (matmuls and convolutions)."""
+    with FlopCounterMode(display=False) as counter:
+        fn(*args)
+    return int(counter.get_total_flops())
+
+
+def loop_flops(backend: TorchBackend, workload: Workload, official_pattern: bool = False) -> dict[str, int]:
+    """FLOPs per component and for the whole denoising loop of `workload` (counted, not modelled)."""
+    den, x, steps, identity = make_denoiser(backend, workload, official_pattern)
+    two = next((s for s in steps if not s.three_way), None)
+    three = next((s for s in steps if s.three_way), None)
+    out: dict[str, int] = {}
+    with torch.inference_mode():
+        if official_pattern:
+            per = {s.three_way: count_flops(den, x, s) for s in (two, three) if s is not None}
+            out["unet_2way_step"] = per.get(False, 0)
+            out["unet_3way_step"] = per.get(True, 0)
+            out["reference_net_step"] = 0  # inside every step above
+        else:
+            backend.kv_cache.clear()
+            out["reference_net_step"] = count_flops(den.reference_kv, steps[0].t)
+            for s in (two, three):  # the UNet counts below must not include the ReferenceNet
+                if s is not None:
+                    den.reference_kv(s.t)
+            out["unet_2way_step"] = count_flops(den, x, two) if two else 0
+            out["unet_3way_step"] = count_flops(den, x, three) if three else 0
+        z = torch.zeros_like(x)
+        out["vae_decode"] = count_flops(backend.decode, z)
+        out["encode_references"] = count_flops(backend.encode_references, workload.crops())
+    n2 = sum(not s.three_way for s in steps)
+    n3 = len(steps) - n2
+    out["loop"] = (
+        n2 * out["unet_2way_step"] + n3 * out["unet_3way_step"] + len(steps) * out["reference_net_step"]
+    )
+    return out
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 10) -> float:
+    """Measured dense matmul rate (TFLOP/s) of this device and dtype, median of `repeats`."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    times = []
+    for i in range(repeats + 2):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        if i >= 2:  # warm-up
+            times.append(time.perf_counter() - t0)
+    return 2 * size**3 / float(np.median(times)) / 1e12
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+__all__ = ["W768", "Identity", "OfficialPatternDenoiser", "Workload", "count_flops", "loop_flops"]
