@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -196,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         f"  loop {flops['loop'] / 1e12:.3f} TFLOP (official pattern {flops_base['loop'] / 1e12:.3f}), "
         f"{loop_tflops:.2f} TFLOP/s = {pct:.1f}% of the measured matmul peak {peak:.1f}"
     )
-    out = args.json or RESULTS / f"{record['device'].replace(' ', '_')}-{args.preset}-{record['commit']}.json"
+    device_tag = re.sub(r"[^A-Za-z0-9.-]+", "_", record["device"]).strip("_")
+    out = args.json or RESULTS / f"{device_tag}-{args.preset}-{record['commit']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1))
     print(f"  record -> {out}")
