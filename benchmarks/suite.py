@@ -30,7 +30,7 @@ from flashface_trt.models.loading import tiny_models
 from flashface_trt.runtime.sampler import sample
 
 from .bench_torch import sd15_random
-from .workload import Workload, loop_flops, make_denoiser, matmul_peak_tflops, sync
+from .workload import Workload, make_denoiser, matmul_peak_tflops, meta_loop_flops, sync
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.reset_peak_memory_stats(device)
         run(backend, workload, official=False)
     peak_mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    flops, flops_base = loop_flops(backend, workload), loop_flops(backend, workload, official_pattern=True)
+    cfg = backend.models.config  # counted on the meta device: the same counts as a real run, in seconds
+    flops, flops_base = meta_loop_flops(cfg, workload), meta_loop_flops(cfg, workload, official_pattern=True)
     size = args.matmul_size or (8192 if device.type == "cuda" else 1024)
     peak = matmul_peak_tflops(device, dtype, size)
     loop_tflops = flops["loop"] / ours["loop"] / 1e12

@@ -16,11 +16,20 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from flashface_trt.models.backend import TorchBackend, TorchDenoiser
+from flashface_trt.models.config import ModelConfig
+from flashface_trt.models.unet import FlashFaceUNet
 from flashface_trt.models.unet_blocks import RefInputs
+from flashface_trt.models.vae import AutoencoderKL
 from flashface_trt.runtime.identities import Identity, identity_from_crops
 from flashface_trt.runtime.images import synthetic_face
 from flashface_trt.runtime.pipeline import prepare_references
-from flashface_trt.runtime.request import GenerationRequest, face_mask, full_prompts, initial_noise
+from flashface_trt.runtime.request import (
+    REFERENCE_SIZE,
+    GenerationRequest,
+    face_mask,
+    full_prompts,
+    initial_noise,
+)
 from flashface_trt.runtime.sampler import StepPlan, guide, plan
 
 
@@ -97,8 +106,14 @@ def make_denoiser(backend: TorchBackend, workload: Workload, official_pattern: b
 
 
 def count_flops(fn, *args) -> int:
-    """FLOPs of one call, as torch's FlopCounterMode counts them (matmuls and convolutions)."""
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs of one call, as torch's FlopCounterMode counts them (matmuls, convolutions, attention).
+
+    Attention runs through the math kernel while counting: the CPU's fused SDPA kernel is not
+    registered with the counter (it would count 0), the decomposed one is counted on every device.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         fn(*args)
     return int(counter.get_total_flops())
 
@@ -131,6 +146,48 @@ def loop_flops(backend: TorchBackend, workload: Workload, official_pattern: bool
     out["loop"] = (
         n2 * out["unet_2way_step"] + n3 * out["unet_3way_step"] + len(steps) * out["reference_net_step"]
     )
+    return out
+
+
+def meta_loop_flops(cfg: ModelConfig, workload: Workload, official_pattern: bool = False) -> dict[str, int]:
+    """`loop_flops` counted on the meta device: full-size workloads in seconds, no weights, no memory.
+
+    The same components as a real run: the ReferenceNet (features + K/V projection) once per step,
+    the 2-/3-way UNet batches; the official pattern adds the reference branch on every row and
+    one K/V projection per row.
+    """
+    dev, f16 = torch.device("meta"), torch.float16
+    with dev:
+        unet, vae = FlashFaceUNet(cfg.unet).to(f16), AutoencoderKL(cfg.vae).to(f16)
+    n, r = workload.samples, max(workload.refs, 4)  # fewer references are repeated up to 4
+    h, w = workload.height // cfg.vae_factor, workload.width // cfg.vae_factor
+    lat_ref = REFERENCE_SIZE // cfg.vae_factor
+    lat = torch.empty(r, cfg.unet.ref_in_dim, lat_ref, lat_ref, device=dev, dtype=f16)
+    ctx = torch.empty(1, cfg.text.text_len, cfg.unet.context_dim, device=dev, dtype=f16)
+    t0 = torch.zeros(1, device=dev, dtype=torch.long)
+    feats = unet.reference_features(lat, t0, ctx)
+    kv = unet.reference_kv(feats)
+
+    def unet_step(k: int) -> int:
+        rows = k * n if official_pattern else (n if k == 3 else 2 * n)
+        x = torch.empty(k * n, cfg.unet.out_dim, h, w, device=dev, dtype=f16)
+        mask = torch.empty(1, 1, h, w, device=dev, dtype=f16)
+        t = torch.zeros(k * n, device=dev, dtype=torch.long)
+        c = torch.empty(k * n, cfg.text.text_len, cfg.unet.context_dim, device=dev, dtype=f16)
+        return count_flops(unet, x, mask, t, c, RefInputs(kv, torch.ones(rows, device=dev, dtype=f16)))
+
+    ref_step = count_flops(lambda: unet.reference_kv(unet.reference_features(lat, t0, ctx)))
+    proj = count_flops(unet.reference_kv, feats)
+    out = {"reference_net_step": 0 if official_pattern else ref_step}
+    for k, key in ((2, "unet_2way_step"), (3, "unet_3way_step")):
+        out[key] = unet_step(k) + ((ref_step + (k * n - 1) * proj) if official_pattern else 0)
+    out["vae_decode"] = count_flops(vae.decode, torch.empty(n, cfg.vae.z_dim, h, w, device=dev, dtype=f16))
+    crops = torch.empty(r, 3, REFERENCE_SIZE, REFERENCE_SIZE, device=dev, dtype=f16)
+    out["encode_references"] = count_flops(vae.encode, crops)
+    steps = plan(workload.steps, workload.request().guidance)
+    n2 = sum(not s.three_way for s in steps)
+    out["loop"] = n2 * out["unet_2way_step"] + (len(steps) - n2) * out["unet_3way_step"]
+    out["loop"] += len(steps) * out["reference_net_step"]
     return out
 
 

@@ -72,3 +72,16 @@ def test_loop_flops_add_up_to_a_counted_run():
         whole = count_flops(sample, den, x, steps)
     assert sum(s.three_way for s in steps) not in (0, len(steps))  # both kinds of steps counted
     assert whole == parts["loop"], (whole, parts)
+
+
+def test_meta_device_counts_equal_a_real_run():
+    """The full-size FLOP counts come from the meta device; on the tiny model they equal a real run."""
+    from benchmarks.workload import Workload, loop_flops, meta_loop_flops
+    from flashface_trt.models.backend import TorchBackend
+    from flashface_trt.models.config import TINY
+    from flashface_trt.models.loading import tiny_models
+
+    backend = TorchBackend(tiny_models())
+    w = Workload(height=64, width=48, refs=2, steps=5, samples=2)
+    for official in (False, True):
+        assert meta_loop_flops(TINY, w, official) == loop_flops(backend, w, official)
