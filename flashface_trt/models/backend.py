@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -11,6 +12,7 @@ from ..runtime.identities import DEFAULT_KV_CACHE_BYTES, Identity, ReferenceKVCa
 from ..runtime.images import to_uint8
 from ..runtime.sampler import GuidanceParams, StepPlan, guide, sample
 from .config import LATENT_SCALE, ModelConfig
+from .static_loop import StaticLoop, loop_key
 from .text_encoder import TextEncoder
 from .tokenizer import ClipTokenizer
 from .unet import FlashFaceUNet
@@ -92,11 +94,21 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, models: TorchModels, kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES):
+    def __init__(
+        self,
+        models: TorchModels,
+        kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
+        static_loop: bool | None = None,
+        max_loops: int = 4,
+    ):
+        """static_loop: run the loop over static tensors, one CUDA-graph replay on a GPU (default on CUDA)."""
         self.models = models
         self.device = models.device
         self.dtype = models.dtype
         self.kv_cache = ReferenceKVCache(kv_cache_bytes)
+        self.static_loop = self.device.type == "cuda" if static_loop is None else static_loop
+        self.loops: OrderedDict[tuple, StaticLoop] = OrderedDict()  # captured loops, least recent first
+        self.max_loops = max_loops
 
     @property
     def tokenizer(self) -> ClipTokenizer:
@@ -134,8 +146,16 @@ class TorchBackend:
 
     @torch.inference_mode()
     def loop(self, denoise, x, steps, wrap=None):
-        """The denoising loop: the shared plain sampler over `denoise` (k-diffusion style)."""
-        return sample(denoise, x, steps, wrap)
+        """The denoising loop: the plain sampler, or the static loop (a CUDA-graph replay on a GPU)."""
+        if not self.static_loop or not isinstance(denoise, TorchDenoiser):
+            return sample(denoise, x, steps, wrap)
+        key = loop_key(denoise, tuple(x.shape), steps)
+        static = self.loops.pop(key, None) or StaticLoop(denoise, tuple(x.shape), steps, cuda_graph=True)
+        self.loops[key] = static
+        while len(self.loops) > self.max_loops:  # drop the least recently used graph and its buffers
+            self.loops.popitem(last=False)
+        static.load(denoise, steps)
+        return static.run(x)
 
     def decode(self, z: torch.Tensor) -> np.ndarray:
         """Scaled latents [N, 4, h, w] -> uint8 images [N, 8h, 8w, 3]."""
