@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks.bench_torch import main
 
 
@@ -39,11 +41,23 @@ def test_bench_tiny_cpu(tmp_path):
     assert record["config"]["steps"] == 3 and record["images_per_second"] > 0
 
 
-def test_suite_tiny_cpu_record(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_suite_tiny_cpu_record(tmp_path, precision):
     from benchmarks.suite import main as suite
 
     out = tmp_path / "suite.json"
-    args = ["--preset", "tiny", "--device", "cpu", "--precision", "fp32", "--height", "64", "--width", "64"]
+    args = [
+        "--preset",
+        "tiny",
+        "--device",
+        "cpu",
+        "--precision",
+        precision,
+        "--height",
+        "64",
+        "--width",
+        "64",
+    ]
     assert suite([*args, "--steps", "4", "--refs", "2", "--repeats", "1", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["device"] and r["torch"] and r["commit"] and r["config"]["steps"] == 4
@@ -52,6 +66,9 @@ def test_suite_tiny_cpu_record(tmp_path):
         assert {"prepare", "loop", "decode", "end_to_end"} <= set(r["seconds"][name])
     assert r["tflop"]["official_pattern"]["loop"] > r["tflop"]["ours"]["loop"] > 0
     assert r["matmul_peak_tflops_per_s"] > 0 and 0 < r["loop_percent_of_peak"]
+    if precision == "fp16":  # float16 against float32 on the same inputs, checked before timing
+        assert r["numerics"]["fp16_vs_fp32_eps_rel_err"] <= 2e-2
+        assert r["numerics"]["fp16_vs_fp32_image_psnr_db"] >= 30
 
 
 def test_loop_flops_add_up_to_a_counted_run():
