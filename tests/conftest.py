@@ -44,3 +44,23 @@ def rel_err(out, ref) -> float:
     out = np.asarray(out, dtype=np.float64)
     ref = np.asarray(ref, dtype=np.float64)
     return float(np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-30))
+
+
+TORCH_BLOCKER = """
+import sys
+class _BlockTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this test")
+sys.meta_path.insert(0, _BlockTorch())
+"""
+
+
+def run_without_torch(script: str, *args: str):
+    """Run `script` in a fresh interpreter where importing torch fails; returns the CompletedProcess."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = TORCH_BLOCKER + textwrap.dedent(script)
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True)

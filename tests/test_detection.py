@@ -30,7 +30,7 @@ from flashface_trt.runtime.faces import crop_face
 from flashface_trt.runtime.images import pad_to_square, synthetic_face
 from flashface_trt.runtime.references import load_references
 
-from .conftest import rel_err
+from .conftest import rel_err, run_without_torch
 from .scripted import scripted_detector
 
 # ---------------------------------------------------------------- oracle parity
@@ -273,18 +273,8 @@ def test_cropped_faces_skip_detection(tmp_path):
 
 def test_detection_runtime_imports_no_torch(tmp_path):
     """The detection, crop and ONNX Runtime modules run with torch made unimportable."""
-    import subprocess
-    import sys
-    import textwrap
-
-    script = textwrap.dedent(
-        """
+    script = """
         import sys
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                if name == "torch" or name.startswith("torch."):
-                    raise ImportError("torch is blocked in this test")
-        sys.meta_path.insert(0, Block())
         import numpy as np
         from PIL import Image
         import flashface_trt.runtime.ort_detector
@@ -297,10 +287,5 @@ def test_detection_runtime_imports_no_torch(tmp_path):
         assert "torch" not in sys.modules
         print("ok")
         """
-    )
-    from .conftest import REPO
-
-    out = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path / "p.png")], cwd=REPO, capture_output=True, text=True
-    )
+    out = run_without_torch(script, str(tmp_path / "p.png"))
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

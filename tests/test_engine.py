@@ -216,26 +216,14 @@ def test_tensorrt_end_to_end(tmp_path):
 
 
 def test_engine_modules_import_no_torch():
-    import subprocess
-    import sys
-    import textwrap
+    from .conftest import run_without_torch
 
-    from .conftest import REPO
-
-    script = textwrap.dedent(
-        """
-        import sys
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                if name == "torch" or name.startswith("torch."):
-                    raise ImportError("torch is blocked in this test")
-        sys.meta_path.insert(0, Block())
+    script = """
         import flashface_trt.engine.build, flashface_trt.engine.verify, flashface_trt.runtime.trt_backend
         import flashface_trt.commands
         print("ok")
         """
-    )
-    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
+    out = run_without_torch(script)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 

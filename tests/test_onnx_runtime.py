@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -34,7 +31,7 @@ from flashface_trt.runtime.pipeline import generate, register_identity  # noqa: 
 from flashface_trt.runtime.request import GenerationRequest  # noqa: E402
 from flashface_trt.runtime.sampler import GuidanceParams, guide, plan, single_step  # noqa: E402
 
-from .conftest import REPO, rel_err  # noqa: E402
+from .conftest import REPO, rel_err, run_without_torch  # noqa: E402
 from .test_sampler import oracle_guidance  # noqa: E402
 
 REQUEST = GenerationRequest(prompt="a woman with a hat", steps=4, height=96, width=64, num_samples=2, seed=3)
@@ -142,14 +139,8 @@ def test_graphs_use_only_tensorrt_operators(tiny_export):
 def test_runtime_runs_without_torch(tiny_export, tmp_path):
     photo = tmp_path / "me.png"
     synthetic_face(300, seed=7).save(photo)
-    script = textwrap.dedent(
-        f"""
+    script = f"""
         import sys
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                if name == "torch" or name.startswith("torch."):
-                    raise ImportError("torch is blocked in this test")
-        sys.meta_path.insert(0, Block())
         from flashface_trt.cli import main
         code = main(["generate", "--onnx", {str(tiny_export)!r}, "--face", {str(photo)!r}, "--largest-face",
                      "--prompt", "a man", "--steps", "2", "--height", "64", "--width", "64",
@@ -158,8 +149,7 @@ def test_runtime_runs_without_torch(tiny_export, tmp_path):
         assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules)
         print("ok")
         """
-    )
-    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
+    out = run_without_torch(script)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
     assert (tmp_path / "o.png").is_file()
 

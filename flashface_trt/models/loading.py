@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import WeightsError
+from ..export.artifacts import sha256_file
 from ..runtime.detection import preprocess, to_unit_tensor
 from ..runtime.images import synthetic_face
 from .backend import TorchModels
@@ -254,14 +255,6 @@ def _summarise(keys: list[str]) -> dict[str, int]:
     return out
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def convert_weights(src: str | Path, out: str | Path) -> dict:
     """Official files -> float16 safetensors with each tensor stored once, plus a manifest."""
     from safetensors.torch import save_file
@@ -292,7 +285,7 @@ def convert_weights(src: str | Path, out: str | Path) -> dict:
         manifest["files"][comp.converted] = {
             "source": str(path.relative_to(src)),
             "bytes": target.stat().st_size,
-            "sha256": _sha256_file(target),
+            "sha256": sha256_file(target),
             "dropped_from_source": _summarise(dropped),
             "tensors": {
                 k: {"shape": list(v.shape), "sha256": hashlib.sha256(v.numpy().tobytes()).hexdigest()}
@@ -321,7 +314,7 @@ def verify_converted(root: str | Path) -> None:
     root = Path(root)
     manifest = _read_manifest(root)
     for fname, entry in manifest["files"].items():
-        digest = _sha256_file(root / fname)
+        digest = sha256_file(root / fname)
         if digest != entry["sha256"]:
             raise WeightsError(
                 f"{str(root / fname)!r} sha256 {digest[:12]}... != manifest {entry['sha256'][:12]}..."
