@@ -51,6 +51,8 @@ class Identity:
 
 
 def _nbytes(value: Any) -> int:
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
     if isinstance(value, (list, tuple)):
         return sum(_nbytes(v) for v in value)
     if hasattr(value, "nbytes"):  # NumPy arrays, torch tensors
@@ -86,7 +88,7 @@ class ReferenceKVCache:
         return item[0]
 
     def put(self, key: Hashable, value: Any) -> None:
-        """Insert `value` (an array or a sequence of arrays); evict least recently used entries."""
+        """Insert `value` (an array, or a list/tuple/dict of them); evict least recently used entries."""
         size = _nbytes(value)
         if key in self._items:
             self.bytes -= self._items.pop(key)[1]

@@ -24,7 +24,7 @@ from .sampler import GuidanceParams, StepPlan, guide, sample
 log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "flashface-trt-onnx/1"
-NETWORKS = ("text_encoder", "vae_encoder", "vae_decoder", "reference_net", "unet")
+REQUIRED = ("text_encoder", "vae_encoder", "vae_decoder", "reference_net", "unet")  # graphs it runs
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
@@ -63,7 +63,7 @@ def read_export(root: str | Path) -> dict:
         ) from exc
     if manifest.get("format") != EXPORT_FORMAT:
         raise WeightsError(f"{str(path)!r} has format {manifest.get('format')!r}, expected {EXPORT_FORMAT!r}")
-    for name in NETWORKS:
+    for name in REQUIRED:
         entry = manifest.get("networks", {}).get(name)
         if entry is None or not (root / entry["file"]).is_file():
             raise WeightsError(f"{str(root)!r} lacks the {name} graph; re-run `flashface-trt export`")
@@ -170,10 +170,7 @@ class OrtDenoiser:
             kv = self.backend.sessions["reference_net"].run(
                 ref_latents=self.identity.latents, timestep=np.full(1, t, np.float32), context=self.uncond
             )
-            cache.put(key, list(kv.values()))
-            kv = dict(kv)
-        elif isinstance(kv, list):
-            kv = dict(zip(self.backend.sessions["reference_net"].spec.output_names, kv))
+            cache.put(key, kv)
         return kv
 
     def eps(self, x: np.ndarray, step: StepPlan) -> np.ndarray:
@@ -205,11 +202,11 @@ class OrtBackend:
         self.settings = settings or OrtSettings()
         self.manifest = read_export(self.root)
         nets = self.manifest["networks"]
-        specs = {name: NetworkSpec.from_dict(nets[name]["spec"]) for name in NETWORKS}
+        specs = {name: NetworkSpec.from_dict(nets[name]["spec"]) for name in REQUIRED}
         kv_names = tuple(specs["reference_net"].output_names)
         self.sessions = {
             name: Session(self.root / nets[name]["file"], specs[name], self.settings, kv_names)
-            for name in NETWORKS
+            for name in REQUIRED
         }
         self._tokenizer = ClipTokenizer(self.root / self.manifest["vocab"])
         self.kv_cache = ReferenceKVCache(self.settings.kv_cache_bytes)
