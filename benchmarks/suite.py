@@ -142,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--json", type=Path, help="result record (default: benchmarks/results/<device>-<commit>.json)"
     )
+    p.add_argument(
+        "--official-src", type=Path, help="a checkout of ali-vilab/FlashFace: also time its own loop"
+    )
     args = p.parse_args(argv)
 
     dtype = torch.float16 if args.precision == "fp16" else torch.float32
@@ -189,11 +192,23 @@ def main(argv: list[str] | None = None) -> int:
         "loop_percent_of_peak": 100 * loop_tflops / peak,
         "peak_memory_bytes": peak_mem,
     }
+    if args.official_src:
+        from .official import time_official
+
+        official = time_official(
+            args.official_src, backend.models.config, workload, args.device, args.repeats
+        )
+        record["seconds"]["official_implementation"] = {"loop": official["loop_seconds_median"]}
+        record["speedup_loop_vs_official_implementation"] = official["loop_seconds_median"] / ours["loop"]
     print(f"device {record['device']}, {args.preset}, {args.precision}, {workload}")
     for name, sec in record["seconds"].items():
         print(f"  {name:22s} " + "  ".join(f"{k} {v * 1000:8.1f} ms" for k, v in sec.items()))
     speed = record["speedup_end_to_end"], record["speedup_cached_identity"]
     print(f"  speedup (end to end) {speed[0]:.2f}x, cached identity {speed[1]:.2f}x")
+    if args.official_src:
+        print(
+            f"  loop vs the official implementation itself: {record['speedup_loop_vs_official_implementation']:.2f}x"
+        )
     pct = record["loop_percent_of_peak"]
     print(
         f"  loop {flops['loop'] / 1e12:.3f} TFLOP (official pattern {flops_base['loop'] / 1e12:.3f}), "

@@ -102,3 +102,21 @@ def test_meta_device_counts_equal_a_real_run():
     w = Workload(height=64, width=48, refs=2, steps=5, samples=2)
     for official in (False, True):
         assert meta_loop_flops(TINY, w, official) == loop_flops(backend, w, official)
+
+
+def test_suite_times_the_official_implementation(tmp_path):
+    """Only where a checkout of ali-vilab/FlashFace is named by FLASHFACE_OFFICIAL_SRC."""
+    import os
+    from pathlib import Path
+
+    src = os.environ.get("FLASHFACE_OFFICIAL_SRC")
+    if not src or not (Path(src) / "flashface" / "all_finetune").is_dir():
+        pytest.skip("set FLASHFACE_OFFICIAL_SRC to a checkout of ali-vilab/FlashFace")
+    from benchmarks.suite import main as suite
+
+    out = tmp_path / "suite.json"
+    args = ["--preset", "tiny", "--device", "cpu", "--precision", "fp32", "--height", "64", "--width", "64"]
+    assert suite([*args, "--steps", "3", "--repeats", "1", "--official-src", src, "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["seconds"]["official_implementation"]["loop"] > 0
+    assert r["speedup_loop_vs_official_implementation"] > 0
