@@ -91,11 +91,18 @@ class OfficialPatternDenoiser(TorchDenoiser):
         return step.ddim.x0_from_eps(x, out)
 
 
-def make_denoiser(backend: TorchBackend, workload: Workload, official_pattern: bool, identity=None):
-    """(denoiser, initial noise, plan, identity) for one run of `workload`."""
+def encode_prompts(backend: TorchBackend, workload: Workload):
+    """Text stage: [positive; negative] hidden states [2, 77, C]."""
     req = workload.request()
-    pos, neg = full_prompts(req.prompt, req.negative_prompt)
-    text = backend.encode_text(backend.tokenizer.encode([pos, neg]))
+    return backend.encode_text(backend.tokenizer.encode(list(full_prompts(req.prompt, req.negative_prompt))))
+
+
+def make_denoiser(
+    backend: TorchBackend, workload: Workload, official_pattern: bool, identity=None, text=None
+):
+    """(denoiser, initial noise, plan, identity) for one run of `workload` (text/identity reused if given)."""
+    req = workload.request()
+    text = encode_prompts(backend, workload) if text is None else text
     identity = identity or identity_from_crops(backend.encode_references, workload.crops())
     mask = backend.from_numpy(face_mask(req.face_bbox, req.height, req.width).astype(np.float32))
     mask = mask[None, None].to(backend.dtype)

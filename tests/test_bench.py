@@ -63,7 +63,8 @@ def test_suite_tiny_cpu_record(tmp_path, precision):
     assert r["device"] and r["torch"] and r["commit"] and r["config"]["steps"] == 4
     assert r["numerics"]["ours_vs_official_pattern_eps_rel_err"] <= 1e-4
     for name in ("ours", "official_pattern", "ours_cached_identity"):
-        assert {"prepare", "loop", "decode", "end_to_end"} <= set(r["seconds"][name])
+        assert {"text", "faces", "reference_net", "loop", "decode", "end_to_end"} <= set(r["seconds"][name])
+    assert r["seconds"]["ours"]["reference_net"] > 0 and r["seconds"]["ours_cached_identity"]["faces"] == 0
     assert r["tflop"]["official_pattern"]["loop"] > r["tflop"]["ours"]["loop"] > 0
     assert r["matmul_peak_tflops_per_s"] > 0 and 0 < r["loop_percent_of_peak"]
     if precision == "fp16":  # float16 against float32 on the same inputs, checked before timing
