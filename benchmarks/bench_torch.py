@@ -3,8 +3,8 @@
 Correctness is checked before timing: the run is repeated from the same seed and must give
 finite, identical latents. Times are wall-clock medians over `--repeats` runs after those two.
 
-    python benchmarks/bench_torch.py --preset tiny --height 128 --width 128 --steps 10
-    python benchmarks/bench_torch.py --preset sd15-random --device cuda --precision fp16
+    python -m benchmarks.bench_torch --preset tiny --height 128 --width 128 --steps 10
+    python -m benchmarks.bench_torch --preset sd15-random --device cuda --precision fp16
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from flashface_trt.models.loading import (
 )
 from flashface_trt.models.tokenizer import ClipTokenizer
 from flashface_trt.runtime.identities import identity_from_crops
-from flashface_trt.runtime.images import synthetic_face
-from flashface_trt.runtime.pipeline import prepare_references
 from flashface_trt.runtime.request import GenerationRequest, face_mask, full_prompts, initial_noise
 from flashface_trt.runtime.sampler import plan, sample
+
+from .workload import Workload
 
 
 def sd15_random(device: str, dtype: torch.dtype) -> TorchModels:
@@ -107,14 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     models = load[args.preset]() if args.preset else load_models(args.weights, args.device, dtype)
     backend = TorchBackend(models)
-    req = GenerationRequest(
-        prompt="a handsome young man",
-        steps=args.steps,
-        num_samples=args.num_samples,
-        height=args.height,
-        width=args.width,
-    ).validated()
-    refs = prepare_references([synthetic_face(seed=i) for i in range(args.refs)])
+    workload = Workload(args.height, args.width, args.refs, args.steps, args.num_samples)
+    req, refs = workload.request(), workload.crops()
 
     # correctness before timing (and warm-up): finite and reproducible latents
     warm = Clock(backend.device)

@@ -37,6 +37,15 @@ def manifests(oracle_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
+@pytest.fixture(scope="session")
+def face_dir(oracle_dir: Path) -> Path:
+    """The RetinaFace fixtures (`face/` of the oracle directory)."""
+    path = oracle_dir / "face"
+    if not (path / "face_cases.npz").is_file():
+        pytest.skip(f"face fixtures not found in {path}")
+    return path
+
+
 def rel_err(out, ref) -> float:
     """max|out - ref| / max|ref| (the parity metric of the acceptance tests)."""
     import numpy as np

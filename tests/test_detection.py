@@ -37,10 +37,10 @@ from .scripted import scripted_detector
 
 
 @pytest.fixture(scope="module")
-def face_dir(oracle_dir: Path) -> Path:
-    path = oracle_dir / "face"
-    if not (path / "retinaface_resnet50.pth").is_file():
-        pytest.skip(f"face fixtures not found in {path}")
+def detector_weights(face_dir: Path) -> Path:
+    path = face_dir / "retinaface_resnet50.pth"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
     return path
 
 
@@ -50,8 +50,8 @@ def cases(face_dir: Path):
 
 
 @pytest.fixture(scope="module")
-def official_run(face_dir: Path):
-    return detector_runner(load_retinaface(face_dir / "retinaface_resnet50.pth"))
+def official_run(detector_weights: Path):
+    return detector_runner(load_retinaface(detector_weights))
 
 
 @pytest.fixture(scope="module")
@@ -135,13 +135,13 @@ def test_demo_flow_matches_official(cases, official_run, photo):
 
 
 @pytest.mark.oracle
-def test_onnx_runtime_detector_matches_torch(face_dir, cases, tmp_path):
+def test_onnx_runtime_detector_matches_torch(detector_weights, cases, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     from flashface_trt.export.detector import cached_detector
     from flashface_trt.runtime.ort_detector import OrtDetector
 
-    model = load_retinaface(face_dir / "retinaface_resnet50.pth")
+    model = load_retinaface(detector_weights)
     path = cached_detector(model, tmp_path)
     assert path.name.startswith("detector-") and path.with_suffix(".onnx.json").is_file()
     assert cached_detector(model, tmp_path) == path  # reused, not rebuilt

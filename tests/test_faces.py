@@ -20,14 +20,6 @@ from .conftest import rel_err
 # ---------------------------------------------------------------- oracle parity
 
 
-@pytest.fixture(scope="module")
-def face_dir(oracle_dir: Path) -> Path:
-    path = oracle_dir / "face"
-    if not (path / "face_cases.npz").is_file():
-        pytest.skip(f"face fixtures not found in {path}")
-    return path
-
-
 def _oracle_crops(face_dir: Path) -> tuple[list[Image.Image], list[Image.Image], np.ndarray]:
     """(our crops, official crops, official face tensors [N, 3, 224, 224]) for every fixture crop."""
     cases = np.load(face_dir / "face_cases.npz")

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from ..errors import FlashFaceError
+from ..export.artifacts import read_manifest
 from ..export.spec import NetworkSpec
 from ..runtime.cuda import device_info
 from ..runtime.ort_backend import read_export
@@ -81,7 +82,7 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path, settings: BuildSett
     for name, entry in export["networks"].items():
         spec = NetworkSpec.from_dict(entry["spec"])
         graph = src / entry["file"]
-        onnx_sha = json.loads(graph.with_suffix(".onnx.json").read_text())["sha256"]
+        onnx_sha = str((read_manifest(graph) or {}).get("sha256", ""))  # read_export checked it exists
         key = EngineKey(name, onnx_sha, settings.key(), trt_version, gpu)
         path = out / key.file_name()
         try:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..export.spec import NetworkSpec
-from ..runtime.buffers import LoopDims, io_shapes
+from ..runtime.buffers import SAMPLE_STEP_ROW, LoopDims, io_shapes
 from ..runtime.cuda import copy_to_device
 from ..runtime.ort_backend import OrtSettings, Session, read_export
 
@@ -34,7 +34,7 @@ def random_inputs(
         elif t.name == "ref_scale":
             feeds[t.name] = np.ones(shape, np.float32)
         elif t.name == "coef":
-            feeds[t.name] = np.array([7.5, 3.2, 0.5, 0.6, 0.8, 0.8, 0.6, 0.9, 0.4], np.float32)
+            feeds[t.name] = np.array(SAMPLE_STEP_ROW, np.float32)
         else:
             feeds[t.name] = (0.5 * rng.standard_normal(shape)).astype(t.dtype)
     return feeds

@@ -21,15 +21,15 @@ from ..errors import InputError
 from ..models.backend import TorchModels
 from ..models.retinaface import RetinaFace
 from ..models.tokenizer import ClipTokenizer
+from ..runtime.buffers import SAMPLE_STEP_ROW
 from .artifacts import arrays_digest, cached_artifact
 from .detector import cached_detector, detector_spec
 from .networks import GRAPHS, NETWORKS, ExportShapes, network_specs
 from .onnx_io import EXTERNAL_DATA_BYTES, check_graph, export_graph, simplify
-from .spec import NetworkSpec
+from .spec import EXPORT_FORMAT, NetworkSpec
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMAT = "flashface-trt-onnx/1"
 MANIFEST = "manifest.json"
 VOCAB = "bpe_simple_vocab_16e6.txt.gz"
 
@@ -69,8 +69,7 @@ def sample_inputs(spec: NetworkSpec, device: torch.device) -> tuple[torch.Tensor
         if t.name == "timestep":
             out.append(torch.full(shapes[t.name], 500.0, dtype=dtype, device=device))
         elif t.name == "coef":  # a plausible step: guidance 7.5 / 3.2 / 0.5, DDIM coefficients
-            values = [7.5, 3.2, 0.5, 0.6, 0.8, 0.8, 0.6, 0.9, 0.4]
-            out.append(torch.tensor(values, dtype=dtype, device=device))
+            out.append(torch.tensor(SAMPLE_STEP_ROW, dtype=dtype, device=device))
         elif t.name in ("ref_scale", "mask"):
             out.append(torch.ones(shapes[t.name], dtype=dtype, device=device))
         else:

@@ -13,6 +13,8 @@ from ..errors import InputError
 
 Dim = int | str  # a fixed size, or the name of a dynamic axis
 
+EXPORT_FORMAT = "flashface-trt-onnx/1"  # manifest.json of an exported directory
+
 
 @dataclass(frozen=True)
 class TensorSpec:

@@ -110,6 +110,10 @@ STEP_COEFFICIENTS = (
 )
 
 
+# a plausible row (guidance 7.5 / 3.2 / 0.5 and DDIM coefficients) for tracing and verification
+SAMPLE_STEP_ROW = [7.5, 3.2, 0.5, 0.6, 0.8, 0.8, 0.6, 0.9, 0.4]
+
+
 def step_coefficients(step, guidance) -> list[float]:
     """One row of the device table the update graph reads: guidance scales and DDIM coefficients."""
     d = step.ddim

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import FlashFaceError, InputError, WeightsError
-from ..export.spec import NetworkSpec
+from ..export.artifacts import read_manifest
+from ..export.spec import EXPORT_FORMAT, NetworkSpec
 from ..models.tokenizer import ClipTokenizer
 from .identities import DEFAULT_KV_CACHE_BYTES, Identity, ReferenceKVCache, kv_key
 from .ort_detector import OrtDetector
@@ -23,7 +24,6 @@ from .sampler import GuidanceParams, StepPlan, guide, sample
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMAT = "flashface-trt-onnx/1"
 REQUIRED = ("text_encoder", "vae_encoder", "vae_decoder", "reference_net", "unet")  # graphs it runs
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -73,10 +73,9 @@ def read_export(root: str | Path) -> dict:
 
 def _check_artifact(path: Path) -> None:
     """Size check against the graph's own manifest (a full sha256 is `flashface-trt export`'s job)."""
-    try:
-        meta = json.loads(path.with_suffix(".onnx.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise WeightsError(f"{str(path)!r} has no readable manifest beside it; re-run the export") from exc
+    meta = read_manifest(path)
+    if meta is None:
+        raise WeightsError(f"{str(path)!r} has no readable manifest beside it; re-run the export")
     if path.stat().st_size != meta.get("bytes"):
         raise WeightsError(
             f"{str(path)!r} changed after export (size differs from its manifest); re-run the export"
