@@ -13,6 +13,8 @@ with `--precision fp16` the float16 eps is compared with float32 on the same inp
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import platform
 import re
@@ -25,8 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flashface_trt.models.backend import TorchBackend
+from flashface_trt.models.backend import TorchBackend, TorchModels
 from flashface_trt.models.loading import tiny_models
+from flashface_trt.models.settings import TORCH_PRESETS
 from flashface_trt.runtime.identities import identity_from_crops
 from flashface_trt.runtime.sampler import sample
 
@@ -100,7 +103,7 @@ def check_numerics(backend: TorchBackend, workload: Workload, args) -> dict:
         a, b = ours.eps(x, step).float(), base.eps(x, step).float()
     out = {"ours_vs_official_pattern_eps_rel_err": float((a - b).abs().max() / b.abs().max())}
     if backend.dtype == torch.float16:
-        ref = load_models(args, torch.float32)
+        ref = TorchBackend(load_models(args, torch.float32), TORCH_PRESETS["eager"])
         with torch.inference_mode():
             d32, x32, _, _ = make_denoiser(ref, workload, official_pattern=False)
             e32 = d32.eps(x32, step).float()
@@ -113,10 +116,39 @@ def check_numerics(backend: TorchBackend, workload: Workload, args) -> dict:
     return out
 
 
-def load_models(args, dtype: torch.dtype) -> TorchBackend:
+def check_loop(backend: TorchBackend, workload: Workload, reference: torch.Tensor) -> float:
+    """Before timing a variant: its loop (static, CUDA-graph replay, compiled) against the plain sampler.
+
+    This first run is also the variant's warm-up: compilation and graph capture happen here.
+    """
+    _, z0, _ = run(backend, workload, official=False)
+    return float((z0.float() - reference).abs().max() / reference.abs().max())
+
+
+def load_models(args, dtype: torch.dtype) -> TorchModels:
     device = torch.device(args.device)
-    models = tiny_models(device, dtype) if args.preset == "tiny" else sd15_random(device, dtype)
-    return TorchBackend(models)
+    return tiny_models(device, dtype) if args.preset == "tiny" else sd15_random(device, dtype)
+
+
+def variant_backend(models: TorchModels, name: str) -> TorchBackend:
+    """The backend of one `TORCH_PRESETS` entry; channels-last converts its own copy of the UNet."""
+    settings = TORCH_PRESETS[name]
+    if settings.channels_last:
+        models = dataclasses.replace(models, unet=copy.deepcopy(models.unet))
+    return TorchBackend(models, settings)
+
+
+def time_variant(backend: TorchBackend, workload: Workload, repeats: int) -> dict:
+    """Median stage seconds of fresh and cached-identity requests, and the peak GPU memory of one."""
+    ours = median_runs(lambda: run(backend, workload, official=False)[0], repeats)
+    _, _, identity = run(backend, workload, official=False)
+    cached = median_runs(lambda: run(backend, workload, official=False, identity=identity)[0], repeats)
+    peak_mem = None
+    if backend.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(backend.device)
+        run(backend, workload, official=False)
+        peak_mem = torch.cuda.max_memory_allocated(backend.device)
+    return {"seconds": ours, "cached_identity": cached, "peak_memory_bytes": peak_mem}
 
 
 def cpu_name() -> str:
@@ -153,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument(
+        "--variants",
+        type=lambda text: [v for v in text.split(",") if v],
+        default=["auto"],
+        help=f"comma-separated PyTorch backend presets timed in this run ({', '.join(TORCH_PRESETS)})",
+    )
+    p.add_argument(
         "--matmul-size", type=int, help="square matmul size for the peak (default 8192 GPU, 1024 CPU)"
     )
     p.add_argument(
@@ -163,72 +201,98 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
 
+    unknown = [v for v in args.variants if v not in TORCH_PRESETS]
+    if unknown or not args.variants:
+        p.error(f"--variants {','.join(args.variants)!r}: each must be one of {', '.join(TORCH_PRESETS)}")
     dtype = torch.float16 if args.precision == "fp16" else torch.float32
-    backend = load_models(args, dtype)
-    device = backend.device
+    models = load_models(args, dtype)
+    plain = TorchBackend(models, TORCH_PRESETS["eager"])  # the baseline, and the reference loop
+    device = plain.device
     workload = Workload(args.height, args.width, args.refs, args.steps, args.samples)
-    numerics = check_numerics(backend, workload, args)
-    if not numerics["ours_vs_official_pattern_eps_rel_err"] <= (1e-2 if dtype == torch.float16 else 1e-4):
+    numerics = check_numerics(plain, workload, args)
+    fp16 = dtype == torch.float16
+    if not numerics["ours_vs_official_pattern_eps_rel_err"] <= (1e-2 if fp16 else 1e-4):
         print(f"numerics check failed: {numerics}", file=sys.stderr)
         return 1
-    run(backend, workload, official=False)  # warm-up both paths
-    run(backend, workload, official=True)
-    ours = median_runs(lambda: run(backend, workload, official=False)[0], args.repeats)
-    base = median_runs(lambda: run(backend, workload, official=True)[0], args.repeats)
-    _, _, identity = run(backend, workload, official=False)
-    cached = median_runs(lambda: run(backend, workload, official=False, identity=identity)[0], args.repeats)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        run(backend, workload, official=False)
-    peak_mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    cfg = backend.models.config  # counted on the meta device: the same counts as a real run, in seconds
+    with torch.inference_mode():
+        den, x, steps, _ = make_denoiser(plain, workload, official_pattern=False)
+        reference_z0 = sample(den, x, steps).float()
+    run(plain, workload, official=True)  # warm-up
+    base = median_runs(lambda: run(plain, workload, official=True)[0], args.repeats)
+    cfg = models.config  # counted on the meta device: the same counts as a real run, in seconds
     flops, flops_base = meta_loop_flops(cfg, workload), meta_loop_flops(cfg, workload, official_pattern=True)
     size = args.matmul_size or (8192 if device.type == "cuda" else 1024)
     peak = matmul_peak_tflops(device, dtype, size)
-    loop_seconds = ours["reference_net"] + ours["loop"]  # the loop's FLOPs include the ReferenceNet's
-    loop_tflops = flops["loop"] / loop_seconds / 1e12
+    variants = {}
+    for name in args.variants:
+        backend = variant_backend(models, name)
+        err = check_loop(backend, workload, reference_z0)
+        numerics[f"loop_{name}_vs_plain_sampler_z0_rel_err"] = err
+        if not err <= (5e-2 if fp16 else 1e-3):
+            print(f"variant {name}: loop differs from the plain sampler (rel err {err:.2e})", file=sys.stderr)
+            return 1
+        v = time_variant(backend, workload, args.repeats)
+        loop_seconds = (
+            v["seconds"]["reference_net"] + v["seconds"]["loop"]
+        )  # loop FLOPs include the ReferenceNet's
+        v["loop_tflops_per_s"] = flops["loop"] / loop_seconds / 1e12
+        v["loop_percent_of_peak"] = 100 * v["loop_tflops_per_s"] / peak
+        v["speedup_end_to_end"] = base["end_to_end"] / v["seconds"]["end_to_end"]
+        v["speedup_cached_identity"] = base["end_to_end"] / v["cached_identity"]["end_to_end"]
+        v["images_per_second"] = args.samples / v["seconds"]["end_to_end"]
+        variants[name] = v
+        del backend
+    first = variants[args.variants[0]]
+    ours = first["seconds"]
+    loop_seconds = ours["reference_net"] + ours["loop"]
     record = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "torch": torch.__version__,
         "commit": git_commit(),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "numerics": numerics,
-        "seconds": {"ours": ours, "official_pattern": base, "ours_cached_identity": cached},
+        "seconds": {"ours": ours, "official_pattern": base, "ours_cached_identity": first["cached_identity"]},
         "images_per_second": {
-            "ours": args.samples / ours["end_to_end"],
+            "ours": first["images_per_second"],
             "official_pattern": args.samples / base["end_to_end"],
         },
-        "speedup_end_to_end": base["end_to_end"] / ours["end_to_end"],
-        "speedup_cached_identity": base["end_to_end"] / cached["end_to_end"],
+        "speedup_end_to_end": first["speedup_end_to_end"],
+        "speedup_cached_identity": first["speedup_cached_identity"],
         "tflop": {
             "ours": {k: v / 1e12 for k, v in flops.items()},
             "official_pattern": {k: v / 1e12 for k, v in flops_base.items()},
         },
-        "loop_tflops_per_s": loop_tflops,
+        "loop_tflops_per_s": first["loop_tflops_per_s"],
         "matmul_peak_tflops_per_s": peak,
-        "loop_percent_of_peak": 100 * loop_tflops / peak,
-        "peak_memory_bytes": peak_mem,
+        "loop_percent_of_peak": first["loop_percent_of_peak"],
+        "peak_memory_bytes": first["peak_memory_bytes"],
+        "variants": variants,
     }
     if args.official_src:
         from .official import time_official
 
-        official = time_official(
-            args.official_src, backend.models.config, workload, args.device, args.repeats
-        )
+        official = time_official(args.official_src, models.config, workload, args.device, args.repeats)
         record["seconds"]["official_implementation"] = {"loop": official["loop_seconds_median"]}
         record["speedup_loop_vs_official_implementation"] = official["loop_seconds_median"] / loop_seconds
     print(f"device {record['device']}, {args.preset}, {args.precision}, {workload}")
-    for name, sec in record["seconds"].items():
-        print(f"  {name:22s} " + "  ".join(f"{k} {v * 1000:8.1f} ms" for k, v in sec.items()))
-    speed = record["speedup_end_to_end"], record["speedup_cached_identity"]
-    print(f"  speedup (end to end) {speed[0]:.2f}x, cached identity {speed[1]:.2f}x")
+    print(f"  {'official_pattern':40s} " + "  ".join(f"{k} {v * 1000:8.1f} ms" for k, v in base.items()))
+    if args.official_src:
+        print(f"  {'official_implementation':40s} loop {official['loop_seconds_median'] * 1000:8.1f} ms")
+    for name, v in variants.items():
+        for label, sec in ((name, v["seconds"]), (f"{name} (cached identity)", v["cached_identity"])):
+            print(f"  {label:40s} " + "  ".join(f"{k} {t * 1000:8.1f} ms" for k, t in sec.items()))
+        print(
+            f"  {'':40s} speedup {v['speedup_end_to_end']:.2f}x "
+            f"(cached {v['speedup_cached_identity']:.2f}x), "
+            f"{v['images_per_second']:.3f} images/s, loop {v['loop_tflops_per_s']:.2f} TFLOP/s = "
+            f"{v['loop_percent_of_peak']:.1f}% of peak"
+        )
     if args.official_src:
         vs_official = record["speedup_loop_vs_official_implementation"]
         print(f"  loop vs the official implementation itself: {vs_official:.2f}x")
-    pct = record["loop_percent_of_peak"]
     print(
         f"  loop {flops['loop'] / 1e12:.3f} TFLOP (official pattern {flops_base['loop'] / 1e12:.3f}), "
-        f"{loop_tflops:.2f} TFLOP/s = {pct:.1f}% of the measured matmul peak {peak:.1f}"
+        f"measured matmul peak {peak:.1f} TFLOP/s"
     )
     device_tag = re.sub(r"[^A-Za-z0-9.-]+", "_", record["device"]).strip("_")
     out = args.json or RESULTS / f"{device_tag}-{args.preset}-{record['commit']}.json"

@@ -107,7 +107,8 @@ def make_denoiser(
     mask = backend.from_numpy(face_mask(req.face_bbox, req.height, req.width).astype(np.float32))
     mask = mask[None, None].to(backend.dtype)
     cls = OfficialPatternDenoiser if official_pattern else TorchDenoiser
-    den = cls(backend.models.unet, text[:1], text[1:2], identity, mask, req.guidance, backend.kv_cache, "neg")
+    unet = backend.models.unet if official_pattern else backend.unet  # ours: compiled where set
+    den = cls(unet, text[:1], text[1:2], identity, mask, req.guidance, backend.kv_cache, "neg")
     x = backend.from_numpy(initial_noise(req.seed, req.num_samples, req.height, req.width))
     return den, x, plan(req.steps, req.guidance), identity
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import commands as cmd
 from .errors import FlashFaceError
+from .models.settings import TORCH_PRESETS
 from .runtime.images import DEFAULT_MAX_PIXELS
 from .runtime.request import RECIPES
 
@@ -46,6 +47,12 @@ def _add_model_args(p: argparse.ArgumentParser, onnx: bool = False) -> None:
             choices=["cpu", "cuda", "tensorrt"],
             default="cpu",
             help="ONNX Runtime execution provider (cuda/tensorrt where installed)",
+        )
+        p.add_argument(
+            "--torch-preset",
+            choices=list(TORCH_PRESETS),
+            default="auto",
+            help="PyTorch backend: static loop (CUDA graph on a GPU), torch.compile, channels-last",
         )
     p.add_argument(
         "--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available"

@@ -174,12 +174,13 @@ def _faces(args: argparse.Namespace, detector):
 def _torch_backend(args: argparse.Namespace):
     from .models.backend import TorchBackend
     from .models.loading import load_models, tiny_models
+    from .models.settings import TORCH_PRESETS
 
     device, dtype = _device(args)
     t0 = time.perf_counter()
     models = tiny_models(device, dtype) if args.preset else load_models(args.weights, device, dtype)
     log.info("models ready in %.1f s (%s, %s)", time.perf_counter() - t0, device, dtype)
-    return TorchBackend(models), lambda: _torch_detector(args, device)
+    return TorchBackend(models, TORCH_PRESETS[args.torch_preset]), lambda: _torch_detector(args, device)
 
 
 def _ort_backend(args: argparse.Namespace):

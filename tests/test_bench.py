@@ -58,9 +58,17 @@ def test_suite_tiny_cpu_record(tmp_path, precision):
         "--width",
         "64",
     ]
-    assert suite([*args, "--steps", "4", "--refs", "2", "--repeats", "1", "--json", str(out)]) == 0
+    variants = ["--variants", "auto,channels-last"]
+    assert suite([*args, "--steps", "4", "--refs", "2", "--repeats", "1", *variants, "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["device"] and r["torch"] and r["commit"] and r["config"]["steps"] == 4
+    assert list(r["variants"]) == ["auto", "channels-last"]
+    assert r["variants"]["auto"]["seconds"] == r["seconds"]["ours"]
+    for name, v in r["variants"].items():  # each variant's loop checked against the plain sampler first
+        assert r["numerics"][f"loop_{name}_vs_plain_sampler_z0_rel_err"] <= (
+            1e-3 if precision == "fp32" else 5e-2
+        )
+        assert v["speedup_end_to_end"] > 0 and v["images_per_second"] > 0 and v["loop_percent_of_peak"] > 0
     assert r["numerics"]["ours_vs_official_pattern_eps_rel_err"] <= 1e-4
     for name in ("ours", "official_pattern", "ours_cached_identity"):
         assert {"text", "faces", "reference_net", "loop", "decode", "end_to_end"} <= set(r["seconds"][name])
@@ -121,3 +129,12 @@ def test_suite_times_the_official_implementation(tmp_path):
     r = json.loads(out.read_text())
     assert r["seconds"]["official_implementation"]["loop"] > 0
     assert r["speedup_loop_vs_official_implementation"] > 0
+
+
+def test_suite_names_an_unknown_variant(capsys):
+    from benchmarks.suite import main as suite
+
+    with pytest.raises(SystemExit):
+        suite(["--preset", "tiny", "--device", "cpu", "--variants", "auto,fastest"])
+    err = capsys.readouterr().err
+    assert "'auto,fastest'" in err and "compiled-channels-last" in err

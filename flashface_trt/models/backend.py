@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import torch
 
-from ..runtime.identities import DEFAULT_KV_CACHE_BYTES, Identity, ReferenceKVCache, kv_key
+from ..runtime.identities import Identity, ReferenceKVCache, kv_key
 from ..runtime.images import to_uint8
 from ..runtime.sampler import GuidanceParams, StepPlan, guide, sample
 from .config import LATENT_SCALE, ModelConfig
+from .settings import TorchSettings
 from .static_loop import StaticLoop, loop_key
 from .text_encoder import TextEncoder
 from .tokenizer import ClipTokenizer
@@ -20,6 +22,7 @@ from .unet_blocks import RefInputs
 from .vae import AutoencoderKL
 
 VAE_BATCH = 3  # references encoded per VAE call (official cfg.ae_batch_size)
+COMPILED_SHAPES = 64  # compiled UNet specialisations kept before dynamo falls back to eager
 
 
 @dataclass
@@ -94,21 +97,24 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(
-        self,
-        models: TorchModels,
-        kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
-        static_loop: bool | None = None,
-        max_loops: int = 4,
-    ):
-        """static_loop: run the loop over static tensors, one CUDA-graph replay on a GPU (default on CUDA)."""
+    def __init__(self, models: TorchModels, settings: TorchSettings | None = None):
+        self.settings = settings = (settings or TorchSettings()).validated()
         self.models = models
         self.device = models.device
         self.dtype = models.dtype
-        self.kv_cache = ReferenceKVCache(kv_cache_bytes)
-        self.static_loop = self.device.type == "cuda" if static_loop is None else static_loop
+        self.kv_cache = ReferenceKVCache(settings.kv_cache_bytes)
+        self.static_loop = (
+            self.device.type == "cuda" if settings.static_loop is None else settings.static_loop
+        )
         self.loops: OrderedDict[tuple, StaticLoop] = OrderedDict()  # captured loops, least recent first
-        self.max_loops = max_loops
+        self.max_loops = settings.max_loops
+        if settings.channels_last:
+            models.unet.to_channels_last()
+        self.unet = models.unet  # what the denoisers call: the module, or its compiled forward
+        if settings.compile:  # one specialisation per batch shape: raise dynamo's limit of 8 per function
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_SHAPES)
+            compiled = torch.compile(models.unet, dynamic=False, mode=settings.compile_mode)
+            self.unet = cast(FlashFaceUNet, compiled)
 
     @property
     def tokenizer(self) -> ClipTokenizer:
@@ -142,7 +148,7 @@ class TorchBackend:
         uncond_key: str = "",
     ) -> TorchDenoiser:
         m = self.from_numpy(mask.astype(np.float32))[None, None].to(self.dtype)  # [1, 1, h, w]
-        return TorchDenoiser(self.models.unet, cond, uncond, identity, m, guidance, self.kv_cache, uncond_key)
+        return TorchDenoiser(self.unet, cond, uncond, identity, m, guidance, self.kv_cache, uncond_key)
 
     @torch.inference_mode()
     def loop(self, denoise, x, steps, wrap=None):

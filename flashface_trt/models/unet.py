@@ -106,6 +106,7 @@ class FlashFaceUNet(nn.Module):
             nn.SiLU(),
             nn.Conv2d(cfg.dim * cfg.dim_mult[0], cfg.out_dim, 3, padding=1),
         )
+        self.memory_format = torch.contiguous_format  # of every 4-D activation; see `to_channels_last`
         self.ref_encoder, ref_skips, ref_scale = _build_encoder(cfg, cfg.ref_in_dim)
         self.ref_decoder = _build_decoder(cfg, ref_skips, ref_scale, ref_branch=False)
         main = self._attention_blocks(self.decoder)
@@ -124,6 +125,11 @@ class FlashFaceUNet(nn.Module):
             m for part in (self.middle, decoder) for m in part.modules() if isinstance(m, AttentionBlock)
         ]
         return blocks
+
+    def to_channels_last(self) -> FlashFaceUNet:
+        """NHWC layout for every convolution: weights converted in place, inputs in `forward`."""
+        self.memory_format = torch.channels_last
+        return self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # (untyped kwarg)
 
     @property
     def num_reference_layers(self) -> int:
@@ -180,6 +186,7 @@ class FlashFaceUNet(nn.Module):
         """
         b, _, h, w = x.shape
         x = torch.cat([x, mask.to(x.dtype).expand(b, 1, h, w)], dim=1)  # [B, 5, h, w]
+        x = x.contiguous(memory_format=self.memory_format)
         out = self._run(x, self._embed(t), context.to(x.dtype), self.encoder, self.decoder, ref=ref)
         assert out is not None
         return out  # [B, 4, h, w]
@@ -193,6 +200,7 @@ class FlashFaceUNet(nn.Module):
         (the negative-prompt embedding, shared by every reference).
         """
         r = ref_latents.shape[0]
+        ref_latents = ref_latents.contiguous(memory_format=self.memory_format)
         e = self._embed(t.reshape(-1)[:1]).expand(r, -1)
         ctx = context.to(ref_latents.dtype).expand(r, -1, -1)
         collect: list[torch.Tensor] = []

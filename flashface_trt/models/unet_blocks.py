@@ -17,6 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout of a 4-D activation: channels-last (NHWC strides) or the default NCHW."""
+    nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if nhwc else torch.contiguous_format
+
+
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Timestep embedding [cos | sin] of the official UNet (DDPM positional encoding)."""
     half = dim // 2
@@ -184,14 +190,14 @@ class StackedAttention(nn.Module):
         stop_at: int = -1,
     ) -> torch.Tensor:
         b, c, h, w = x.shape
-        identity = x
-        x = self.conv1(self.norm1(x)).view(b, c, h * w).transpose(1, 2)  # [B, HW, C]
+        identity, layout = x, memory_format(x)
+        x = self.conv1(self.norm1(x)).permute(0, 2, 3, 1).reshape(b, h * w, c)  # [B, HW, C], a view in NHWC
         for block in self.blocks:
             stop = collect is not None and block.ref_index == stop_at
             x = block(x, context, ref, collect, stop)
             if stop:
                 return identity  # the ReferenceNet has every feature it needs
-        x = x.transpose(1, 2).reshape(b, c, h, w)
+        x = x.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous(memory_format=layout)  # [B, C, H, W]
         return self.conv2(x) + identity
 
 

@@ -1,0 +1,52 @@
+"""Settings of the PyTorch backend (no torch import: the command line reads the preset names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import InputError
+from ..runtime.identities import DEFAULT_KV_CACHE_BYTES
+
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # the loop is captured by our own CUDA graph
+
+
+@dataclass(frozen=True)
+class TorchSettings:
+    """How the PyTorch backend runs; `benchmarks.suite --variants` times each preset side by side.
+
+    static_loop: run the loop over static tensors, replayed as one CUDA graph on a GPU
+        (None: on for CUDA, off for the CPU, where the plain sampler is as fast).
+    compile: torch.compile the main UNet's forward (one specialisation per batch shape); the
+        ReferenceNet, run once per step per new identity, stays eager.
+    compile_mode: a torch.compile mode without inductor's own CUDA graphs (ours capture the loop).
+    channels_last: NHWC layout for the UNet's convolutions (its weights are converted in place).
+    kv_cache_bytes: byte budget of the per-identity reference K/V cache.
+    max_loops: static loops kept (each holds its buffers and captured graph), least recent dropped.
+    """
+
+    static_loop: bool | None = None
+    compile: bool = False
+    compile_mode: str = "default"
+    channels_last: bool = False
+    kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES
+    max_loops: int = 4
+
+    def validated(self) -> TorchSettings:
+        """These settings, or an InputError naming the value out of range."""
+        if self.compile_mode not in COMPILE_MODES:
+            raise InputError(f"compile_mode {self.compile_mode!r} is not one of {COMPILE_MODES}")
+        if self.kv_cache_bytes < 0:
+            raise InputError(f"kv_cache_bytes must be >= 0, got {self.kv_cache_bytes}")
+        if self.max_loops < 1:
+            raise InputError(f"max_loops must be >= 1, got {self.max_loops}")
+        return self
+
+
+TORCH_PRESETS = {
+    "auto": TorchSettings(),
+    "eager": TorchSettings(static_loop=False),
+    "static": TorchSettings(static_loop=True),
+    "compiled": TorchSettings(static_loop=True, compile=True),
+    "channels-last": TorchSettings(static_loop=True, channels_last=True),
+    "compiled-channels-last": TorchSettings(static_loop=True, compile=True, channels_last=True),
+}
