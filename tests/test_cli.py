@@ -41,6 +41,14 @@ def test_generate_tiny_is_reproducible(tmp_path):
     assert not np.array_equal(a, _run(tmp_path, "--seed", "2"))
 
 
+def test_generate_torch_presets_give_the_same_image(tmp_path):
+    """`--torch-preset` picks how the PyTorch backend runs, not what it computes."""
+    a = _run(tmp_path, "--seed", "1")
+    for preset in ("static", "channels-last"):
+        b = _run(tmp_path, "--seed", "1", "--torch-preset", preset)
+        assert np.abs(a.astype(np.int16) - b.astype(np.int16)).max() <= 1, preset
+
+
 def test_generate_with_faces_and_samples(tmp_path):
     faces = []
     for i in range(2):
