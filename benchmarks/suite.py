@@ -94,8 +94,11 @@ def median_runs(fn, repeats: int) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
-def check_numerics(backend: TorchBackend, workload: Workload, args) -> dict:
-    """Before timing: ours vs the official pattern (same result), and float16 vs float32 eps."""
+def check_numerics(backend: TorchBackend, workload: Workload, args, z_ours: torch.Tensor) -> dict:
+    """Before timing: ours vs the official pattern (same result), and float16 vs float32 eps.
+
+    z_ours: the plain sampler's z0 for `workload` on `backend` (float16 image vs float32 image).
+    """
     with torch.inference_mode():
         ours, x, steps, _ = make_denoiser(backend, workload, official_pattern=False)
         base, _, _, _ = make_denoiser(backend, workload, official_pattern=True)
@@ -107,7 +110,7 @@ def check_numerics(backend: TorchBackend, workload: Workload, args) -> dict:
         with torch.inference_mode():
             d32, x32, _, _ = make_denoiser(ref, workload, official_pattern=False)
             e32 = d32.eps(x32, step).float()
-            z16 = sample(ours, x, steps)
+            z16 = z_ours
             z32 = sample(d32, x32, steps)
         i16, i32 = backend.decode(z16).astype(np.float64), ref.decode(z32).astype(np.float64)
         mse = float(((i16 - i32) ** 2).mean())
@@ -122,7 +125,8 @@ def check_loop(backend: TorchBackend, workload: Workload, reference: torch.Tenso
     This first run is also the variant's warm-up: compilation and graph capture happen here.
     """
     _, z0, _ = run(backend, workload, official=False)
-    return float((z0.float() - reference).abs().max() / reference.abs().max())
+    ref = reference.float()
+    return float((z0.float() - ref).abs().max() / ref.abs().max())
 
 
 def load_models(args, dtype: torch.dtype) -> TorchModels:
@@ -138,8 +142,9 @@ def variant_backend(models: TorchModels, name: str) -> TorchBackend:
     return TorchBackend(models, settings)
 
 
-def time_variant(backend: TorchBackend, workload: Workload, repeats: int) -> dict:
-    """Median stage seconds of fresh and cached-identity requests, and the peak GPU memory of one."""
+def time_variant(backend: TorchBackend, workload: Workload, repeats: int, base: dict, rates: dict) -> dict:
+    """Median stage seconds of fresh and cached-identity requests, the peak GPU memory of one, and
+    rates against the baseline's seconds `base` and `rates` (loop FLOPs, matmul peak TFLOP/s)."""
     ours = median_runs(lambda: run(backend, workload, official=False)[0], repeats)
     _, _, identity = run(backend, workload, official=False)
     cached = median_runs(lambda: run(backend, workload, official=False, identity=identity)[0], repeats)
@@ -148,7 +153,19 @@ def time_variant(backend: TorchBackend, workload: Workload, repeats: int) -> dic
         torch.cuda.reset_peak_memory_stats(backend.device)
         run(backend, workload, official=False)
         peak_mem = torch.cuda.max_memory_allocated(backend.device)
-    return {"seconds": ours, "cached_identity": cached, "peak_memory_bytes": peak_mem}
+    loop_seconds = ours["reference_net"] + ours["loop"]  # the loop's FLOPs include the ReferenceNet's
+    tflops = rates["loop_flops"] / loop_seconds / 1e12
+    return {
+        "seconds": ours,
+        "cached_identity": cached,
+        "peak_memory_bytes": peak_mem,
+        "loop_seconds": loop_seconds,
+        "loop_tflops_per_s": tflops,
+        "loop_percent_of_peak": 100 * tflops / rates["peak"],
+        "speedup_end_to_end": base["end_to_end"] / ours["end_to_end"],
+        "speedup_cached_identity": base["end_to_end"] / cached["end_to_end"],
+        "images_per_second": workload.samples / ours["end_to_end"],
+    }
 
 
 def cpu_name() -> str:
@@ -209,20 +226,21 @@ def main(argv: list[str] | None = None) -> int:
     plain = TorchBackend(models, TORCH_PRESETS["eager"])  # the baseline, and the reference loop
     device = plain.device
     workload = Workload(args.height, args.width, args.refs, args.steps, args.samples)
-    numerics = check_numerics(plain, workload, args)
+    with torch.inference_mode():
+        den, x, steps, _ = make_denoiser(plain, workload, official_pattern=False)
+        reference_z0 = sample(den, x, steps)
+    numerics = check_numerics(plain, workload, args, reference_z0)
     fp16 = dtype == torch.float16
     if not numerics["ours_vs_official_pattern_eps_rel_err"] <= (1e-2 if fp16 else 1e-4):
         print(f"numerics check failed: {numerics}", file=sys.stderr)
         return 1
-    with torch.inference_mode():
-        den, x, steps, _ = make_denoiser(plain, workload, official_pattern=False)
-        reference_z0 = sample(den, x, steps).float()
     run(plain, workload, official=True)  # warm-up
     base = median_runs(lambda: run(plain, workload, official=True)[0], args.repeats)
     cfg = models.config  # counted on the meta device: the same counts as a real run, in seconds
     flops, flops_base = meta_loop_flops(cfg, workload), meta_loop_flops(cfg, workload, official_pattern=True)
     size = args.matmul_size or (8192 if device.type == "cuda" else 1024)
     peak = matmul_peak_tflops(device, dtype, size)
+    rates = {"loop_flops": flops["loop"], "peak": peak}
     variants = {}
     for name in args.variants:
         backend = variant_backend(models, name)
@@ -231,20 +249,10 @@ def main(argv: list[str] | None = None) -> int:
         if not err <= (5e-2 if fp16 else 1e-3):
             print(f"variant {name}: loop differs from the plain sampler (rel err {err:.2e})", file=sys.stderr)
             return 1
-        v = time_variant(backend, workload, args.repeats)
-        loop_seconds = (
-            v["seconds"]["reference_net"] + v["seconds"]["loop"]
-        )  # loop FLOPs include the ReferenceNet's
-        v["loop_tflops_per_s"] = flops["loop"] / loop_seconds / 1e12
-        v["loop_percent_of_peak"] = 100 * v["loop_tflops_per_s"] / peak
-        v["speedup_end_to_end"] = base["end_to_end"] / v["seconds"]["end_to_end"]
-        v["speedup_cached_identity"] = base["end_to_end"] / v["cached_identity"]["end_to_end"]
-        v["images_per_second"] = args.samples / v["seconds"]["end_to_end"]
-        variants[name] = v
+        variants[name] = time_variant(backend, workload, args.repeats, base, rates)
         del backend
     first = variants[args.variants[0]]
     ours = first["seconds"]
-    loop_seconds = ours["reference_net"] + ours["loop"]
     record = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "torch": torch.__version__,
@@ -273,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
 
         official = time_official(args.official_src, models.config, workload, args.device, args.repeats)
         record["seconds"]["official_implementation"] = {"loop": official["loop_seconds_median"]}
-        record["speedup_loop_vs_official_implementation"] = official["loop_seconds_median"] / loop_seconds
+        record["speedup_loop_vs_official_implementation"] = (
+            official["loop_seconds_median"] / first["loop_seconds"]
+        )
     print(f"device {record['device']}, {args.preset}, {args.precision}, {workload}")
     print(f"  {'official_pattern':40s} " + "  ".join(f"{k} {v * 1000:8.1f} ms" for k, v in base.items()))
     if args.official_src:
