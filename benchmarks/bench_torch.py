@@ -29,10 +29,10 @@ from flashface_trt.models.loading import (
     random_state,
     tiny_models,
 )
-from flashface_trt.models.tokenizer import ClipTokenizer
 from flashface_trt.runtime.identities import identity_from_crops
 from flashface_trt.runtime.request import GenerationRequest, face_mask, full_prompts, initial_noise
 from flashface_trt.runtime.sampler import plan, sample
+from flashface_trt.runtime.tokenizer import ClipTokenizer
 
 from .workload import Workload
 
@@ -72,10 +72,9 @@ def run_once(backend: TorchBackend, req: GenerationRequest, refs: np.ndarray, cl
     text = clock("text", backend.encode_text, ids)
     identity = clock("references", identity_from_crops, backend.encode_references, refs)
     backend.kv_cache.clear()  # every run pays for the ReferenceNet
-    den = backend.denoiser(
-        text[:1], text[1:2], identity, face_mask(req.face_bbox, req.height, req.width), req.guidance
-    )
     steps = plan(req.steps, req.guidance)
+    mask = face_mask(req.face_bbox, req.height, req.width)
+    den = backend.denoiser(text[:1], text[1:2], identity, mask, req.guidance, steps)
     for s in steps:  # ReferenceNet K/V for every timestep (what the loop would compute on the fly)
         clock("reference_kv", den.reference_kv, s.t)
     x = backend.from_numpy(initial_noise(req.seed, req.num_samples, req.height, req.width))

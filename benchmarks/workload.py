@@ -30,7 +30,7 @@ from flashface_trt.runtime.request import (
     full_prompts,
     initial_noise,
 )
-from flashface_trt.runtime.sampler import StepPlan, guide, plan
+from flashface_trt.runtime.sampler import StepPlan, plan
 
 
 @dataclass(frozen=True)
@@ -73,22 +73,18 @@ class OfficialPatternDenoiser(TorchDenoiser):
         return self.unet.reference_kv(self.unet.reference_features(lat, tt, self.uncond))
 
     def eps(self, x: torch.Tensor, step: StepPlan) -> torch.Tensor:
-        n, k = x.shape[0], step.batch_factor
-        texts = [self.cond, self.cond, self.uncond] if step.three_way else [self.cond, self.uncond]
-        context = torch.cat([c.expand(n, -1, -1) for c in texts])
-        xb = x.to(self.cond.dtype).repeat(k, 1, 1, 1)
-        t = torch.full((k * n,), step.t, device=x.device, dtype=torch.long)
+        n = x.shape[0]
+        layout = step.layout(n)
+        text = (self.cond, self.uncond)
+        context = torch.cat([text[b].expand(n, -1, -1) for b in layout.text_blocks])
+        xb = x.to(self.cond.dtype).repeat(layout.k, 1, 1, 1)
+        t = torch.full((layout.rows,), step.t, device=x.device, dtype=torch.long)
         feats = self.unet.reference_features(self.identity.latents, t[:1], self.uncond)
-        kv = [self.unet.reference_kv(feats) for _ in range(k * n)][0]  # projected for every row
-        scale = torch.zeros(k * n, device=x.device, dtype=self.cond.dtype)
-        scale[: step.ref_rows(n)] = step.ref_strength
+        kv = [self.unet.reference_kv(feats) for _ in range(layout.rows)][0]  # projected for every row
+        scale = torch.zeros(layout.rows, device=x.device, dtype=self.cond.dtype)
+        scale[: layout.ref_rows] = step.ref_strength
         with torch.autocast(x.device.type, dtype=torch.float16, enabled=x.device.type == "cuda"):
             return self.unet(xb, self.mask, t, context, RefInputs(kv, scale))
-
-    @torch.inference_mode()
-    def __call__(self, x: torch.Tensor, step: StepPlan) -> torch.Tensor:
-        out = guide(self.eps(x, step).float(), x.shape[0], step, self.guidance)
-        return step.ddim.x0_from_eps(x, out)
 
 
 def encode_prompts(backend: TorchBackend, workload: Workload):
@@ -100,17 +96,26 @@ def encode_prompts(backend: TorchBackend, workload: Workload):
 def make_denoiser(
     backend: TorchBackend, workload: Workload, official_pattern: bool, identity=None, text=None
 ):
-    """(denoiser, initial noise, plan, identity) for one run of `workload` (text/identity reused if given)."""
+    """(denoiser, initial noise, plan, identity) for one run of `workload` (text/identity reused if given).
+
+    Ours is what the backend's settings give (the plain or the static denoiser); the official
+    pattern is always the plain loop over `OfficialPatternDenoiser`.
+    """
     req = workload.request()
     text = encode_prompts(backend, workload) if text is None else text
     identity = identity or identity_from_crops(backend.encode_references, workload.crops())
-    mask = backend.from_numpy(face_mask(req.face_bbox, req.height, req.width).astype(np.float32))
-    mask = mask[None, None].to(backend.dtype)
-    cls = OfficialPatternDenoiser if official_pattern else TorchDenoiser
-    unet = backend.models.unet if official_pattern else backend.unet  # ours: compiled where set
-    den = cls(unet, text[:1], text[1:2], identity, mask, req.guidance, backend.kv_cache, "neg")
+    mask = face_mask(req.face_bbox, req.height, req.width)
+    steps = plan(req.steps, req.guidance)
     x = backend.from_numpy(initial_noise(req.seed, req.num_samples, req.height, req.width))
-    return den, x, plan(req.steps, req.guidance), identity
+    if not official_pattern:
+        den = backend.denoiser(text[:1], text[1:2], identity, mask, req.guidance, steps, "neg")
+        return den, x, steps, identity
+    m = backend.from_numpy(mask.astype(np.float32))[None, None].to(backend.dtype)
+    unet = backend.models.unet
+    den = OfficialPatternDenoiser(
+        unet, text[:1], text[1:2], identity, m, req.guidance, backend.kv_cache, "neg"
+    )
+    return den, x, steps, identity
 
 
 def count_flops(fn, *args) -> int:

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from . import commands as cmd
-from .errors import FlashFaceError
 from .models.settings import TORCH_PRESETS
+from .runtime.errors import FlashFaceError
 from .runtime.images import DEFAULT_MAX_PIXELS
 from .runtime.request import RECIPES
 
@@ -28,7 +28,7 @@ def _bbox(text: str) -> tuple[float, ...]:
     return values
 
 
-def _add_model_args(p: argparse.ArgumentParser, onnx: bool = False) -> None:
+def _add_model_args(p: argparse.ArgumentParser, onnx: bool = False, export: bool = False) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--weights", type=Path, help="directory with the official or converted weights")
     src.add_argument(
@@ -37,11 +37,6 @@ def _add_model_args(p: argparse.ArgumentParser, onnx: bool = False) -> None:
     if onnx:
         src.add_argument("--onnx", type=Path, help="a directory written by `flashface-trt export`")
         src.add_argument("--engines", type=Path, help="a directory written by `flashface-trt build`")
-        p.add_argument(
-            "--backend",
-            choices=["torch", "onnxruntime", "tensorrt"],
-            help="default: tensorrt with --engines, onnxruntime with --onnx, else torch",
-        )
         p.add_argument(
             "--provider",
             choices=["cpu", "cuda", "tensorrt"],
@@ -57,6 +52,14 @@ def _add_model_args(p: argparse.ArgumentParser, onnx: bool = False) -> None:
     p.add_argument(
         "--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available"
     )
+    if export:
+        p.add_argument(
+            "--precision",
+            choices=["fp32", "fp16"],
+            default="fp32",
+            help="graph precision: fp16 weights and activations with float32 normalisations",
+        )
+        return
     p.add_argument(
         "--precision",
         choices=["auto", "fp32", "fp16"],
@@ -147,9 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser(
         "export", help="export every network to ONNX (hash-named graphs, reused when current)"
     )
-    _add_model_args(ex)
+    _add_model_args(ex, export=True)
     ex.add_argument("--out", type=Path, required=True, help="output directory (self-contained)")
-    ex.add_argument("--fp16", action="store_true", help="float16 graphs (normalisations in float32)")
     ex.add_argument("--max-samples", type=int, help="images per request (default 4; 2 for tiny)")
     ex.add_argument("--max-refs", type=int, default=4, help="reference faces per request")
     ex.add_argument("--min-size", type=int, help="smallest output side in pixels (default 256; 64 tiny)")
@@ -161,12 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     bld = sub.add_parser("build", help="TensorRT engines from an export (needs TensorRT and a GPU)")
     bld.add_argument("--onnx", type=Path, required=True, help="a directory written by `flashface-trt export`")
     bld.add_argument("--out", type=Path, required=True, help="engine directory")
-    bld.add_argument("--max-samples", type=int, default=4, help="images per request (UNet batch 3x this)")
-    bld.add_argument("--max-refs", type=int, default=4, help="reference faces per request")
-    bld.add_argument("--min-size", type=int, default=256, help="smallest output side in pixels")
-    bld.add_argument("--max-size", type=int, default=1024, help="largest output side in pixels")
-    bld.add_argument("--height", type=int, default=768, help="typical output height")
-    bld.add_argument("--width", type=int, default=768, help="typical output width")
+    for flag, what in (
+        ("--max-samples", "images per request (UNet batch 3x this)"),
+        ("--max-refs", "reference faces per request"),
+        ("--min-size", "smallest output side in pixels"),
+        ("--max-size", "largest output side in pixels"),
+        ("--height", "typical output height"),
+        ("--width", "typical output width"),
+    ):
+        bld.add_argument(flag, type=int, help=f"{what} (default: the export's)")
     bld.add_argument("--opt-level", type=int, default=3, help="builder optimisation level 0-5")
     bld.add_argument("--workspace-gib", type=float, default=8.0, help="builder workspace limit")
     bld.add_argument("--timing-cache", type=Path, help="kernel timing cache file (reused across builds)")

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from .errors import FlashFaceError
+from .runtime.errors import FlashFaceError
 from .runtime.request import RECIPES, GenerationRequest
 
 log = logging.getLogger("flashface_trt")
@@ -119,13 +119,6 @@ def generate(args: argparse.Namespace) -> None:
 
     from .runtime.pipeline import generate as run_pipeline
 
-    backend_name = args.backend or ("tensorrt" if args.engines else "onnxruntime" if args.onnx else "torch")
-    if (backend_name == "onnxruntime") != (args.onnx is not None):
-        raise FlashFaceError(
-            "--backend onnxruntime runs an export: give it --onnx DIR (and torch, --weights)"
-        )
-    if (backend_name == "tensorrt") != (args.engines is not None):
-        raise FlashFaceError("--backend tensorrt runs built engines: give it --engines DIR")
     if args.engines:
         backend, detector = _trt_backend(args)
     else:
@@ -209,19 +202,21 @@ def _trt_backend(args: argparse.Namespace):
 
 
 def build(args: argparse.Namespace) -> None:
-    from .engine.build import build_engines
+    from .engine.build import build_engines, export_shapes
     from .engine.profiles import BuildSettings
-    from .export.spec import ExportShapes
+    from .runtime.exports import read_export
 
-    shapes = ExportShapes(
-        max_samples=args.max_samples,
-        min_size=args.min_size,
-        max_size=args.max_size,
-        opt_height=args.height,
-        opt_width=args.width,
-        max_refs=args.max_refs,
-        opt_refs=min(4, args.max_refs),
-    )
+    base = export_shapes(read_export(args.onnx))
+    given = {
+        "max_samples": args.max_samples,
+        "min_size": args.min_size,
+        "max_size": args.max_size,
+        "opt_height": args.height,
+        "opt_width": args.width,
+        "max_refs": args.max_refs,
+    }
+    shapes = replace(base, **{k: v for k, v in given.items() if v is not None})
+    shapes = replace(shapes, opt_refs=min(shapes.opt_refs, shapes.max_refs))
     settings = BuildSettings(
         shapes, opt_level=args.opt_level, workspace_gib=args.workspace_gib, timing_cache=args.timing_cache
     )
@@ -231,15 +226,17 @@ def build(args: argparse.Namespace) -> None:
 
 
 def verify(args: argparse.Namespace) -> None:
-    from .engine.verify import format_table, verify
+    from .engine.verify import check, format_table, verify
 
-    print(format_table(verify(args.engines, args.onnx)))
+    rows = verify(args.engines, args.onnx)
+    print(format_table(rows))
+    check(rows)  # a VerificationError naming the network: exit status 2
 
 
 def export(args: argparse.Namespace) -> None:
     from .export.exporter import ExportSettings, export_models
-    from .export.networks import TINY_SHAPES, ExportShapes
     from .models.loading import load_detector, load_models, tiny_detector, tiny_models
+    from .runtime.spec import TINY_SHAPES, ExportShapes
 
     base = TINY_SHAPES if args.preset else ExportShapes()
     given = {
@@ -252,7 +249,7 @@ def export(args: argparse.Namespace) -> None:
     }
     shapes = replace(base, **{k: v for k, v in given.items() if v is not None})
     shapes = replace(shapes, opt_refs=min(shapes.opt_refs, shapes.max_refs))
-    settings = ExportSettings("fp16" if args.fp16 else "fp32", shapes=shapes, dynamo=args.dynamo)
+    settings = ExportSettings(args.precision, shapes=shapes, dynamo=args.dynamo)
     device, _ = _device(args)
     models = (
         tiny_models(device, settings.dtype)

@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from flashface_trt.errors import InputError
 from flashface_trt.models.loading import tiny_detector
 from flashface_trt.models.retinaface import detector_runner, load_retinaface
 from flashface_trt.runtime.detection import (
@@ -26,6 +25,7 @@ from flashface_trt.runtime.detection import (
     to_photo,
     to_unit_tensor,
 )
+from flashface_trt.runtime.errors import InputError
 from flashface_trt.runtime.faces import crop_face
 from flashface_trt.runtime.images import pad_to_square, synthetic_face
 from flashface_trt.runtime.references import load_references

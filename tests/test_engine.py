@@ -13,74 +13,77 @@ import numpy as np
 import pytest
 
 from flashface_trt.cli import main
-from flashface_trt.engine.cache import EngineKey, GpuIdentity, StaleEngineError, check_engine, write_manifest
-from flashface_trt.engine.profiles import BuildSettings, build_axes, check_shapes, engine_profile
-from flashface_trt.errors import InputError
-from flashface_trt.export.spec import AxisRange, ExportShapes, NetworkSpec, TensorSpec
-from flashface_trt.runtime.buffers import LoopDims, check_kv_wiring, io_shapes, step_tables
-
-L0, L1, C0, C1 = 49, 16, 64, 128  # tokens per reference and channels of two reference layers
-
-
-def _specs() -> dict[str, NetworkSpec]:
-    """Specs shaped like the exported ReferenceNet/UNet, with two reference layers."""
-    kv_axes = {"ref_tokens_0": AxisRange(L0, 4 * L0, 4 * L0), "ref_tokens_1": AxisRange(L1, 4 * L1, 4 * L1)}
-    kv = (
-        TensorSpec("ref_k.middle.1.blocks.0", "float16", (1, "ref_tokens_0", C0)),
-        TensorSpec("ref_v.middle.1.blocks.0", "float16", (1, "ref_tokens_0", C0)),
-        TensorSpec("ref_k.decoder.3.1.blocks.0", "float16", (1, "ref_tokens_1", C1)),
-        TensorSpec("ref_v.decoder.3.1.blocks.0", "float16", (1, "ref_tokens_1", C1)),
-    )
-    lat = AxisRange(32, 96, 128)
-    unet = NetworkSpec(
-        "unet",
-        (
-            TensorSpec("x", "float32", ("batch", 4, "latent_h", "latent_w")),
-            TensorSpec("mask", "float32", (1, 1, "latent_h", "latent_w")),
-            TensorSpec("timestep", "float32", ("batch",)),
-            TensorSpec("context", "float32", ("batch", 77, 768)),
-            TensorSpec("ref_scale", "float32", ("b_ref",)),
-            *kv,
-        ),
-        (TensorSpec("eps", "float32", ("batch", 4, "latent_h", "latent_w")),),
-        {
-            "batch": AxisRange(1, 2, 12),
-            "b_ref": AxisRange(1, 1, 8),
-            **kv_axes,
-            "latent_h": lat,
-            "latent_w": lat,
-        },
-    )
-    ref = NetworkSpec(
-        "reference_net",
-        (
-            TensorSpec("ref_latents", "float32", ("num_refs", 4, 28, 28)),
-            TensorSpec("timestep", "float32", (1,)),
-            TensorSpec("context", "float32", (1, 77, 768)),
-        ),
-        kv,
-        {"num_refs": AxisRange(1, 4, 4), **kv_axes},
-    )
-    return {"unet": unet, "reference_net": ref}
+from flashface_trt.engine.profiles import BuildSettings, engine_profile, engine_spec
+from flashface_trt.export.networks import network_specs
+from flashface_trt.models.loading import tiny_models
+from flashface_trt.runtime.axes import AXES, REF_TOKENS, LoopDims, axis, io_shapes, tokens_per_reference
+from flashface_trt.runtime.buffers import check_kv_wiring, step_tables
+from flashface_trt.runtime.engines import (
+    EngineKey,
+    GpuIdentity,
+    StaleEngineError,
+    check_engine,
+    write_manifest,
+)
+from flashface_trt.runtime.errors import InputError
+from flashface_trt.runtime.layout import BatchLayout
+from flashface_trt.runtime.sampler import GuidanceParams, plan
+from flashface_trt.runtime.spec import TINY_SHAPES, ExportShapes, NetworkSpec
 
 
-def test_engine_profile_follows_the_build_shapes():
+@pytest.fixture(scope="module")
+def specs() -> dict[str, NetworkSpec]:
+    """The exported specs of the tiny model (what export, engines and runtimes all read)."""
+    return network_specs(tiny_models(), TINY_SHAPES)
+
+
+def _kv(spec: NetworkSpec) -> list[tuple[str, str, int]]:
+    """(K/V input name, its axis, channels) of every reference K/V input of a spec."""
+    return [(t.name, str(t.shape[1]), int(t.shape[2])) for t in spec.inputs if t.name.startswith("ref_k.")]
+
+
+def test_every_axis_of_every_spec_is_in_the_table(specs):
+    used = {d for s in specs.values() for t in (*s.inputs, *s.outputs) for d in t.shape if isinstance(d, str)}
+    assert used and all(axis(d) for d in used)
+    assert {d if not d.startswith(REF_TOKENS) else REF_TOKENS for d in used} <= set(AXES)
+
+
+def test_engine_profile_follows_the_build_shapes(specs):
     shapes = ExportShapes(
         max_samples=2, min_size=512, max_size=768, opt_height=768, opt_width=640, max_refs=6
     )
-    prof = engine_profile(_specs()["unet"], shapes)
-    assert prof["x"] == ((1, 4, 64, 64), (2, 4, 96, 80), (6, 4, 96, 96))  # batch up to 3 x 2 samples
+    unet = specs["unet"]
+    prof = engine_profile(unet, shapes)
+    z = unet.inputs[0].shape[1]
+    assert prof["x"] == ((1, z, 64, 64), (2, z, 96, 80), (6, z, 96, 96))  # batch up to 3 x 2 samples
     assert prof["ref_scale"] == ((1,), (1,), (4,))  # B_ref up to 2 x samples (2-way steps)
-    assert prof["ref_k.middle.1.blocks.0"] == ((1, L0, C0), (1, 4 * L0, C0), (1, 6 * L0, C0))
-    assert prof["ref_v.decoder.3.1.blocks.0"][2] == (1, 6 * L1, C1)
+    for name, ax, c in _kv(unet):
+        per_ref = tokens_per_reference(unet, ax)
+        assert prof[name] == ((1, per_ref, c), (1, 4 * per_ref, c), (1, 6 * per_ref, c))
     for lo, opt, hi in prof.values():
         assert all(a <= b <= c for a, b, c in zip(lo, opt, hi))
-    ref = engine_profile(_specs()["reference_net"], shapes)
-    assert ref["ref_latents"] == ((1, 4, 28, 28), (4, 4, 28, 28), (6, 4, 28, 28))
-    axes = build_axes(_specs()["unet"], shapes)
-    assert axes["latent_w"] == AxisRange(64, 80, 96)
+    ref = engine_profile(specs["reference_net"], shapes)
+    lat = specs["reference_net"].inputs[0].shape[1:]
+    assert ref["ref_latents"] == ((1, *lat), (4, *lat), (6, *lat))
+    assert engine_spec(unet, shapes).axes["latent_w"].opt == 80
+    feeds = {k: v[1] for k, v in prof.items()}
     with pytest.raises(InputError, match=r"'x' axis 'batch' = 9 is outside \[1, 6\]"):
-        check_shapes(_specs()["unet"], shapes, {**{k: v[1] for k, v in prof.items()}, "x": (9, 4, 96, 80)})
+        engine_spec(unet, shapes).check_shapes({**feeds, "x": (9, z, 96, 80)})
+
+
+def test_export_ranges_and_request_sizes_agree(specs):
+    """What an export accepts (spec axes) contains what a request of those shapes needs (axis sizes)."""
+    s = TINY_SHAPES
+    for n in range(1, s.max_samples + 1):
+        for refs in range(1, s.max_refs + 1):
+            dims = LoopDims(n, s.min_size // 8, s.max_size // 8, refs, 4)
+            for k in (2, 3):
+                for name in ("unet", "reference_net", f"step_{k}way", "vae_decoder"):
+                    spec = specs[name]
+                    shapes = io_shapes(spec, dims, k)
+                    spec.check_shapes({t.name: shapes[t.name] for t in spec.inputs})
+                assert io_shapes(specs["unet"], dims, k)["x"][0] == BatchLayout(n, k == 3).rows
+                assert io_shapes(specs["unet"], dims, k)["ref_scale"] == (BatchLayout(n, k == 3).ref_rows,)
 
 
 def test_build_settings_validation_and_key():
@@ -118,35 +121,40 @@ def test_engine_keys_and_stale_engines(tmp_path):
     assert manifest["key"]["gpu"] == {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
 
 
-def test_buffer_plan_and_kv_wiring():
-    specs = _specs()
-    dims = LoopDims(samples=2, latent_h=96, latent_w=80, num_refs=3, steps=30)
-    three = io_shapes(specs["unet"], dims, 3)
-    two = io_shapes(specs["unet"], dims, 2)
-    assert three["x"] == (6, 4, 96, 80) and three["ref_scale"] == (2,) and three["mask"] == (1, 1, 96, 80)
-    assert two["x"] == (4, 4, 96, 80) and two["ref_scale"] == (4,)
-    assert three["ref_k.middle.1.blocks.0"] == (1, 3 * L0, C0) == two["ref_k.middle.1.blocks.0"]
-    check_kv_wiring(specs["reference_net"], specs["unet"], dims)
-    broken = NetworkSpec("reference_net", specs["reference_net"].inputs, specs["reference_net"].outputs[:1])
+def test_buffer_plan_and_kv_wiring(specs):
+    dims = LoopDims(samples=2, latent_h=24, latent_w=20, num_refs=3, steps=30)
+    unet = specs["unet"]
+    three, two = io_shapes(unet, dims, 3), io_shapes(unet, dims, 2)
+    z = unet.inputs[0].shape[1]
+    assert three["x"] == (6, z, 24, 20) and three["ref_scale"] == (2,) and three["mask"] == (1, 1, 24, 20)
+    assert two["x"] == (4, z, 24, 20) and two["ref_scale"] == (4,)
+    for name, ax, c in _kv(unet):
+        assert three[name] == (1, 3 * tokens_per_reference(unet, ax), c) == two[name]
+    check_kv_wiring(specs["reference_net"], unet, dims)
+    ref = specs["reference_net"]
+    first = ref.outputs[0]
     broken = replace(
-        broken, outputs=(replace(broken.outputs[0], dtype="float32"),), axes=specs["reference_net"].axes
+        ref, outputs=(replace(first, dtype="float16" if first.dtype == "float32" else "float32"),)
     )
     with pytest.raises(InputError, match="dtypes differ"):
-        check_kv_wiring(broken, specs["unet"], dims)
+        check_kv_wiring(broken, unet, dims)
+    renamed = replace(ref, outputs=(replace(first, name="ref_k.nowhere"),))
+    with pytest.raises(InputError, match="is not a UNet input"):
+        check_kv_wiring(renamed, unet, dims)
     with pytest.raises(InputError, match="samples=0"):
         LoopDims(0, 8, 8, 1, 1)
 
 
 def test_step_tables():
-    dims = LoopDims(samples=2, latent_h=8, latent_w=8, num_refs=1, steps=3)
-    coef, t_unet, lam, t_ref = step_tables(
-        [[1.0] * 9, [2.0] * 9, [3.0] * 9], [999, 500, 1], [0.85, 1.2, 1.2], dims
-    )
-    assert coef.shape == (3, 9) and t_unet.shape == (3, 6) and lam.shape == (3, 4) and t_ref.shape == (3, 1)
-    assert t_unet[1].tolist() == [500.0] * 6 and lam[0].tolist() == pytest.approx([0.85] * 4)
-    assert all(a.dtype == np.float32 for a in (coef, t_unet, lam, t_ref))
-    with pytest.raises(InputError, match="3 rows"):
-        step_tables([[1.0] * 9], [1], [1.0], dims)
+    g = GuidanceParams(guide_rescale=0.7)
+    steps = plan(3, g)
+    tables = step_tables(steps, g, samples=2)
+    assert tables["coef"].shape == (3, 10) and tables["t"].shape == (3, 6) and tables["lam"].shape == (3, 4)
+    assert tables["t"][1].tolist() == [float(steps[1].t)] * 6
+    assert tables["lam"][0].tolist() == pytest.approx([steps[0].ref_strength] * 4)
+    np.testing.assert_array_equal(tables["coef"][2], np.float32(steps[2].coefficients(g)))
+    assert tables["coef"][0, 3] == np.float32(1.0 - 0.7)  # rounded from float64, as the official scalar
+    assert all(a.dtype == np.float32 for a in tables.values())
 
 
 def test_cuda_errors_name_the_call():
@@ -186,12 +194,12 @@ def test_tensorrt_end_to_end(tmp_path):
     from flashface_trt.engine.build import build_engines
     from flashface_trt.engine.verify import verify
     from flashface_trt.export.exporter import ExportSettings, export_models
-    from flashface_trt.export.spec import TINY_SHAPES
     from flashface_trt.models.loading import tiny_models
     from flashface_trt.runtime.images import synthetic_face
     from flashface_trt.runtime.ort_backend import OrtBackend
     from flashface_trt.runtime.pipeline import generate, register_identity
     from flashface_trt.runtime.request import GenerationRequest
+    from flashface_trt.runtime.spec import TINY_SHAPES
     from flashface_trt.runtime.trt_backend import TrtBackend
 
     onnx_dir, engines = tmp_path / "onnx", tmp_path / "engines"
@@ -227,15 +235,18 @@ def test_engine_modules_import_no_torch():
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
-def test_onnxruntime_tensorrt_provider_options(tmp_path):
+def test_onnxruntime_tensorrt_provider_options(tmp_path, specs):
     from flashface_trt.runtime.ort_backend import trt_provider_options
 
-    opts = trt_provider_options(_specs()["reference_net"], tmp_path / "trt_cache")
+    opts = trt_provider_options(specs["reference_net"], tmp_path / "trt_cache")
     assert opts["trt_fp16_enable"] and opts["trt_engine_cache_enable"]
     assert opts["trt_engine_cache_path"] == str(tmp_path / "trt_cache")
-    assert opts["trt_profile_min_shapes"].split(",")[0] == "ref_latents:1x4x28x28"
-    assert opts["trt_profile_max_shapes"].split(",")[0] == "ref_latents:4x4x28x28"
+    spec = specs["reference_net"]
+    lat = "x".join(map(str, spec.inputs[0].shape[1:]))
+    ctx = "x".join(map(str, spec.inputs[2].shape))
+    assert opts["trt_profile_min_shapes"].split(",")[0] == f"ref_latents:1x{lat}"
+    max_refs = spec.axes["num_refs"].max
+    assert opts["trt_profile_max_shapes"].split(",")[0] == f"ref_latents:{max_refs}x{lat}"
     assert (
-        "timestep:1," in opts["trt_profile_opt_shapes"]
-        and "context:1x77x768" in opts["trt_profile_opt_shapes"]
+        "timestep:1," in opts["trt_profile_opt_shapes"] and f"context:{ctx}" in opts["trt_profile_opt_shapes"]
     )

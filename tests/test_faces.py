@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flashface_trt.errors import InputError
+from flashface_trt.runtime.errors import InputError
 from flashface_trt.runtime.faces import crop_face, crop_faces, eye_angle, face_tensor, select_face
 from flashface_trt.runtime.images import DEFAULT_MAX_PIXELS, load_image
 

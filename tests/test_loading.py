@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from flashface_trt.errors import WeightsError
 from flashface_trt.models.loading import (
     COMPONENTS,
     component_shapes,
@@ -20,6 +19,7 @@ from flashface_trt.models.loading import (
     verify_converted,
 )
 from flashface_trt.models.retinaface import retinaface_shapes
+from flashface_trt.runtime.errors import WeightsError
 
 from .conftest import rel_err
 

@@ -15,21 +15,18 @@ pytest.importorskip("onnx")
 import onnx  # noqa: E402
 
 from flashface_trt.export.exporter import ExportSettings, export_models  # noqa: E402
-from flashface_trt.export.networks import (  # noqa: E402
-    NETWORKS,
-    TINY_SHAPES,
-    ExportShapes,
-    step_coefficients,
-)
+from flashface_trt.export.networks import NETWORKS  # noqa: E402
 from flashface_trt.models.backend import TorchBackend  # noqa: E402
 from flashface_trt.models.config import ModelConfig  # noqa: E402
 from flashface_trt.models.loading import load_models, tiny_detector, tiny_models  # noqa: E402
+from flashface_trt.runtime.guidance import step_update  # noqa: E402
 from flashface_trt.runtime.identities import Identity, ReferenceKVCache  # noqa: E402
 from flashface_trt.runtime.images import synthetic_face  # noqa: E402
 from flashface_trt.runtime.ort_backend import OrtBackend, OrtDenoiser  # noqa: E402
 from flashface_trt.runtime.pipeline import generate, register_identity  # noqa: E402
 from flashface_trt.runtime.request import GenerationRequest  # noqa: E402
-from flashface_trt.runtime.sampler import GuidanceParams, guide, plan, single_step  # noqa: E402
+from flashface_trt.runtime.sampler import GuidanceParams, plan, single_step  # noqa: E402
+from flashface_trt.runtime.spec import TINY_SHAPES, ExportShapes  # noqa: E402
 
 from .conftest import REPO, rel_err, run_without_torch  # noqa: E402
 from .test_sampler import oracle_guidance  # noqa: E402
@@ -223,7 +220,7 @@ def test_exported_unet_matches_official(oracle_dir, oracle_config, tmp_path_fact
     )
     step = single_step(int(d[f"{case}/t"][0]), guidance)
     x = d[f"{case}/x"]
-    e1, e2 = rel_err(den.eps(x, step), d[f"{case}/eps"]), rel_err(den(x, step), d[f"{case}/x0"])
+    e1, e2 = rel_err(den.eps(x, step), d[f"{case}/eps"]), rel_err(den.x0(x, step), d[f"{case}/x0"])
     print(f"\nONNX Runtime {case}: eps rel err {e1:.2e}, x0 rel err {e2:.2e}")
     assert e1 <= 1e-4 and e2 <= 1e-4
 
@@ -261,15 +258,18 @@ def test_cli_export_and_backend_choice(tmp_path, capsys):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["shapes"]["max_samples"] == 1 and manifest["shapes"]["opt_height"] == 64
     gen = ["generate", "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "o.png")]
-    assert main([*gen, "--preset", "tiny", "--backend", "onnxruntime"]) == 2
-    assert "--onnx" in capsys.readouterr().err
     assert main([*gen, "--onnx", str(out)]) == 0
     assert Image.open(tmp_path / "o.png").size == (64, 64)  # the export's typical size
 
 
-@pytest.mark.parametrize("rescale", [0.5, 0.0])
+@pytest.mark.parametrize("rescale", [0.5, 0.0, 0.7])
 def test_update_step_graphs_match_the_numpy_sampler(tiny_export, rescale):
-    """The guidance + DDIM update graphs (what a CUDA-graphed loop replays) vs `guide` + `DDIMStep`."""
+    """The guidance + DDIM update graphs (what a CUDA-graphed step replays) vs `step_update` in NumPy.
+
+    Elementwise float32 arithmetic is correctly rounded everywhere, so without rescale the graph is
+    bit for bit NumPy's; with rescale its row sums are reduced by ONNX Runtime in another order
+    than NumPy's pairwise sum, which moves the ratio by a few ulps (bounded here at 1e-6).
+    """
     import onnxruntime as ort
 
     manifest = json.loads((tiny_export / "manifest.json").read_text())
@@ -282,10 +282,10 @@ def test_update_step_graphs_match_the_numpy_sampler(tiny_export, rescale):
         session = ort.InferenceSession(str(tiny_export / manifest["networks"][name]["file"]))
         n = 2
         x = rng.standard_normal((n, 4, 12, 10)).astype(np.float32)
-        eps = rng.standard_normal((step.batch_factor * n, 4, 12, 10)).astype(np.float32)
-        coef = np.float32(step_coefficients(step, g))
+        eps = rng.standard_normal((step.layout(n).rows, 4, 12, 10)).astype(np.float32)
+        coef = np.float32(step.coefficients(g))
         (ours,) = session.run(None, {"x": x, "eps": eps, "coef": coef})
-        ref = step.ddim.update(x, step.ddim.x0_from_eps(x, guide(eps, n, step, g)))
+        ref = step_update(x, eps, step.three_way, step.coefficients(g))
         err = rel_err(ours, ref)
-        print(f"\n{name} t={step.t} rescale={rescale}: rel err {err:.2e}")
-        assert ours.shape == ref.shape and err <= 1e-5
+        print(f"\n{name} t={step.t} rescale={rescale}: rel err {err:.2e}, equal {np.array_equal(ours, ref)}")
+        assert ours.shape == ref.shape and err <= (0 if rescale == 0 else 1e-6)

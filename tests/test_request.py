@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flashface_trt.errors import InputError
+from flashface_trt.runtime.errors import InputError
 from flashface_trt.runtime.images import pad_to_square, reference_array, to_uint8
 from flashface_trt.runtime.request import (
     DEFAULT_NEGATIVE,

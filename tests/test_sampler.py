@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from flashface_trt.errors import InputError
 from flashface_trt.models.backend import TorchDenoiser
 from flashface_trt.models.config import ModelConfig
 from flashface_trt.models.loading import build_loaded
 from flashface_trt.models.unet import unet_state
 from flashface_trt.models.weights import read_checkpoint
+from flashface_trt.runtime.errors import InputError
+from flashface_trt.runtime.guidance import STEP_COEFFICIENTS, guided_eps, step_update
 from flashface_trt.runtime.identities import Identity
-from flashface_trt.runtime.sampler import GuidanceParams, guide, plan, sample, single_step
+from flashface_trt.runtime.sampler import GuidanceParams, plan, sample, single_step
 from flashface_trt.runtime.schedule import ddim_steps, scaled_linear_sigmas, trailing_timesteps
 
 from .conftest import rel_err
@@ -73,7 +74,7 @@ def test_plan_follows_launch_rule():
     p0 = plan(30, GuidanceParams(face_guidance=0.0))
     assert not any(s.three_way for s in p0)
     assert [s.ref_strength for s in p0] == [1.2 if s.t <= 750 else 0.85 for s in p0]
-    assert p[0].ref_rows(4) == 8 and p[-1].ref_rows(4) == 4
+    assert p[0].layout(4).ref_rows == 8 and p[-1].layout(4).ref_rows == 4
 
 
 def _reference_guide(eps: np.ndarray, n: int, three_way: bool, g: GuidanceParams) -> np.ndarray:
@@ -97,24 +98,60 @@ def test_guidance_same_on_numpy_and_torch(three_way):
     step = single_step(500 if three_way else 900, g)
     assert step.three_way == three_way
     expected = _reference_guide(eps, n, three_way, g)
-    np.testing.assert_allclose(guide(eps, n, step, g), expected, rtol=1e-5, atol=1e-5)
+    c = step.coefficients(g)
+    assert len(c) == len(STEP_COEFFICIENTS)
+    np.testing.assert_allclose(guided_eps(eps, n, three_way, c), expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(
-        guide(torch.from_numpy(eps), n, step, g).numpy(), expected, rtol=1e-5, atol=1e-5
+        guided_eps(torch.from_numpy(eps), n, three_way, c).numpy(), expected, rtol=1e-5, atol=1e-5
     )
 
 
+def test_step_update_is_bitwise_the_same_with_tensor_coefficients():
+    """Python-float coefficients (plain sampler) and a float32 row (update graphs) give the same bits."""
+    rng = np.random.default_rng(3)
+    for rescale in (0.0, 0.5, 0.7, 1.0):
+        g = GuidanceParams(guide_rescale=rescale, text_guidance=7.3, face_guidance=2.9)
+        for step in plan(10, g)[::3]:
+            n = 2
+            x = torch.from_numpy(rng.standard_normal((n, 4, 6, 5)).astype(np.float32))
+            eps = torch.from_numpy(rng.standard_normal((step.layout(n).rows, 4, 6, 5)).astype(np.float32))
+            c = step.coefficients(g)
+            row = torch.tensor(c, dtype=torch.float32)
+            a = step_update(x, eps, step.three_way, c)
+            b = step_update(x, eps, step.three_way, [row[i] for i in range(len(c))])
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_sample_loop_is_backend_agnostic():
-    """A denoiser that always predicts the same x0 must end exactly on it (last step has sigma 0)."""
-    target = np.full((1, 4, 2, 2), 0.25, dtype=np.float32)
-    seen = []
+    """The loop passes each step's x on and sees every step, in order, through `wrap` too."""
+    seen, wrapped = [], []
 
     def denoise(x, step):
         seen.append(step.t)
-        return target
+        return x + 1
 
-    z = sample(denoise, np.ones_like(target), plan(5, GuidanceParams()))
+    def wrap(steps):
+        for s in steps:
+            wrapped.append(s.t)
+            yield s
+
+    z = sample(denoise, np.zeros((1, 4, 2, 2), np.float32), plan(5, GuidanceParams()), wrap)
+    np.testing.assert_array_equal(z, np.full((1, 4, 2, 2), 5.0, np.float32))
+    assert seen == wrapped == [s.t for s in ddim_steps(5)]
+
+
+def test_constant_x0_ends_on_it():
+    """A denoiser that always predicts the same x0 must end exactly on it (last step has sigma 0)."""
+    target = np.full((1, 4, 2, 2), 0.25, dtype=np.float32)
+    g = GuidanceParams()
+
+    def denoise(x, step):
+        from flashface_trt.runtime.guidance import ddim_update
+
+        return ddim_update(x, target, step.coefficients(g))
+
+    z = sample(denoise, np.ones_like(target), plan(5, g))
     np.testing.assert_array_equal(z, target)
-    assert seen == [s.t for s in ddim_steps(5)]
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +182,7 @@ def test_one_guided_step_matches_official(oracle_denoiser, oracle_config, case):
     assert step.ref_strength == pytest.approx(float(d[f"{case}/similarity"]))
     x = torch.from_numpy(d[f"{case}/x"])
     eps = den.eps(x, step)
-    x0 = den(x, step)
+    x0 = den.x0(x, step)
     e1, e2 = rel_err(eps.numpy(), d[f"{case}/eps"]), rel_err(x0.numpy(), d[f"{case}/x0"])
     print(f"{case}: eps rel err {e1:.2e}, x0 rel err {e2:.2e}")
     assert e1 <= 1e-4 and e2 <= 1e-4

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from flashface_trt.errors import WeightsError
 from flashface_trt.models.config import SD15, TINY, TextConfig
 from flashface_trt.models.text_encoder import (
     TextEncoder,
@@ -19,8 +18,9 @@ from flashface_trt.models.text_encoder import (
     text_encoder_shapes,
     text_encoder_state,
 )
-from flashface_trt.models.tokenizer import ClipTokenizer
 from flashface_trt.models.weights import check_state_dict
+from flashface_trt.runtime.errors import WeightsError
+from flashface_trt.runtime.tokenizer import ClipTokenizer
 
 from .conftest import REPO, rel_err
 
@@ -70,7 +70,7 @@ def test_tokenizer_cleaning():
 
 def test_tokenizer_does_not_import_torch():
     code = (
-        "import sys, flashface_trt.models.tokenizer as t; t.ClipTokenizer(); "
+        "import sys, flashface_trt.runtime.tokenizer as t; t.ClipTokenizer(); "
         "assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

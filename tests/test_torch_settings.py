@@ -6,18 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from flashface_trt.errors import InputError
 from flashface_trt.models.backend import TorchBackend, TorchSettings
 from flashface_trt.models.loading import tiny_models
 from flashface_trt.models.settings import TORCH_PRESETS
 from flashface_trt.models.unet_blocks import RefInputs
+from flashface_trt.runtime.errors import InputError
 from flashface_trt.runtime.images import synthetic_face
 from flashface_trt.runtime.pipeline import generate
 from flashface_trt.runtime.request import GenerationRequest
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("compile_mode", "reduce-overhead"), ("kv_cache_bytes", -1), ("max_loops", 0)]
+    ("field", "value"), [("compile_mode", "reduce-overhead"), ("kv_cache_bytes", -1), ("max_shapes", 0)]
 )
 def test_settings_out_of_range_are_named(field, value):
     with pytest.raises(InputError, match=f"{field}.*{value}"):

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from flashface_trt.errors import WeightsError
 from flashface_trt.models import unet_blocks
 from flashface_trt.models.config import SD15, TINY, ModelConfig
 from flashface_trt.models.loading import build_loaded, component_shapes, random_state
 from flashface_trt.models.unet import FlashFaceUNet, unet_state
 from flashface_trt.models.unet_blocks import RefInputs
 from flashface_trt.models.weights import read_checkpoint
+from flashface_trt.runtime.errors import WeightsError
 
 from .conftest import rel_err
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from flashface_trt.errors import WeightsError
 from flashface_trt.models.config import SD15, TINY, VAEConfig
 from flashface_trt.models.vae import AttentionBlock, AutoencoderKL, load_vae, vae_shapes, vae_state
+from flashface_trt.runtime.errors import WeightsError
 
 from .conftest import rel_err
 

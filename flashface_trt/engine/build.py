@@ -10,15 +10,16 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
-from ..errors import FlashFaceError
-from ..export.artifacts import read_manifest
-from ..export.spec import NetworkSpec
+from ..runtime.artifacts import read_manifest
 from ..runtime.cuda import device_info
-from ..runtime.ort_backend import read_export
-from .cache import EngineKey, GpuIdentity, StaleEngineError, check_engine, write_manifest
-from .profiles import BuildSettings, engine_profile
+from ..runtime.engines import EngineKey, GpuIdentity, StaleEngineError, check_engine, write_manifest
+from ..runtime.errors import FlashFaceError
+from ..runtime.exports import read_export
+from ..runtime.spec import ExportShapes, NetworkSpec
+from .profiles import BuildSettings, engine_profile, engine_spec
 
 log = logging.getLogger(__name__)
 
@@ -70,16 +71,26 @@ def build_engine(
     out.write_bytes(bytes(serialized))
 
 
+def export_shapes(export: dict) -> ExportShapes:
+    """The shape ranges an export was made for (its manifest's `shapes`)."""
+    return ExportShapes(**export["shapes"])
+
+
 def build_engines(onnx_dir: str | Path, out_dir: str | Path, settings: BuildSettings | None = None) -> dict:
-    """Build (or reuse) one engine per exported graph; write `engines.json` and the tokenizer vocabulary."""
-    settings = settings or BuildSettings()
+    """Build (or reuse) one engine per exported graph; write `engines.json` and the tokenizer vocabulary.
+
+    Without settings, the engines accept exactly the export's shape ranges.
+    """
     src, out = Path(onnx_dir), Path(out_dir)
     export = read_export(src)
+    settings = settings or BuildSettings(export_shapes(export))
     trt_version, gpu = tensorrt_version(), current_gpu()
     strongly_typed = export["precision"] == "fp16"
     out.mkdir(parents=True, exist_ok=True)
     engines = {}
     for name, entry in export["networks"].items():
+        if name == "detector":  # detection runs on ONNX Runtime (its graph is copied below)
+            continue
         spec = NetworkSpec.from_dict(entry["spec"])
         graph = src / entry["file"]
         onnx_sha = str((read_manifest(graph) or {}).get("sha256", ""))  # read_export checked it exists
@@ -95,7 +106,7 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path, settings: BuildSett
             seconds = time.perf_counter() - t0
             write_manifest(path, key, seconds)
             log.info("built %s in %.0f s", path.name, seconds)
-        engines[name] = {"file": path.name, "spec": entry["spec"]}
+        engines[name] = {"file": path.name, "spec": engine_spec(spec, settings.shapes).to_dict()}
     shutil.copyfile(src / export["vocab"], out / export["vocab"])
     detector = export["networks"].get("detector")
     if detector is not None:  # detection stays on ONNX Runtime: keep its graph with the engines
@@ -106,7 +117,7 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path, settings: BuildSett
         "tensorrt": trt_version,
         "gpu": {"name": gpu.name, "compute_capability": gpu.compute_capability},
         "precision": export["precision"],
-        "shapes": settings.key()["shapes"],
+        "shapes": asdict(settings.shapes),
         "export": export,
         "vocab": export["vocab"],
         "engines": engines,

@@ -2,7 +2,8 @@
 
 An engine profile gives every input a (min, opt, max) shape. The export spec already names each
 dynamic axis; a build may ask for other ranges (more samples, other sizes, more references), so
-the axes are recomputed from the build's `ExportShapes`, keeping what each axis means.
+the axes are recomputed from the build's `ExportShapes` through the axis table (`runtime.axes`),
+which says what each axis means.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InputError
-from ..export.spec import AxisRange, ExportShapes, NetworkSpec
+from ..runtime.axes import spec_axes
+from ..runtime.errors import InputError
+from ..runtime.spec import ExportShapes, NetworkSpec
 
 Profile = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
 
@@ -57,43 +59,14 @@ class BuildSettings:
         }
 
 
-def build_axes(spec: NetworkSpec, shapes: ExportShapes) -> dict[str, AxisRange]:
-    """The spec's dynamic axes recomputed for `shapes` (the detector keeps its own batch range)."""
-    if spec.name == "detector":
-        return dict(spec.axes)
-    n, r = shapes.opt_samples, shapes
-    lat = (shapes.min_size // 8, shapes.max_size // 8)
-    axes: dict[str, AxisRange] = {}
-    for name, old in spec.axes.items():
-        if name == "batch":
-            new = AxisRange(1, min(2 * n, 3 * r.max_samples), 3 * r.max_samples)
-        elif name == "b_ref":
-            new = AxisRange(1, n, 2 * r.max_samples)
-        elif name == "samples":
-            new = AxisRange(1, n, r.max_samples)
-        elif name in ("batch2", "batch3"):
-            k = int(name[-1])
-            new = AxisRange(k, k * n, k * r.max_samples)
-        elif name in ("latent_h", "latent_w"):
-            opt = (shapes.opt_height if name == "latent_h" else shapes.opt_width) // 8
-            new = AxisRange(lat[0], opt, lat[1])
-        elif name in ("height", "width"):
-            opt = shapes.opt_height if name == "height" else shapes.opt_width
-            new = AxisRange(shapes.min_size, opt, shapes.max_size)
-        elif name == "num_refs":
-            new = AxisRange(1, r.opt_refs, r.max_refs)
-        elif name.startswith("ref_tokens_"):
-            per_ref = old.min  # exported with at least one reference: min = tokens of one reference
-            new = AxisRange(per_ref, per_ref * r.opt_refs, per_ref * r.max_refs)
-        else:
-            new = old
-        axes[name] = new
-    return axes
+def engine_spec(spec: NetworkSpec, shapes: ExportShapes) -> NetworkSpec:
+    """The spec of an engine built for `shapes`: the export spec, axes recomputed from the axis table."""
+    return NetworkSpec(spec.name, spec.inputs, spec.outputs, spec_axes(spec, shapes))
 
 
 def engine_profile(spec: NetworkSpec, shapes: ExportShapes) -> Profile:
     """(min, opt, max) shape of every input of `spec` for a build with `shapes`."""
-    axes = build_axes(spec, shapes)
+    axes = engine_spec(spec, shapes).axes
     out: Profile = {}
     for t in spec.inputs:
         points = [
@@ -101,15 +74,3 @@ def engine_profile(spec: NetworkSpec, shapes: ExportShapes) -> Profile:
         ]
         out[t.name] = (points[0], points[1], points[2])
     return out
-
-
-def check_shapes(spec: NetworkSpec, shapes: ExportShapes, feeds: dict[str, tuple[int, ...]]) -> None:
-    """Refuse input shapes outside the engine profile, naming the input, axis and range."""
-    NetworkSpec(spec.name, spec.inputs, spec.outputs, build_axes(spec, shapes)).check_inputs(
-        {k: _Shaped(v) for k, v in feeds.items()}
-    )
-
-
-class _Shaped:
-    def __init__(self, shape: tuple[int, ...]) -> None:
-        self.shape = shape

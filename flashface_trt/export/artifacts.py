@@ -16,19 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import FlashFaceError
+from ..runtime.artifacts import ARTIFACT_FORMAT, content_matches, manifest_path, read_manifest, sha256_file
+from ..runtime.errors import FlashFaceError
 
 log = logging.getLogger(__name__)
-
-ARTIFACT_FORMAT = "flashface-trt-artifact/1"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def arrays_digest(arrays: Mapping[str, np.ndarray]) -> str:
@@ -50,29 +41,13 @@ def artifact_key(name: str, weights_digest: str, settings: Mapping[str, object])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _manifest_path(path: Path) -> Path:
-    return path.with_suffix(path.suffix + ".json")
-
-
-def read_manifest(path: Path) -> dict | None:
-    """The manifest of an artifact, or None when it is missing or unreadable."""
-    try:
-        manifest = json.loads(_manifest_path(path).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return manifest if isinstance(manifest, dict) and manifest.get("format") == ARTIFACT_FORMAT else None
-
-
 def is_current(path: Path, key: str) -> bool:
     """True if `path` exists, its manifest carries `key`, and size and sha256 still match."""
     manifest = read_manifest(path)
     if manifest is None or manifest.get("key") != key or not path.is_file():
         return False
-    if path.stat().st_size != manifest.get("bytes"):
-        log.warning("%s changed size since it was written; rebuilding", path)
-        return False
-    if sha256_file(path) != manifest.get("sha256"):
-        log.warning("%s does not match its manifest sha256; rebuilding", path)
+    if not content_matches(path, str(manifest.get("sha256")), manifest.get("bytes")):
+        log.warning("%s no longer matches its manifest (size or sha256); rebuilding", path)
         return False
     return True
 
@@ -112,6 +87,6 @@ def cached_artifact(
         "bytes": path.stat().st_size,
         "sha256": sha256_file(path),
     }
-    _manifest_path(path).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    manifest_path(path).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     log.info("wrote %s", path)
     return path

@@ -13,9 +13,9 @@ import torch
 
 from ..models.retinaface import RetinaFace
 from ..runtime.detection import DETECTOR, prior_boxes
+from ..runtime.spec import AxisRange, NetworkSpec, TensorSpec
 from .artifacts import arrays_digest, cached_artifact
 from .onnx_io import check_graph, export_graph, simplify
-from .spec import AxisRange, NetworkSpec, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +27,13 @@ def detector_spec(size: int = DETECTOR.input_size, max_batch: int = 16) -> Netwo
     n = len(prior_boxes(size, size))
     return NetworkSpec(
         name="detector",
-        inputs=(TensorSpec("images", "float32", ("batch", 3, size, size)),),
+        inputs=(TensorSpec("images", "float32", ("images", 3, size, size)),),
         outputs=(
-            TensorSpec("logits", "float32", ("batch", n, 2)),
-            TensorSpec("boxes", "float32", ("batch", n, 4)),
-            TensorSpec("landmarks", "float32", ("batch", n, 10)),
+            TensorSpec("logits", "float32", ("images", n, 2)),
+            TensorSpec("boxes", "float32", ("images", n, 4)),
+            TensorSpec("landmarks", "float32", ("images", n, 10)),
         ),
-        axes={"batch": AxisRange(1, 1, max_batch)},
+        axes={"images": AxisRange(1, 1, max_batch)},
     )
 
 

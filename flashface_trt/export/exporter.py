@@ -17,16 +17,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import InputError
 from ..models.backend import TorchModels
 from ..models.retinaface import RetinaFace
-from ..models.tokenizer import ClipTokenizer
-from ..runtime.buffers import SAMPLE_STEP_ROW
+from ..runtime.errors import InputError
+from ..runtime.guidance import SAMPLE_STEP_ROW
+from ..runtime.spec import EXPORT_FORMAT, ExportShapes, NetworkSpec
+from ..runtime.tokenizer import ClipTokenizer
 from .artifacts import arrays_digest, cached_artifact
 from .detector import cached_detector, detector_spec
-from .networks import GRAPHS, NETWORKS, ExportShapes, network_specs
+from .networks import GRAPHS, NETWORKS, network_specs
 from .onnx_io import EXTERNAL_DATA_BYTES, check_graph, export_graph, simplify
-from .spec import EXPORT_FORMAT, NetworkSpec
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,10 @@ from ..models.config import LATENT_SCALE
 from ..models.guidance import GuidanceStepGraph
 from ..models.unet import FlashFaceUNet
 from ..models.unet_blocks import RefInputs
-from ..runtime.buffers import STEP_COEFFICIENTS, step_coefficients
+from ..runtime.axes import REF_TOKENS, axis_range, check_axes
+from ..runtime.guidance import STEP_COEFFICIENTS
 from ..runtime.request import REFERENCE_SIZE
-from .spec import TINY_SHAPES, AxisRange, ExportShapes, NetworkSpec, TensorSpec
-
-__all__ = ["GuidanceStepGraph", "STEP_COEFFICIENTS", "TINY_SHAPES", "ExportShapes", "step_coefficients"]
+from ..runtime.spec import ExportShapes, NetworkSpec, TensorSpec
 
 NETWORKS = ("text_encoder", "vae_encoder", "vae_decoder", "reference_net", "unet", "step_2way", "step_3way")
 
@@ -112,45 +111,41 @@ def reference_layer_shapes(models: TorchModels, ref_size: int = REFERENCE_SIZE) 
 
 
 def network_specs(models: TorchModels, shapes: ExportShapes) -> dict[str, NetworkSpec]:
-    """The spec of every exported network for these models and shape ranges."""
+    """The spec of every exported network for these models and shape ranges (axes from `runtime.axes`)."""
     cfg = models.config
     kv_dtype = "float16" if models.dtype == torch.float16 else "float32"
     ctx, z, lat_ref = cfg.unet.context_dim, cfg.vae.z_dim, shapes.ref_size // cfg.vae_factor
-    batch = AxisRange(1, 2 * shapes.opt_samples, 3 * shapes.max_samples)
-    samples = AxisRange(1, shapes.opt_samples, shapes.max_samples)
-    refs = AxisRange(1, shapes.opt_refs, shapes.max_refs)
-    height = AxisRange(shapes.min_size, shapes.opt_height, shapes.max_size)
-    width = AxisRange(shapes.min_size, shapes.opt_width, shapes.max_size)
-    lat_h, lat_w = shapes.latent(shapes.opt_height), shapes.latent(shapes.opt_width)
     layers = reference_layer_shapes(models, shapes.ref_size)
-    kv_axes = {
-        f"ref_tokens_{i}": AxisRange(refs.min * n, refs.opt * n, refs.max * n)
-        for i, (_, n, _) in enumerate(layers)
-    }
+    tokens = {f"{REF_TOKENS}{i}": n for i, (_, n, _) in enumerate(layers)}
+
+    def axes(*names: str) -> dict:
+        return {n: axis_range(n, shapes, tokens.get(n, 0)) for n in names}
+
     kv = [
-        TensorSpec(name, kv_dtype, (1, f"ref_tokens_{i}", c))
+        TensorSpec(name, kv_dtype, (1, f"{REF_TOKENS}{i}", c))
         for i, (layer, _, c) in enumerate(layers)
         for name in kv_names(layer)
     ]
     f32 = "float32"
-    return {
+    lat = ("latent_h", "latent_w")
+    specs = {
         "text_encoder": NetworkSpec(
             "text_encoder",
             (TensorSpec("input_ids", "int32", ("prompts", cfg.text.text_len)),),
             (TensorSpec("hidden", f32, ("prompts", cfg.text.text_len, ctx)),),
-            {"prompts": AxisRange(1, 2, 4)},
+            axes("prompts"),
         ),
         "vae_encoder": NetworkSpec(
             "vae_encoder",
             (TensorSpec("images", f32, ("num_refs", 3, shapes.ref_size, shapes.ref_size)),),
             (TensorSpec("latents", f32, ("num_refs", z, lat_ref, lat_ref)),),
-            {"num_refs": refs},
+            axes("num_refs"),
         ),
         "vae_decoder": NetworkSpec(
             "vae_decoder",
-            (TensorSpec("latents", f32, ("samples", z, "latent_h", "latent_w")),),
+            (TensorSpec("latents", f32, ("samples", z, *lat)),),
             (TensorSpec("images", "uint8", ("samples", "height", "width", 3)),),
-            {"samples": samples, "latent_h": lat_h, "latent_w": lat_w, "height": height, "width": width},
+            axes("samples", *lat, "height", "width"),
         ),
         "reference_net": NetworkSpec(
             "reference_net",
@@ -160,23 +155,18 @@ def network_specs(models: TorchModels, shapes: ExportShapes) -> dict[str, Networ
                 TensorSpec("context", f32, (1, cfg.text.text_len, ctx)),
             ),
             tuple(kv),
-            {"num_refs": refs, **kv_axes},
+            axes("num_refs", *tokens),
         ),
         **{
             f"step_{k}way": NetworkSpec(
                 f"step_{k}way",
                 (
-                    TensorSpec("x", f32, ("samples", cfg.unet.out_dim, "latent_h", "latent_w")),
-                    TensorSpec("eps", f32, (f"batch{k}", cfg.unet.out_dim, "latent_h", "latent_w")),
+                    TensorSpec("x", f32, ("samples", cfg.unet.out_dim, *lat)),
+                    TensorSpec("eps", f32, (f"batch{k}", cfg.unet.out_dim, *lat)),
                     TensorSpec("coef", f32, (len(STEP_COEFFICIENTS),)),
                 ),
-                (TensorSpec("x_next", f32, ("samples", cfg.unet.out_dim, "latent_h", "latent_w")),),
-                {
-                    "samples": samples,
-                    f"batch{k}": AxisRange(k, k * samples.opt, k * samples.max),
-                    "latent_h": lat_h,
-                    "latent_w": lat_w,
-                },
+                (TensorSpec("x_next", f32, ("samples", cfg.unet.out_dim, *lat)),),
+                axes("samples", f"batch{k}", *lat),
                 samples={"samples": 2, f"batch{k}": 2 * k},
             )
             for k in (2, 3)
@@ -184,21 +174,18 @@ def network_specs(models: TorchModels, shapes: ExportShapes) -> dict[str, Networ
         "unet": NetworkSpec(
             "unet",
             (
-                TensorSpec("x", f32, ("batch", cfg.unet.out_dim, "latent_h", "latent_w")),
-                TensorSpec("mask", f32, (1, 1, "latent_h", "latent_w")),
+                TensorSpec("x", f32, ("batch", cfg.unet.out_dim, *lat)),
+                TensorSpec("mask", f32, (1, 1, *lat)),
                 TensorSpec("timestep", f32, ("batch",)),
                 TensorSpec("context", f32, ("batch", cfg.text.text_len, ctx)),
                 TensorSpec("ref_scale", f32, ("b_ref",)),
                 *kv,
             ),
-            (TensorSpec("eps", f32, ("batch", cfg.unet.out_dim, "latent_h", "latent_w")),),
-            {
-                "batch": batch,
-                "b_ref": AxisRange(1, shapes.opt_samples, 2 * shapes.max_samples),
-                **kv_axes,
-                "latent_h": lat_h,
-                "latent_w": lat_w,
-            },
-            samples={"batch": min(3, batch.max), "b_ref": min(2, 2 * shapes.max_samples)},
+            (TensorSpec("eps", f32, ("batch", cfg.unet.out_dim, *lat)),),
+            axes("batch", "b_ref", *tokens, *lat),
+            samples={"batch": min(3, 3 * shapes.max_samples), "b_ref": min(2, 2 * shapes.max_samples)},
         ),
     }
+    for spec in specs.values():
+        check_axes(spec)
+    return specs

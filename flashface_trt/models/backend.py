@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
 import numpy as np
 import torch
 
+from ..runtime.graphs import StepGraphs
+from ..runtime.guidance import guided_x0, step_update
 from ..runtime.identities import Identity, ReferenceKVCache, kv_key
 from ..runtime.images import to_uint8
-from ..runtime.sampler import GuidanceParams, StepPlan, guide, sample
+from ..runtime.sampler import GuidanceParams, StepPlan
+from ..runtime.tokenizer import ClipTokenizer
 from .config import LATENT_SCALE, ModelConfig
 from .settings import TorchSettings
-from .static_loop import StaticLoop, loop_key
+from .static_step import StaticDenoiser, StaticStep, TorchCapture
 from .text_encoder import TextEncoder
-from .tokenizer import ClipTokenizer
 from .unet import FlashFaceUNet
 from .unet_blocks import RefInputs
 from .vae import AutoencoderKL
@@ -46,7 +49,7 @@ class TorchModels:
 
 @dataclass
 class TorchDenoiser:
-    """`denoise(x, step) -> x0` for one request: the 2-/3-way batch, guidance and x0 (float32).
+    """`denoise(x, step) -> x_next` for one request: the 2-/3-way batch, guidance, DDIM (float32).
 
     cond / uncond: [1, 77, C] text embeddings; identity: reference latents [R, 4, hr, wr] and
     their key; mask: [1, 1, h, w]. Reference K/V are computed once per timestep, shared by every
@@ -77,19 +80,24 @@ class TorchDenoiser:
     def eps(self, x: torch.Tensor, step: StepPlan) -> torch.Tensor:
         """Raw model output for the whole batch [k*N, 4, h, w] (k = 3 or 2), as the official model call."""
         n = x.shape[0]
-        k = step.batch_factor
+        layout = step.layout(n)
         dtype = self.cond.dtype
-        texts = [self.cond, self.cond, self.uncond] if step.three_way else [self.cond, self.uncond]
-        context = torch.cat([c.expand(n, -1, -1) for c in texts])  # [k*N, 77, C]
-        xb = x.to(dtype).repeat(k, 1, 1, 1)  # [k*N, 4, h, w]
-        t = torch.full((k * n,), step.t, device=x.device, dtype=torch.long)
-        scale = torch.full((step.ref_rows(n),), step.ref_strength, device=x.device, dtype=dtype)
+        text = (self.cond, self.uncond)
+        context = torch.cat([text[b].expand(n, -1, -1) for b in layout.text_blocks])  # [k*N, 77, C]
+        xb = x.to(dtype).repeat(layout.k, 1, 1, 1)  # [k*N, 4, h, w]: layout.sample_rows
+        t = torch.full((layout.rows,), step.t, device=x.device, dtype=torch.long)
+        scale = torch.full((layout.ref_rows,), step.ref_strength, device=x.device, dtype=dtype)
         return self.unet(xb, self.mask, t, context, RefInputs(self.reference_kv(step.t), scale))
 
     @torch.inference_mode()
+    def x0(self, x: torch.Tensor, step: StepPlan) -> torch.Tensor:
+        """Guided x0 prediction of one step."""
+        return guided_x0(x, self.eps(x, step).float(), step.three_way, step.coefficients(self.guidance))
+
+    @torch.inference_mode()
     def __call__(self, x: torch.Tensor, step: StepPlan) -> torch.Tensor:
-        out = guide(self.eps(x, step).float(), x.shape[0], step, self.guidance)
-        return step.ddim.x0_from_eps(x, out)
+        coef = step.coefficients(self.guidance)
+        return step_update(x, self.eps(x, step).float(), step.three_way, coef)
 
 
 class TorchBackend:
@@ -103,11 +111,10 @@ class TorchBackend:
         self.device = models.device
         self.dtype = models.dtype
         self.kv_cache = ReferenceKVCache(settings.kv_cache_bytes)
-        self.static_loop = (
-            self.device.type == "cuda" if settings.static_loop is None else settings.static_loop
-        )
-        self.loops: OrderedDict[tuple, StaticLoop] = OrderedDict()  # captured loops, least recent first
-        self.max_loops = settings.max_loops
+        self.static = self.device.type == "cuda" if settings.static_loop is None else settings.static_loop
+        self.states: OrderedDict[tuple, StaticStep] = OrderedDict()  # static buffers per request shape
+        capture = TorchCapture() if self.device.type == "cuda" else None
+        self.graphs = StepGraphs(capture, 2 * settings.max_shapes)  # a 2-way and a 3-way graph per shape
         if settings.channels_last:
             models.unet.to_channels_last()
         self.unet = models.unet  # what the denoisers call: the module, or its compiled forward
@@ -119,10 +126,6 @@ class TorchBackend:
     @property
     def tokenizer(self) -> ClipTokenizer:
         return self.models.tokenizer
-
-    @property
-    def latent_factor(self) -> int:
-        return self.models.config.vae_factor
 
     def from_numpy(self, x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
@@ -145,23 +148,25 @@ class TorchBackend:
         identity: Identity,
         mask: np.ndarray,
         guidance: GuidanceParams,
+        steps: Sequence[StepPlan] = (),
         uncond_key: str = "",
-    ) -> TorchDenoiser:
+    ) -> TorchDenoiser | StaticDenoiser:
+        """The plain denoiser, or (static settings) the static step over this request's shape."""
         m = self.from_numpy(mask.astype(np.float32))[None, None].to(self.dtype)  # [1, 1, h, w]
-        return TorchDenoiser(self.unet, cond, uncond, identity, m, guidance, self.kv_cache, uncond_key)
+        den = TorchDenoiser(self.unet, cond, uncond, identity, m, guidance, self.kv_cache, uncond_key)
+        if not self.static or not steps:
+            return den
+        return StaticDenoiser(den, steps, self.state, self.graphs)
 
-    @torch.inference_mode()
-    def loop(self, denoise, x, steps, wrap=None):
-        """The denoising loop: the plain sampler, or the static loop (a CUDA-graph replay on a GPU)."""
-        if not self.static_loop or not isinstance(denoise, TorchDenoiser):
-            return sample(denoise, x, steps, wrap)
-        key = loop_key(denoise, tuple(x.shape), steps)
-        static = self.loops.pop(key, None) or StaticLoop(denoise, tuple(x.shape), steps, cuda_graph=True)
-        self.loops[key] = static
-        while len(self.loops) > self.max_loops:  # drop the least recently used graph and its buffers
-            self.loops.popitem(last=False)
-        static.load(denoise, steps)
-        return static.run(x)
+    def state(self, den: TorchDenoiser, x_shape: tuple[int, ...]) -> StaticStep:
+        """The static buffers of this request shape (least recently used shapes are dropped)."""
+        key = (tuple(x_shape), tuple(den.identity.latents.shape))
+        state = self.states.pop(key, None) or StaticStep(self.unet, den, x_shape)
+        self.states[key] = state
+        while len(self.states) > self.settings.max_shapes:
+            _, old = self.states.popitem(last=False)
+            self.graphs.discard(old.key)  # they read its buffers
+        return state
 
     def decode(self, z: torch.Tensor) -> np.ndarray:
         """Scaled latents [N, 4, h, w] -> uint8 images [N, 8h, 8w, 3]."""

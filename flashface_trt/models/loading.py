@@ -21,15 +21,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import WeightsError
-from ..export.artifacts import sha256_file
+from ..runtime.artifacts import sha256_file
 from ..runtime.detection import preprocess, to_unit_tensor
+from ..runtime.errors import WeightsError
 from ..runtime.images import synthetic_face
+from ..runtime.tokenizer import ClipTokenizer
 from .backend import TorchModels
 from .config import TINY, ModelConfig
 from .retinaface import RetinaFace, random_retinaface_state, retinaface_state
 from .text_encoder import TextEncoder, text_encoder_state
-from .tokenizer import ClipTokenizer
 from .unet import FlashFaceUNet, unet_state
 from .vae import AutoencoderKL, vae_state
 from .weights import StateDict, build_strict, check_state_dict, meta_shapes, read_checkpoint

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import InputError
+from ..runtime.errors import InputError
 from ..runtime.identities import DEFAULT_KV_CACHE_BYTES
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # the loop is captured by our own CUDA graph
@@ -14,14 +14,15 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # the loop is capture
 class TorchSettings:
     """How the PyTorch backend runs; `benchmarks.suite --variants` times each preset side by side.
 
-    static_loop: run the loop over static tensors, replayed as one CUDA graph on a GPU
-        (None: on for CUDA, off for the CPU, where the plain sampler is as fast).
+    static_loop: run each step over static tensors, replayed as a CUDA graph on a GPU (one graph
+        per request shape and batch layout; None: on for CUDA, off for the CPU, where the plain
+        denoiser is as fast).
     compile: torch.compile the main UNet's forward (one specialisation per batch shape); the
         ReferenceNet, run once per step per new identity, stays eager.
     compile_mode: a torch.compile mode without inductor's own CUDA graphs (ours capture the loop).
     channels_last: NHWC layout for the UNet's convolutions (its weights are converted in place).
     kv_cache_bytes: byte budget of the per-identity reference K/V cache.
-    max_loops: static loops kept (each holds its buffers and captured graph), least recent dropped.
+    max_shapes: request shapes whose static buffers and step graphs are kept, least recent dropped.
     """
 
     static_loop: bool | None = None
@@ -29,7 +30,7 @@ class TorchSettings:
     compile_mode: str = "default"
     channels_last: bool = False
     kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES
-    max_loops: int = 4
+    max_shapes: int = 4
 
     def validated(self) -> TorchSettings:
         """These settings, or an InputError naming the value out of range."""
@@ -37,8 +38,8 @@ class TorchSettings:
             raise InputError(f"compile_mode {self.compile_mode!r} is not one of {COMPILE_MODES}")
         if self.kv_cache_bytes < 0:
             raise InputError(f"kv_cache_bytes must be >= 0, got {self.kv_cache_bytes}")
-        if self.max_loops < 1:
-            raise InputError(f"max_loops must be >= 1, got {self.max_loops}")
+        if self.max_shapes < 1:
+            raise InputError(f"max_shapes must be >= 1, got {self.max_shapes}")
         return self
 
 

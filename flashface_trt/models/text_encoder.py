@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import InputError
+from ..runtime.errors import InputError
 from .config import TextConfig
 from .weights import StateDict, build_strict, meta_shapes, read_state
 

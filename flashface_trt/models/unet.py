@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
-from ..errors import WeightsError
+from ..runtime.errors import WeightsError
 from .config import UNetConfig
 from .unet_blocks import (
     AttentionBlock,

@@ -12,7 +12,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from ..errors import WeightsError
+from ..runtime.errors import WeightsError
 
 log = logging.getLogger(__name__)
 

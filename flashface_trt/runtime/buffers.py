@@ -1,68 +1,20 @@
-"""Shapes of every engine input and output for one request, from the specs (pure, unit-tested).
+"""Buffer plans of the engine runtime: K/V wiring between engines, per-request step tables (pure).
 
-The engine runtime allocates its buffers from this plan once per request shape: the UNet's at the
-3-way batch (the 2-way steps use a prefix), the ReferenceNet's K/V outputs with exactly the UNet's
-K/V input shapes, so that the same device buffers serve both engines.
+The engine runtime allocates its buffers from the axis table (`axes.io_shapes`) once per request
+shape: the UNet's at the 3-way batch (2-way steps use a prefix), the ReferenceNet's K/V outputs
+with exactly the UNet's K/V input shapes, so that the same device buffers serve both engines.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from ..errors import InputError
-from ..export.spec import NetworkSpec
-
-
-@dataclass(frozen=True)
-class LoopDims:
-    """The sizes of one request: samples N, latent height/width, references, steps, text length."""
-
-    samples: int
-    latent_h: int
-    latent_w: int
-    num_refs: int
-    steps: int
-    prompts: int = 2
-
-    def __post_init__(self) -> None:
-        for name in ("samples", "latent_h", "latent_w", "num_refs", "steps"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name}={getattr(self, name)} must be at least 1")
-
-
-def axis_sizes(spec: NetworkSpec, dims: LoopDims, k: int = 3) -> dict[str, int]:
-    """Concrete size of every dynamic axis of `spec` for a request, with a k-way UNet batch (k = 2, 3)."""
-    n = dims.samples
-    sizes = {
-        "batch": k * n,
-        "b_ref": n if k == 3 else 2 * n,
-        "samples": n,
-        "batch2": 2 * n,
-        "batch3": 3 * n,
-        "latent_h": dims.latent_h,
-        "latent_w": dims.latent_w,
-        "height": 8 * dims.latent_h,
-        "width": 8 * dims.latent_w,
-        "num_refs": dims.num_refs,
-        "prompts": dims.prompts,
-    }
-    for name, r in spec.axes.items():
-        if name.startswith("ref_tokens_"):
-            sizes[name] = r.min * dims.num_refs  # exported from one reference: min = tokens per reference
-    return sizes
-
-
-def io_shapes(spec: NetworkSpec, dims: LoopDims, k: int = 3) -> dict[str, tuple[int, ...]]:
-    """Every input and output of `spec` at this request's sizes."""
-    sizes = axis_sizes(spec, dims, k)
-    return {t.name: t.concrete(sizes) for t in (*spec.inputs, *spec.outputs)}
-
-
-def nbytes(spec: NetworkSpec, name: str, shape: tuple[int, ...]) -> int:
-    dtype = next(t.dtype for t in (*spec.inputs, *spec.outputs) if t.name == name)
-    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+from .axes import LoopDims, io_shapes
+from .errors import InputError
+from .guidance import STEP_COEFFICIENTS
+from .layout import BatchLayout
+from .sampler import GuidanceParams, StepPlan
+from .spec import NetworkSpec
 
 
 def check_kv_wiring(reference_net: NetworkSpec, unet: NetworkSpec, dims: LoopDims) -> None:
@@ -78,54 +30,18 @@ def check_kv_wiring(reference_net: NetworkSpec, unet: NetworkSpec, dims: LoopDim
             raise InputError(f"{t.name}: ReferenceNet and UNet dtypes differ")
 
 
-def step_tables(
-    coefficients: list[list[float]], timesteps: list[int], strengths: list[float], dims: LoopDims
-):
-    """Per-step device tables of a captured loop: coef [S, 9], UNet timesteps [S, 3N], λ [S, 2N], t [S, 1].
+def step_tables(steps: list[StepPlan], guidance: GuidanceParams, samples: int) -> dict[str, np.ndarray]:
+    """Per-step rows a graphed step reads: coef [S, 10], UNet timesteps t [S, 3N], λ lam [S, 2N].
 
-    Rows are read at fixed offsets by the captured graph, so new guidance values only need a copy.
+    Row i is copied into the step's static inputs before step i runs, so new guidance values,
+    timesteps or λ never need a new capture. Timesteps and λ are given for the widest (3-way)
+    batch and the widest B_ref (2-way); a step reads the prefix its layout needs.
     """
-    n, s = dims.samples, dims.steps
-    if not len(coefficients) == len(timesteps) == len(strengths) == s:
-        raise InputError(
-            f"step tables need {s} rows, got {len(coefficients)}, {len(timesteps)}, {len(strengths)}"
-        )
-    coef = np.asarray(coefficients, dtype=np.float32)  # [S, 9]
-    t_unet = np.repeat(np.asarray(timesteps, np.float32)[:, None], 3 * n, axis=1)  # [S, 3N]
-    lam = np.repeat(np.asarray(strengths, np.float32)[:, None], 2 * n, axis=1)  # [S, 2N]
-    t_ref = np.asarray(timesteps, np.float32)[:, None]  # [S, 1]
-    return coef, t_unet, lam, t_ref
-
-
-STEP_COEFFICIENTS = (
-    "text_guidance",
-    "face_guidance",
-    "guide_rescale",
-    "sigma",
-    "alpha",
-    "a_cur",
-    "s_cur",
-    "a_next",
-    "s_next",
-)
-
-
-# a plausible row (guidance 7.5 / 3.2 / 0.5 and DDIM coefficients) for tracing and verification
-SAMPLE_STEP_ROW = [7.5, 3.2, 0.5, 0.6, 0.8, 0.8, 0.6, 0.9, 0.4]
-
-
-def step_coefficients(step, guidance) -> list[float]:
-    """One row of the device table the update graph reads: guidance scales and DDIM coefficients."""
-    d = step.ddim
-    g = guidance
-    return [
-        g.text_guidance,
-        g.face_guidance,
-        g.guide_rescale,
-        d.sigma,
-        d.alpha,
-        d.a_cur,
-        d.s_cur,
-        d.a_next,
-        d.s_next,
-    ]
+    rows = BatchLayout(samples, True).rows
+    ref_rows = BatchLayout(samples, False).ref_rows
+    coef = np.asarray([s.coefficients(guidance) for s in steps], dtype=np.float32)  # [S, 10]
+    if coef.shape[1:] != (len(STEP_COEFFICIENTS),):
+        raise InputError(f"coefficient rows have {coef.shape[1:]} values, expected {len(STEP_COEFFICIENTS)}")
+    t = np.repeat(np.asarray([s.t for s in steps], np.float32)[:, None], rows, axis=1)  # [S, 3N]
+    lam = np.repeat(np.asarray([s.ref_strength for s in steps], np.float32)[:, None], ref_rows, axis=1)
+    return {"coef": coef, "t": t, "lam": lam}

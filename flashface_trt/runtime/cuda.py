@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import FlashFaceError
+from .errors import FlashFaceError
 
 log = logging.getLogger(__name__)
 
@@ -114,27 +114,36 @@ def copy_device(dst: int, src: int, nbytes: int, stream: Stream) -> None:
 
 
 class CudaGraph:
-    """A captured and instantiated CUDA graph: `capture(stream, work)` once, `launch(stream)` many times."""
+    """A captured and instantiated CUDA graph on one stream (the `graphs.Graph` protocol)."""
 
-    def __init__(self) -> None:
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
         self.graph: Any = None
         self.exec: Any = None
 
-    def capture(self, stream: Stream, work: Any) -> None:
-        """Record everything `work()` enqueues on `stream` (no host syncs allowed inside)."""
+    def capture(self, work: Any) -> None:
+        """Record everything `work()` enqueues on the stream (no host syncs allowed inside).
+
+        If `work` raises, the capture is ended and discarded and that error is what propagates
+        (the `cudaStreamEndCapture` failure it causes would otherwise hide it).
+        """
         rt = _rt()
         mode = rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
-        check(rt.cudaStreamBeginCapture(stream.stream, mode), "cudaStreamBeginCapture")
+        check(rt.cudaStreamBeginCapture(self.stream.stream, mode), "cudaStreamBeginCapture")
         try:
             work()
-        finally:
-            self.graph = check(rt.cudaStreamEndCapture(stream.stream), "cudaStreamEndCapture")
+        except BaseException:
+            err, graph = rt.cudaStreamEndCapture(self.stream.stream)
+            if err == rt.cudaError_t.cudaSuccess and graph is not None:
+                rt.cudaGraphDestroy(graph)
+            raise
+        self.graph = check(rt.cudaStreamEndCapture(self.stream.stream), "cudaStreamEndCapture")
         self.exec = check(rt.cudaGraphInstantiate(self.graph, 0), "cudaGraphInstantiate")
 
-    def launch(self, stream: Stream) -> None:
+    def replay(self) -> None:
         if self.exec is None:
             raise CudaError("CUDA graph launched before it was captured")
-        check(_rt().cudaGraphLaunch(self.exec, stream.stream), "cudaGraphLaunch")
+        check(_rt().cudaGraphLaunch(self.exec, self.stream.stream), "cudaGraphLaunch")
 
     def destroy(self) -> None:
         rt = _rt()

@@ -16,11 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError
+from .errors import InputError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_KV_CACHE_BYTES = 2 << 30
+ORT_ITEMSIZE = {"tensor(float16)": 2, "tensor(float)": 4, "tensor(int32)": 4, "tensor(uint8)": 1}
 
 
 def array_key(*arrays: np.ndarray) -> str:
@@ -57,9 +58,12 @@ def _nbytes(value: Any) -> int:
         return sum(_nbytes(v) for v in value)
     if hasattr(value, "nbytes"):  # NumPy arrays, torch tensors
         return int(value.nbytes)
-    # an ONNX Runtime OrtValue on a device: element count x element size
-    itemsize = {"tensor(float16)": 2, "tensor(float)": 4}.get(value.element_type(), 4)
-    return int(np.prod(value.shape())) * itemsize
+    # an ONNX Runtime OrtValue on a device: element count x element size; `data_type()` names the
+    # element type ('tensor(float16)'), `element_type()` would give an int and there is no `nbytes`
+    kind = value.data_type()
+    if kind not in ORT_ITEMSIZE:
+        raise InputError(f"cannot size a cached value of type {kind!r}")
+    return int(np.prod(value.shape(), dtype=np.int64)) * ORT_ITEMSIZE[kind]
 
 
 class ReferenceKVCache:

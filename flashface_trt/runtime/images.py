@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from ..errors import InputError
+from .errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -155,10 +155,6 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     """Decoded [N, 3, H, W] in about [-1, 1] -> uint8 [N, H, W, 3] (official: scale, clip, truncate)."""
     x = images.transpose(0, 2, 3, 1) * 127.5 + 127.5
     return x.clip(0, 255).astype(np.uint8)
-
-
-def to_pil(images: np.ndarray) -> list[Image.Image]:
-    return [Image.fromarray(img) for img in to_uint8(images)]
 
 
 def synthetic_face(size: int = 224, seed: int = 0) -> Image.Image:

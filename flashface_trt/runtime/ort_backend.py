@@ -6,25 +6,25 @@ encoding, `denoiser`, decode), so the pipeline and the sampler loop never ask wh
 
 from __future__ import annotations
 
-import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import FlashFaceError, InputError, WeightsError
-from ..export.artifacts import read_manifest
-from ..export.spec import EXPORT_FORMAT, NetworkSpec
-from ..models.tokenizer import ClipTokenizer
+from .errors import FlashFaceError, InputError, WeightsError
+from .exports import UNET_GRAPHS, export_specs, read_export
+from .guidance import guided_x0, step_update
 from .identities import DEFAULT_KV_CACHE_BYTES, Identity, ReferenceKVCache, kv_key
 from .ort_detector import OrtDetector
-from .sampler import GuidanceParams, StepPlan, guide, sample
+from .sampler import GuidanceParams, StepPlan
+from .spec import NetworkSpec
+from .tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
 
-REQUIRED = ("text_encoder", "vae_encoder", "vae_decoder", "reference_net", "unet")  # graphs it runs
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
@@ -49,37 +49,6 @@ class OrtSettings:
     def __post_init__(self) -> None:
         if self.provider not in PROVIDERS:
             raise InputError(f"ONNX Runtime provider {self.provider!r} is not one of {sorted(PROVIDERS)}")
-
-
-def read_export(root: str | Path) -> dict:
-    """The manifest of an exported directory, after checking that every graph it names is there."""
-    root = Path(root)
-    path = root / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise WeightsError(
-            f"{str(root)!r} is not an exported directory (no readable manifest.json): {exc}"
-        ) from exc
-    if manifest.get("format") != EXPORT_FORMAT:
-        raise WeightsError(f"{str(path)!r} has format {manifest.get('format')!r}, expected {EXPORT_FORMAT!r}")
-    for name in REQUIRED:
-        entry = manifest.get("networks", {}).get(name)
-        if entry is None or not (root / entry["file"]).is_file():
-            raise WeightsError(f"{str(root)!r} lacks the {name} graph; re-run `flashface-trt export`")
-        _check_artifact(root / entry["file"])
-    return manifest
-
-
-def _check_artifact(path: Path) -> None:
-    """Size check against the graph's own manifest (a full sha256 is `flashface-trt export`'s job)."""
-    meta = read_manifest(path)
-    if meta is None:
-        raise WeightsError(f"{str(path)!r} has no readable manifest beside it; re-run the export")
-    if path.stat().st_size != meta.get("bytes"):
-        raise WeightsError(
-            f"{str(path)!r} changed after export (size differs from its manifest); re-run the export"
-        )
 
 
 def trt_provider_options(spec: NetworkSpec, cache_dir: Path, fp16: bool = True) -> dict[str, Any]:
@@ -174,21 +143,24 @@ class OrtDenoiser:
 
     def eps(self, x: np.ndarray, step: StepPlan) -> np.ndarray:
         """Raw model output for the whole batch [k*N, 4, h, w] (k = 3 or 2)."""
-        n, k = x.shape[0], step.batch_factor
-        texts = [self.cond, self.cond, self.uncond] if step.three_way else [self.cond, self.uncond]
+        layout = step.layout(x.shape[0])
+        text = np.concatenate([self.cond, self.uncond])  # [2, 77, C]
         out = self.backend.sessions["unet"].run(
-            x=np.concatenate([x] * k),
+            x=x[layout.sample_rows],
             mask=self.mask,
-            timestep=np.full(k * n, step.t, np.float32),
-            context=np.concatenate([np.repeat(c, n, axis=0) for c in texts]),
-            ref_scale=np.full(step.ref_rows(n), step.ref_strength, np.float32),
+            timestep=np.full(layout.rows, step.t, np.float32),
+            context=text[layout.text_rows],
+            ref_scale=np.full(layout.ref_rows, step.ref_strength, np.float32),
             **self.reference_kv(step.t),
         )
         return out["eps"]
 
+    def x0(self, x: np.ndarray, step: StepPlan) -> np.ndarray:
+        """Guided x0 prediction of one step."""
+        return guided_x0(x, self.eps(x, step), step.three_way, step.coefficients(self.guidance))
+
     def __call__(self, x: np.ndarray, step: StepPlan) -> np.ndarray:
-        out = guide(self.eps(x, step), x.shape[0], step, self.guidance)
-        return step.ddim.x0_from_eps(x, out)
+        return step_update(x, self.eps(x, step), step.three_way, step.coefficients(self.guidance))
 
 
 class OrtBackend:
@@ -201,11 +173,11 @@ class OrtBackend:
         self.settings = settings or OrtSettings()
         self.manifest = read_export(self.root)
         nets = self.manifest["networks"]
-        specs = {name: NetworkSpec.from_dict(nets[name]["spec"]) for name in REQUIRED}
+        specs = export_specs(self.manifest)
         kv_names = tuple(specs["reference_net"].output_names)
         self.sessions = {
             name: Session(self.root / nets[name]["file"], specs[name], self.settings, kv_names)
-            for name in REQUIRED
+            for name in UNET_GRAPHS
         }
         self._tokenizer = ClipTokenizer(self.root / self.manifest["vocab"])
         self.kv_cache = ReferenceKVCache(self.settings.kv_cache_bytes)
@@ -242,14 +214,11 @@ class OrtBackend:
         identity: Identity,
         mask: np.ndarray,
         guidance: GuidanceParams,
+        steps: Sequence[StepPlan] = (),
         uncond_key: str = "",
     ) -> OrtDenoiser:
         m = mask.astype(np.float32)[None, None]  # [1, 1, h, w]
         return OrtDenoiser(self, cond, uncond, identity, m, guidance, uncond_key)
-
-    def loop(self, denoise, x, steps, wrap=None):
-        """The denoising loop: the shared plain sampler over `denoise` (k-diffusion style)."""
-        return sample(denoise, x, steps, wrap)
 
     def decode(self, z: np.ndarray) -> np.ndarray:
         """Scaled latents [N, 4, h, w] -> uint8 images [N, 8h, 8w, 3]."""

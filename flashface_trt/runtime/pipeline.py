@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
 
-from ..errors import InputError
+from .errors import InputError
 from .identities import Identity, array_key, identity_from_crops
 from .images import reference_array
 from .request import REFERENCE_SIZE, GenerationRequest, face_mask, full_prompts, initial_noise, pad_references
-from .sampler import GuidanceParams, StepPlan, plan
+from .sampler import GuidanceParams, StepPlan, Wrap, plan, sample
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +45,11 @@ class Backend(Protocol):
         identity: Identity,
         mask: np.ndarray,
         guidance: GuidanceParams,
+        steps: Sequence[StepPlan],
         uncond_key: str = "",
     ) -> Callable[[Any, StepPlan], Any]:
-        """`denoise(x, step) -> x0` for one request (mask [h, w]); reference K/V cached per
-        (identity, timestep, `uncond_key` = the negative prompt's ids, reference size)."""
-
-    def loop(
-        self,
-        denoise: Callable[[Any, StepPlan], Any],
-        x: Any,
-        steps: Sequence[StepPlan],
-        wrap: Callable[[Iterable[StepPlan]], Iterable[StepPlan]] | None = None,
-    ) -> Any:
-        """Run the denoising loop: the plain `sample` over `denoise`, or one CUDA-graph replay of it."""
+        """`denoise(x, step) -> x of the next step` for one request's `steps` (mask [h, w]); reference
+        K/V cached per (identity, timestep, `uncond_key` = the negative prompt's ids, reference size)."""
 
     def decode(self, z: Any) -> np.ndarray:
         """Scaled latents [N, 4, h, w] -> uint8 images [N, H, W, 3]."""
@@ -79,7 +71,7 @@ def generate(
     backend: Backend,
     request: GenerationRequest,
     faces: Sequence[Image.Image] | Identity,
-    wrap: Callable[[Iterable[StepPlan]], Iterable[StepPlan]] | None = None,
+    wrap: Wrap | None = None,
 ) -> list[Image.Image]:
     """Generate `request.num_samples` images of a person: face crops, or a registered identity."""
     req = request.validated()
@@ -88,19 +80,18 @@ def generate(
     text = backend.encode_text(ids)  # [2, 77, C]
     cond, uncond = text[0:1], text[1:2]
     identity = faces if isinstance(faces, Identity) else register_identity(backend, faces)
-    ref_latents = identity.latents
     mask = face_mask(req.face_bbox, req.height, req.width)  # [H/8, W/8]
-    denoise = backend.denoiser(cond, uncond, identity, mask, req.guidance, array_key(ids[1]))
-    x = backend.from_numpy(initial_noise(req.seed, req.num_samples, req.height, req.width))
     steps = plan(req.steps, req.guidance)
+    denoise = backend.denoiser(cond, uncond, identity, mask, req.guidance, steps, array_key(ids[1]))
+    x = backend.from_numpy(initial_noise(req.seed, req.num_samples, req.height, req.width))
     log.info(
         "%s: %d steps (%d three-way), %d references, %dx%d",
         backend.name,
         len(steps),
         sum(s.three_way for s in steps),
-        len(ref_latents),
+        identity.num_refs,
         req.width,
         req.height,
     )
-    z0 = backend.loop(denoise, x, steps, wrap)
+    z0 = sample(denoise, x, steps, wrap)
     return [Image.fromarray(img) for img in backend.decode(z0)]

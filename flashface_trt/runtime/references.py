@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..errors import InputError
 from .detection import DETECTOR, DetectorConfig, RunDetector, detect_faces
+from .errors import InputError
 from .faces import crop_face, select_face
 from .images import DEFAULT_MAX_PIXELS, load_image
 

@@ -13,7 +13,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from ..errors import InputError
+from .errors import InputError
 from .sampler import GuidanceParams
 
 DEFAULT_POSITIVE_SUFFIX = "best quality, masterpiece,ultra-detailed, UHD 4K, photographic"

@@ -1,21 +1,22 @@
-"""Disentangled guidance and the DDIM loop, written once for every backend.
+"""Guidance settings, the per-step plan and the one denoising loop every backend shares.
 
-The loop is a plain function over one `denoise(x, step) -> x0` call (k-diffusion style);
-backends (PyTorch, ONNX Runtime, TensorRT, graph replay) provide `denoise` and the loop
-never asks which one it has. Arithmetic here uses only operators shared by NumPy arrays
-and torch tensors. Guidance follows the official `ContextGaussianDiffusion.denoise`
-(flashface/all_finetune/ops/context_diffusion.py).
+The loop is a plain function over one `denoise(x, step)` call that returns the next step's x
+(k-diffusion style); backends (PyTorch, ONNX Runtime, TensorRT, graph replay) provide `denoise`
+and the loop never asks which one it has. The step arithmetic is `guidance.py`. The launch rule
+follows the official `ContextGaussianDiffusion` (flashface/all_finetune/ops/context_diffusion.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
+from .layout import BatchLayout
 from .schedule import DDIMStep, ddim_steps, model_coefficients
 
 Array = TypeVar("Array")
+Wrap = Callable[[Iterable["StepPlan"]], Iterable["StepPlan"]]
 
 
 @dataclass(frozen=True)
@@ -55,14 +56,15 @@ class StepPlan:
     def t(self) -> int:
         return self.ddim.t
 
-    @property
-    def batch_factor(self) -> int:
-        """Rows of the model batch per sample (3 or 2)."""
-        return 3 if self.three_way else 2
+    def layout(self, samples: int) -> BatchLayout:
+        """The rows of this step's UNet call for `samples` images."""
+        return BatchLayout(samples, self.three_way)
 
-    def ref_rows(self, num_samples: int) -> int:
-        """B_ref: the first rows that attend to references (cond+ref only, or all of the 2-way batch)."""
-        return num_samples if self.three_way else 2 * num_samples
+    def coefficients(self, g: GuidanceParams) -> list[float]:
+        """This step's row of `guidance.STEP_COEFFICIENTS`: guidance scales and DDIM coefficients."""
+        d = self.ddim
+        keep = 1.0 - g.guide_rescale  # in float64, as the official Python scalar
+        return [g.text_guidance, g.face_guidance, g.guide_rescale, keep, *d.coefficients()]
 
 
 def plan_step(ddim: DDIMStep, g: GuidanceParams) -> StepPlan:
@@ -83,40 +85,16 @@ def single_step(t: int, g: GuidanceParams) -> StepPlan:
     return plan_step(DDIMStep(int(t), alpha, sigma, 0.0, 1.0, 0.0, 0.0), g)
 
 
-def _row_std(x: Any, n: int) -> Any:
-    """Unbiased standard deviation of each of the n rows: [n, ...] -> [n, 1, 1, 1]."""
-    flat = x.reshape(n, -1)
-    m = flat.shape[1]
-    mean = flat.sum(1).reshape(n, 1) / m
-    var = ((flat - mean) ** 2).sum(1) / (m - 1)
-    return (var**0.5).reshape(n, 1, 1, 1)
-
-
-def guide(eps: Any, n: int, step: StepPlan, g: GuidanceParams) -> Any:
-    """Combine the batch's eps [k*n, C, h, w] into one guided eps [n, C, h, w], then CFG-rescale."""
-    if step.three_way:
-        y_ref, y, u = eps[:n], eps[n : 2 * n], eps[2 * n : 3 * n]
-        out = u + g.text_guidance * (y - u) + g.face_guidance * (y_ref - y)
-    else:
-        y, u = eps[:n], eps[n : 2 * n]
-        out = u + g.text_guidance * (y - u)
-    if g.guide_rescale > 0:
-        ratio = _row_std(y, n) / (_row_std(out, n) + 1e-12)
-        out = out * (g.guide_rescale * ratio + (1.0 - g.guide_rescale))
-    return out
-
-
-Denoise = Callable[[Array, StepPlan], Array]
-
-
 def sample(
     denoise: Callable[[Array, StepPlan], Array],
     x: Array,
     steps: Sequence[StepPlan],
-    wrap: Callable[[Iterable[StepPlan]], Iterable[StepPlan]] | None = None,
+    wrap: Wrap | None = None,
 ) -> Array:
-    """Deterministic DDIM (eta = 0): x <- update(x, denoise(x, step)) for every step; returns z0."""
+    """Deterministic DDIM (eta = 0): x <- denoise(x, step) for every step; returns z0.
+
+    `wrap` may wrap the steps (a progress bar); it sees every step, whichever backend runs them.
+    """
     for step in wrap(steps) if wrap is not None else steps:
-        x0 = denoise(x, step)
-        x = step.ddim.update(x, x0)
+        x = denoise(x, step)
     return x

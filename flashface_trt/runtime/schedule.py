@@ -15,7 +15,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from ..errors import InputError
+from .errors import InputError
 
 NUM_TIMESTEPS = 1000
 BETA_MIN = 0.00085
@@ -115,14 +115,9 @@ class DDIMStep:
     a_next: float
     s_next: float
 
-    def x0_from_eps(self, x, eps):
-        """x0 = (x - sigma_t eps) / alpha_t (eps prediction)."""
-        return (x - self.sigma * eps) / self.alpha
-
-    def update(self, x, x0):
-        """Deterministic DDIM update x_t -> x_s (eta = 0), in the official operation order."""
-        d = (x - self.a_cur * x0) / self.s_cur
-        return self.a_next * x0 + self.s_next * d
+    def coefficients(self) -> list[float]:
+        """(sigma, alpha, a_cur, s_cur, a_next, s_next): the step's part of a coefficient row."""
+        return [self.sigma, self.alpha, self.a_cur, self.s_cur, self.a_next, self.s_next]
 
 
 def ddim_steps(steps: int, n: int = NUM_TIMESTEPS) -> list[DDIMStep]:

@@ -1,34 +1,44 @@
-"""The TensorRT backend: engines on one stream, shared activation memory, a CUDA-graphed loop. No torch.
+"""The TensorRT backend: engines on one stream, shared activation memory, CUDA-graphed steps. No torch.
 
-Never run here (TensorRT cannot be installed on these machines): type-checked against
-`tensorrt-stubs`; the shapes, tables and wiring it relies on are unit-tested (`buffers.py`), and
-the update step it replays is the ONNX graph tested against the NumPy sampler.
+Each denoising step is one body over static device buffers of the request shape: the k-way copy
+of x, the UNet engine, the guidance + DDIM update engine (`step_2way`/`step_3way`, the exported
+`runtime.guidance.step_update`), and the copy of x_next back into x. The current step's timesteps,
+λ, coefficient row and reference K/V are copied into static buffers before the body runs, so one
+captured graph per (shape, batch layout) serves every step of every request (`graphs.StepGraphs`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..engine.cache import GpuIdentity, check_engine
-from ..errors import FlashFaceError, WeightsError
-from ..export.spec import NetworkSpec
-from ..models.tokenizer import ClipTokenizer
-from .buffers import LoopDims, io_shapes, step_coefficients, step_tables
+from .axes import LoopDims, io_shapes
+from .buffers import check_kv_wiring, step_tables
 from .cuda import CudaGraph, DeviceBuffer, Stream, copy_device, copy_to_device, copy_to_host, device_info
+from .engines import GpuIdentity, check_engine
+from .errors import FlashFaceError, InputError, WeightsError
+from .graphs import Body, StepGraphs
 from .identities import DEFAULT_KV_CACHE_BYTES, Identity, ReferenceKVCache, kv_key
-from .sampler import GuidanceParams, StepPlan, guide
+from .layout import BatchLayout, context_table_rows
+from .sampler import GuidanceParams, StepPlan
+from .spec import NetworkSpec
+from .tokenizer import ClipTokenizer
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
 log = logging.getLogger(__name__)
+
+ALIGN = 256  # TensorRT: every tensor address must be at least 256-byte aligned (setTensorAddress)
+EAGER = "eager"  # context key of engine calls that are never captured (one context per engine)
+TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "INT32": "int32", "UINT8": "uint8", "INT64": "int64"}
 
 
 @dataclass
@@ -54,7 +64,7 @@ class DeviceTensor:
 
 
 class Engine:
-    """One deserialized engine and its execution contexts (one per input-shape layout)."""
+    """One deserialized engine, its I/O checked against the export spec, one context per graph key."""
 
     def __init__(self, runtime: trt.Runtime, path: Path, spec: NetworkSpec) -> None:
         self.spec = spec
@@ -62,22 +72,46 @@ class Engine:
         if engine is None:
             raise WeightsError(f"TensorRT could not deserialize {path.name}; rebuild it")
         self.engine: trt.ICudaEngine = engine
-        self.contexts: dict[Any, trt.IExecutionContext] = {}
+        self.contexts: OrderedDict[Any, trt.IExecutionContext] = OrderedDict()
+        self._check_io(path)
+
+    def _check_io(self, path: Path) -> None:
+        """The engine's tensors must be the spec's: names, inputs/outputs, dtypes (manifest vs plan)."""
+        import tensorrt
+
+        names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
+        want = {t.name: t for t in (*self.spec.inputs, *self.spec.outputs)}
+        if names != set(want):
+            raise WeightsError(
+                f"{path.name}: engine tensors {sorted(names)} differ from the export's {sorted(want)}"
+            )
+        for name, t in want.items():
+            is_input = self.engine.get_tensor_mode(name) == tensorrt.TensorIOMode.INPUT
+            if is_input != (t in self.spec.inputs):
+                raise WeightsError(
+                    f"{path.name}: {name!r} is an {'input' if is_input else 'output'} of the engine"
+                )
+            dtype = TRT_DTYPES.get(self.engine.get_tensor_dtype(name).name)
+            if dtype != t.dtype:
+                raise WeightsError(f"{path.name}: {name!r} is {dtype} in the engine, {t.dtype} in the export")
 
     @property
     def memory_size(self) -> int:
         return int(self.engine.device_memory_size_v2)
 
-    def context(self, layout: Any, memory: DeviceBuffer) -> trt.IExecutionContext:
-        """An execution context for one shape layout, on the shared activation memory."""
+    def context(self, key: Any, memory: DeviceBuffer) -> trt.IExecutionContext:
+        """The execution context of one graph key (TensorRT: one context per captured graph)."""
         import tensorrt
 
-        if layout not in self.contexts:
+        ctx = self.contexts.get(key)
+        if ctx is None:
             strategy = tensorrt.ExecutionContextAllocationStrategy.USER_MANAGED
             ctx = self.engine.create_execution_context(strategy)
+            if ctx is None:
+                raise FlashFaceError(f"{self.spec.name}: TensorRT could not create an execution context")
             ctx.set_device_memory(memory.ptr, memory.nbytes)
-            self.contexts[layout] = ctx
-        return self.contexts[layout]
+            self.contexts[key] = ctx
+        return ctx
 
     def enqueue(
         self,
@@ -86,20 +120,75 @@ class Engine:
         ptrs: dict[str, int],
         stream: Stream,
     ) -> None:
+        """Set every input shape and I/O address (each result checked), then enqueue on `stream`."""
         for t in self.spec.inputs:
             if not ctx.set_input_shape(t.name, shapes[t.name]):
-                raise WeightsError(
+                raise InputError(
                     f"{self.spec.name}: input {t.name} shape {shapes[t.name]} is outside the engine"
                 )
-        for name, ptr in ptrs.items():
-            ctx.set_tensor_address(name, ptr)
+        for t in (*self.spec.inputs, *self.spec.outputs):
+            ptr = ptrs.get(t.name)
+            if ptr is None:
+                raise FlashFaceError(f"{self.spec.name}: no address given for {t.name!r}")
+            if ptr % ALIGN:
+                raise FlashFaceError(f"{self.spec.name}: address of {t.name!r} is not {ALIGN}-byte aligned")
+            if not ctx.set_tensor_address(t.name, ptr):
+                raise FlashFaceError(f"{self.spec.name}: TensorRT refused the address of {t.name!r}")
         if not ctx.execute_async_v3(stream.handle):
-            raise WeightsError(f"{self.spec.name}: TensorRT enqueue failed")
+            raise FlashFaceError(f"{self.spec.name}: TensorRT enqueue failed")
+
+
+class TrtCapture:
+    """CUDA-graph capture on the backend's stream for `StepGraphs` (the warm-up runs in place)."""
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+
+    def eager(self, body: Body) -> None:
+        body()
+
+    def capture(self, body: Body) -> CudaGraph:
+        graph = CudaGraph(self.stream)
+        graph.capture(body)
+        return graph
+
+
+class StepState:
+    """Static buffers of one request shape: x, the k-way batch, eps, x_next, context, mask, the
+    current step's t / λ / coefficients and reference K/V, and the request's per-step tables."""
+
+    def __init__(self, backend: TrtBackend, dims: LoopDims) -> None:
+        unet = backend.specs["unet"]
+        shapes = io_shapes(unet, dims, 3)
+        self.dims = dims
+        self.key = dims
+        n = dims.samples
+        self.buf = {
+            "x": DeviceTensor.empty(io_shapes(backend.specs["step_3way"], dims, 3)["x"], "float32"),
+            "x_next": DeviceTensor.empty(io_shapes(backend.specs["step_3way"], dims, 3)["x"], "float32"),
+            "x_rep": DeviceTensor.empty(shapes["x"], "float32"),
+            "eps": DeviceTensor.empty(shapes["eps"], "float32"),
+            "mask": DeviceTensor.empty(shapes["mask"], "float32"),
+            "t": DeviceTensor.empty((BatchLayout(n, True).rows,), "float32"),
+            "lam": DeviceTensor.empty((BatchLayout(n, False).ref_rows,), "float32"),
+            "coef": DeviceTensor.empty(io_shapes(backend.specs["step_3way"], dims, 3)["coef"], "float32"),
+        }
+        ctx_row = shapes["context"][1:]
+        for three in (False, True):  # one context buffer per layout: each starts 256-byte aligned
+            self.buf[f"context{BatchLayout(n, three).k}"] = DeviceTensor.empty(
+                (BatchLayout(n, three).rows, *ctx_row), "float32"
+            )
+        self.kv = {
+            t.name: DeviceTensor.empty(shapes[t.name], t.dtype)
+            for t in backend.specs["reference_net"].outputs
+        }
+        self.tables: dict[str, DeviceTensor] = {}
+        self.owner: object = None  # the denoiser whose request the buffers hold
 
 
 @dataclass
 class TrtDenoiser:
-    """Per-step `denoise(x, step) -> x0` (host x in, host x0 out) and the device state a graphed loop uses."""
+    """`denoise(x, step) -> x_next` of one request: its values copied in, then the (graphed) step body."""
 
     backend: TrtBackend
     cond: DeviceTensor  # [1, 77, C]
@@ -107,19 +196,20 @@ class TrtDenoiser:
     identity: Identity  # latents: DeviceTensor [R, 4, hr, wr]
     mask: np.ndarray  # [1, 1, h, w]
     guidance: GuidanceParams
+    steps: Sequence[StepPlan]
     uncond_key: str = ""
-    prepared: LoopDims | None = None  # sizes the backend's buffers were last filled for
 
-    def dims(self, x_shape: tuple[int, ...], steps: int) -> LoopDims:
-        n, _, h, w = x_shape
-        return LoopDims(n, h, w, self.identity.num_refs, steps)
+    def __post_init__(self) -> None:
+        self.index = {s: i for i, s in enumerate(self.steps)}
+        self.state: StepState | None = None
+        self.out: DeviceTensor | None = None  # this request's x between steps (never a shared buffer)
 
     def reference_kv(self, t: int, dims: LoopDims) -> dict[str, DeviceTensor]:
         """Reference K/V of one timestep: from the identity cache, or the ReferenceNet engine."""
+        b = self.backend
         key = kv_key(self.identity, t, self.uncond_key)
-        kv = self.backend.kv_cache.get(key)
+        kv = b.kv_cache.get(key)
         if kv is None:
-            b = self.backend
             spec = b.specs["reference_net"]
             shapes = io_shapes(spec, dims)
             kv = {t_.name: DeviceTensor.empty(shapes[t_.name], t_.dtype) for t_ in spec.outputs}
@@ -130,61 +220,57 @@ class TrtDenoiser:
                 "timestep": t_in.ptr,
                 "context": self.uncond.ptr,
             }
-            b.run("reference_net", "one", shapes, {**ptrs, **{k: v.ptr for k, v in kv.items()}})
+            b.run("reference_net", EAGER, shapes, {**ptrs, **{k: v.ptr for k, v in kv.items()}})
             b.stream.synchronize()
-            self.backend.kv_cache.put(key, kv)
+            b.kv_cache.put(key, kv)
         return kv
 
-    def unet_ptrs(self, dims: LoopDims, k: int, x_rep: int, t: int, lam: int, kv: dict[str, DeviceTensor]):
-        """Input/output addresses of one UNet call (2-way: the context's rows N..3N)."""
-        b = self.backend.buffers
-        offset = 0 if k == 3 else dims.samples * self.cond.nbytes
-        return {
-            "x": x_rep,
-            "mask": b["mask"].ptr,
-            "timestep": t,
-            "context": b["context"].ptr + offset,
-            "ref_scale": lam,
-            "eps": b["eps"].ptr,
-            **{name: v.ptr for name, v in kv.items()},
-        }
-
-    def prepare(self, dims: LoopDims) -> None:
-        """The backend's buffers for these sizes, filled with this request's mask and context rows.
-
-        Context rows are [cond x N, cond x N, uncond x N]: the 3-way context; rows N.. are the 2-way one.
-        """
-        if self.prepared == dims:
-            return
-        b, n = self.backend, dims.samples
-        shapes = io_shapes(b.specs["unet"], dims, 3)
-        for name in ("x", "eps", "mask", "context"):
-            b.buffer(name, shapes[name], "float32")
-        copy_to_device(b.buffers["mask"].ptr, self.mask, b.stream)
-        row = self.cond.nbytes
-        for i in range(3 * n):
-            src = self.cond if i < 2 * n else self.uncond
-            copy_device(b.buffers["context"].ptr + i * row, src.ptr, row, b.stream)
-        self.prepared = dims
-
-    def __call__(self, x: np.ndarray, step: StepPlan) -> np.ndarray:
+    def _load(self, dims: LoopDims) -> StepState:
+        """This request's tables, context rows and mask into the shape's buffers."""
         b = self.backend
-        dims = self.dims(x.shape, 1)
-        self.prepare(dims)  # no-op after the first step
-        k, n = step.batch_factor, x.shape[0]
-        x_rep = b.buffers["x"]
-        copy_to_device(x_rep.ptr, np.concatenate([x] * k), b.stream)
-        t_buf = DeviceTensor.empty((k * n,), "float32")
-        copy_to_device(t_buf.ptr, np.full(k * n, step.t, np.float32), b.stream)
-        lam = DeviceTensor.empty((step.ref_rows(n),), "float32")
-        copy_to_device(lam.ptr, np.full(step.ref_rows(n), step.ref_strength, np.float32), b.stream)
-        kv = self.reference_kv(step.t, dims)
-        shapes = io_shapes(b.specs["unet"], dims, k)
-        b.run("unet", k, shapes, self.unet_ptrs(dims, k, x_rep.ptr, t_buf.ptr, lam.ptr, kv))
-        eps = np.empty(shapes["eps"], np.float32)
-        copy_to_host(eps, b.buffers["eps"].ptr, b.stream)
-        b.stream.synchronize()
-        return step.ddim.x0_from_eps(x, guide(eps, n, step, self.guidance))
+        st = b.state(dims)
+        tables = step_tables(list(self.steps), self.guidance, dims.samples)
+        for name, table in tables.items():
+            st.tables[name] = DeviceTensor.empty(table.shape, "float32")
+            copy_to_device(st.tables[name].ptr, table, b.stream)
+        copy_to_device(st.buf["mask"].ptr, self.mask, b.stream)
+        text = (self.cond, self.uncond)
+        for k in (2, 3):
+            rows = context_table_rows(dims.samples)[BatchLayout(dims.samples, k == 3).context_offset :]
+            dst = st.buf[f"context{k}"]
+            row_bytes = self.cond.nbytes
+            for r, which in enumerate(rows):
+                copy_device(dst.ptr + r * row_bytes, text[which].ptr, row_bytes, b.stream)
+        b.stream.synchronize()  # the host tables above must outlive their copies
+        st.owner = self
+        return st
+
+    def __call__(self, x: np.ndarray | DeviceTensor, step: StepPlan) -> DeviceTensor:
+        b = self.backend
+        i = self.index.get(step)
+        if i is None:
+            raise InputError(f"step t={step.t} is not in the plan this denoiser was made for")
+        n, _, h, w = x.shape
+        dims = LoopDims(n, h, w, self.identity.num_refs, len(self.steps))
+        st = self.state
+        if st is None or st.owner is not self or st.dims != dims:
+            st = self.state = self._load(dims)
+        if self.out is None:
+            self.out = DeviceTensor.empty(st.buf["x"].shape, "float32")
+        if isinstance(x, DeviceTensor):
+            copy_device(st.buf["x"].ptr, x.ptr, st.buf["x"].nbytes, b.stream)
+        else:
+            copy_to_device(st.buf["x"].ptr, np.ascontiguousarray(x, np.float32), b.stream)
+        for name in ("t", "lam", "coef"):
+            row = st.buf[name].nbytes
+            copy_device(st.buf[name].ptr, st.tables[name].ptr + i * row, row, b.stream)
+        for name, src in self.reference_kv(step.t, dims).items():
+            copy_device(st.kv[name].ptr, src.ptr, src.nbytes, b.stream)
+        b.graphs.run((dims, step.three_way), lambda: b.step_body(st, step.three_way))
+        copy_device(self.out.ptr, st.buf["x"].ptr, self.out.nbytes, b.stream)
+        if not isinstance(x, DeviceTensor):
+            b.stream.synchronize()  # the host noise must outlive its copy
+        return self.out
 
 
 class TrtBackend:
@@ -192,7 +278,9 @@ class TrtBackend:
 
     name = "tensorrt"
 
-    def __init__(self, engines_dir: str | Path, kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES) -> None:
+    def __init__(
+        self, engines_dir: str | Path, kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES, max_shapes: int = 4
+    ) -> None:
         self.root = Path(engines_dir)
         try:
             self.manifest = json.loads((self.root / "engines.json").read_text())
@@ -213,48 +301,85 @@ class TrtBackend:
         self.specs = {n: NetworkSpec.from_dict(e["spec"]) for n, e in self.manifest["engines"].items()}
         self.engines = {}
         for name, entry in self.manifest["engines"].items():
-            check_engine(
-                self.root / entry["file"], str(tensorrt.__version__), gpu
-            )  # stale engines refused here
+            check_engine(self.root / entry["file"], str(tensorrt.__version__), gpu)  # stale engines refused
             self.engines[name] = Engine(runtime, self.root / entry["file"], self.specs[name])
         # one activation memory for every engine: they run one after another on one stream
         self.memory = DeviceBuffer(max(e.memory_size for e in self.engines.values()))
         self.stream = Stream()
         self._tokenizer = ClipTokenizer(self.root / self.manifest["vocab"])
         self.kv_cache = ReferenceKVCache(kv_cache_bytes)
-        self.buffers: dict[str, DeviceTensor] = {}  # loop buffers, reused across requests of one size
-        self.graphs: dict[tuple, CudaGraph] = {}
-        self.generation = 0  # bumped whenever a loop buffer is reallocated: cached graphs are dropped
-
-    def buffer(self, name: str, shape: tuple[int, ...], dtype: str) -> DeviceTensor:
-        """The named loop buffer at this shape; reallocating it invalidates every captured graph."""
-        buf = self.buffers.get(name)
-        if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype:
-            self.buffers[name] = buf = DeviceTensor.empty(tuple(shape), dtype)
-            self.generation += 1
-            for graph in self.graphs.values():
-                graph.destroy()
-            self.graphs.clear()
-        return buf
+        self.max_shapes = max_shapes
+        self.states: OrderedDict[LoopDims, StepState] = OrderedDict()
+        self.graphs = StepGraphs(TrtCapture(self.stream), 2 * max_shapes)
 
     @property
     def tokenizer(self) -> ClipTokenizer:
         return self._tokenizer
 
-    def run(self, name: str, layout: Any, shapes: dict[str, tuple[int, ...]], ptrs: dict[str, int]) -> None:
-        engine = self.engines[name]
-        engine.enqueue(engine.context(layout, self.memory), shapes, ptrs, self.stream)
+    def state(self, dims: LoopDims) -> StepState:
+        """The static buffers of a request shape, checked against the engines' profiles once."""
+        st = self.states.pop(dims, None)
+        if st is None:
+            check_kv_wiring(self.specs["reference_net"], self.specs["unet"], dims)
+            for name, k in (("unet", 2), ("unet", 3), ("step_2way", 2), ("step_3way", 3)):
+                shapes = io_shapes(self.specs[name], dims, k)
+                self.specs[name].check_shapes({t.name: shapes[t.name] for t in self.specs[name].inputs})
+            st = StepState(self, dims)
+        self.states[dims] = st
+        while len(self.states) > self.max_shapes:
+            old, _ = self.states.popitem(last=False)
+            self.graphs.discard(old)  # they read its buffers
+            for engine in self.engines.values():
+                for ctx_key in [c for c in engine.contexts if c != EAGER and c[0] == old]:
+                    del engine.contexts[ctx_key]
+        return st
 
-    def _run_host(self, name: str, dims: LoopDims, **inputs: np.ndarray) -> dict[str, DeviceTensor]:
+    def step_body(self, st: StepState, three_way: bool) -> None:
+        """One denoising step on the static buffers: what a CUDA graph records."""
+        dims, b = st.dims, st.buf
+        layout = BatchLayout(dims.samples, three_way)
+        row = b["x"].nbytes
+        for j in range(layout.k):  # layout.sample_rows: x repeated k times
+            copy_device(b["x_rep"].ptr + j * row, b["x"].ptr, row, self.stream)
+        ptrs = {
+            "x": b["x_rep"].ptr,
+            "mask": b["mask"].ptr,
+            "timestep": b["t"].ptr,
+            "context": b[f"context{layout.k}"].ptr,
+            "ref_scale": b["lam"].ptr,
+            "eps": b["eps"].ptr,
+            **{name: v.ptr for name, v in st.kv.items()},
+        }
+        key = (dims, three_way)
+        self.run("unet", key, io_shapes(self.specs["unet"], dims, layout.k), ptrs)
+        step = f"step_{layout.k}way"
+        ptrs = {"x": b["x"].ptr, "eps": b["eps"].ptr, "coef": b["coef"].ptr, "x_next": b["x_next"].ptr}
+        self.run(step, key, io_shapes(self.specs[step], dims, layout.k), ptrs)
+        copy_device(b["x"].ptr, b["x_next"].ptr, row, self.stream)
+
+    def run(self, name: str, key: Any, shapes: dict[str, tuple[int, ...]], ptrs: dict[str, int]) -> None:
+        engine = self.engines[name]
+        engine.enqueue(engine.context(key, self.memory), shapes, ptrs, self.stream)
+
+    def _run_host(
+        self, name: str, dims: LoopDims, **inputs: np.ndarray | DeviceTensor
+    ) -> dict[str, DeviceTensor]:
+        """One eager engine call: host arrays are copied in, device tensors bound as they are."""
         spec = self.specs[name]
         shapes = io_shapes(spec, dims)
-        shapes.update({k: v.shape for k, v in inputs.items()})
-        ins = {}
+        shapes.update({k: tuple(v.shape) for k, v in inputs.items()})
+        spec.check_shapes({t.name: shapes[t.name] for t in spec.inputs})
+        ptrs = {}
         for t in spec.inputs:
-            ins[t.name] = DeviceTensor.empty(shapes[t.name], t.dtype)
-            copy_to_device(ins[t.name].ptr, inputs[t.name].astype(t.dtype), self.stream)
+            value = inputs[t.name]
+            if isinstance(value, DeviceTensor):
+                ptrs[t.name] = value.ptr
+                continue
+            dev = DeviceTensor.empty(shapes[t.name], t.dtype)
+            copy_to_device(dev.ptr, value.astype(t.dtype), self.stream)
+            ptrs[t.name], inputs[t.name] = dev.ptr, dev  # keep the device copy alive until the sync
         outs = {t.name: DeviceTensor.empty(shapes[t.name], t.dtype) for t in spec.outputs}
-        self.run(name, "one", shapes, {k: v.ptr for k, v in {**ins, **outs}.items()})
+        self.run(name, EAGER, shapes, {**ptrs, **{k: v.ptr for k, v in outs.items()}})
         self.stream.synchronize()
         return outs
 
@@ -276,6 +401,7 @@ class TrtBackend:
             t = DeviceTensor.empty((1, *row.shape), "float32")
             copy_to_device(t.ptr, row[None], self.stream)
             out.append(t)
+        self.stream.synchronize()
         return out
 
     def encode_references(self, images: np.ndarray) -> DeviceTensor:
@@ -290,74 +416,15 @@ class TrtBackend:
         identity: Identity,
         mask: np.ndarray,
         guidance: GuidanceParams,
+        steps: Sequence[StepPlan] = (),
         uncond_key: str = "",
     ) -> TrtDenoiser:
         c = cond[0] if isinstance(cond, list) else cond
         u = uncond[0] if isinstance(uncond, list) else uncond
-        return TrtDenoiser(self, c, u, identity, mask.astype(np.float32)[None, None], guidance, uncond_key)
+        m = mask.astype(np.float32)[None, None]
+        return TrtDenoiser(self, c, u, identity, m, guidance, list(steps), uncond_key)
 
-    def decode(self, z: np.ndarray) -> np.ndarray:
-        """Latents [N, 4, h, w] -> uint8 images [N, 8h, 8w, 3]."""
+    def decode(self, z: np.ndarray | DeviceTensor) -> np.ndarray:
+        """Latents [N, 4, h, w] (host or device) -> uint8 images [N, 8h, 8w, 3]."""
         n, _, h, w = z.shape
         return self.to_host(self._run_host("vae_decoder", LoopDims(n, h, w, 1, 1), latents=z)["images"])
-
-    def loop(
-        self,
-        denoise: TrtDenoiser,
-        x: np.ndarray,
-        steps: Sequence[StepPlan],
-        wrap: Callable[[Iterable[StepPlan]], Iterable[StepPlan]] | None = None,
-    ) -> np.ndarray:
-        """The whole denoising loop as one CUDA graph launch (captured on first use for these shapes)."""
-        dims = denoise.dims(x.shape, len(steps))
-        denoise.prepare(dims)
-        n = dims.samples
-        tables = step_tables(
-            [step_coefficients(s, denoise.guidance) for s in steps],
-            [s.t for s in steps],
-            [s.ref_strength for s in steps],
-            dims,
-        )
-        for name, table in zip(("coef", "t_unet", "lam", "t_ref"), tables):
-            copy_to_device(self.buffer(name, table.shape, "float32").ptr, table, self.stream)
-        xs = [self.buffer(f"x{i}", x.shape, "float32") for i in (0, 1)]
-        copy_to_device(xs[0].ptr, x, self.stream)
-        kvs = [denoise.reference_kv(s.t, dims) for s in steps]  # cached, or computed once per timestep
-        layout = tuple(s.three_way for s in steps)
-        kv_ptrs = tuple(v.ptr for kv in kvs for v in kv.values())  # baked into the graph
-        key = (dims, layout, kv_ptrs, self.generation)
-        graph = self.graphs.get(key)
-
-        def work() -> None:
-            b = self.buffers
-            for i, (s, kv) in enumerate(zip(steps, kvs)):
-                k = s.batch_factor
-                cur, nxt = xs[i % 2], xs[(i + 1) % 2]
-                row = cur.nbytes
-                for j in range(k):  # the k-way batch repeats x
-                    copy_device(b["x"].ptr + j * row, cur.ptr, row, self.stream)
-                t_ptr = b["t_unet"].ptr + i * 3 * n * 4
-                lam_ptr = b["lam"].ptr + i * 2 * n * 4
-                self.run(
-                    "unet",
-                    k,
-                    io_shapes(self.specs["unet"], dims, k),
-                    denoise.unet_ptrs(dims, k, b["x"].ptr, t_ptr, lam_ptr, kv),
-                )
-                step_name = f"step_{k}way"
-                ptrs = {
-                    "x": cur.ptr,
-                    "eps": b["eps"].ptr,
-                    "coef": b["coef"].ptr + i * 9 * 4,
-                    "x_next": nxt.ptr,
-                }
-                self.run(step_name, "one", io_shapes(self.specs[step_name], dims, k), ptrs)
-
-        if graph is None:
-            work()  # eager first run: warms every context and shape up before capture
-            graph = CudaGraph()
-            copy_to_device(xs[0].ptr, x, self.stream)
-            graph.capture(self.stream, work)
-            self.graphs[key] = graph
-        graph.launch(self.stream)
-        return self.to_host(xs[len(steps) % 2])

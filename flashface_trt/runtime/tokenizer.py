@@ -20,7 +20,7 @@ import ftfy
 import numpy as np
 import regex
 
-from ..errors import InputError, WeightsError
+from .errors import InputError, WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class ClipTokenizer:
     @staticmethod
     def packaged_vocab() -> Path:
         """Path of the vocabulary shipped with the package."""
-        return Path(__file__).resolve().parents[1] / "assets" / VOCAB_NAME
+        return Path(__file__).resolve().parent / "assets" / VOCAB_NAME
 
     def bpe(self, word: str) -> tuple[str, ...]:
         """Byte-level BPE of one pre-token (CLIP `bpe`): repeatedly merge the lowest-ranked adjacent pair."""

@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import FlashFaceError
+from .errors import FlashFaceError
 
 ENGINE_FORMAT = "flashface-trt-engine/1"
 

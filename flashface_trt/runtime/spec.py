@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ..errors import InputError
+from .errors import InputError
 
 Dim = int | str  # a fixed size, or the name of a dynamic axis
 
@@ -107,12 +107,16 @@ class NetworkSpec:
 
     def check_inputs(self, feeds: Mapping[str, object], ranges: bool = True) -> None:
         """Names, ranks and fixed sizes (and with `ranges`, axis ranges) of `feeds` against the spec."""
-        missing = [n for n in self.input_names if n not in feeds]
-        extra = [n for n in feeds if n not in self.input_names]
+        self.check_shapes({k: tuple(getattr(v, "shape", ())) for k, v in feeds.items()}, ranges)
+
+    def check_shapes(self, shapes: Mapping[str, tuple[int, ...]], ranges: bool = True) -> None:
+        """Input shapes against the spec: names, ranks, fixed sizes, and (with `ranges`) axis ranges."""
+        missing = [n for n in self.input_names if n not in shapes]
+        extra = [n for n in shapes if n not in self.input_names]
         if missing or extra:
-            raise InputError(f"{self.name}: inputs {sorted(feeds)} do not match {self.input_names}")
+            raise InputError(f"{self.name}: inputs {sorted(shapes)} do not match {self.input_names}")
         for t in self.inputs:
-            shape = tuple(getattr(feeds[t.name], "shape", ()))
+            shape = tuple(shapes[t.name])
             ok = len(shape) == len(t.shape) and all(
                 isinstance(d, str) or d == s for d, s in zip(t.shape, shape)
             )

@@ -1,0 +1,82 @@
+"""One capture helper for the graphed step paths (PyTorch CUDA graphs and the engine runtime).
+
+A graphed backend runs the same per-step body on static buffers for every request of one shape.
+`StepGraphs.run(key, body)` runs it eagerly the first time a key is seen (the warm-up: lazy
+initialisation and workspaces happen outside any capture), captures it the second time and
+replays the captured graph from then on. Graphs are kept per key in a bounded LRU and destroyed
+when evicted or when the buffers they read are replaced (`clear`). Without a capturer (the CPU)
+the body simply runs. Pattern of gpt-fast / stable-fast: capture per static shape, replay after.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Protocol
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+Body = Callable[[], None]
+
+
+class Graph(Protocol):
+    def replay(self) -> None: ...
+
+    def destroy(self) -> None: ...
+
+
+class Capturer(Protocol):
+    """How one device records work: `eager` runs a body outside capture, `capture` records it."""
+
+    def eager(self, body: Body) -> None: ...
+
+    def capture(self, body: Body) -> Graph: ...
+
+
+class StepGraphs:
+    """Captured step bodies by key (shapes and batch layout): eager once, then capture, then replay."""
+
+    def __init__(self, capturer: Capturer | None, max_graphs: int = 8) -> None:
+        if max_graphs < 1:
+            raise InputError(f"max_graphs must be at least 1, got {max_graphs}")
+        self.capturer = capturer
+        self.max_graphs = max_graphs
+        self.graphs: OrderedDict[Hashable, Graph] = OrderedDict()
+        self.warm: set[Hashable] = set()
+        self.captures = 0  # graphs captured so far (a test and the logs read it)
+
+    def run(self, key: Hashable, body: Body) -> None:
+        """Run `body` for `key`: eagerly, or as the replay of its captured graph."""
+        if self.capturer is None:
+            body()
+            return
+        graph = self.graphs.pop(key, None)
+        if graph is None and key not in self.warm:
+            self.capturer.eager(body)
+            self.warm.add(key)
+            return
+        if graph is None:
+            graph = self.capturer.capture(body)
+            self.captures += 1
+            log.debug("captured step graph %s", key)
+        self.graphs[key] = graph
+        while len(self.graphs) > self.max_graphs:
+            old, evicted = self.graphs.popitem(last=False)
+            evicted.destroy()
+            self.warm.discard(old)
+        graph.replay()
+
+    def discard(self, shape: Hashable) -> None:
+        """Destroy the graphs of one shape (keys `(shape, layout)`): the buffers they read are going."""
+        for key in [k for k in self.graphs if isinstance(k, tuple) and k[0] == shape]:
+            self.graphs.pop(key).destroy()
+        self.warm = {k for k in self.warm if not (isinstance(k, tuple) and k[0] == shape)}
+
+    def clear(self) -> None:
+        for graph in self.graphs.values():
+            graph.destroy()
+        self.graphs.clear()
+        self.warm.clear()

@@ -1,0 +1,75 @@
+"""Disentangled guidance, CFG rescale, x0 and the DDIM update: the step arithmetic, written once.
+
+Every path runs these functions: the plain sampler with Python-float coefficients on NumPy arrays
+or torch tensors, and the update graphs (the exported `step_2way`/`step_3way` graphs and the
+PyTorch static step) with the coefficients read from a device row, so that one captured graph
+serves every step and every guidance value. Only operators shared by NumPy arrays and torch
+tensors are used, in the official float32 order: guidance as `ContextGaussianDiffusion.denoise`
+(flashface/all_finetune/ops/context_diffusion.py), the update as `sample_ddim` (ldm/ops/solvers.py,
+eta = 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+# one row of the coefficient table a step reads, in this order
+STEP_COEFFICIENTS = (
+    "text_guidance",
+    "face_guidance",
+    "guide_rescale",
+    "rescale_keep",  # 1 - guide_rescale, rounded from float64 as the official Python scalar is
+    "sigma",
+    "alpha",
+    "a_cur",
+    "s_cur",
+    "a_next",
+    "s_next",
+)
+
+# a plausible row (guidance 7.5 / 3.2 / 0.5 and DDIM coefficients) for tracing and verification
+SAMPLE_STEP_ROW = (7.5, 3.2, 0.5, 0.5, 0.6, 0.8, 0.8, 0.6, 0.9, 0.4)
+
+
+def row_std(x: Any, n: int) -> Any:
+    """Unbiased standard deviation of each of the n rows: [n, ...] -> [n, 1, 1, 1]."""
+    flat = x.reshape(n, -1)
+    m = flat.shape[1]
+    mean = flat.sum(1).reshape(n, 1) / m
+    var = ((flat - mean) ** 2).sum(1) / (m - 1)
+    return (var**0.5).reshape(n, 1, 1, 1)
+
+
+def guided_eps(eps: Any, n: int, three_way: bool, c: Sequence[Any]) -> Any:
+    """The batch's eps [k*n, C, h, w] -> guided, CFG-rescaled eps [n, C, h, w] (arXiv:2305.08891)."""
+    text_guidance, face_guidance, rescale, keep = c[0], c[1], c[2], c[3]
+    if three_way:  # rows [cond+ref, cond, uncond]
+        y_ref, y, u = eps[:n], eps[n : 2 * n], eps[2 * n : 3 * n]
+        out = u + text_guidance * (y - u) + face_guidance * (y_ref - y)
+    else:  # rows [cond, uncond]
+        y, u = eps[:n], eps[n : 2 * n]
+        out = u + text_guidance * (y - u)
+    ratio = row_std(y, n) / (row_std(out, n) + 1e-12)
+    return out * (rescale * ratio + keep)  # guide_rescale = 0 multiplies by exactly 1
+
+
+def x0_from_eps(x: Any, eps: Any, c: Sequence[Any]) -> Any:
+    """x0 = (x - sigma_t eps) / alpha_t (eps prediction at the step's integer timestep)."""
+    return (x - c[4] * eps) / c[5]
+
+
+def ddim_update(x: Any, x0: Any, c: Sequence[Any]) -> Any:
+    """Deterministic DDIM update x_t -> x_s (eta = 0), in the official operation order."""
+    d = (x - c[6] * x0) / c[7]
+    return c[8] * x0 + c[9] * d
+
+
+def guided_x0(x: Any, eps: Any, three_way: bool, c: Sequence[Any]) -> Any:
+    """x0 of one step from the model's raw batch output (guidance, rescale, eps -> x0)."""
+    return x0_from_eps(x, guided_eps(eps, x.shape[0], three_way, c), c)
+
+
+def step_update(x: Any, eps: Any, three_way: bool, c: Sequence[Any]) -> Any:
+    """One whole step after the model call: x_t and the batch's eps -> x of the next step."""
+    return ddim_update(x, guided_x0(x, eps, three_way, c), c)
