@@ -34,17 +34,29 @@ def _oracle_crops(face_dir: Path) -> tuple[list[Image.Image], list[Image.Image],
 
 @pytest.mark.oracle
 def test_crop_face_matches_official(face_dir: Path) -> None:
+    """Pixel-exact: fixed boxes and landmarks, then Pillow's crop and nearest-neighbour rotate.
+
+    Both copy pixels, so a difference is a wrong pixel, never a rounding by one level. The only
+    float steps are the eye angle (float32 lengths, libm's acos) and Pillow's rotation matrix; a
+    last-bit difference there between CPUs moves a source coordinate by ~1e-13 pixel.
+    """
     ours, refs, _ = _oracle_crops(face_dir)
     for i, (crop, ref) in enumerate(zip(ours, refs)):
         assert crop.size == ref.size, (i, crop.size, ref.size)
         diff = np.abs(np.asarray(crop, dtype=np.int16) - np.asarray(ref, dtype=np.int16))
         n_diff = int((diff > 0).sum())
         print(f"\ncrop {i}: size {crop.size}, max |diff| {int(diff.max())}/255, differing values {n_diff}")
-        assert diff.max() <= 1
+        assert diff.max() == 0
 
 
 @pytest.mark.oracle
 def test_face_tensor_matches_official(face_dir: Path) -> None:
+    """Within one uint8 level (2/255 in [-1, 1]); no CPU changes a bit (measured: 0).
+
+    Pillow's bicubic resize to 224 is fixed-point integer arithmetic, and x / 255, (x - 0.5) / 0.5
+    are correctly rounded float32 operations; the one level allows for a Pillow release that
+    rounds the resize differently.
+    """
     ours, refs, tensors = _oracle_crops(face_dir)
     for i, (crop, ref) in enumerate(zip(ours, refs)):
         x = face_tensor(crop)  # [3, 224, 224]
@@ -52,7 +64,7 @@ def test_face_tensor_matches_official(face_dir: Path) -> None:
         err, abs_err = rel_err(x, tensors[i]), float(np.abs(x - tensors[i]).max())
         ref_err = float(np.abs(face_tensor(ref) - tensors[i]).max())
         print(f"\nface tensor {i}: rel_err {err:.3e}, max |diff| {abs_err:.3e} (official crop {ref_err:.2e})")
-        assert err <= 1e-4 or abs_err <= 1 / 127.5
+        assert abs_err <= 2 / 255 + 1e-6  # one level, plus the float32 rounding of the two values
 
 
 # ---------------------------------------------------------------- crop arithmetic
