@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(ex, export=True)
     ex.add_argument("--out", type=Path, required=True, help="output directory (self-contained)")
     ex.add_argument("--max-samples", type=int, help="images per request (default 4; 2 for tiny)")
-    ex.add_argument("--max-refs", type=int, default=4, help="reference faces per request")
+    ex.add_argument("--max-refs", type=int, help="reference faces per request (default 4)")
     ex.add_argument("--min-size", type=int, help="smallest output side in pixels (default 256; 64 tiny)")
     ex.add_argument("--max-size", type=int, help="largest output side in pixels (default 1024; 256 tiny)")
     ex.add_argument("--height", type=int, help="typical output height (default 768; 128 tiny)")

@@ -201,22 +201,26 @@ def _trt_backend(args: argparse.Namespace):
     return backend, detector
 
 
+def shapes_from(args: argparse.Namespace, base):
+    """`base` ExportShapes with the ranges given on the command line (--max-samples, --height, ...)."""
+    given = {
+        "max_samples": args.max_samples,
+        "max_refs": args.max_refs,
+        "min_size": args.min_size,
+        "max_size": args.max_size,
+        "opt_height": args.height,
+        "opt_width": args.width,
+    }
+    shapes = replace(base, **{k: v for k, v in given.items() if v is not None})
+    return replace(shapes, opt_refs=min(shapes.opt_refs, shapes.max_refs))
+
+
 def build(args: argparse.Namespace) -> None:
     from .engine.build import build_engines, export_shapes
     from .engine.profiles import BuildSettings
     from .runtime.exports import read_export
 
-    base = export_shapes(read_export(args.onnx))
-    given = {
-        "max_samples": args.max_samples,
-        "min_size": args.min_size,
-        "max_size": args.max_size,
-        "opt_height": args.height,
-        "opt_width": args.width,
-        "max_refs": args.max_refs,
-    }
-    shapes = replace(base, **{k: v for k, v in given.items() if v is not None})
-    shapes = replace(shapes, opt_refs=min(shapes.opt_refs, shapes.max_refs))
+    shapes = shapes_from(args, export_shapes(read_export(args.onnx)))
     settings = BuildSettings(
         shapes, opt_level=args.opt_level, workspace_gib=args.workspace_gib, timing_cache=args.timing_cache
     )
@@ -238,17 +242,7 @@ def export(args: argparse.Namespace) -> None:
     from .models.loading import load_detector, load_models, tiny_detector, tiny_models
     from .runtime.spec import TINY_SHAPES, ExportShapes
 
-    base = TINY_SHAPES if args.preset else ExportShapes()
-    given = {
-        "max_samples": args.max_samples,
-        "max_refs": args.max_refs,
-        "min_size": args.min_size,
-        "max_size": args.max_size,
-        "opt_height": args.height,
-        "opt_width": args.width,
-    }
-    shapes = replace(base, **{k: v for k, v in given.items() if v is not None})
-    shapes = replace(shapes, opt_refs=min(shapes.opt_refs, shapes.max_refs))
+    shapes = shapes_from(args, TINY_SHAPES if args.preset else ExportShapes())
     settings = ExportSettings(args.precision, shapes=shapes, dynamo=args.dynamo)
     device, _ = _device(args)
     models = (

@@ -46,6 +46,20 @@ def face_dir(oracle_dir: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory) -> Path:
+    """The tiny preset exported once per test session (every network and the detector, float32)."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from flashface_trt.export.exporter import ExportSettings, export_models
+    from flashface_trt.models.loading import tiny_detector, tiny_models
+    from flashface_trt.runtime.spec import TINY_SHAPES
+
+    out = tmp_path_factory.mktemp("onnx_tiny")
+    export_models(tiny_models(), out, ExportSettings(shapes=TINY_SHAPES), detector=tiny_detector())
+    return out
+
+
 def rel_err(out, ref) -> float:
     """max|out - ref| / max|ref| (the parity metric of the acceptance tests)."""
     import numpy as np

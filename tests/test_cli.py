@@ -219,12 +219,21 @@ def test_generate_detects_faces_in_photos_by_default(tmp_path, capsys):
     assert Image.open(tmp_path / "o.png").size == (64, 64)
 
 
-def test_export_detector_and_detect_with_onnx_runtime(tmp_path, capsys):
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
-    assert main(["export-detector", "--preset", "tiny", "--out-dir", str(tmp_path / "onnx")]) == 0
+def test_export_detector_and_detect_with_onnx_runtime(tiny_export, tmp_path, capsys):
+    """`export-detector` over a directory holding the current graph reuses it; `detect --onnx` runs it."""
+    import shutil
+
+    onnx_dir = tmp_path / "onnx"
+    onnx_dir.mkdir()
+    for f in tiny_export.glob("detector-*"):
+        shutil.copy2(f, onnx_dir / f.name)
+    stamp = {f.name: f.stat().st_mtime_ns for f in onnx_dir.iterdir()}
+    assert main(["export-detector", "--preset", "tiny", "--out-dir", str(onnx_dir)]) == 0
     graph = capsys.readouterr().out.strip().splitlines()[-1]
-    assert graph.endswith(".onnx")
+    assert (
+        graph.endswith(".onnx")
+        and {f.name: f.stat().st_mtime_ns for f in onnx_dir.glob("detector-*")} == stamp
+    )
     photos = _photos(tmp_path, 1)
     code = main(["detect", *photos, "--onnx", graph, "--largest-face", "--out-dir", str(tmp_path / "c")])
     assert code == 0

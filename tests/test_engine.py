@@ -250,3 +250,37 @@ def test_onnxruntime_tensorrt_provider_options(tmp_path, specs):
     assert (
         "timestep:1," in opts["trt_profile_opt_shapes"] and f"context:{ctx}" in opts["trt_profile_opt_shapes"]
     )
+
+
+def test_verify_bounds_fail_naming_the_network():
+    from flashface_trt.engine.verify import THRESHOLDS, VerificationError, check, format_table
+
+    def row(network, err):
+        bound = THRESHOLDS[network]
+        return {
+            "network": network,
+            "output": "out",
+            "shape": [1],
+            "rel_err": err,
+            "bound": bound,
+            "ok": err <= bound,
+        }
+
+    good = [row("unet", 1.9e-2), row("step_3way", 0.0)]
+    check(good)
+    bad = [*good, row("text_encoder", 0.5), row("step_2way", 2e-5)]
+    with pytest.raises(
+        VerificationError, match=r"text_encoder.out 5.00e-01 > 1.0e-02; step_2way.out 2.00e-05"
+    ):
+        check(bad)
+    assert format_table(bad).count("EXCEEDED") == 2
+    assert set(THRESHOLDS) >= {"text_encoder", "vae_encoder", "vae_decoder", "reference_net", "unet"}
+
+
+def test_build_takes_the_export_shapes(tiny_export):
+    """Without build flags, engines accept exactly the export's ranges (not the full-size defaults)."""
+    from flashface_trt.engine.build import export_shapes
+    from flashface_trt.runtime.exports import read_export
+
+    shapes = export_shapes(read_export(tiny_export))
+    assert shapes == TINY_SHAPES and BuildSettings(shapes).key()["shapes"][1] == TINY_SHAPES.min_size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from flashface_trt.export.exporter import ExportSettings, export_models  # noqa:
 from flashface_trt.export.networks import NETWORKS  # noqa: E402
 from flashface_trt.models.backend import TorchBackend  # noqa: E402
 from flashface_trt.models.config import ModelConfig  # noqa: E402
-from flashface_trt.models.loading import load_models, tiny_detector, tiny_models  # noqa: E402
+from flashface_trt.models.loading import load_models, tiny_models  # noqa: E402
 from flashface_trt.runtime.guidance import step_update  # noqa: E402
 from flashface_trt.runtime.identities import Identity, ReferenceKVCache  # noqa: E402
 from flashface_trt.runtime.images import synthetic_face  # noqa: E402
@@ -32,13 +33,6 @@ from .conftest import REPO, rel_err, run_without_torch  # noqa: E402
 from .test_sampler import oracle_guidance  # noqa: E402
 
 REQUEST = GenerationRequest(prompt="a woman with a hat", steps=4, height=96, width=64, num_samples=2, seed=3)
-
-
-@pytest.fixture(scope="module")
-def tiny_export(tmp_path_factory):
-    out = tmp_path_factory.mktemp("onnx_tiny")
-    export_models(tiny_models(), out, ExportSettings(shapes=TINY_SHAPES), detector=tiny_detector())
-    return out
 
 
 def _faces():
@@ -94,8 +88,9 @@ def test_export_is_reused_and_stale_graphs_are_rebuilt(tiny_export, tmp_path):
     models = tiny_models()
     settings = ExportSettings(shapes=TINY_SHAPES)
     out = tmp_path / "exp"
-    first = export_models(models, out, settings)
-    files = {k: v["file"] for k, v in first["networks"].items()}
+    shutil.copytree(tiny_export, out)  # an existing export of the same models and settings
+    files = {k: v["file"] for k, v in json.loads((out / "manifest.json").read_text())["networks"].items()}
+    files.pop("detector")
     stamps = {f: (out / f).stat().st_mtime_ns for f in files.values()}
     assert {k: v["file"] for k, v in export_models(models, out, settings)["networks"].items()} == files
     assert all((out / f).stat().st_mtime_ns == t for f, t in stamps.items())  # nothing rebuilt
@@ -104,12 +99,12 @@ def test_export_is_reused_and_stale_graphs_are_rebuilt(tiny_export, tmp_path):
     changed = {k: v["file"] for k, v in export_models(models, out, settings)["networks"].items()}
     assert [k for k in files if files[k] != changed[k]] == ["text_encoder"]
     assert not (out / files["text_encoder"]).exists()  # the stale graph is removed
-    graph = out / changed["unet"]
+    graph = out / changed["vae_encoder"]
     data = bytearray(graph.read_bytes())
     data[-1] ^= 1  # same size, different bytes
     graph.write_bytes(bytes(data))
     export_models(models, out, settings)
-    assert (out / changed["unet"]).stat().st_mtime_ns != stamps.get(changed["unet"], 0)
+    assert (out / changed["vae_encoder"]).stat().st_mtime_ns != stamps[changed["vae_encoder"]]
     OrtBackend(out)  # loads after the rebuild
 
 
@@ -226,40 +221,67 @@ def test_exported_unet_matches_official(oracle_dir, oracle_config, tmp_path_fact
 
 
 def test_large_graphs_use_external_data(tmp_path, monkeypatch):
-    """Above the threshold the weights go to `<graph>.onnx.data`, which the cache keeps with the graph."""
+    """Above the threshold the weights go to `<graph>.onnx.data`, which the cache keeps with the graph.
+
+    Shown on the text encoder and the VAE decoder (the UNet takes the same path at full size).
+    """
     import flashface_trt.export.exporter as exporter
     import flashface_trt.export.onnx_io as onnx_io
+    from flashface_trt.runtime.exports import export_specs
+    from flashface_trt.runtime.ort_backend import OrtSettings, Session
 
     monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_BYTES", 0)
     monkeypatch.setattr(exporter, "EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr(exporter, "NETWORKS", ("text_encoder", "vae_decoder"))
     models = tiny_models()
     out = tmp_path / "ext"
     manifest = export_models(models, out, ExportSettings(shapes=TINY_SHAPES))
-    for name, entry in manifest["networks"].items():
-        if name.startswith("step_"):
-            continue  # no weights
+    assert set(manifest["networks"]) == {"text_encoder", "vae_decoder"}
+    for entry in manifest["networks"].values():
         data = out / (entry["file"] + ".data")
         assert data.is_file() and data.stat().st_size > (out / entry["file"]).stat().st_size
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no scratch left behind
-    ids = OrtBackend(out).tokenizer.encode(["a face"])
-    hidden = OrtBackend(out).encode_text(ids)
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != ".verified.json"]
+    assert export_models(models, out, ExportSettings(shapes=TINY_SHAPES)) == manifest  # reused as it is
+    specs = export_specs(manifest)
+    session = Session(
+        out / manifest["networks"]["text_encoder"]["file"], specs["text_encoder"], OrtSettings()
+    )
+    ids = models.tokenizer.encode(["a face"])
+    hidden = session.run(input_ids=ids.astype(np.int32))["hidden"]
     ref = TorchBackend(models).encode_text(ids).numpy()
     assert rel_err(hidden, ref) <= 1e-5
 
 
-def test_cli_export_and_backend_choice(tmp_path, capsys):
+def test_cli_export_and_backend_choice(tiny_export, tmp_path, capsys, monkeypatch):
+    """Flags reach the export settings; a CLI export over a current directory reuses it; generate uses it."""
+    import flashface_trt.export.exporter as exporter
     from flashface_trt.cli import main
 
     out = tmp_path / "cli_onnx"
     args = ["export", "--preset", "tiny", "--out", str(out), "--max-samples", "1", "--height", "64"]
     assert main([*args, "--width", "70"]) == 2  # not a multiple of 8
     assert "opt_width=70" in capsys.readouterr().err
-    assert main([*args, "--width", "64"]) == 0
+    seen = []
+    with monkeypatch.context() as m:
+        m.setattr(
+            exporter,
+            "export_models",
+            lambda models, o, settings, *a: seen.append(settings) or {"networks": {}},
+        )
+        assert main([*args, "--width", "64", "--precision", "fp16"]) == 0
+    (settings,) = seen
+    assert settings.precision == "fp16" and settings.shapes.max_samples == 1
+    assert (settings.shapes.opt_height, settings.shapes.opt_width) == (64, 64)
+    shutil.copytree(tiny_export, out)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.onnx")}
+    assert main(["export", "--preset", "tiny", "--out", str(out)]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.onnx")} == stamps  # every graph reused
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["shapes"]["max_samples"] == 1 and manifest["shapes"]["opt_height"] == 64
+    assert manifest["shapes"] == json.loads((tiny_export / "manifest.json").read_text())["shapes"]
     gen = ["generate", "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "o.png")]
     assert main([*gen, "--onnx", str(out)]) == 0
-    assert Image.open(tmp_path / "o.png").size == (64, 64)  # the export's typical size
+    size = manifest["shapes"]["opt_width"], manifest["shapes"]["opt_height"]
+    assert Image.open(tmp_path / "o.png").size == size  # the export's typical size
 
 
 @pytest.mark.parametrize("rescale", [0.5, 0.0, 0.7])

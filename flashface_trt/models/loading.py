@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..runtime.artifacts import sha256_file
+from ..runtime.artifacts import load_manifest, sha256_file
 from ..runtime.detection import preprocess, to_unit_tensor
 from ..runtime.errors import WeightsError
 from ..runtime.images import synthetic_face
@@ -122,16 +122,7 @@ def _find_source(root: Path, comp: Component) -> tuple[Path, bool]:
 
 
 def _read_manifest(root: Path) -> dict:
-    path = root / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise WeightsError(f"{str(path)!r} is not a readable manifest: {exc}") from exc
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise WeightsError(
-            f"{str(path)!r} has format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}"
-        )
-    return manifest
+    return load_manifest(root / MANIFEST, MANIFEST_FORMAT, WeightsError, "; re-run convert-weights")
 
 
 def read_component(root: Path, name: str) -> tuple[StateDict, str]:

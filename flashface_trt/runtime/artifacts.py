@@ -29,6 +29,18 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def load_manifest(path: Path, fmt: str, error: type[Exception] = WeightsError, hint: str = "") -> dict:
+    """The JSON manifest at `path` if it has format `fmt`; else `error` naming the file (and `hint`)."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise error(f"{str(path)!r} is not a readable manifest ({exc}){hint}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise error(f"{str(path)!r} has format {found!r}, expected {fmt!r}{hint}")
+    return manifest
+
+
 def manifest_path(path: Path) -> Path:
     return path.with_suffix(path.suffix + ".json")
 

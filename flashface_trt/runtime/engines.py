@@ -12,6 +12,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .artifacts import load_manifest
 from .errors import FlashFaceError
 
 ENGINE_FORMAT = "flashface-trt-engine/1"
@@ -58,16 +59,7 @@ def write_manifest(engine: Path, key: EngineKey, build_seconds: float) -> None:
 
 
 def read_manifest(engine: Path) -> dict:
-    path = engine.with_suffix(".plan.json")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise StaleEngineError(f"{engine.name} has no readable manifest ({path.name}); rebuild it") from exc
-    if manifest.get("format") != ENGINE_FORMAT:
-        raise StaleEngineError(
-            f"{path.name} has format {manifest.get('format')!r}, expected {ENGINE_FORMAT!r}"
-        )
-    return manifest
+    return load_manifest(engine.with_suffix(".plan.json"), ENGINE_FORMAT, StaleEngineError, "; rebuild it")
 
 
 def check_engine(engine: Path, tensorrt: str, gpu: GpuIdentity, onnx_sha256: str | None = None) -> dict:

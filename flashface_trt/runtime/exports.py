@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .artifacts import check_artifact
+from .artifacts import check_artifact, load_manifest
 from .errors import WeightsError
 from .spec import EXPORT_FORMAT, NetworkSpec
 
@@ -23,14 +22,7 @@ def read_export(root: str | Path, required: tuple[str, ...] = UNET_GRAPHS) -> di
     path = root / MANIFEST
     if not root.is_dir():
         raise WeightsError(f"export directory {str(root)!r} does not exist; run `flashface-trt export`")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise WeightsError(
-            f"{str(root)!r} is not an exported directory (no readable manifest.json): {exc}"
-        ) from exc
-    if manifest.get("format") != EXPORT_FORMAT:
-        raise WeightsError(f"{str(path)!r} has format {manifest.get('format')!r}, expected {EXPORT_FORMAT!r}")
+    manifest = load_manifest(path, EXPORT_FORMAT, WeightsError, "; run `flashface-trt export`")
     networks = manifest.get("networks", {})
     for name in required:
         entry = networks.get(name)
