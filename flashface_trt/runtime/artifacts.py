@@ -34,7 +34,7 @@ def load_manifest(path: Path, fmt: str, error: type[Exception] = WeightsError, h
     try:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise error(f"{str(path)!r} is not a readable manifest ({exc}){hint}") from exc
+        raise error(f"no readable manifest at {str(path)!r} ({exc}){hint}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != fmt:
         found = manifest.get("format") if isinstance(manifest, dict) else None
         raise error(f"{str(path)!r} has format {found!r}, expected {fmt!r}{hint}")
