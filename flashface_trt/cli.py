@@ -183,7 +183,45 @@ def build_parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert-weights", help="official files -> deduplicated float16 safetensors")
     conv.add_argument("src", type=Path)
     conv.add_argument("out", type=Path)
+    _add_serve_args(sub)
     return parser
+
+
+def _add_serve_args(sub) -> None:  # type: ignore[no-untyped-def]
+    """`flashface-trt serve`: the HTTP service (needs the `serve` extra: fastapi, uvicorn, ...)."""
+    srv = sub.add_parser("serve", help="HTTP service: identities, generation jobs, progress, metrics")
+    _add_model_args(srv, onnx=True)
+    srv.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="listen port; 0 picks a free one (default 8000)")
+    srv.add_argument(
+        "--data-dir", type=Path, default=Path("flashface-data"), help="identities and job results"
+    )
+    srv.add_argument("--max-queue", type=int, default=64, help="queued jobs before 429 (default 64)")
+    srv.add_argument("--max-upload-mb", type=float, default=20.0, help="request body limit, MiB (default 20)")
+    srv.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="pixels per uploaded photo (decompression guard)",
+    )
+    srv.add_argument("--timeout-s", type=float, default=600.0, help="default per-job deadline (default 600)")
+    srv.add_argument(
+        "--api-key", action="append", default=[], help="a bearer key clients must send (repeat for more)"
+    )
+    srv.add_argument("--api-keys-file", type=Path, help="bearer keys, one per line")
+    srv.add_argument(
+        "--shutdown", choices=["finish", "cancel"], default="finish", help="on SIGTERM: finish or cancel jobs"
+    )
+    srv.add_argument(
+        "--drain-s", type=float, default=60.0, help="longest wait for jobs on SIGTERM (default 60)"
+    )
+    srv.add_argument("--max-jobs", type=int, default=1000, help="finished job records kept (default 1000)")
+    srv.add_argument(
+        "--warmup-steps", type=int, default=2, help="steps of the warm-up generation before ready (0: none)"
+    )
+    srv.add_argument("--height", type=int, help="height of requests that give none (default: the model's)")
+    srv.add_argument("--width", type=int, help="width of requests that give none (default: the model's)")
+    srv.add_argument("--log-json", action="store_true", help="one JSON object per log line (with job ids)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             "build": cmd.build,
             "verify": cmd.verify,
             "convert-weights": cmd.convert,
+            "serve": cmd.serve,
         }
         rc = commands[args.command](args)
     except FlashFaceError as exc:

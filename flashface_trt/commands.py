@@ -271,3 +271,46 @@ def convert(args: argparse.Namespace) -> None:
     manifest = convert_weights(args.src, args.out)
     total = sum(f["bytes"] for f in manifest["files"].values())
     print(f"wrote {len(manifest['files'])} files, {total / 2**30:.2f} GiB, to {args.out}")
+
+
+def serve(args: argparse.Namespace) -> int:
+    """`flashface-trt serve`: the networks load on the service's worker thread (see /readyz)."""
+    try:
+        from .serve.config import ServeSettings, read_keys_file
+        from .serve.server import JsonFormatter, serve
+    except ImportError as exc:
+        raise FlashFaceError(
+            f"the service needs its extra: pip install 'flashface-trt[serve]' ({exc})"
+        ) from exc
+
+    keys = tuple(args.api_key) + (read_keys_file(args.api_keys_file) if args.api_keys_file else ())
+    settings = ServeSettings(
+        host=args.host,
+        port=args.port,
+        data_dir=args.data_dir,
+        max_queue=args.max_queue,
+        max_upload_mb=args.max_upload_mb,
+        max_pixels=args.max_pixels,
+        timeout_s=args.timeout_s,
+        api_keys=keys,
+        shutdown=args.shutdown,
+        drain_s=args.drain_s,
+        max_jobs=args.max_jobs,
+        warmup_steps=args.warmup_steps,
+    ).validated()
+    if not keys and args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s without API keys: anyone who reaches it can use it", args.host)
+    if args.log_json:
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
+
+    def load():
+        if args.engines:
+            return _trt_backend(args)
+        return _ort_backend(args) if args.onnx else _torch_backend(args)
+
+    size = None
+    if args.height or args.width or args.preset:
+        tiny = DEFAULT_SIZE["tiny"] if args.preset else DEFAULT_SIZE["weights"]
+        size = (args.height or tiny, args.width or tiny)
+    return serve(settings, load, size)

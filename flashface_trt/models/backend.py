@@ -127,8 +127,20 @@ class TorchBackend:
     def tokenizer(self) -> ClipTokenizer:
         return self.models.tokenizer
 
+    @property
+    def precision(self) -> str:
+        return "fp16" if self.dtype == torch.float16 else "fp32"
+
     def from_numpy(self, x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+
+    def to_host(self, x: torch.Tensor) -> np.ndarray:
+        """A backend array (latents, images) as a float32 NumPy array."""
+        return x.detach().float().cpu().numpy()
+
+    def latents_from_host(self, latents: np.ndarray) -> torch.Tensor:
+        """Stored reference latents [R, 4, hr, wr] onto the device, in the model dtype."""
+        return self.from_numpy(latents.astype(np.float32)).to(self.dtype)
 
     @torch.inference_mode()
     def encode_text(self, ids: np.ndarray) -> torch.Tensor:

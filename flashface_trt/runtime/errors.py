@@ -10,4 +10,8 @@ class WeightsError(FlashFaceError):
 
 
 class InputError(FlashFaceError, ValueError):
-    """A user-supplied parameter, image or prompt is out of range or malformed."""
+    """A user-supplied parameter, image or prompt is out of range or malformed; `field` names it."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field

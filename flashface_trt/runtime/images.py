@@ -18,6 +18,10 @@ DEFAULT_MAX_PIXELS = 64_000_000  # 64 megapixels: any phone photo; refuses decom
 _DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError)
 
 
+class ImageTooLarge(InputError):
+    """An image over the pixel guard (or too large to decode): a service answers 413."""
+
+
 def load_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Read an image file as 8-bit RGB; anything unreadable raises InputError naming the file.
 
@@ -46,9 +50,9 @@ def load_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
     except InputError:
         raise
     except Image.DecompressionBombError as exc:
-        raise InputError(f"{name!r} is too large to decode: {exc}") from exc
+        raise ImageTooLarge(f"{name!r} is too large to decode: {exc}") from exc
     except MemoryError as exc:
-        raise InputError(f"{name!r} is too large to decode: out of memory") from exc
+        raise ImageTooLarge(f"{name!r} is too large to decode: out of memory") from exc
     except _DECODE_ERRORS as exc:
         raise InputError(f"{name!r} is not a readable image: {exc}") from exc
     finally:
@@ -70,7 +74,7 @@ def _check_size(
     if bomb and Image.MAX_IMAGE_PIXELS is not None:
         limits.append(Image.MAX_IMAGE_PIXELS)
     if limits and (bomb or pixels > min(limits)):
-        raise InputError(
+        raise ImageTooLarge(
             f"{name!r} is {width}x{height} = {pixels} pixels, over the limit of {min(limits)} pixels"
         )
 

@@ -196,8 +196,20 @@ class OrtBackend:
             )
         return OrtDetector(self.root / entry["file"], PROVIDERS[self.settings.provider])
 
+    @property
+    def precision(self) -> str:
+        return str(self.manifest["precision"])
+
     def from_numpy(self, x: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(x, dtype=np.float32)
+
+    def to_host(self, x: np.ndarray) -> np.ndarray:
+        """A backend array (latents, images) as a float32 NumPy array."""
+        return np.asarray(x, dtype=np.float32)
+
+    def latents_from_host(self, latents: np.ndarray) -> np.ndarray:
+        """Stored reference latents [R, 4, hr, wr] as the backend keeps them."""
+        return np.ascontiguousarray(latents, dtype=np.float32)
 
     def encode_text(self, ids: np.ndarray) -> np.ndarray:
         """Token ids [P, 77] -> hidden states [P, 77, C]."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -30,7 +31,17 @@ class Backend(Protocol):
     @property
     def tokenizer(self) -> Tokenizer: ...
 
+    @property
+    def precision(self) -> str:
+        """'fp32' or 'fp16': what the networks compute in (stored latents are tagged with it)."""
+
     def from_numpy(self, x: np.ndarray) -> Any: ...
+
+    def to_host(self, x: Any) -> np.ndarray:
+        """A backend array (latents) as a float32 NumPy array."""
+
+    def latents_from_host(self, latents: np.ndarray) -> Any:
+        """Stored reference latents [R, 4, hr, wr] as the backend's identities hold them."""
 
     def encode_text(self, ids: np.ndarray) -> Any:
         """Token ids [P, 77] int64 -> hidden states [P, 77, C]."""
@@ -72,14 +83,22 @@ def generate(
     request: GenerationRequest,
     faces: Sequence[Image.Image] | Identity,
     wrap: Wrap | None = None,
+    timings: dict[str, float] | None = None,
 ) -> list[Image.Image]:
-    """Generate `request.num_samples` images of a person: face crops, or a registered identity."""
+    """Generate `request.num_samples` images of a person: face crops, or a registered identity.
+
+    `timings`, if given, receives the host wall-clock seconds of each stage (text, references,
+    denoise, decode); on a GPU, work queued by one stage may finish in the next one that waits.
+    """
+    clock = _Stages(timings)
     req = request.validated()
     positive, negative = full_prompts(req.prompt, req.negative_prompt)
     ids = backend.tokenizer.encode([positive, negative])  # [2, 77]
     text = backend.encode_text(ids)  # [2, 77, C]
     cond, uncond = text[0:1], text[1:2]
+    clock("text")
     identity = faces if isinstance(faces, Identity) else register_identity(backend, faces)
+    clock("references")
     mask = face_mask(req.face_bbox, req.height, req.width)  # [H/8, W/8]
     steps = plan(req.steps, req.guidance)
     denoise = backend.denoiser(cond, uncond, identity, mask, req.guidance, steps, array_key(ids[1]))
@@ -94,4 +113,20 @@ def generate(
         req.height,
     )
     z0 = sample(denoise, x, steps, wrap)
-    return [Image.fromarray(img) for img in backend.decode(z0)]
+    clock("denoise")
+    images = [Image.fromarray(img) for img in backend.decode(z0)]
+    clock("decode")
+    return images
+
+
+class _Stages:
+    """Wall-clock seconds since the previous mark, stored under each stage's name (if asked for)."""
+
+    def __init__(self, out: dict[str, float] | None) -> None:
+        self.out, self.t = out, time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        now = time.perf_counter()
+        if self.out is not None:
+            self.out[stage] = now - self.t
+        self.t = now

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -50,42 +50,71 @@ class GenerationRequest:
     guidance: GuidanceParams = field(default_factory=GuidanceParams)
 
     def validated(self) -> GenerationRequest:
-        """Return self after checking every field; raises InputError naming the bad value."""
-        _check_int("steps", self.steps, 1, 1000)
-        _check_int("seed", self.seed, 0, MAX_SEED)
-        _check_int("num_samples", self.num_samples, 1, 64)
+        """Return self after checking every field; raises InputError naming the bad value and range."""
+        for name in ("steps", "seed", "num_samples", "height", "width"):
+            check_range(name, getattr(self, name))
         for name in ("height", "width"):
             value = getattr(self, name)
-            _check_int(name, value, 8, MAX_SIDE)
             if value % 8:
-                raise InputError(f"{name}={value} must be a multiple of 8")
-        if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
-            raise InputError("prompt and negative_prompt must be strings")
+                raise InputError(f"{name}={value} must be a multiple of 8", name)
+        for name in ("prompt", "negative_prompt"):
+            if not isinstance(getattr(self, name), str):
+                raise InputError(f"{name} must be a string, got {type(getattr(self, name)).__name__}", name)
         validate_bbox(self.face_bbox)
         validate_guidance(self.guidance)
         return self
 
 
-def _check_int(name: str, value: object, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
-        raise InputError(f"{name}={value!r} must be an integer in [{lo}, {hi}]")
+@dataclass(frozen=True)
+class Range:
+    """The accepted values of one request parameter: integers or finite numbers in [lo, hi]."""
+
+    lo: float
+    hi: float
+    integer: bool
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        lo, hi = (int(self.lo), int(self.hi)) if self.integer else (self.lo, self.hi)
+        return f"{kind} in [{lo}, {hi}]"
 
 
-def _check_float(name: str, value: object, lo: float, hi: float) -> None:
+# every numeric request parameter, by the name the CLI, the API and `GenerationRequest` use
+RANGES: dict[str, Range] = {
+    "steps": Range(1, 1000, True),
+    "seed": Range(0, MAX_SEED, True),
+    "num_samples": Range(1, 64, True),
+    "height": Range(8, MAX_SIDE, True),
+    "width": Range(8, MAX_SIDE, True),
+    # guidance: the official demo's sliders, widened where the model stays well defined
+    "text_guidance": Range(0.0, 30.0, False),
+    "face_guidance": Range(0.0, 10.0, False),
+    "ref_strength": Range(0.0, 3.0, False),
+    "ref_strength_before": Range(0.0, 3.0, False),
+    "step_to_launch": Range(0, 1000, True),
+    "guide_rescale": Range(0.0, 1.0, False),
+}
+
+
+def check_range(name: str, value: object) -> None:
+    """InputError naming `name`, `value` and the range unless `value` is in RANGES[name]."""
+    r = RANGES[name]
+    if r.integer:
+        ok = not isinstance(value, bool) and isinstance(value, (int, np.integer)) and r.lo <= value <= r.hi
+        if not ok:
+            raise InputError(f"{name}={value!r} must be {r.describe()}", name)
+        return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InputError(f"{name}={value!r} must be a finite number in [{lo}, {hi}]")
-    if not lo <= value <= hi:
-        raise InputError(f"{name}={value!r} is out of range [{lo}, {hi}]")
+        raise InputError(f"{name}={value!r} must be a finite number in [{r.lo}, {r.hi}]", name)
+    if not r.lo <= value <= r.hi:
+        raise InputError(f"{name}={value!r} is out of range [{r.lo}, {r.hi}]", name)
 
 
 def validate_guidance(g: GuidanceParams) -> None:
-    """Ranges: the official demo's sliders, widened where the model stays well defined."""
-    _check_float("text_guidance", g.text_guidance, 0.0, 30.0)
-    _check_float("face_guidance", g.face_guidance, 0.0, 10.0)
-    _check_float("ref_strength", g.ref_strength, 0.0, 3.0)
-    _check_float("ref_strength_before", g.ref_strength_before, 0.0, 3.0)
-    _check_int("step_to_launch", g.step_to_launch, 0, 1000)
-    _check_float("guide_rescale", g.guide_rescale, 0.0, 1.0)
+    for name in ("text_guidance", "face_guidance", "ref_strength", "ref_strength_before"):
+        check_range(name, getattr(g, name))
+    check_range("step_to_launch", g.step_to_launch)
+    check_range("guide_rescale", g.guide_rescale)
 
 
 def validate_bbox(bbox: Sequence[float]) -> tuple[float, float, float, float]:
@@ -93,16 +122,17 @@ def validate_bbox(bbox: Sequence[float]) -> tuple[float, float, float, float]:
     try:
         values = tuple(float(v) for v in bbox)
     except (TypeError, ValueError) as exc:
-        raise InputError(f"face_bbox={bbox!r} must be four numbers [x1, y1, x2, y2]") from exc
+        raise InputError(f"face_bbox={bbox!r} must be four numbers [x1, y1, x2, y2]", "face_bbox") from exc
     if len(values) != 4 or not all(math.isfinite(v) for v in values):
-        raise InputError(f"face_bbox={bbox!r} must be four finite numbers [x1, y1, x2, y2]")
+        raise InputError(f"face_bbox={bbox!r} must be four finite numbers [x1, y1, x2, y2]", "face_bbox")
     if values == (0.0, 0.0, 0.0, 0.0):
         return values
     x1, y1, x2, y2 = values
     if not (0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1):
         raise InputError(
             f"face_bbox={list(values)} must satisfy 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1 "
-            "(normalised coordinates), or be [0, 0, 0, 0] for no face position"
+            "(normalised coordinates), or be [0, 0, 0, 0] for no face position",
+            "face_bbox",
         )
     return (x1, y1, x2, y2)
 
@@ -176,3 +206,27 @@ RECIPES: dict[str, Recipe] = {
         GuidanceParams(text_guidance=8.5, face_guidance=2.5, ref_strength=0.9, step_to_launch=750),
     ),
 }
+
+
+GUIDANCE_FIELDS = tuple(GuidanceParams.__dataclass_fields__)
+
+
+def make_request(prompt: str, recipe: str = "identity", **given: Any) -> GenerationRequest:
+    """A validated request from flat parameters (the CLI's flags, the API's JSON fields).
+
+    `given` holds any of GenerationRequest's fields and GuidanceParams' fields by name; None
+    means "the recipe's value / the default". Unknown names raise InputError.
+    """
+    if recipe not in RECIPES:
+        raise InputError(f"recipe={recipe!r} is not one of {sorted(RECIPES)}", "recipe")
+    known = set(GenerationRequest.__dataclass_fields__) - {"prompt", "guidance"}
+    unknown = sorted(set(given) - known - set(GUIDANCE_FIELDS))
+    if unknown:
+        raise InputError(f"unknown request parameters {unknown}", unknown[0])
+    values = {k: v for k, v in given.items() if v is not None}
+    req = RECIPES[recipe].apply(GenerationRequest(prompt=prompt))
+    guidance = replace(req.guidance, **{k: v for k, v in values.items() if k in GUIDANCE_FIELDS})
+    fields = {k: v for k, v in values.items() if k in known}
+    if "face_bbox" in fields:
+        fields["face_bbox"] = validate_bbox(fields["face_bbox"])
+    return replace(req, guidance=guidance, **fields).validated()

@@ -1,0 +1,288 @@
+"""The HTTP API of `flashface-trt serve` (FastAPI; OpenAPI at /docs): routes, auth, errors, limits.
+
+Every route calls a `Service` method; the model itself only ever runs on the service's worker
+thread, so no route blocks on it (the few that wait, do so in a thread pool).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from ..runtime.errors import FlashFaceError, InputError
+from ..runtime.images import ImageTooLarge
+from ..runtime.request import RANGES, RECIPES
+from .config import owner_of
+from .jobs import QueueFull
+from .page import PAGE
+from .service import NotFound, PayloadTooLarge, Service, Unavailable
+
+log = logging.getLogger(__name__)
+
+
+def _doc(name: str) -> str:
+    return RANGES[name].describe()
+
+
+class GenerationBody(BaseModel):
+    """A generation request: the CLI's `GenerationRequest` names and ranges, checked by the same code."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    identity: str = Field(description="id returned by POST /v1/identities")
+    prompt: str
+    negative_prompt: str | None = None
+    steps: int | None = Field(None, description=_doc("steps"))
+    seed: int | None = Field(None, description=_doc("seed"))
+    num_samples: int | None = Field(None, description=_doc("num_samples"))
+    height: int | None = Field(None, description=_doc("height") + ", multiple of 8 (default: the backend's)")
+    width: int | None = Field(None, description=_doc("width") + ", multiple of 8 (default: the backend's)")
+    recipe: str | None = Field(None, description=f"one of {sorted(RECIPES)} (default identity)")
+    face_bbox: list[float] | None = Field(
+        None, description="normalised [x1, y1, x2, y2]; [0,0,0,0]: anywhere"
+    )
+    text_guidance: float | None = Field(None, description=_doc("text_guidance"))
+    face_guidance: float | None = Field(None, description=_doc("face_guidance"))
+    ref_strength: float | None = Field(None, description=_doc("ref_strength"))
+    ref_strength_before: float | None = Field(None, description=_doc("ref_strength_before"))
+    step_to_launch: int | None = Field(None, description=_doc("step_to_launch"))
+    guide_rescale: float | None = Field(None, description=_doc("guide_rescale"))
+    priority: int = Field(0, description="higher runs first, FIFO within a priority; in [-100, 100]")
+    timeout_s: float | None = Field(
+        None, description="deadline in seconds from acceptance (default: the service's)"
+    )
+
+
+def _error(status: int, message: str, field: str | None = None, headers: dict | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"error": message}
+    if field is not None:
+        body["field"] = field
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a request body over the limit, counted as it arrives (a declared
+    Content-Length is refused at once; a chunked body is buffered up to the limit, then refused)."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await _error(413, f"request body of {int(declared)} bytes exceeds {self.limit}")(
+                scope, receive, send
+            )
+            return
+        messages, seen = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                await _error(413, f"request body exceeds {self.limit} bytes")(scope, receive, send)
+                return
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
+        replay = iter(messages)
+
+        async def buffered() -> dict:
+            return next(replay, None) or await receive()
+
+        await self.app(scope, buffered, send)
+
+
+class Unauthorized(FlashFaceError):
+    """No or an unknown API key."""
+
+
+def create_app(service: Service) -> FastAPI:
+    """The FastAPI application over one service."""
+    settings = service.settings
+    keys = settings.api_keys
+    app = FastAPI(
+        title="FlashFace-TRT",
+        description="Identities registered once, generation jobs with progress, metrics.",
+        version="1",
+    )
+    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
+
+    def owner(request: Request) -> str:
+        """The caller's owner id from `Authorization: Bearer <key>` (everyone is 'public' without keys)."""
+        if not keys:
+            return owner_of(None)
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer":
+            for key in keys:
+                if hmac.compare_digest(token.strip().encode(), key.encode()):
+                    return owner_of(key)
+        raise Unauthorized()
+
+    @app.exception_handler(Unauthorized)
+    async def _unauthorized(request: Request, exc: Exception) -> JSONResponse:
+        return _error(
+            401,
+            "missing or unknown API key (Authorization: Bearer <key>)",
+            None,
+            {"WWW-Authenticate": "Bearer"},
+        )
+
+    @app.exception_handler(InputError)
+    async def _input(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, InputError)
+        return _error(413 if isinstance(exc, ImageTooLarge) else 422, str(exc), exc.field)
+
+    @app.exception_handler(NotFound)
+    async def _not_found(request: Request, exc: Exception) -> JSONResponse:
+        return _error(404, str(exc))
+
+    @app.exception_handler(QueueFull)
+    async def _full(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, QueueFull)
+        return _error(429, str(exc), None, {"Retry-After": str(exc.retry_after)})
+
+    @app.exception_handler(Unavailable)
+    async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+        return _error(503, str(exc), None, {"Retry-After": "5"})
+
+    @app.exception_handler(PayloadTooLarge)
+    async def _too_large(request: Request, exc: Exception) -> JSONResponse:
+        return _error(413, str(exc))
+
+    @app.exception_handler(FlashFaceError)
+    async def _flashface(request: Request, exc: Exception) -> JSONResponse:
+        return _error(422, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+        field = ".".join(loc) or None
+        message = f"{field or 'request'}: {first.get('msg', 'invalid request')}"
+        if field in RANGES:
+            value, rule = first.get("input"), RANGES[field].describe()
+            message = f"{field}={value!r} must be {rule} ({first.get('msg')})"
+        return _error(422, message, field)
+
+    # ---------------------------------------------------------------- operations
+
+    @app.get("/healthz", include_in_schema=True)
+    async def healthz() -> dict:
+        """The process is alive (no auth)."""
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """200 once the networks are loaded and warmed up (no auth); 503 before, after a failed load
+        or while shutting down."""
+        status = service.status()
+        return JSONResponse(status, status_code=200 if status["ready"] else 503)
+
+    @app.get("/metrics")
+    async def metrics(who: str = Depends(owner)) -> Response:
+        """Prometheus metrics."""
+        return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(PAGE)
+
+    # ---------------------------------------------------------------- identities
+
+    @app.post("/v1/identities")
+    async def register(
+        photos: Annotated[list[UploadFile], File(description="reference photos of one person, or crops")],
+        cropped: Annotated[
+            bool, Form(description="the photos are already-cropped faces: skip detection")
+        ] = False,
+        largest_face: Annotated[
+            bool, Form(description="use the largest face of a photo with several")
+        ] = False,
+        who: str = Depends(owner),
+    ) -> dict:
+        """Detect and crop the faces as `generate` does, encode them once, store the identity."""
+        uploads = [(p.filename or "", await p.read()) for p in photos]
+        return await run_in_threadpool(service.register, who, uploads, cropped, largest_face)
+
+    @app.get("/v1/identities/{identity}")
+    async def get_identity(identity: str, who: str = Depends(owner)) -> dict:
+        return service.identity(who, identity).public()
+
+    @app.delete("/v1/identities/{identity}", status_code=204)
+    async def delete_identity(identity: str, who: str = Depends(owner)) -> Response:
+        service.delete_identity(who, identity)
+        return Response(status_code=204)
+
+    # ---------------------------------------------------------------- generations
+
+    @app.post("/v1/generations", status_code=202)
+    async def submit(
+        body: GenerationBody,
+        wait: bool = Query(False, description="answer with the finished job instead of 202"),
+        who: str = Depends(owner),
+    ) -> JSONResponse:
+        job = service.submit(who, body.model_dump(exclude_none=True))
+        if wait:
+            record = await run_in_threadpool(service.wait, who, job.id, job.timeout_s + 5)
+            return JSONResponse(record, status_code=200)
+        return JSONResponse(service.job(who, job.id), status_code=202)
+
+    @app.get("/v1/generations")
+    async def list_jobs(who: str = Depends(owner)) -> dict:
+        """The caller's queued, running and recent jobs (queue and history introspection)."""
+        mine = [service.job(who, j.id) for j in list(service.book.jobs.values()) if j.owner == who]
+        return {"queued": service.book.queued, "jobs": mine}
+
+    @app.get("/v1/generations/{job_id}")
+    async def get_job(job_id: str, who: str = Depends(owner)) -> dict:
+        return service.job(who, job_id)
+
+    @app.delete("/v1/generations/{job_id}")
+    async def cancel(job_id: str, who: str = Depends(owner)) -> dict:
+        """Cancel: a queued job is removed; a running one stops at the next step boundary."""
+        return service.cancel(who, job_id)
+
+    @app.get("/v1/generations/{job_id}/images/{k}")
+    async def image(job_id: str, k: int, who: str = Depends(owner)) -> FileResponse:
+        return FileResponse(service.image(who, job_id, k), media_type="image/png")
+
+    @app.get("/v1/generations/{job_id}/events")
+    async def events(job_id: str, who: str = Depends(owner)) -> StreamingResponse:
+        """Server-sent events: one `progress` per step, then the final `state`."""
+        job = service.live_job(who, job_id)
+
+        async def stream() -> AsyncIterator[str]:
+            sent, idle = 0, 0.0
+            while job is not None and not job.done:
+                while sent < len(job.events):
+                    yield f"event: progress\ndata: {json.dumps(job.events[sent])}\n\n"
+                    sent += 1
+                await asyncio.sleep(0.05)
+                idle += 0.05
+                if idle >= 15:  # a comment keeps proxies from closing an idle stream
+                    yield ": keep-alive\n\n"
+                    idle = 0.0
+            if job is not None:
+                for event in job.events[sent:]:
+                    yield f"event: progress\ndata: {json.dumps(event)}\n\n"
+            yield f"event: state\ndata: {json.dumps(service.job(who, job_id))}\n\n"
+
+        return StreamingResponse(
+            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+
+    return app

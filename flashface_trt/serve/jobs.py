@@ -1,0 +1,263 @@
+"""Generation jobs: states, the bounded priority queue and the book of every job the service accepted.
+
+A job is accepted only when the queue has room; from then on it ends in a terminal state
+(succeeded, failed, cancelled) that its client can read, also after a restart: its record is
+written to the data directory when it is accepted and again when it ends, and a job found
+unfinished at start-up (the process died) is recorded as failed with that reason.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from ..runtime.errors import FlashFaceError
+from ..runtime.request import GenerationRequest
+
+log = logging.getLogger(__name__)
+
+
+class State(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = (State.SUCCEEDED, State.FAILED, State.CANCELLED)
+
+
+class QueueFull(FlashFaceError):
+    """No room in the queue; `retry_after` seconds is a fair wait before trying again."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass
+class Job:
+    """One accepted generation and everything a client may read about it."""
+
+    id: str
+    owner: str
+    identity: str
+    request: GenerationRequest
+    priority: int = 0
+    timeout_s: float = 600.0
+    created: float = field(default_factory=time.time)
+    state: State = State.QUEUED
+    step: int = 0
+    started: float | None = None
+    finished: float | None = None
+    error: str | None = None
+    error_kind: str | None = None
+    images: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    cancel_reason: str | None = None  # set to stop a running job at its next step boundary
+    events: list[dict[str, Any]] = field(default_factory=list)
+    seq: int = 0
+
+    @property
+    def deadline(self) -> float:
+        return self.created + self.timeout_s
+
+    @property
+    def done(self) -> bool:
+        return self.state in TERMINAL
+
+    def record(self) -> dict[str, Any]:
+        """The job as its client sees it (JSON-ready); images as URLs relative to the API root."""
+        out: dict[str, Any] = {
+            "id": self.id,
+            "state": self.state.value,
+            "identity": self.identity,
+            "priority": self.priority,
+            "seed": self.request.seed,
+            "steps": self.request.steps,
+            "step": self.step,
+            "created": self.created,
+            "started": self.started,
+            "finished": self.finished,
+        }
+        if self.state == State.SUCCEEDED:
+            out["images"] = [f"/v1/generations/{self.id}/images/{k}" for k in range(self.images)]
+            out["timings"] = self.timings
+        if self.error is not None:
+            out["error"] = self.error
+            out["error_kind"] = self.error_kind
+        return out
+
+
+def _request_dict(req: GenerationRequest) -> dict[str, Any]:
+    g = req.guidance
+    return {
+        "prompt": req.prompt,
+        "negative_prompt": req.negative_prompt,
+        "steps": req.steps,
+        "seed": req.seed,
+        "num_samples": req.num_samples,
+        "height": req.height,
+        "width": req.width,
+        "face_bbox": list(req.face_bbox),
+        **{k: getattr(g, k) for k in g.__dataclass_fields__},
+    }
+
+
+class JobBook:
+    """The queue (highest priority first, FIFO within a priority) and every job accepted.
+
+    Thread-safe: the HTTP side submits, reads and cancels; the worker takes and finishes jobs.
+    """
+
+    def __init__(self, root: Path, max_queue: int, max_jobs: int) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.max_queue, self.max_jobs = max_queue, max_jobs
+        self.lock = threading.Condition()
+        self.jobs: dict[str, Job] = {}
+        self.heap: list[tuple[int, int, str]] = []
+        self.queued = 0
+        self.running: Job | None = None
+        self.seq = 0
+        self.finished_order: list[str] = []
+        self.mean_job_s = 5.0  # running mean of job durations (Retry-After estimates)
+        self._recover()
+
+    # ---------------------------------------------------------------- persistence
+
+    def _dir(self, job_id: str) -> Path:
+        return self.root / job_id
+
+    def image_path(self, job_id: str, k: int) -> Path:
+        return self._dir(job_id) / f"{k}.png"
+
+    def _write(self, job: Job) -> None:
+        d = self._dir(job.id)
+        d.mkdir(parents=True, exist_ok=True)
+        record = {**job.record(), "owner": job.owner, "request": _request_dict(job.request)}
+        tmp = d / "record.json.tmp"
+        tmp.write_text(json.dumps(record))
+        tmp.replace(d / "record.json")
+
+    def _recover(self) -> None:
+        """Records of earlier runs: finished ones stay readable, unfinished ones are failed now."""
+        records = []
+        for path in self.root.glob("*/record.json"):
+            try:
+                records.append(json.loads(path.read_text()))
+            except (OSError, json.JSONDecodeError) as exc:
+                log.warning("unreadable job record %s: %s", path, exc)
+        for r in sorted(records, key=lambda r: r.get("finished") or r.get("created") or 0):
+            if r.get("state") not in [s.value for s in TERMINAL]:
+                r.update(state=State.FAILED.value, error="the service stopped before the job finished")
+                r.update(error_kind="interrupted", finished=time.time())
+                (self._dir(r["id"]) / "record.json").write_text(json.dumps(r))
+            self.finished_order.append(r["id"])
+        self._prune()
+
+    def stored(self, job_id: str) -> dict[str, Any] | None:
+        """The persisted record of a finished job (e.g. from before a restart), or None."""
+        try:
+            return json.loads((self._dir(job_id) / "record.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def _prune(self) -> None:
+        while len(self.finished_order) > self.max_jobs:
+            old = self.finished_order.pop(0)
+            self.jobs.pop(old, None)
+            shutil.rmtree(self._dir(old), ignore_errors=True)
+
+    # ---------------------------------------------------------------- queue
+
+    def submit(self, job: Job) -> Job:
+        with self.lock:
+            if self.queued >= self.max_queue:
+                wait = max(1, round(self.mean_job_s * (self.queued + 1)))
+                raise QueueFull(f"the queue holds {self.queued} jobs (limit {self.max_queue})", wait)
+            self.seq += 1
+            job.seq = self.seq
+            self.jobs[job.id] = job
+            heapq.heappush(self.heap, (-job.priority, job.seq, job.id))
+            self.queued += 1
+            self._write(job)
+            self.lock.notify_all()
+        return job
+
+    def take(self, timeout: float) -> Job | None:
+        """The next queued job (now running), or None after `timeout` seconds without one."""
+        with self.lock:
+            end = time.monotonic() + timeout
+            while True:
+                while self.heap:
+                    _, _, job_id = heapq.heappop(self.heap)
+                    job = self.jobs.get(job_id)
+                    if job is None or job.state != State.QUEUED:
+                        continue  # cancelled while queued
+                    self.queued -= 1
+                    job.state, job.started = State.RUNNING, time.time()
+                    self.running = job
+                    self._write(job)
+                    return job
+                left = end - time.monotonic()
+                if left <= 0:
+                    return None
+                self.lock.wait(left)
+
+    def position(self, job: Job) -> int | None:
+        """Jobs ahead of a queued job (0: next), None once it left the queue."""
+        with self.lock:
+            if job.state != State.QUEUED:
+                return None
+            mine = (-job.priority, job.seq)
+            return sum(1 for p, s, i in self.heap if (p, s) < mine and self.jobs[i].state == State.QUEUED)
+
+    def cancel(self, job: Job, reason: str = "cancelled by the client") -> None:
+        """A queued job leaves the queue now; a running one stops at its next step boundary."""
+        with self.lock:
+            if job.state == State.QUEUED:
+                self.queued -= 1
+                self._finish_locked(job, State.CANCELLED, reason, "cancelled")
+            elif job.state == State.RUNNING:
+                job.cancel_reason = reason
+
+    def finish(self, job: Job, state: State, error: str | None = None, kind: str | None = None) -> None:
+        with self.lock:
+            if job is self.running:
+                self.running = None
+                if state == State.SUCCEEDED and job.started is not None:
+                    self.mean_job_s = 0.8 * self.mean_job_s + 0.2 * (time.time() - job.started)
+            self._finish_locked(job, state, error, kind)
+
+    def _finish_locked(self, job: Job, state: State, error: str | None, kind: str | None) -> None:
+        job.state, job.finished = state, time.time()
+        job.error, job.error_kind = error, kind
+        self._write(job)
+        self.finished_order.append(job.id)
+        self._prune()
+        self.lock.notify_all()
+
+    def get(self, job_id: str) -> Job | None:
+        with self.lock:
+            return self.jobs.get(job_id)
+
+    def pending(self) -> list[Job]:
+        """Queued jobs, in the order they would run."""
+        with self.lock:
+            ids = [i for _, _, i in sorted(self.heap)]
+            return [self.jobs[i] for i in ids if self.jobs[i].state == State.QUEUED]
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex[:16]

@@ -1,0 +1,254 @@
+"""The service's operations, independent of HTTP: identities, jobs, progress, readiness, shutdown.
+
+Everything a route does is a method here, so the FastAPI app (and a Ray Serve deployment) share
+one behaviour. Errors are typed: `NotFound` (404), `QueueFull` (429), `Unavailable` (503),
+`InputError` (422 naming the field), `PayloadTooLarge` (413).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..runtime.errors import FlashFaceError, InputError
+from ..runtime.request import make_request
+from .config import ServeSettings
+from .jobs import Job, JobBook, QueueFull, State, new_job_id
+from .metrics import Metrics
+from .store import IdentityStore, StoredIdentity
+from .worker import LoadBackend, Worker
+
+log = logging.getLogger(__name__)
+
+JOB_FIELDS = (
+    "negative_prompt",
+    "steps",
+    "seed",
+    "num_samples",
+    "height",
+    "width",
+    "face_bbox",
+    "text_guidance",
+    "face_guidance",
+    "ref_strength",
+    "ref_strength_before",
+    "step_to_launch",
+    "guide_rescale",
+)
+
+
+class NotFound(FlashFaceError):
+    """No such identity, job or image for this caller."""
+
+
+class Unavailable(FlashFaceError):
+    """The service is not ready yet, failed to load, or is shutting down."""
+
+
+class PayloadTooLarge(FlashFaceError):
+    """An upload over the service's byte limit."""
+
+
+__all__ = ["NotFound", "PayloadTooLarge", "QueueFull", "Service", "Unavailable"]
+
+
+class Service:
+    """One device's service: a worker owning the backend, the job book and the identity store."""
+
+    def __init__(self, settings: ServeSettings, load: LoadBackend, size: tuple[int, int] | None = None):
+        self.settings = settings = settings.validated()
+        root = Path(settings.data_dir)
+        self.book = JobBook(root / "jobs", settings.max_queue, settings.max_jobs)
+        self.store = IdentityStore(root / "identities")
+        self.metrics = Metrics(self._kv_stats, lambda: len(self.store))
+        self.metrics.queue_depth.set_function(lambda: float(self.book.queued))
+        self.worker = Worker(load, self.book, self.store, self.metrics, settings.warmup_steps, size)
+        self.draining = False
+
+    def start(self) -> Service:
+        self.worker.start()
+        return self
+
+    def _kv_stats(self) -> dict[str, int] | None:
+        cache = getattr(self.worker.backend, "kv_cache", None)
+        return None if cache is None else cache.stats()
+
+    # ---------------------------------------------------------------- health
+
+    def ready(self) -> bool:
+        return self.worker.ready.is_set() and not self.draining
+
+    def status(self) -> dict[str, Any]:
+        backend = self.worker.backend
+        return {
+            "ready": self.ready(),
+            "draining": self.draining,
+            "backend": None if backend is None else self.worker.encoder,
+            "load_error": None if self.worker.load_error is None else str(self.worker.load_error),
+            "queued": self.book.queued,
+            "running": None if self.book.running is None else self.book.running.id,
+            "identities": len(self.store),
+        }
+
+    def _require_worker(self) -> None:
+        if self.worker.load_error is not None:
+            raise Unavailable(f"the backend failed to load: {self.worker.load_error}")
+        if not self.worker.ready.is_set():
+            raise Unavailable("the networks are still loading; retry when /readyz says ready")
+
+    def _admitting(self) -> None:
+        if self.draining:
+            raise Unavailable("the service is shutting down and accepts no new work")
+        self._require_worker()
+
+    # ---------------------------------------------------------------- identities
+
+    def register(
+        self, owner: str, uploads: Sequence[tuple[str, bytes]], cropped: bool = False, largest: bool = False
+    ) -> dict[str, Any]:
+        """Detect and crop (unless `cropped`), encode once, store; the identity's public record."""
+        self._admitting()
+        if not uploads:
+            raise InputError("give at least one photo (multipart field 'photos')", "photos")
+        total = sum(len(data) for _, data in uploads)
+        if total > self.settings.max_upload_bytes:
+            raise PayloadTooLarge(
+                f"uploads of {total} bytes exceed the limit of {self.settings.max_upload_bytes}"
+            )
+        names = [_safe_name(name, i) for i, (name, _) in enumerate(uploads)]
+        uploads = [(n, data) for n, (_, data) in zip(names, uploads)]
+        s = self.settings
+        future = self.worker.call(
+            lambda: self.worker.register(owner, uploads, cropped, largest, s.max_pixels)
+        )
+        try:
+            item = future.result(timeout=s.timeout_s)
+        except InputError:
+            self.metrics.errors.labels("input").inc()
+            raise
+        return item.public()
+
+    def identity(self, owner: str, identity: str) -> StoredIdentity:
+        item = self.store.get(identity, owner)
+        if item is None:
+            raise NotFound(f"no identity {identity!r}")
+        return item
+
+    def delete_identity(self, owner: str, identity: str) -> None:
+        if not self.store.delete(identity, owner):
+            raise NotFound(f"no identity {identity!r}")
+
+    # ---------------------------------------------------------------- jobs
+
+    def submit(self, owner: str, body: dict[str, Any]) -> Job:
+        """Validate a generation request (the CLI's names and ranges), then queue it or raise."""
+        self._admitting()
+        body = dict(body)
+        identity = body.pop("identity", None)
+        if not isinstance(identity, str):
+            raise InputError("identity must be the id of a registered identity", "identity")
+        priority = body.pop("priority", 0)
+        if isinstance(priority, bool) or not isinstance(priority, int) or not -100 <= priority <= 100:
+            raise InputError(f"priority={priority!r} must be an integer in [-100, 100]", "priority")
+        timeout = body.pop("timeout_s", None)
+        timeout = self.settings.timeout_s if timeout is None else timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 86400:
+            raise InputError(f"timeout_s={timeout!r} must be a number in (0, 86400]", "timeout_s")
+        prompt = body.pop("prompt", None)
+        if not isinstance(prompt, str):
+            raise InputError("prompt must be a string", "prompt")
+        recipe = body.pop("recipe", "identity")
+        unknown = sorted(set(body) - set(JOB_FIELDS))
+        if unknown:
+            raise InputError(f"unknown fields {unknown}", unknown[0])
+        size = self.worker.default_size()
+        body.setdefault("height", size[0])
+        body.setdefault("width", size[1])
+        request = make_request(prompt, recipe if recipe is not None else "identity", **body)
+        self.identity(owner, identity)  # 404 before anything is queued
+        job = Job(new_job_id(), owner, identity, request, priority, float(timeout))
+        try:
+            return self.book.submit(job)
+        except QueueFull:
+            self.metrics.errors.labels("queue_full").inc()
+            raise
+
+    def job(self, owner: str, job_id: str) -> dict[str, Any]:
+        """The client's view of a job: live while it runs, from disk once it ended (restarts too)."""
+        job = self.book.get(job_id)
+        if job is not None:
+            if job.owner != owner:
+                raise NotFound(f"no generation {job_id!r}")
+            record = job.record()
+            position = self.book.position(job)
+            if position is not None:
+                record["position"] = position
+            return record
+        stored = self.book.stored(job_id)
+        if stored is None or stored.get("owner") != owner:
+            raise NotFound(f"no generation {job_id!r}")
+        return {k: v for k, v in stored.items() if k not in ("owner", "request")}
+
+    def live_job(self, owner: str, job_id: str) -> Job | None:
+        """The in-memory job (for progress events), None if it is only on disk; NotFound if none."""
+        self.job(owner, job_id)
+        return self.book.get(job_id)
+
+    def cancel(self, owner: str, job_id: str) -> dict[str, Any]:
+        job = self.book.get(job_id)
+        if job is None or job.owner != owner:
+            self.job(owner, job_id)  # 404, or an ended job from disk: nothing to cancel
+            return self.job(owner, job_id)
+        self.book.cancel(job)
+        if job.state == State.CANCELLED:
+            self.metrics.job_failed(job, "cancelled")
+        return self.job(owner, job_id)
+
+    def image(self, owner: str, job_id: str, k: int) -> Path:
+        record = self.job(owner, job_id)
+        path = self.book.image_path(job_id, k)
+        if record["state"] != State.SUCCEEDED.value or not 0 <= k < len(record.get("images", [])):
+            raise NotFound(f"generation {job_id!r} has no image {k}")
+        if not path.is_file():
+            raise NotFound(f"the image {k} of generation {job_id!r} is gone")
+        return path
+
+    def wait(self, owner: str, job_id: str, timeout: float) -> dict[str, Any]:
+        """Block until the job ends (or `timeout`); its record."""
+        end = time.monotonic() + timeout
+        job = self.book.get(job_id)
+        with self.book.lock:
+            while job is not None and not job.done and time.monotonic() < end:
+                self.book.lock.wait(min(0.5, max(end - time.monotonic(), 0.0)))
+        return self.job(owner, job_id)
+
+    # ---------------------------------------------------------------- shutdown
+
+    def shutdown(self, mode: str | None = None, drain_s: float | None = None) -> None:
+        """Stop admitting; finish or cancel queued and running work; stop the worker."""
+        mode = mode or self.settings.shutdown
+        drain_s = self.settings.drain_s if drain_s is None else drain_s
+        self.draining = True
+        end = time.monotonic() + drain_s
+        if mode == "finish":
+            while (self.book.queued or self.book.running) and time.monotonic() < end:
+                time.sleep(0.05)
+        reason = "cancelled: the service shut down"
+        for job in self.book.pending():
+            self.book.cancel(job, reason)  # queued: cancelled now
+            self.metrics.job_failed(job, "cancelled")
+        running = self.book.running
+        if running is not None:
+            self.book.cancel(running, reason)  # stops at its next step boundary
+        self.worker.stopping.set()
+        self.worker.join(timeout=max(end - time.monotonic(), 0.0) + 30.0)
+        log.info("service stopped (%s)", mode)
+
+
+def _safe_name(name: str | None, i: int) -> str:
+    """An upload's base name for messages and temporary files ('photo<i>' if it has none)."""
+    base = Path(name or "").name.replace("\x00", "")
+    return base if base and base not in (".", "..") else f"photo{i}"

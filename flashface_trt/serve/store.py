@@ -1,0 +1,113 @@
+"""Registered identities on disk: the prepared face crops, their encoded latents and who owns them.
+
+An identity's id is derived from its owner and the content of its crops, so registering the same
+photos again (with the same key) returns the same id. Latents are kept as float32 arrays with
+the backend that encoded them; a backend of another kind or precision re-encodes the crops.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..runtime.identities import array_key
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StoredIdentity:
+    """An identity's metadata; `crops` [R, 3, S, S] and `latents` load from disk when needed."""
+
+    id: str
+    owner: str
+    key: str  # content hash of the crops: the reference K/V cache key (shared across owners)
+    num_refs: int
+    faces: list[dict[str, Any]]
+    encoder: str  # which backend/precision encoded the stored latents
+    backend_latents: Any = field(default=None, repr=False)  # the latents on the serving backend
+
+    def public(self) -> dict[str, Any]:
+        return {"id": self.id, "num_refs": self.num_refs, "faces": self.faces}
+
+
+def identity_id(owner: str, crops: np.ndarray) -> str:
+    """Owner-scoped content id: the same crops give the same id for one owner, another for another."""
+    return hashlib.sha256(f"{owner}|{array_key(crops)}".encode()).hexdigest()[:20]
+
+
+class IdentityStore:
+    """Identities of every owner under `root/<id>/` (meta.json, crops.npy, latents.npy)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.lock = threading.Lock()
+        self.items: dict[str, StoredIdentity] = {}
+        for meta in sorted(root.glob("*/meta.json")):
+            try:
+                d = json.loads(meta.read_text())
+                self.items[d["id"]] = StoredIdentity(
+                    d["id"], d["owner"], d["key"], d["num_refs"], d["faces"], d["encoder"]
+                )
+            except (OSError, json.JSONDecodeError, KeyError) as exc:
+                log.warning("skipping unreadable identity %s: %s", meta.parent.name, exc)
+        log.info("%d identities in %s", len(self.items), root)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def get(self, identity: str, owner: str) -> StoredIdentity | None:
+        """The identity if it exists and belongs to `owner` (others see nothing)."""
+        with self.lock:
+            item = self.items.get(identity)
+        return item if item is not None and item.owner == owner else None
+
+    def put(
+        self, owner: str, crops: np.ndarray, latents: np.ndarray, faces: list[dict], encoder: str
+    ) -> StoredIdentity:
+        """Store (or find again) an identity; the files are written before it becomes visible."""
+        ident = identity_id(owner, crops)
+        with self.lock:
+            if ident in self.items:
+                return self.items[ident]
+        d = self.root / ident
+        tmp = self.root / f".{ident}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        np.save(tmp / "crops.npy", crops.astype(np.float32))
+        np.save(tmp / "latents.npy", latents.astype(np.float32))
+        item = StoredIdentity(ident, owner, array_key(crops), len(crops), faces, encoder)
+        meta = {k: getattr(item, k) for k in ("id", "owner", "key", "num_refs", "faces", "encoder")}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        with self.lock:
+            if ident not in self.items:
+                shutil.rmtree(d, ignore_errors=True)
+                tmp.replace(d)
+                self.items[ident] = item
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+            return self.items[ident]
+
+    def delete(self, identity: str, owner: str) -> bool:
+        with self.lock:
+            item = self.items.get(identity)
+            if item is None or item.owner != owner:
+                return False
+            del self.items[identity]
+        shutil.rmtree(self.root / identity, ignore_errors=True)
+        return True
+
+    def crops(self, item: StoredIdentity) -> np.ndarray:
+        return np.load(self.root / item.id / "crops.npy")
+
+    def latents(self, item: StoredIdentity) -> np.ndarray:
+        return np.load(self.root / item.id / "latents.npy")

@@ -1,0 +1,186 @@
+"""Running the HTTP service in tests: a real uvicorn server on 127.0.0.1 and an ephemeral port.
+
+`ServerHandle` is what the API tests talk to (a base URL and an httpx client); it is made by
+`start_service` (in-process: uvicorn in a thread, the tiny preset on the CPU) here, and by other
+deployments (a subprocess, Ray Serve) elsewhere, so that one set of test functions checks them all.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from flashface_trt.runtime.images import synthetic_face
+
+SIZE = (64, 64)  # the tiny preset's smallest output: seconds-long jobs on the CPU
+
+
+@dataclass
+class ServerHandle:
+    """A running deployment of the API: its URL, a client, and how to stop it."""
+
+    url: str
+    stop: Callable[[], None]
+    service: Any = None  # the in-process Service, where there is one
+    keys: tuple[str, ...] = ()
+    clients: list[httpx.Client] = field(default_factory=list)
+
+    def client(self, key: str | None = None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        c = httpx.Client(base_url=self.url, headers=headers, timeout=60.0)
+        self.clients.append(c)
+        return c
+
+    def close(self) -> None:
+        for c in self.clients:
+            c.close()
+        self.stop()
+
+
+def tiny_loader(detector=None) -> Callable[[], tuple[Any, Callable[[], Any] | None]]:
+    """The service's backend loader: the tiny preset on the CPU (one instance per process)."""
+
+    def load():
+        from flashface_trt.models.backend import TorchBackend
+        from flashface_trt.models.loading import tiny_models
+
+        return TorchBackend(tiny_models()), (lambda: detector) if detector is not None else None
+
+    return load
+
+
+def start_service(data_dir: Path, load=None, **settings: Any) -> ServerHandle:
+    """The service in this process: uvicorn in a thread, bound to 127.0.0.1:<free port>."""
+    import uvicorn
+
+    from flashface_trt.serve.app import create_app
+    from flashface_trt.serve.config import ServeSettings
+    from flashface_trt.serve.server import bind
+    from flashface_trt.serve.service import Service
+
+    settings.setdefault("warmup_steps", 1)
+    cfg = ServeSettings(host="127.0.0.1", port=0, data_dir=data_dir, **settings)
+    service = Service(cfg, load or tiny_loader(), SIZE).start()
+    sock = bind("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(service), log_config=None, lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url, 300)
+
+    def stop() -> None:
+        service.shutdown("cancel", 0.0)
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+    return ServerHandle(url, stop, service, cfg.api_keys)
+
+
+def wait_ready(url: str, timeout: float, key: str | None = None) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} was not ready within {timeout} s")
+
+
+@contextmanager
+def service(data_dir: Path, **kwargs: Any) -> Iterator[ServerHandle]:
+    handle = start_service(data_dir, **kwargs)
+    try:
+        yield handle
+    finally:
+        handle.close()
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def face_png(seed: int = 0, size: int = 160) -> bytes:
+    return png_bytes(synthetic_face(size, seed=seed))
+
+
+def register(client: httpx.Client, *seeds: int, **form: Any) -> dict:
+    """Register drawn, already-cropped faces; the identity's record."""
+    files = [("photos", (f"face{s}.png", face_png(s), "image/png")) for s in seeds or (0,)]
+    r = client.post("/v1/identities", files=files, data={"cropped": "true", **form})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def generation(identity: str, **fields: Any) -> dict:
+    return {
+        "identity": identity,
+        "prompt": "a man",
+        "steps": 2,
+        "height": SIZE[0],
+        "width": SIZE[1],
+        **fields,
+    }
+
+
+def wait_job(client: httpx.Client, job_id: str, timeout: float = 120.0) -> dict:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        r = client.get(f"/v1/generations/{job_id}")
+        assert r.status_code == 200, r.text
+        if r.json()["state"] in ("succeeded", "failed", "cancelled"):
+            return r.json()
+        time.sleep(0.05)
+    raise TimeoutError(f"job {job_id} did not end within {timeout} s")
+
+
+def wait_state(client: httpx.Client, job_id: str, state: str, timeout: float = 60.0) -> dict:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        record = client.get(f"/v1/generations/{job_id}").json()
+        if record["state"] == state:
+            return record
+        time.sleep(0.02)
+    raise TimeoutError(f"job {job_id} never reached {state}")
+
+
+def events(client: httpx.Client, job_id: str) -> list[tuple[str, dict]]:
+    """The job's server-sent events, read to the end of the stream."""
+    out = []
+    with client.stream("GET", f"/v1/generations/{job_id}/events") as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        kind = None
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: ") and kind:
+                out.append((kind, json.loads(line[6:])))
+    return out
+
+
+def metric(client: httpx.Client, name: str) -> float:
+    """One sample of the Prometheus text at /metrics (0 when absent)."""
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
