@@ -25,7 +25,7 @@ from ..runtime.request import RANGES, RECIPES
 from .config import owner_of
 from .jobs import QueueFull
 from .page import PAGE
-from .service import NotFound, PayloadTooLarge, Service, Unavailable
+from .service import API, NotFound, PayloadTooLarge, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +109,8 @@ class Unauthorized(FlashFaceError):
     """No or an unknown API key."""
 
 
-def create_app(service: Service) -> FastAPI:
-    """The FastAPI application over one service."""
+def create_app(service: API) -> FastAPI:
+    """The FastAPI application over one service (a single-node `Service`, or a Ray ingress)."""
     settings = service.settings
     keys = settings.api_keys
     app = FastAPI(
@@ -195,7 +195,7 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/metrics")
     async def metrics(who: str = Depends(owner)) -> Response:
         """Prometheus metrics."""
-        return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
+        return Response(await run_in_threadpool(service.metrics_text), media_type="text/plain; version=0.0.4")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
@@ -220,11 +220,11 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/v1/identities/{identity}")
     async def get_identity(identity: str, who: str = Depends(owner)) -> dict:
-        return service.identity(who, identity).public()
+        return await run_in_threadpool(service.identity_record, who, identity)
 
     @app.delete("/v1/identities/{identity}", status_code=204)
     async def delete_identity(identity: str, who: str = Depends(owner)) -> Response:
-        service.delete_identity(who, identity)
+        await run_in_threadpool(service.delete_identity, who, identity)
         return Response(status_code=204)
 
     # ---------------------------------------------------------------- generations
@@ -235,51 +235,51 @@ def create_app(service: Service) -> FastAPI:
         wait: bool = Query(False, description="answer with the finished job instead of 202"),
         who: str = Depends(owner),
     ) -> JSONResponse:
-        job = service.submit(who, body.model_dump(exclude_none=True))
+        record = await run_in_threadpool(service.submit_record, who, body.model_dump(exclude_none=True))
         if wait:
-            record = await run_in_threadpool(service.wait, who, job.id, job.timeout_s + 5)
+            timeout = float(body.timeout_s or settings.timeout_s) + 5
+            record = await run_in_threadpool(service.wait, who, record["id"], timeout)
             return JSONResponse(record, status_code=200)
-        return JSONResponse(service.job(who, job.id), status_code=202)
+        return JSONResponse(record, status_code=202)
 
     @app.get("/v1/generations")
     async def list_jobs(who: str = Depends(owner)) -> dict:
         """The caller's queued, running and recent jobs (queue and history introspection)."""
-        mine = [service.job(who, j.id) for j in list(service.book.jobs.values()) if j.owner == who]
-        return {"queued": service.book.queued, "jobs": mine}
+        return await run_in_threadpool(service.jobs, who)
 
     @app.get("/v1/generations/{job_id}")
     async def get_job(job_id: str, who: str = Depends(owner)) -> dict:
-        return service.job(who, job_id)
+        return await run_in_threadpool(service.job, who, job_id)
 
     @app.delete("/v1/generations/{job_id}")
     async def cancel(job_id: str, who: str = Depends(owner)) -> dict:
         """Cancel: a queued job is removed; a running one stops at the next step boundary."""
-        return service.cancel(who, job_id)
+        return await run_in_threadpool(service.cancel, who, job_id)
 
     @app.get("/v1/generations/{job_id}/images/{k}")
     async def image(job_id: str, k: int, who: str = Depends(owner)) -> FileResponse:
-        return FileResponse(service.image(who, job_id, k), media_type="image/png")
+        return FileResponse(await run_in_threadpool(service.image, who, job_id, k), media_type="image/png")
 
     @app.get("/v1/generations/{job_id}/events")
     async def events(job_id: str, who: str = Depends(owner)) -> StreamingResponse:
         """Server-sent events: one `progress` per step, then the final `state`."""
-        job = service.live_job(who, job_id)
+        await run_in_threadpool(service.job, who, job_id)  # 404 before the stream starts
 
         async def stream() -> AsyncIterator[str]:
             sent, idle = 0, 0.0
-            while job is not None and not job.done:
-                while sent < len(job.events):
-                    yield f"event: progress\ndata: {json.dumps(job.events[sent])}\n\n"
-                    sent += 1
+            while True:
+                events, done = await run_in_threadpool(service.progress, who, job_id, sent)
+                for event in events:
+                    yield f"event: progress\ndata: {json.dumps(event)}\n\n"
+                sent += len(events)
+                if done:
+                    break
                 await asyncio.sleep(0.05)
-                idle += 0.05
+                idle = 0.0 if events else idle + 0.05
                 if idle >= 15:  # a comment keeps proxies from closing an idle stream
                     yield ": keep-alive\n\n"
                     idle = 0.0
-            if job is not None:
-                for event in job.events[sent:]:
-                    yield f"event: progress\ndata: {json.dumps(event)}\n\n"
-            yield f"event: state\ndata: {json.dumps(service.job(who, job_id))}\n\n"
+            yield f"event: state\ndata: {json.dumps(await run_in_threadpool(service.job, who, job_id))}\n\n"
 
         return StreamingResponse(
             stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ..runtime.errors import FlashFaceError, InputError
 from ..runtime.request import make_request
@@ -52,7 +52,39 @@ class PayloadTooLarge(FlashFaceError):
     """An upload over the service's byte limit."""
 
 
-__all__ = ["NotFound", "PayloadTooLarge", "QueueFull", "Service", "Unavailable"]
+class API(Protocol):
+    """What the HTTP routes call: the single-node `Service` and the Ray ingress both provide it."""
+
+    settings: ServeSettings
+
+    def status(self) -> dict[str, Any]: ...
+
+    def metrics_text(self) -> bytes: ...
+
+    def register(
+        self, owner: str, uploads: Sequence[tuple[str, bytes]], cropped: bool = False, largest: bool = False
+    ) -> dict[str, Any]: ...
+
+    def identity_record(self, owner: str, identity: str) -> dict[str, Any]: ...
+
+    def delete_identity(self, owner: str, identity: str) -> None: ...
+
+    def submit_record(self, owner: str, body: dict[str, Any]) -> dict[str, Any]: ...
+
+    def job(self, owner: str, job_id: str) -> dict[str, Any]: ...
+
+    def jobs(self, owner: str) -> dict[str, Any]: ...
+
+    def cancel(self, owner: str, job_id: str) -> dict[str, Any]: ...
+
+    def image(self, owner: str, job_id: str, k: int) -> Path: ...
+
+    def wait(self, owner: str, job_id: str, timeout: float) -> dict[str, Any]: ...
+
+    def progress(self, owner: str, job_id: str, seen: int) -> tuple[list[dict[str, Any]], bool]: ...
+
+
+__all__ = ["API", "NotFound", "PayloadTooLarge", "QueueFull", "Service", "Unavailable"]
 
 
 class Service:
@@ -137,6 +169,9 @@ class Service:
             raise NotFound(f"no identity {identity!r}")
         return item
 
+    def identity_record(self, owner: str, identity: str) -> dict[str, Any]:
+        return self.identity(owner, identity).public()
+
     def delete_identity(self, owner: str, identity: str) -> None:
         if not self.store.delete(identity, owner):
             raise NotFound(f"no identity {identity!r}")
@@ -175,6 +210,26 @@ class Service:
         except QueueFull:
             self.metrics.errors.labels("queue_full").inc()
             raise
+
+    def submit_record(self, owner: str, body: dict[str, Any]) -> dict[str, Any]:
+        """`submit`, answered with the accepted job's record (state, position)."""
+        return self.job(owner, self.submit(owner, body).id)
+
+    def metrics_text(self) -> bytes:
+        return self.metrics.render()
+
+    def jobs(self, owner: str) -> dict[str, Any]:
+        """The caller's queued, running and recent jobs (queue and history introspection)."""
+        mine = [self.job(owner, j.id) for j in list(self.book.jobs.values()) if j.owner == owner]
+        return {"queued": self.book.queued, "jobs": mine}
+
+    def progress(self, owner: str, job_id: str, seen: int) -> tuple[list[dict[str, Any]], bool]:
+        """Progress events after the first `seen`, and whether the job has ended."""
+        job = self.live_job(owner, job_id)
+        if job is None:
+            return [], True
+        done = job.done  # read before the events: the last step's event is in by then
+        return job.events[seen:], done
 
     def job(self, owner: str, job_id: str) -> dict[str, Any]:
         """The client's view of a job: live while it runs, from disk once it ended (restarts too)."""
