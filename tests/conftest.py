@@ -60,6 +60,17 @@ def tiny_export(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def ray_api(tmp_path_factory):
+    """The API on a local Ray Serve cluster (2 model replicas, the tiny preset), shared by the tests."""
+    pytest.importorskip("ray.serve")
+    from .serving import API_SETTINGS, start_ray
+
+    handle = start_ray(tmp_path_factory.mktemp("ray_serve"), replicas=2, **API_SETTINGS)
+    yield handle
+    handle.close()
+
+
 def rel_err(out, ref) -> float:
     """max|out - ref| / max|ref| (the parity metric of the acceptance tests)."""
     import numpy as np

@@ -24,6 +24,10 @@ from PIL import Image
 from flashface_trt.runtime.images import synthetic_face
 
 SIZE = (64, 64)  # the tiny preset's smallest output: seconds-long jobs on the CPU
+KEYS = ("alpha-key", "beta-key")
+RAY_APP = "flashface-test"
+# the API tests' deployment: two keys, small limits (the tests reach each of them)
+API_SETTINGS = {"api_keys": KEYS, "max_queue": 3, "max_upload_mb": 1.0, "max_pixels": 200 * 200}
 
 
 @dataclass
@@ -48,16 +52,85 @@ class ServerHandle:
         self.stop()
 
 
-def tiny_loader(detector=None) -> Callable[[], tuple[Any, Callable[[], Any] | None]]:
-    """The service's backend loader: the tiny preset on the CPU (one instance per process)."""
+def tiny_loader(
+    detector=None, threads: int | None = None
+) -> Callable[[], tuple[Any, Callable[[], Any] | None]]:
+    """The service's backend loader: the tiny preset on the CPU (one instance per process).
+
+    `threads`: torch's intra-op threads in the loading process. Ray starts its workers with
+    OMP_NUM_THREADS=1; giving them this process's count makes their float32 sums, and so their
+    images, bit for bit this process's.
+    """
 
     def load():
+        import torch
+
         from flashface_trt.models.backend import TorchBackend
         from flashface_trt.models.loading import tiny_models
 
+        if threads is not None:
+            torch.set_num_threads(threads)
         return TorchBackend(tiny_models()), (lambda: detector) if detector is not None else None
 
     return load
+
+
+def photo_detector():
+    """A detector for drawn photos: black centre -> no face, white centre -> two faces, else one."""
+    from .scripted import scripted_detector
+
+    one, _ = scripted_detector((180.0, 160.0, 420.0, 460.0))
+    other, _ = scripted_detector((40.0, 40.0, 140.0, 150.0))
+    from flashface_trt.runtime.detection import DETECTOR
+
+    mean = np.float32(DETECTOR.mean).reshape(3, 1)
+
+    def run(images):
+        logits, boxes, marks = one(images)
+        k2 = int(np.argmax(other(images[:1])[0][0, :, 1]))
+        extra = other(images)
+        for b in range(len(images)):
+            centre = (images[b][:, 320, 320:321] + mean).mean()
+            if centre < 10:
+                logits[b, :] = [5.0, -5.0]
+            elif centre > 245:
+                logits[b, k2], boxes[b, k2], marks[b, k2] = extra[0][b, k2], extra[1][b, k2], extra[2][b, k2]
+        return logits, boxes, marks
+
+    return run
+
+
+def start_ray(data_dir: Path, replicas: int = 2, **settings: Any) -> ServerHandle:
+    """The API on a local Ray Serve deployment (127.0.0.1): an ingress and `replicas` model replicas."""
+    import socket
+
+    import ray
+    from ray import serve
+
+    from flashface_trt.serve.config import ServeSettings
+    from flashface_trt.serve.ray_app import RayConfig, build_app
+
+    settings.setdefault("warmup_steps", 1)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    cfg = ServeSettings(host="127.0.0.1", port=port, data_dir=data_dir, **settings)
+    config = RayConfig(replicas, replicas, num_gpus=0, num_cpus=0, identities_per_replica=2, app_name=RAY_APP)
+    import torch
+
+    load = tiny_loader(photo_detector(), threads=torch.get_num_threads())
+    serve.run(build_app(cfg, load, SIZE, config), name=RAY_APP, route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url, 300)
+
+    def stop() -> None:
+        serve.shutdown()
+        ray.shutdown()
+
+    return ServerHandle(url, stop, None, cfg.api_keys)
 
 
 def start_service(data_dir: Path, load=None, **settings: Any) -> ServerHandle:

@@ -9,21 +9,20 @@ from __future__ import annotations
 import threading
 import time
 
-import numpy as np
 import pytest
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from flashface_trt.runtime.detection import DETECTOR  # noqa: E402
-
-from .scripted import scripted_detector  # noqa: E402
 from .serving import (  # noqa: E402
+    API_SETTINGS,
+    KEYS,
     SIZE,
     events,
     face_png,
     generation,
     metric,
+    photo_detector,
     png_bytes,
     register,
     service,
@@ -32,41 +31,18 @@ from .serving import (  # noqa: E402
     wait_state,
 )
 
-KEYS = ("alpha-key", "beta-key")
 LONG = 400  # steps of a job that runs long enough to be cancelled, queued behind, or timed out
 
 
-def photo_detector():
-    """A detector for drawn photos: black centre -> no face, white centre -> two faces, else one."""
-    one, _ = scripted_detector((180.0, 160.0, 420.0, 460.0))
-    other, _ = scripted_detector((40.0, 40.0, 140.0, 150.0))
-    mean = np.float32(DETECTOR.mean).reshape(3, 1)
-
-    def run(images):
-        logits, boxes, marks = one(images)
-        k2 = int(np.argmax(other(images[:1])[0][0, :, 1]))
-        extra = other(images)
-        for b in range(len(images)):
-            centre = (images[b][:, 320, 320:321] + mean).mean()
-            if centre < 10:
-                logits[b, :] = [5.0, -5.0]
-            elif centre > 245:
-                logits[b, k2], boxes[b, k2], marks[b, k2] = extra[0][b, k2], extra[1][b, k2], extra[2][b, k2]
-        return logits, boxes, marks
-
-    return run
-
-
-@pytest.fixture(scope="module")
-def api(tmp_path_factory):
-    """One service for the API tests: two keys, small limits, a detector with known answers."""
+@pytest.fixture(scope="module", params=["local", pytest.param("ray", marks=pytest.mark.ray)])
+def api(request, tmp_path_factory):
+    """The API under test: the single-node service, then the Ray Serve deployment (2 replicas),
+    both with two keys, small limits and a detector with known answers (`API_SETTINGS`)."""
+    if request.param == "ray":
+        yield request.getfixturevalue("ray_api")
+        return
     with service(
-        tmp_path_factory.mktemp("serve"),
-        load=tiny_loader(photo_detector()),
-        api_keys=KEYS,
-        max_queue=3,
-        max_upload_mb=1.0,
-        max_pixels=200 * 200,
+        tmp_path_factory.mktemp("serve"), load=tiny_loader(photo_detector()), **API_SETTINGS
     ) as handle:
         yield handle
 
@@ -223,6 +199,8 @@ def test_bad_uploads(api):
 def test_one_failed_job_does_not_take_the_service_down(api):
     a = api.client(KEYS[0])
     ident = register(a, 0)["id"]
+    if api.service is None:
+        pytest.skip("fault injection needs the service in this process")
     backend = api.service.worker.backend
     decode, calls = backend.decode, []
 

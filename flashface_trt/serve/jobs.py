@@ -120,7 +120,9 @@ class JobBook:
     Thread-safe: the HTTP side submits, reads and cancels; the worker takes and finishes jobs.
     """
 
-    def __init__(self, root: Path, max_queue: int, max_jobs: int) -> None:
+    def __init__(self, root: Path, max_queue: int, max_jobs: int, recover: bool = True) -> None:
+        """`recover`: fail the unfinished records found at start (off where other processes share
+        `root`: a Ray replica must not touch another replica's running jobs)."""
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_queue, self.max_jobs = max_queue, max_jobs
@@ -132,7 +134,8 @@ class JobBook:
         self.seq = 0
         self.finished_order: list[str] = []
         self.mean_job_s = 5.0  # running mean of job durations (Retry-After estimates)
-        self._recover()
+        if recover:
+            self._recover()
 
     # ---------------------------------------------------------------- persistence
 
@@ -142,13 +145,23 @@ class JobBook:
     def image_path(self, job_id: str, k: int) -> Path:
         return self._dir(job_id) / f"{k}.png"
 
-    def _write(self, job: Job) -> None:
-        d = self._dir(job.id)
-        d.mkdir(parents=True, exist_ok=True)
+    def _write(self, job: Job, position: int | None = None) -> None:
         record = {**job.record(), "owner": job.owner, "request": _request_dict(job.request)}
-        tmp = d / "record.json.tmp"
-        tmp.write_text(json.dumps(record))
-        tmp.replace(d / "record.json")
+        if position is not None:
+            record["position"] = position
+        write_record(self._dir(job.id), record)
+
+    def _write_positions(self) -> None:
+        """Every queued job's record with its place in the queue (readers in other processes)."""
+        order = [self.jobs[i] for _, _, i in sorted(self.heap) if self.jobs[i].state == State.QUEUED]
+        for k, job in enumerate(order):
+            self._write(job, k)
+
+    def progress(self, job: Job) -> None:
+        """Record a running job's step (readers in other processes follow it)."""
+        with self.lock:
+            if job.state == State.RUNNING:
+                self._write(job)
 
     def _recover(self) -> None:
         """Records of earlier runs: finished ones stay readable, unfinished ones are failed now."""
@@ -162,16 +175,13 @@ class JobBook:
             if r.get("state") not in [s.value for s in TERMINAL]:
                 r.update(state=State.FAILED.value, error="the service stopped before the job finished")
                 r.update(error_kind="interrupted", finished=time.time())
-                (self._dir(r["id"]) / "record.json").write_text(json.dumps(r))
+                write_record(self._dir(r["id"]), r)
             self.finished_order.append(r["id"])
         self._prune()
 
     def stored(self, job_id: str) -> dict[str, Any] | None:
         """The persisted record of a finished job (e.g. from before a restart), or None."""
-        try:
-            return json.loads((self._dir(job_id) / "record.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
+        return read_record(self._dir(job_id))
 
     def _prune(self) -> None:
         while len(self.finished_order) > self.max_jobs:
@@ -191,7 +201,7 @@ class JobBook:
             self.jobs[job.id] = job
             heapq.heappush(self.heap, (-job.priority, job.seq, job.id))
             self.queued += 1
-            self._write(job)
+            self._write_positions()
             self.lock.notify_all()
         return job
 
@@ -209,6 +219,7 @@ class JobBook:
                     job.state, job.started = State.RUNNING, time.time()
                     self.running = job
                     self._write(job)
+                    self._write_positions()
                     return job
                 left = end - time.monotonic()
                 if left <= 0:
@@ -229,6 +240,7 @@ class JobBook:
             if job.state == State.QUEUED:
                 self.queued -= 1
                 self._finish_locked(job, State.CANCELLED, reason, "cancelled")
+                self._write_positions()
             elif job.state == State.RUNNING:
                 job.cancel_reason = reason
 
@@ -257,6 +269,21 @@ class JobBook:
         with self.lock:
             ids = [i for _, _, i in sorted(self.heap)]
             return [self.jobs[i] for i in ids if self.jobs[i].state == State.QUEUED]
+
+
+def write_record(folder: Path, record: dict[str, Any]) -> None:
+    """A job record, replaced atomically (readers never see half a file)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f"record.json.{threading.get_ident()}.tmp"
+    tmp.write_text(json.dumps(record))
+    tmp.replace(folder / "record.json")
+
+
+def read_record(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / "record.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def new_job_id() -> str:

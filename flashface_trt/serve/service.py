@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..runtime.errors import FlashFaceError, InputError
-from ..runtime.request import make_request
+from ..runtime.request import GenerationRequest, make_request
 from .config import ServeSettings
 from .jobs import Job, JobBook, QueueFull, State, new_job_id
 from .metrics import Metrics
@@ -90,10 +90,17 @@ __all__ = ["API", "NotFound", "PayloadTooLarge", "QueueFull", "Service", "Unavai
 class Service:
     """One device's service: a worker owning the backend, the job book and the identity store."""
 
-    def __init__(self, settings: ServeSettings, load: LoadBackend, size: tuple[int, int] | None = None):
+    def __init__(
+        self,
+        settings: ServeSettings,
+        load: LoadBackend,
+        size: tuple[int, int] | None = None,
+        shared: bool = False,
+    ) -> None:
+        """`shared`: the data directory is shared with other processes (Ray replicas)."""
         self.settings = settings = settings.validated()
         root = Path(settings.data_dir)
-        self.book = JobBook(root / "jobs", settings.max_queue, settings.max_jobs)
+        self.book = JobBook(root / "jobs", settings.max_queue, settings.max_jobs, recover=not shared)
         self.store = IdentityStore(root / "identities")
         self.metrics = Metrics(self._kv_stats, lambda: len(self.store))
         self.metrics.queue_depth.set_function(lambda: float(self.book.queued))
@@ -178,33 +185,13 @@ class Service:
 
     # ---------------------------------------------------------------- jobs
 
-    def submit(self, owner: str, body: dict[str, Any]) -> Job:
+    def submit(self, owner: str, body: dict[str, Any], job_id: str | None = None) -> Job:
         """Validate a generation request (the CLI's names and ranges), then queue it or raise."""
         self._admitting()
-        body = dict(body)
-        identity = body.pop("identity", None)
-        if not isinstance(identity, str):
-            raise InputError("identity must be the id of a registered identity", "identity")
-        priority = body.pop("priority", 0)
-        if isinstance(priority, bool) or not isinstance(priority, int) or not -100 <= priority <= 100:
-            raise InputError(f"priority={priority!r} must be an integer in [-100, 100]", "priority")
-        timeout = body.pop("timeout_s", None)
-        timeout = self.settings.timeout_s if timeout is None else timeout
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 86400:
-            raise InputError(f"timeout_s={timeout!r} must be a number in (0, 86400]", "timeout_s")
-        prompt = body.pop("prompt", None)
-        if not isinstance(prompt, str):
-            raise InputError("prompt must be a string", "prompt")
-        recipe = body.pop("recipe", "identity")
-        unknown = sorted(set(body) - set(JOB_FIELDS))
-        if unknown:
-            raise InputError(f"unknown fields {unknown}", unknown[0])
-        size = self.worker.default_size()
-        body.setdefault("height", size[0])
-        body.setdefault("width", size[1])
-        request = make_request(prompt, recipe if recipe is not None else "identity", **body)
+        size, timeout_s = self.worker.default_size(), self.settings.timeout_s
+        identity, request, priority, timeout = parse_job(body, size, timeout_s)
         self.identity(owner, identity)  # 404 before anything is queued
-        job = Job(new_job_id(), owner, identity, request, priority, float(timeout))
+        job = Job(job_id or new_job_id(), owner, identity, request, priority, timeout)
         try:
             return self.book.submit(job)
         except QueueFull:
@@ -301,6 +288,34 @@ class Service:
         self.worker.stopping.set()
         self.worker.join(timeout=max(end - time.monotonic(), 0.0) + 30.0)
         log.info("service stopped (%s)", mode)
+
+
+def parse_job(
+    body: dict[str, Any], size: tuple[int, int], default_timeout: float
+) -> tuple[str, GenerationRequest, int, float]:
+    """(identity, validated request, priority, timeout) of a JSON generation body; InputError naming
+    the field otherwise. Height and width default to `size` (the backend's typical size)."""
+    body = dict(body)
+    identity = body.pop("identity", None)
+    if not isinstance(identity, str):
+        raise InputError("identity must be the id of a registered identity", "identity")
+    priority = body.pop("priority", 0)
+    if isinstance(priority, bool) or not isinstance(priority, int) or not -100 <= priority <= 100:
+        raise InputError(f"priority={priority!r} must be an integer in [-100, 100]", "priority")
+    timeout = body.pop("timeout_s", None)
+    timeout = default_timeout if timeout is None else timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 86400:
+        raise InputError(f"timeout_s={timeout!r} must be a number in (0, 86400]", "timeout_s")
+    prompt = body.pop("prompt", None)
+    if not isinstance(prompt, str):
+        raise InputError("prompt must be a string", "prompt")
+    recipe = body.pop("recipe", None) or "identity"
+    unknown = sorted(set(body) - set(JOB_FIELDS))
+    if unknown:
+        raise InputError(f"unknown fields {unknown}", unknown[0])
+    body.setdefault("height", size[0])
+    body.setdefault("width", size[1])
+    return identity, make_request(prompt, recipe, **body), priority, float(timeout)
 
 
 def _safe_name(name: str | None, i: int) -> str:

@@ -53,23 +53,48 @@ class IdentityStore:
         self.lock = threading.Lock()
         self.items: dict[str, StoredIdentity] = {}
         for meta in sorted(root.glob("*/meta.json")):
-            try:
-                d = json.loads(meta.read_text())
-                self.items[d["id"]] = StoredIdentity(
-                    d["id"], d["owner"], d["key"], d["num_refs"], d["faces"], d["encoder"]
-                )
-            except (OSError, json.JSONDecodeError, KeyError) as exc:
-                log.warning("skipping unreadable identity %s: %s", meta.parent.name, exc)
+            self._load(meta.parent.name)
         log.info("%d identities in %s", len(self.items), root)
+
+    def _load(self, identity: str) -> StoredIdentity | None:
+        """An identity's metadata from disk (another process may have stored it), or None."""
+        meta = self.root / identity / "meta.json"
+        if identity.startswith(".") or not meta.is_file():
+            return None
+        try:
+            d = json.loads(meta.read_text())
+            item = StoredIdentity(d["id"], d["owner"], d["key"], d["num_refs"], d["faces"], d["encoder"])
+        except (OSError, json.JSONDecodeError, KeyError) as exc:
+            log.warning("skipping unreadable identity %s: %s", identity, exc)
+            return None
+        with self.lock:
+            return self.items.setdefault(item.id, item)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def get(self, identity: str, owner: str) -> StoredIdentity | None:
-        """The identity if it exists and belongs to `owner` (others see nothing)."""
+        """The identity if it exists and belongs to `owner` (others see nothing); the directory is
+        the truth, as other processes (replicas) may store or delete identities in it."""
+        if "/" in identity or "\\" in identity:
+            return None
         with self.lock:
             item = self.items.get(identity)
+        if item is not None and not (self.root / identity / "meta.json").is_file():
+            with self.lock:
+                self.items.pop(identity, None)
+            item = None
+        if item is None:
+            item = self._load(identity)
         return item if item is not None and item.owner == owner else None
+
+    def find(self, identity: str) -> StoredIdentity | None:
+        """An identity of any owner (for a replica loading what the ingress already authorised)."""
+        if "/" in identity or "\\" in identity:
+            return None
+        with self.lock:
+            item = self.items.get(identity)
+        return item or self._load(identity)
 
     def put(
         self, owner: str, crops: np.ndarray, latents: np.ndarray, faces: list[dict], encoder: str

@@ -202,7 +202,7 @@ class Worker(threading.Thread):
         try:
             if time.time() > job.deadline:
                 raise JobStopped("timeout", f"deadline of {job.timeout_s:g} s passed while queued")
-            item = self.store.items.get(job.identity)
+            item = self.store.get(job.identity, job.owner)
             if item is None:
                 raise InputError(f"identity {job.identity!r} was deleted before the job ran", "identity")
             t0 = time.perf_counter()
@@ -241,5 +241,6 @@ class Worker(threading.Thread):
                 yield step
                 job.step = i + 1
                 job.events.append({"step": i + 1, "steps": len(steps)})
+                self.book.progress(job)
 
         return wrap
