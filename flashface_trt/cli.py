@@ -222,6 +222,31 @@ def _add_serve_args(sub) -> None:  # type: ignore[no-untyped-def]
     srv.add_argument("--height", type=int, help="height of requests that give none (default: the model's)")
     srv.add_argument("--width", type=int, help="width of requests that give none (default: the model's)")
     srv.add_argument("--log-json", action="store_true", help="one JSON object per log line (with job ids)")
+    ray = srv.add_argument_group("scale-out on Ray Serve (the `ray` extra)")
+    ray.add_argument("--ray", action="store_true", help="deploy on Ray Serve: an ingress and model replicas")
+    ray.add_argument("--ray-address", help="a running Ray cluster (default: start a local one)")
+    ray.add_argument(
+        "--replicas", type=int, default=1, help="model replicas (with --max-replicas: the minimum)"
+    )
+    ray.add_argument("--max-replicas", type=int, help="autoscale up to this many model replicas")
+    ray.add_argument(
+        "--target-ongoing-requests",
+        type=float,
+        default=2.0,
+        help="autoscaling target per replica (default 2)",
+    )
+    ray.add_argument(
+        "--gpus-per-replica", type=float, default=1.0, help="GPUs of one model replica (default 1)"
+    )
+    ray.add_argument(
+        "--cpus-per-replica", type=float, default=1.0, help="CPUs of one model replica (default 1)"
+    )
+    ray.add_argument(
+        "--identities-per-replica",
+        type=int,
+        default=16,
+        help="identities a replica keeps loaded (LRU, default 16)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -273,15 +273,10 @@ def convert(args: argparse.Namespace) -> None:
     print(f"wrote {len(manifest['files'])} files, {total / 2**30:.2f} GiB, to {args.out}")
 
 
-def serve(args: argparse.Namespace) -> int:
-    """`flashface-trt serve`: the networks load on the service's worker thread (see /readyz)."""
-    try:
-        from .serve.config import ServeSettings, read_keys_file
-        from .serve.server import JsonFormatter, serve
-    except ImportError as exc:
-        raise FlashFaceError(
-            f"the service needs its extra: pip install 'flashface-trt[serve]' ({exc})"
-        ) from exc
+def _serve_setup(args: argparse.Namespace):
+    """(settings, backend loader, default size) of `serve` from its arguments."""
+    from .serve.config import ServeSettings, read_keys_file
+    from .serve.server import JsonFormatter
 
     keys = tuple(args.api_key) + (read_keys_file(args.api_keys_file) if args.api_keys_file else ())
     settings = ServeSettings(
@@ -311,6 +306,65 @@ def serve(args: argparse.Namespace) -> int:
 
     size = None
     if args.height or args.width or args.preset:
-        tiny = DEFAULT_SIZE["tiny"] if args.preset else DEFAULT_SIZE["weights"]
-        size = (args.height or tiny, args.width or tiny)
-    return serve(settings, load, size)
+        default = DEFAULT_SIZE["tiny"] if args.preset else DEFAULT_SIZE["weights"]
+        size = (args.height or default, args.width or default)
+    return settings, load, size
+
+
+def _ray_config(args: argparse.Namespace):
+    from .serve.ray_app import RayConfig
+
+    return RayConfig(
+        min_replicas=args.replicas,
+        max_replicas=args.max_replicas or args.replicas,
+        target_ongoing_requests=args.target_ongoing_requests,
+        num_gpus=args.gpus_per_replica,
+        num_cpus=args.cpus_per_replica,
+        identities_per_replica=args.identities_per_replica,
+    ).validated()
+
+
+def serve(args: argparse.Namespace) -> int:
+    """`flashface-trt serve`: the networks load on the service's worker thread (see /readyz)."""
+    try:
+        settings, load, size = _serve_setup(args)
+        from .serve.server import serve as run_server
+    except ImportError as exc:
+        raise FlashFaceError(
+            f"the service needs its extra: pip install 'flashface-trt[serve]' ({exc})"
+        ) from exc
+    if not args.ray:
+        return run_server(settings, load, size)
+    try:
+        from .serve.ray_app import run as run_ray
+    except ImportError as exc:
+        raise FlashFaceError(f"--ray needs Ray Serve: pip install 'flashface-trt[ray]' ({exc})") from exc
+    return run_ray(settings, load, size, _ray_config(args), args.ray_address)
+
+
+def ray_options(config: dict) -> argparse.Namespace:
+    """The `flashface-trt serve --ray` arguments of a `serve run` config's `args` mapping."""
+    from .cli import build_parser
+
+    argv = ["serve", "--ray"]
+    for key, value in config.items():
+        flag = "--" + key.replace("_", "-")
+        for v in value if isinstance(value, list) else [value]:
+            if v is True:
+                argv.append(flag)
+            elif v not in (False, None):
+                argv += [flag, str(v)]
+    return build_parser().parse_args(argv)
+
+
+def ray_app(config: dict):
+    """Application builder for `serve run` (import path `flashface_trt.commands:ray_app`).
+
+    `config` holds the `flashface-trt serve` options by name (`preset: tiny`, `onnx: DIR`,
+    `data_dir: /shared/flashface`, `max_replicas: 4`, ...), as `serve run CONFIG.yaml` passes them.
+    """
+    from .serve.ray_app import build_app
+
+    args = ray_options(config)
+    settings, load, size = _serve_setup(args)
+    return build_app(settings, load, size, _ray_config(args))

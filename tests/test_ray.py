@@ -141,3 +141,39 @@ def test_no_replica_means_503_not_a_hang(ray_api):
     assert c.get(f"/v1/generations/{done['id']}").json()["state"] == "succeeded"  # reads still work
     _wait_replicas(c, 2)
     assert wait_job(c, c.post("/v1/generations", json=generation(ident)).json()["id"])["state"] == "succeeded"
+
+
+def test_serve_run_config_builds_the_application(tmp_path):
+    """`serve run deploy/ray-serve.yaml` imports `flashface_trt.commands:ray_app` with these args."""
+    import yaml
+    from ray.serve.deployment import Application
+
+    from flashface_trt.commands import _ray_config, ray_app, ray_options
+    from flashface_trt.serve.ray_app import MODEL
+
+    from .conftest import REPO
+
+    config = yaml.safe_load((REPO / "deploy" / "ray-serve.yaml").read_text())
+    (app,) = config["applications"]
+    assert app["import_path"] == "flashface_trt.commands:ray_app"
+    keys = tmp_path / "keys"
+    keys.write_text("k1\n")
+    args = {
+        **app["args"],
+        "engines": None,
+        "preset": "tiny",
+        "data_dir": str(tmp_path),
+        "api_keys_file": str(keys),
+    }
+    built = ray_app(args)
+    assert isinstance(built, Application)
+    model = built._bound_deployment.init_args[0]._bound_deployment  # the model deployment the ingress holds
+    assert model.name == MODEL and model.ray_actor_options["num_gpus"] == app["args"]["gpus_per_replica"]
+    config = _ray_config(ray_options(args))
+    options = config.deployment_options(app["args"]["max_queue"])
+    assert options["autoscaling_config"] == {
+        "min_replicas": app["args"]["replicas"],
+        "max_replicas": app["args"]["max_replicas"],
+        "target_ongoing_requests": app["args"]["target_ongoing_requests"],
+    }
+    assert config.identities_per_replica == app["args"]["identities_per_replica"]
