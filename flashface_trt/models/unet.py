@@ -194,26 +194,32 @@ class FlashFaceUNet(nn.Module):
     def reference_features(
         self, ref_latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor
     ) -> list[torch.Tensor]:
-        """ReferenceNet: inputs of every middle/decoder self-attention, each [R, L_i, C_i].
+        """ReferenceNet: inputs of every middle/decoder self-attention, each [G*R, L_i, C_i].
 
-        ref_latents [R,4,hr,wr]; t: the step's timestep ([1] or scalar); context: [1,77,C]
-        (the negative-prompt embedding, shared by every reference).
+        ref_latents [G*R, 4, hr, wr]: G groups (requests) of R references each, group after group;
+        t [G] (or [1]): each group's timestep; context [G, 77, C]: each group's negative-prompt
+        embedding, shared by the group's references (the official ReferenceNet call, per group).
         """
-        r = ref_latents.shape[0]
+        g = t.reshape(-1).shape[0]
+        r = ref_latents.shape[0] // g
         ref_latents = ref_latents.contiguous(memory_format=self.memory_format)
-        e = self._embed(t.reshape(-1)[:1]).expand(r, -1)
-        ctx = context.to(ref_latents.dtype).expand(r, -1, -1)
+        e = self._embed(t.reshape(-1))  # [G, D]
+        e = e.unsqueeze(1).expand(g, r, e.shape[-1]).reshape(g * r, e.shape[-1])
+        ctx = context.to(ref_latents.dtype)
+        ctx = ctx.unsqueeze(1).expand(g, r, *ctx.shape[1:]).reshape(g * r, *ctx.shape[1:])
         collect: list[torch.Tensor] = []
         self._run(ref_latents, e, ctx, self.ref_encoder, self.ref_decoder, collect=collect)
         return collect
 
-    def reference_kv(self, features: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Project reference features with each layer's SA1 k/v: [R, L, C] -> ([1, R*L, C], [1, R*L, C])."""
+    def reference_kv(
+        self, features: list[torch.Tensor], groups: int = 1
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Project reference features with each layer's SA1 k/v: [G*R, L, C] -> ([G, R*L, C], [G, R*L, C])."""
         out = []
         for block, f in zip(self._attention_blocks(self.decoder), features):
             sa1 = block.self_attn
             assert isinstance(sa1, RefSelfAttention)
-            tokens = f.reshape(1, -1, f.shape[-1])  # reference after reference, as the official reshape
+            tokens = f.reshape(groups, -1, f.shape[-1])  # reference after reference, as the official reshape
             out.append((sa1.self_attn_first.k(tokens), sa1.self_attn_first.v(tokens)))
         return out
 

@@ -109,12 +109,21 @@ class RefInputs:
     """Reference inputs of one main-UNet call.
 
     kv: per reference layer (middle, then decoder order) the projected reference keys and
-        values, each [1, R*L, C], shared by every row that uses references.
-    scale: [B_ref] reference strength λ of the first B_ref rows; the other rows use none.
+        values, each [G, R*L, C]: one group per request (identity and timestep) in the batch.
+    scale: [B_ref] reference strength λ of each of the first B_ref rows; the other rows use none.
+    group: [B_ref] the K/V group each of those rows attends to (None: every row uses group 0).
     """
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]
     scale: torch.Tensor
+    group: torch.Tensor | None = None
+
+    def rows(self, index: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `index`'s keys and values for each of the n reference rows: [n, R*L, C]."""
+        k, v = self.kv[index]
+        if self.group is None:
+            return k[:1].expand(n, -1, -1), v[:1].expand(n, -1, -1)
+        return k.index_select(0, self.group), v.index_select(0, self.group)
 
 
 class AttentionBlock(nn.Module):
@@ -141,9 +150,9 @@ class AttentionBlock(nn.Module):
         if ref is None or ref.scale.shape[0] == 0:
             return plain
         n = ref.scale.shape[0]
-        k_ref, v_ref = ref.kv[self.ref_index]  # [1, R*L, C]
-        k_cat = torch.cat([k[:n], k_ref.expand(n, -1, -1).to(k.dtype)], dim=1)  # [B_ref, L + R*L, C]
-        v_cat = torch.cat([v[:n], v_ref.expand(n, -1, -1).to(v.dtype)], dim=1)
+        k_ref, v_ref = ref.rows(self.ref_index, n)  # [B_ref, R*L, C]: each row its group's
+        k_cat = torch.cat([k[:n], k_ref.to(k.dtype)], dim=1)  # [B_ref, L + R*L, C]
+        v_cat = torch.cat([v[:n], v_ref.to(v.dtype)], dim=1)
         with_ref = sa1.o(attend(q[:n], k_cat, v_cat, sa1.heads))
         lam = ref.scale.to(y.dtype).view(n, 1, 1)
         mixed = plain[:n] + lam * (with_ref - plain[:n])
