@@ -1,4 +1,4 @@
-"""The static (CUDA-graph capturable) PyTorch step: bit for bit the plain denoiser on the CPU."""
+"""The static (CUDA-graph capturable) PyTorch batched step: bit for bit the plain step on the CPU."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from flashface_trt.models.backend import TorchBackend, TorchDenoiser, TorchSettings
 from flashface_trt.models.config import TINY
 from flashface_trt.models.loading import tiny_models
-from flashface_trt.models.static_step import StaticDenoiser
+from flashface_trt.models.static_step import StaticSteps
 from flashface_trt.models.unet import FlashFaceUNet
+from flashface_trt.runtime.batch import Member, RequestContext
 from flashface_trt.runtime.graphs import StepGraphs
-from flashface_trt.runtime.identities import Identity
+from flashface_trt.runtime.identities import Identity, ReferenceKVCache
 from flashface_trt.runtime.images import synthetic_face
 from flashface_trt.runtime.pipeline import generate, register_identity
 from flashface_trt.runtime.request import GenerationRequest
@@ -44,7 +45,7 @@ def test_static_step_matches_the_sampler(rescale):
             f"{(z_static - z_plain).abs().max().item():.1e}"
         )
         torch.testing.assert_close(z_static, z_plain, rtol=0, atol=0)
-    assert len(static_backend.states) == 1  # one request shape: one set of static buffers
+    assert len(static_backend.static_steps.batches) == 2  # one bucket per batch layout (2-way, 3-way)
     images = generate(static_backend, req, faces)
     ref = generate(plain_backend, req, faces)
     for a, b in zip(images, ref):
@@ -111,13 +112,10 @@ def test_static_step_reproduces_the_official_runs(oracle_dir, oracle_config):
         g,
     )
     runs = sorted(int(k[6:-3]) for k in d.files if k.startswith("sample") and k.endswith("/z0"))
-    backend = TorchBackend.__new__(TorchBackend)  # only the state cache is used here
-    backend.settings, backend.states, backend.unet = TorchSettings(), {}, unet
-    backend.graphs = StepGraphs(None)
+    static = StaticSteps(unet, den.cache, StepGraphs(None), 4)
     for steps in runs:
         noise = torch.from_numpy(d[f"sample{steps}/noise"])
-        static = StaticDenoiser(den, plan(steps, g), backend.state, backend.graphs)
-        z0 = sample(static, noise, plan(steps, g))
+        z0 = sample(replace(den, step=static), noise, plan(steps, g))
         with torch.inference_mode():
             z_plain = sample(den, noise, plan(steps, g))
         err = rel_err(z0.numpy(), d[f"sample{steps}/z0"])
@@ -140,7 +138,7 @@ def test_static_step_cuda_graph_replay():
     eager = generate(TorchBackend(models, TorchSettings(static_loop=False)), req, faces)
     np.testing.assert_array_equal(np.asarray(first[0]), np.asarray(second[0]))
     assert np.abs(np.asarray(first[0], np.int16) - np.asarray(eager[0], np.int16)).max() <= 2
-    assert backend.graphs.captures == 2 and len(steps_seen) == req.steps  # a 2-way and a 3-way graph
+    assert backend.graphs.captures == 2 and len(steps_seen) == req.steps  # a 2-way and a 3-way bucket
 
 
 class HostWork(TorchDispatchMode):
@@ -167,13 +165,13 @@ class HostWork(TorchDispatchMode):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_step_is_graph_capturable(channels_last):
-    """Every step after the first on the meta device: no .item(), no host tensors, no data-dependent shapes.
+    """The static step's body on the meta device: no .item(), no host tensors, no data-dependent shapes.
 
-    Meta tensors have no values, so any host sync fails or is recorded. What a step does outside
-    its captured body (copying the step's table row and K/V into the static buffers) must not
-    wait for the host either, so the whole per-step call is recorded, for both batch layouts. The
-    first call loads the request's tables from the host and is left out. Checked without a GPU
-    (the capture itself runs in test_static_step_cuda_graph_replay).
+    Meta tensors have no values, so any host sync fails or is recorded: what a CUDA-graph capture
+    needs, checked without a GPU (the capture itself runs in test_static_step_cuda_graph_replay).
+    Two requests at different steps (one 2-way, one 3-way) share the batch. Before the body, a
+    step copies the batch's values into the static tensors: device copies and small host index
+    arrays (pinned, asynchronous on a GPU).
     """
     meta = torch.device("meta")
     cfg = TINY
@@ -181,23 +179,26 @@ def test_step_is_graph_capturable(channels_last):
         unet = FlashFaceUNet(cfg.unet).eval()
         if channels_last:
             unet.to_channels_last()
-        cond, uncond = (torch.empty(1, cfg.text.text_len, cfg.unet.context_dim) for _ in range(2))
+        texts = torch.empty(2, cfg.text.text_len, cfg.unet.context_dim)
         ident = Identity("meta", torch.empty(3, cfg.unet.ref_in_dim, 8, 8))
+        other = Identity("meta2", torch.empty(3, cfg.unet.ref_in_dim, 8, 8))
         mask = torch.empty(1, 1, 8, 6)
         x = torch.empty(2, 4, 8, 6)
     g = GuidanceParams()
     steps = plan(5, g)  # 999, then 799 (2-way) and 599, 399, 199 (3-way)
-    assert {s.three_way for s in steps[1:]} == {False, True}  # both batch layouts are recorded
-    den = TorchDenoiser(unet, cond, uncond, ident, mask, g)
-    backend = TorchBackend.__new__(TorchBackend)
-    backend.settings, backend.states, backend.unet = TorchSettings(), {}, unet
-    static = StaticDenoiser(den, steps, backend.state, StepGraphs(None))
-    x = static(x, steps[0])  # loads the request's tables
-    with torch.inference_mode(), HostWork(meta) as mode:
-        for step in steps[1:]:
-            x = static(x, step)
-    print(f"\nsteps on the meta device: {mode.ops} ops, host work: {mode.found}")
-    assert mode.found == [] and mode.ops > 100 * len(steps[1:])
+    members = [
+        Member(RequestContext(texts, ident, mask, g), x, steps[1]),
+        Member(RequestContext(texts, other, mask, g), x[:1], steps[3]),
+    ]
+    assert {m.step.three_way for m in members} == {False, True}  # both layouts in one batch
+    static = StaticSteps(unet, ReferenceKVCache(), StepGraphs(None), 4)
+    with torch.inference_mode():
+        static(members)  # makes and loads the static tensors
+        (batch,) = static.batches.values()
+        with HostWork(meta) as mode:
+            batch.body()
+    print(f"\nbatched step body on the meta device: {mode.ops} ops, host work: {mode.found}")
+    assert mode.found == [] and mode.ops > 100
     x, host = torch.zeros(2, device=meta), torch.tensor(1.0)
     with HostWork(meta) as probe:  # the probe sees host work when there is some
         _ = x + host

@@ -2,26 +2,26 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
 import numpy as np
 import torch
 
+from ..runtime.batch import Member, RequestContext, plan_batch
 from ..runtime.graphs import StepGraphs
-from ..runtime.guidance import guided_x0, step_update
-from ..runtime.identities import Identity, ReferenceKVCache, kv_key
+from ..runtime.guidance import guided_x0
+from ..runtime.identities import Identity, ReferenceKVCache
 from ..runtime.images import to_uint8
-from ..runtime.sampler import GuidanceParams, StepPlan
+from ..runtime.sampler import GuidanceParams, StepPlan, single_step
 from ..runtime.tokenizer import ClipTokenizer
+from .batched import group_kv, step_members
 from .config import LATENT_SCALE, ModelConfig
 from .settings import TorchSettings
-from .static_step import StaticDenoiser, StaticStep, TorchCapture
+from .static_step import StaticSteps, TorchCapture
 from .text_encoder import TextEncoder
 from .unet import FlashFaceUNet
-from .unet_blocks import RefInputs
 from .vae import AutoencoderKL
 
 VAE_BATCH = 3  # references encoded per VAE call (official cfg.ae_batch_size)
@@ -49,12 +49,13 @@ class TorchModels:
 
 @dataclass
 class TorchDenoiser:
-    """`denoise(x, step) -> x_next` for one request: the 2-/3-way batch, guidance, DDIM (float32).
+    """`denoise(x, step) -> x_next` of one request on a UNet: the batch of one (`batched.py`).
 
     cond / uncond: [1, 77, C] text embeddings; identity: reference latents [R, 4, hr, wr] and
-    their key; mask: [1, 1, h, w]. Reference K/V are computed once per timestep, shared by every
-    row, and kept in `cache` (keyed by identity, timestep, negative prompt and reference size) so
-    that later requests for the same identity skip the ReferenceNet.
+    their key; mask: [1, 1, h, w]. Reference K/V are computed once per timestep and kept in
+    `cache` (keyed by identity, timestep, negative prompt and reference size) so that later
+    requests for the same identity skip the ReferenceNet. `step` runs the batched step (a
+    backend's static, graph-replayed one; default: the plain one).
     """
 
     unet: FlashFaceUNet
@@ -65,29 +66,25 @@ class TorchDenoiser:
     guidance: GuidanceParams
     cache: ReferenceKVCache = field(default_factory=ReferenceKVCache)
     uncond_key: str = ""
+    step: Callable[[Sequence[Member]], list[torch.Tensor]] | None = None
 
+    def member(self, x: torch.Tensor, step: StepPlan) -> Member:
+        texts = torch.cat([self.cond, self.uncond])  # [2, 77, C]
+        return Member(
+            RequestContext(texts, self.identity, self.mask, self.guidance, self.uncond_key), x, step
+        )
+
+    @torch.inference_mode()
     def reference_kv(self, t: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        key = kv_key(self.identity, t, self.uncond_key)
-        kv = self.cache.get(key)
-        if kv is None:
-            lat = self.identity.latents
-            with torch.inference_mode():
-                tt = torch.full((1,), t, device=lat.device, dtype=torch.long)
-                kv = self.unet.reference_kv(self.unet.reference_features(lat, tt, self.uncond))
-            self.cache.put(key, kv)
-        return kv
+        """This request's reference K/V at timestep t ([1, R*L, C] per layer; cached)."""
+        member = self.member(torch.zeros(1, 4, 8, 8, device=self.cond.device), single_step(t, self.guidance))
+        return group_kv(self.unet, [member], plan_batch([member]), self.cache)
 
+    @torch.inference_mode()
     def eps(self, x: torch.Tensor, step: StepPlan) -> torch.Tensor:
         """Raw model output for the whole batch [k*N, 4, h, w] (k = 3 or 2), as the official model call."""
-        n = x.shape[0]
-        layout = step.layout(n)
-        dtype = self.cond.dtype
-        text = (self.cond, self.uncond)
-        context = torch.cat([text[b].expand(n, -1, -1) for b in layout.text_blocks])  # [k*N, 77, C]
-        xb = x.to(dtype).repeat(layout.k, 1, 1, 1)  # [k*N, 4, h, w]: layout.sample_rows
-        t = torch.full((layout.rows,), step.t, device=x.device, dtype=torch.long)
-        scale = torch.full((layout.ref_rows,), step.ref_strength, device=x.device, dtype=dtype)
-        return self.unet(xb, self.mask, t, context, RefInputs(self.reference_kv(step.t), scale))
+        member = self.member(x, step)
+        return step_members(self.unet, [member], plan_batch([member]), self.cache)[1]
 
     @torch.inference_mode()
     def x0(self, x: torch.Tensor, step: StepPlan) -> torch.Tensor:
@@ -96,8 +93,10 @@ class TorchDenoiser:
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor, step: StepPlan) -> torch.Tensor:
-        coef = step.coefficients(self.guidance)
-        return step_update(x, self.eps(x, step).float(), step.three_way, coef)
+        member = self.member(x, step)
+        if self.step is not None:
+            return self.step([member])[0]
+        return step_members(self.unet, [member], plan_batch([member]), self.cache)[0][0]
 
 
 class TorchBackend:
@@ -112,9 +111,8 @@ class TorchBackend:
         self.dtype = models.dtype
         self.kv_cache = ReferenceKVCache(settings.kv_cache_bytes)
         self.static = self.device.type == "cuda" if settings.static_loop is None else settings.static_loop
-        self.states: OrderedDict[tuple, StaticStep] = OrderedDict()  # static buffers per request shape
         capture = TorchCapture() if self.device.type == "cuda" else None
-        self.graphs = StepGraphs(capture, 2 * settings.max_shapes)  # a 2-way and a 3-way graph per shape
+        self.graphs = StepGraphs(capture, settings.max_shapes)  # one graph per bucket and image size
         if settings.channels_last:
             models.unet.to_channels_last()
         self.unet = models.unet  # what the denoisers call: the module, or its compiled forward
@@ -122,6 +120,26 @@ class TorchBackend:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_SHAPES)
             compiled = torch.compile(models.unet, dynamic=False, mode=settings.compile_mode)
             self.unet = cast(FlashFaceUNet, compiled)
+        self.static_steps = StaticSteps(self.unet, self.kv_cache, self.graphs, settings.max_shapes)
+
+    def context(
+        self,
+        texts: torch.Tensor,
+        identity: Identity,
+        mask: np.ndarray,
+        guidance: GuidanceParams,
+        uncond_key: str,
+    ) -> RequestContext:
+        """What a request brings to every batched step: texts [2, 77, C], mask [h, w] (made [1, 1, h, w])."""
+        m = self.from_numpy(mask.astype(np.float32))[None, None].to(self.dtype)
+        return RequestContext(texts, identity, m, guidance, uncond_key)
+
+    @torch.inference_mode()
+    def step(self, members: Sequence[Member]) -> list[torch.Tensor]:
+        """One batched step: every member's next x (the static, graph-replayed step if configured)."""
+        if self.static:
+            return self.static_steps(members)
+        return step_members(self.unet, members, plan_batch(members), self.kv_cache)[0]
 
     @property
     def tokenizer(self) -> ClipTokenizer:
@@ -162,23 +180,12 @@ class TorchBackend:
         guidance: GuidanceParams,
         steps: Sequence[StepPlan] = (),
         uncond_key: str = "",
-    ) -> TorchDenoiser | StaticDenoiser:
-        """The plain denoiser, or (static settings) the static step over this request's shape."""
+    ) -> TorchDenoiser:
+        """One request's `denoise(x, step)`: the batch of one, through this backend's `step`."""
         m = self.from_numpy(mask.astype(np.float32))[None, None].to(self.dtype)  # [1, 1, h, w]
         den = TorchDenoiser(self.unet, cond, uncond, identity, m, guidance, self.kv_cache, uncond_key)
-        if not self.static or not steps:
-            return den
-        return StaticDenoiser(den, steps, self.state, self.graphs)
-
-    def state(self, den: TorchDenoiser, x_shape: tuple[int, ...]) -> StaticStep:
-        """The static buffers of this request shape (least recently used shapes are dropped)."""
-        key = (tuple(x_shape), tuple(den.identity.latents.shape))
-        state = self.states.pop(key, None) or StaticStep(self.unet, den, x_shape)
-        self.states[key] = state
-        while len(self.states) > self.settings.max_shapes:
-            _, old = self.states.popitem(last=False)
-            self.graphs.discard(old.key)  # they read its buffers
-        return state
+        den.step = self.step
+        return den
 
     def decode(self, z: torch.Tensor) -> np.ndarray:
         """Scaled latents [N, 4, h, w] -> uint8 images [N, 8h, 8w, 3]."""

@@ -1,29 +1,28 @@
-"""The PyTorch denoising step over static buffers, replayed as a CUDA graph on a GPU.
+"""The PyTorch batched step over static buffers, replayed as a CUDA graph on a GPU.
 
-Everything a step reads is a static tensor of one request shape, refilled per request and per
-step with device-to-device copies: the 3-way context rows, the mask, the current step's
-timesteps, λ and guidance/DDIM coefficient row (copied from per-request tables) and the current
-step's reference K/V (copied from the identity cache, or computed by the ReferenceNet on a miss).
-The step body has no host values, `.item()` calls or syncs, so on CUDA it is captured once per
-(shape, batch layout) and replayed for every step of every request; on the CPU the same body runs
-eagerly (what the CPU tests compare with the plain denoiser, bit for bit). The loop itself is the
-shared `runtime.sampler.sample`, so progress and cancellation work between steps.
+Every batch is padded to power-of-two buckets (`runtime.batch.pad_plan`): reference rows, other
+rows, samples, K/V groups, requests. One set of static tensors per bucket holds what a step reads:
+every sample's x, the requests' prompt embeddings and masks, the plan's index arrays, per-row
+timesteps and λ, per-sample coefficient rows and every group's reference K/V. They are refilled
+with copies before each step, and the step body has no host values, `.item()` calls or syncs, so
+on CUDA it is captured once per bucket (and image size) and replayed for every step of every
+batch; on the CPU the same body runs eagerly (what the CPU tests compare with the plain step, bit
+for bit). The loops (one request's `sample`, the executor's) stay outside, so progress and
+cancellation work between steps.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from ..runtime.errors import InputError
+from ..runtime.batch import Member, PaddedPlan, pad_plan, plan_batch
 from ..runtime.graphs import Body, StepGraphs
-from ..runtime.guidance import STEP_COEFFICIENTS
-from ..runtime.layout import BatchLayout, context_table_rows
-from ..runtime.sampler import StepPlan
-from .guidance import GuidanceStepGraph
-from .unet_blocks import RefInputs
+from ..runtime.guidance import batched_update
+from ..runtime.identities import ReferenceKVCache
+from .batched import KV, batch_eps, group_kv
 
 log = logging.getLogger(__name__)
 
@@ -61,85 +60,86 @@ class TorchCapture:
         return TorchGraph(graph)
 
 
-class StaticStep:
-    """Static buffers of one request shape and the step body that reads them.
+def static_key(padded: PaddedPlan, members: Sequence[Member]) -> tuple:
+    """What a static batch's tensors depend on: the bucket, image size, references, dtype, device."""
+    first = members[0]
+    shape = tuple(int(d) for d in first.x.shape[2:])
+    return (padded.key, shape, first.ctx.identity.num_refs, str(first.ctx.texts.dtype), str(first.x.device))
 
-    x: [N, 4, h, w] float32 (updated in place by each step); context: the 3-way table
-    [cond x N, cond x N, uncond x N]; t [3N], lam [2N], coef [10]: the current step's values;
-    kv: the current step's reference K/V, one (K, V) per reference layer.
-    """
 
-    def __init__(self, unet, den, x_shape: tuple[int, ...]) -> None:
+class StaticBatch:
+    """Static tensors of one bucket (and image size) and the step body that reads them."""
+
+    def __init__(self, unet, padded: PaddedPlan, members: Sequence[Member], kv: KV) -> None:
         self.unet = unet
-        dev, dtype = den.cond.device, den.cond.dtype
-        self.n = n = x_shape[0]
-        self.key = (tuple(x_shape), tuple(den.identity.latents.shape), dtype, dev)
+        ref_b, rest_b, s_b, g_b, m_b = padded.key
+        first = members[0]
+        dev, dtype = first.ctx.texts.device, first.ctx.texts.dtype
+        h, w = first.x.shape[2:]
+        self.key = static_key(padded, members)
         with torch.inference_mode():
-            self.kv = [(torch.empty_like(k), torch.empty_like(v)) for k, v in den.reference_kv(999)]
-            self.x = torch.zeros(x_shape, device=dev, dtype=torch.float32)
-            self.context = torch.zeros(3 * n, *den.cond.shape[1:], device=dev, dtype=dtype)
-            self.mask = torch.zeros_like(den.mask)
-            self.t = torch.zeros(3 * n, device=dev)
-            self.lam = torch.zeros(2 * n, device=dev, dtype=dtype)
-            self.coef = torch.zeros(len(STEP_COEFFICIENTS), device=dev)
-        self.owner: object = None  # the denoiser whose context and mask the buffers hold
-        self.update = {False: GuidanceStepGraph(three_way=False), True: GuidanceStepGraph(three_way=True)}
+            self.x = torch.zeros(s_b, first.x.shape[1], h, w, device=dev)
+            self.texts = torch.zeros(2 * m_b, *first.ctx.texts.shape[1:], device=dev, dtype=dtype)
+            self.masks = torch.zeros(m_b, *first.ctx.mask.shape[1:], device=dev, dtype=first.ctx.mask.dtype)
+            self.kv = [
+                (
+                    torch.zeros(g_b, *k.shape[1:], device=dev, dtype=k.dtype),
+                    torch.zeros(g_b, *v.shape[1:], device=dev, dtype=v.dtype),
+                )
+                for k, v in kv
+            ]
+            rows = ref_b + rest_b
+            self.ix = {
+                "sample_rows": torch.zeros(rows, device=dev, dtype=torch.long),
+                "text_rows": torch.zeros(rows, device=dev, dtype=torch.long),
+                "member_rows": torch.zeros(rows, device=dev, dtype=torch.long),
+                "t": torch.zeros(rows, device=dev),
+                "scale": torch.zeros(ref_b, device=dev),
+                "group": torch.zeros(ref_b, device=dev, dtype=torch.int32),
+                "guide": torch.zeros(3, s_b, device=dev, dtype=torch.long),
+                "coef": torch.zeros(s_b, padded.coef.shape[1], device=dev),
+            }
 
-    def body(self, three_way: bool) -> None:
-        """One step on the static tensors (no host values): what a CUDA graph records."""
-        layout = BatchLayout(self.n, three_way)
-        x, dtype = self.x, self.context.dtype
-        ctx = self.context[layout.context_offset :]  # [k*N, 77, C]
-        refs = RefInputs(self.kv, self.lam[: layout.ref_rows])
-        xb = x.to(dtype).repeat(layout.k, 1, 1, 1)  # layout.sample_rows: x repeated k times
-        eps = self.unet(xb, self.mask, self.t[: layout.rows], ctx, refs)
-        self.x.copy_(self.update[three_way](x, eps.float(), self.coef))
+    def load(self, padded: PaddedPlan, members: Sequence[Member], kv: KV) -> None:
+        """Copy one batch's values into the static tensors (host index arrays, device data)."""
+        plan = padded.plan
+        self.x[: plan.samples].copy_(torch.cat([m.x for m in members]).float())
+        self.texts[: 2 * len(members)].copy_(torch.cat([m.ctx.texts for m in members]))
+        self.masks[: len(members)].copy_(torch.cat([m.ctx.mask for m in members]))
+        for (k, v), (k_new, v_new) in zip(self.kv, kv):
+            k[: k_new.shape[0]].copy_(k_new)  # a cached identity: a copy; a new one: its ReferenceNet ran
+            v[: v_new.shape[0]].copy_(v_new)
+        pinned = self.x.device.type == "cuda"
+        for name, tensor in self.ix.items():
+            host = torch.from_numpy(getattr(padded, name))
+            if pinned:  # async: the caching host allocator keeps the block until the copy is done
+                host = host.pin_memory()
+            tensor.copy_(host, non_blocking=pinned)
+
+    def body(self) -> None:
+        """One batched step on the static tensors (no host values): what a CUDA graph records."""
+        eps = batch_eps(self.unet, self.x, self.texts, self.masks, self.ix, self.kv)
+        self.x.copy_(batched_update(self.x, eps.float(), self.ix["guide"], self.ix["coef"]))
 
 
-class StaticDenoiser:
-    """`denoise(x, step)` of one request over a `StaticStep`: copy the step's values in, run the body.
+class StaticSteps:
+    """The static, graph-replayed batched step of a backend: one `StaticBatch` per bucket (LRU)."""
 
-    The per-request tables (coefficients, timesteps, λ) are made once on the device; per step only
-    device-to-device copies and the (replayed) body run, so nothing waits for the host.
-    """
-
-    def __init__(self, den, steps: Sequence[StepPlan], states: Callable[..., StaticStep], graphs: StepGraphs):
-        self.den, self.steps, self.states, self.graphs = den, list(steps), states, graphs
-        self.index = {s: i for i, s in enumerate(steps)}
-        self.state: StaticStep | None = None
-
-    def _load(self, x_shape: tuple[int, ...]) -> StaticStep:
-        """This request's tables on the device, its context rows and mask in the shape's buffers."""
-        den, steps = self.den, self.steps
-        state = self.states(den, x_shape)
-        dev = state.x.device
-        self.coef = torch.tensor([s.coefficients(den.guidance) for s in steps], device=dev)  # [S, 10]
-        self.t = torch.tensor([float(s.t) for s in steps], device=dev)  # [S]
-        self.lam = torch.tensor([s.ref_strength for s in steps], device=dev).to(state.lam.dtype)  # [S]
-        text = torch.cat([den.cond, den.uncond])  # [2, 77, C]
-        state.context.copy_(text[context_table_rows(state.n)])
-        state.mask.copy_(den.mask)
-        state.owner = self
-        return state
-
-    def reference_kv(self, t: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The request's reference K/V of one timestep (cached per identity)."""
-        return self.den.reference_kv(t)
+    def __init__(self, unet, cache: ReferenceKVCache, graphs: StepGraphs, max_buckets: int) -> None:
+        self.unet, self.cache, self.graphs, self.max_buckets = unet, cache, graphs, max_buckets
+        self.batches: dict[tuple, StaticBatch] = {}
 
     @torch.inference_mode()
-    def __call__(self, x: torch.Tensor, step: StepPlan) -> torch.Tensor:
-        i = self.index.get(step)
-        if i is None:
-            raise InputError(f"step t={step.t} is not in the plan this denoiser was made for")
-        st = self.state
-        if st is None or st.owner is not self or tuple(x.shape) != tuple(st.x.shape):
-            st = self.state = self._load(tuple(x.shape))  # another request used these buffers meanwhile
-        st.x.copy_(x)
-        st.coef.copy_(self.coef[i])
-        st.t.copy_(self.t[i].expand_as(st.t))
-        st.lam.copy_(self.lam[i].expand_as(st.lam))
-        for (k, v), (k_new, v_new) in zip(st.kv, self.den.reference_kv(step.t)):
-            k.copy_(k_new)  # a cached identity: a copy; a new one: its ReferenceNet ran just above
-            v.copy_(v_new)
-        self.graphs.run((st.key, step.three_way), lambda: st.body(step.three_way))
-        return st.x.clone()  # never hand out the static buffer: requests may interleave
+    def __call__(self, members: Sequence[Member]) -> list[torch.Tensor]:
+        plan = plan_batch(members)
+        padded = pad_plan(plan, len(members))
+        kv = group_kv(self.unet, members, plan, self.cache)
+        key = static_key(padded, members)
+        batch = self.batches.pop(key, None) or StaticBatch(self.unet, padded, members, kv)
+        self.batches[key] = batch
+        while len(self.batches) > self.max_buckets:
+            old = next(iter(self.batches))
+            self.graphs.discard(self.batches.pop(old).key)  # they read its tensors
+        batch.load(padded, members, kv)
+        self.graphs.run((batch.key, None), batch.body)
+        return plan.split(batch.x[: plan.samples].clone())

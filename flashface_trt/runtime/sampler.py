@@ -64,7 +64,14 @@ class StepPlan:
         """This step's row of `guidance.STEP_COEFFICIENTS`: guidance scales and DDIM coefficients."""
         d = self.ddim
         keep = 1.0 - g.guide_rescale  # in float64, as the official Python scalar
-        return [g.text_guidance, g.face_guidance, g.guide_rescale, keep, *d.coefficients()]
+        return [
+            g.text_guidance,
+            g.face_guidance,
+            g.guide_rescale,
+            keep,
+            *d.coefficients(),
+            float(self.three_way),
+        ]
 
 
 def plan_step(ddim: DDIMStep, g: GuidanceParams) -> StepPlan:

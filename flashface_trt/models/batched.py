@@ -1,0 +1,85 @@
+"""One UNet call over several requests (`runtime.batch.plan_batch`), and its update, in PyTorch.
+
+The ReferenceNet runs once per step for every group whose K/V are not cached (batched over
+groups, each with its own timestep and negative prompt); cached groups skip it. A batch of one
+request computes exactly the single request's official 2-/3-way batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..runtime.batch import BatchPlan, Member
+from ..runtime.guidance import batched_update
+from ..runtime.identities import ReferenceKVCache
+from .unet import FlashFaceUNet
+from .unet_blocks import RefInputs
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def group_kv(unet: FlashFaceUNet, members: Sequence[Member], plan: BatchPlan, cache: ReferenceKVCache) -> KV:
+    """Every group's reference K/V, stacked per layer as [G, R*L, C]: cached, or computed now."""
+    by_key = {m.kv_key: m for m in members}
+    found = {key: cache.get(key) for key in plan.groups}
+    missing = [key for key in plan.groups if found[key] is None]
+    if missing:
+        ms = [by_key[key] for key in missing]
+        lat = torch.cat([m.ctx.identity.latents for m in ms])  # [G*R, 4, hr, wr], group after group
+        t = torch.tensor([m.step.t for m in ms], device=lat.device, dtype=torch.long)  # [G]
+        ctx = torch.cat([m.ctx.texts[1:2] for m in ms])  # [G, 77, C]: each group's negative prompt
+        fresh = unet.reference_kv(unet.reference_features(lat, t, ctx), len(ms))
+        for g, key in enumerate(missing):
+            kv = [(k[g : g + 1].clone(), v[g : g + 1].clone()) for k, v in fresh]  # [1, R*L, C] each
+            cache.put(key, kv)
+            found[key] = kv
+    per_group: list[KV] = [found[key] for key in plan.groups]  # type: ignore[misc]  # all filled above
+    if len(per_group) == 1:
+        return per_group[0]
+    return [
+        (torch.cat([g[i][0] for g in per_group]), torch.cat([g[i][1] for g in per_group]))
+        for i in range(len(per_group[0]))
+    ]
+
+
+def indices(plan: BatchPlan, device: torch.device) -> dict[str, torch.Tensor]:
+    """The plan's index arrays and per-row values as tensors on `device`."""
+    return {
+        "sample_rows": torch.from_numpy(plan.sample_rows).to(device),
+        "text_rows": torch.from_numpy(plan.text_rows).to(device),
+        "member_rows": torch.from_numpy(plan.member_rows).to(device),
+        "t": torch.from_numpy(plan.t).to(device),
+        "scale": torch.from_numpy(plan.scale).to(device),
+        "group": torch.from_numpy(plan.group).to(device),
+        "guide": torch.from_numpy(plan.guide).to(device),
+        "coef": torch.from_numpy(plan.coef).to(device),
+    }
+
+
+def batch_eps(
+    unet, x: torch.Tensor, texts: torch.Tensor, masks: torch.Tensor, ix: dict, kv: KV
+) -> torch.Tensor:
+    """Raw model output of every row [B, 4, h, w]: x [S, 4, h, w] (all samples), texts [2M, 77, C],
+    masks [M, 1, h, w], `ix` the plan's index tensors (see `indices`), kv [G, R*L, C] per layer."""
+    dtype = texts.dtype
+    xb = x.to(dtype).index_select(0, ix["sample_rows"])  # [B, 4, h, w]
+    mask = masks.index_select(0, ix["member_rows"])  # [B, 1, h, w]
+    context = texts.index_select(0, ix["text_rows"])  # [B, 77, C]
+    ref = RefInputs(kv, ix["scale"].to(dtype), ix["group"])
+    return unet(xb, mask, ix["t"], context, ref)
+
+
+def step_members(
+    unet, members: Sequence[Member], plan: BatchPlan, cache: ReferenceKVCache
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(each member's next x, the batch's raw eps): one UNet call and the batched update."""
+    device = members[0].x.device
+    ix = indices(plan, device)
+    kv = group_kv(unet, members, plan, cache)
+    x = torch.cat([m.x for m in members]).float()  # [S, 4, h, w]
+    texts = torch.cat([m.ctx.texts for m in members])
+    masks = torch.cat([m.ctx.mask for m in members])
+    eps = batch_eps(unet, x, texts, masks, ix, kv)
+    return plan.split(batched_update(x, eps.float(), ix["guide"], ix["coef"])), eps

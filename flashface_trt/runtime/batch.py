@@ -1,0 +1,218 @@
+"""Step-level batching: the rows of one UNet call over several requests, each at its own step.
+
+Every request contributes its k-way block (`BatchLayout`): 3-way `[cond+ref, cond, uncond]` after
+its launch, 2-way `[cond, uncond]` before. The rows that attend to reference K/V come first, request
+after request, then the rest, so the UNet's "first B_ref rows" rule holds for the whole batch and
+rows without references skip the reference branch. Each row carries its own timestep, mask,
+context and λ; each reference row names its K/V group (one group per distinct identity, timestep
+and negative prompt). A batch of one request is exactly today's single-request batch.
+
+Requests in one batch must share the image size and the reference-token count (number of
+references); that is all: identities, prompts, guidance, steps and sample counts may differ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+from .guidance import STEP_COEFFICIENTS
+from .identities import Identity, kv_key
+from .layout import COND, UNCOND, BatchLayout
+from .sampler import GuidanceParams, StepPlan
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """What a request brings to every step: its prompt embeddings [2, 77, C] ([cond; uncond]) and
+    face mask [1, 1, h, w] on the backend, its identity (reference latents [R, 4, hr, wr]), its
+    guidance and the key of its negative prompt (part of the reference K/V cache key)."""
+
+    texts: Any
+    identity: Identity
+    mask: Any
+    guidance: GuidanceParams
+    uncond_key: str = ""
+
+
+@dataclass
+class Member:
+    """One request's part of a batched step: its context, its x [n, 4, h, w] and its step."""
+
+    ctx: RequestContext
+    x: Any
+    step: StepPlan
+
+    @property
+    def samples(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def kv_key(self) -> Hashable:
+        return kv_key(self.ctx.identity, self.step.t, self.ctx.uncond_key)
+
+    def compatibility(self) -> tuple:
+        """What requests in one batch share: image size and references."""
+        return tuple(int(d) for d in self.x.shape[2:]), self.ctx.identity.num_refs
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Index arrays of one batched step (NumPy; every backend gathers with them).
+
+    sample_rows [B]: the sample (row of the members' x, concatenated) each UNet row carries;
+    text_rows [B]: row of the members' texts (concatenated, 2 per member) for its context;
+    member_rows [B]: the member whose mask and timestep a row takes; t [B]: the row's timestep;
+    scale [B_ref], group [B_ref]: λ and K/V group of the reference rows (the first B_ref rows);
+    guide [3, S]: the rows of each sample's y_ref, y (cond) and u (uncond) (2-way: y_ref = y);
+    coef [S, len(STEP_COEFFICIENTS)]: each sample's guidance and DDIM coefficients;
+    groups: the K/V cache key of each group; offsets: each member's first sample.
+    """
+
+    sample_rows: np.ndarray
+    text_rows: np.ndarray
+    member_rows: np.ndarray
+    t: np.ndarray
+    scale: np.ndarray
+    group: np.ndarray
+    guide: np.ndarray
+    coef: np.ndarray
+    groups: tuple[Hashable, ...]
+    offsets: tuple[int, ...]
+
+    @property
+    def rows(self) -> int:
+        return len(self.sample_rows)
+
+    @property
+    def ref_rows(self) -> int:
+        return len(self.scale)
+
+    @property
+    def samples(self) -> int:
+        return len(self.coef)
+
+    def split(self, x_next: Any) -> list[Any]:
+        """The members' parts of the batch's next x [S, 4, h, w]."""
+        ends = [*self.offsets[1:], self.samples]
+        return [x_next[a:b] for a, b in zip(self.offsets, ends)]
+
+
+def plan_batch(members: Sequence[Member]) -> BatchPlan:
+    """Rows, groups and per-sample coefficients of one UNet call over `members`."""
+    if not members:
+        raise InputError("a batched step needs at least one request")
+    kinds = {m.compatibility() for m in members}
+    if len(kinds) > 1:
+        raise InputError(f"requests of one batch must share size and references, got {sorted(kinds)}")
+    groups: dict[Hashable, int] = {}
+    offsets, start = [], 0
+    ref: list[tuple[int, int, int, float, int]] = []  # (sample, text, member, λ, group) per row
+    rest: list[tuple[int, int, int]] = []  # (sample, text, member)
+    blocks: list[list[int]] = []  # per member, the positions of its blocks' first rows
+    for m_index, m in enumerate(members):
+        n, layout = m.samples, m.step.layout(m.samples)
+        group = groups.setdefault(m.kv_key, len(groups))
+        offsets.append(start)
+        mine = []
+        for b, text in enumerate(layout.text_blocks):
+            uses_refs = b * n < layout.ref_rows
+            mine.append(len(ref) if uses_refs else -1 - len(rest))
+            for s in range(n):
+                row = (start + s, 2 * m_index + text, m_index)
+                if uses_refs:
+                    ref.append((*row, m.step.ref_strength, group))
+                else:
+                    rest.append(row)
+        blocks.append(mine)
+        start += n
+    b_ref = len(ref)
+    rows = [r[:3] for r in ref] + rest
+    guide = np.zeros((3, start), np.int64)
+    coef = np.zeros((start, len(STEP_COEFFICIENTS)), np.float32)
+    for m, first, mine in zip(members, offsets, blocks):
+        pos = [p if p >= 0 else b_ref + (-1 - p) for p in mine]  # block starts in the packed rows
+        n, three = m.samples, m.step.three_way
+        y_ref, y, u = (pos[0], pos[1], pos[2]) if three else (pos[0], pos[0], pos[1])
+        for s in range(n):
+            guide[:, first + s] = (y_ref + s, y + s, u + s)
+        coef[first : first + n] = np.asarray(m.step.coefficients(m.ctx.guidance), np.float32)
+    return BatchPlan(
+        sample_rows=np.asarray([r[0] for r in rows], np.int64),
+        text_rows=np.asarray([r[1] for r in rows], np.int64),
+        member_rows=np.asarray([r[2] for r in rows], np.int64),
+        t=np.asarray([float(members[r[2]].step.t) for r in rows], np.float32),
+        scale=np.asarray([r[3] for r in ref], np.float32),
+        group=np.asarray([r[4] for r in ref], np.int32),
+        guide=guide,
+        coef=coef,
+        groups=tuple(groups),
+        offsets=tuple(offsets),
+    )
+
+
+__all__ = ["COND", "UNCOND", "BatchLayout", "BatchPlan", "Member", "plan_batch"]
+
+
+def bucket(n: int) -> int:
+    """The padded size of an axis: the next power of two (0 stays 0)."""
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class PaddedPlan:
+    """A plan padded to bucket sizes, so that one captured step serves every batch of the bucket.
+
+    Rows are [reference rows | padding | other rows | padding]; padding rows carry sample 0, text 0,
+    member 0, timestep 0, λ 0 and group 0; padding samples keep x (alpha = s_cur = 1, the rest 0)
+    and their guidance rows point at row 0. `key` names the bucket; `rows` maps the plan's rows.
+    """
+
+    key: tuple[int, int, int, int, int]  # (ref rows, other rows, samples, groups, members)
+    plan: BatchPlan
+    sample_rows: np.ndarray
+    text_rows: np.ndarray
+    member_rows: np.ndarray
+    t: np.ndarray
+    scale: np.ndarray
+    group: np.ndarray
+    guide: np.ndarray
+    coef: np.ndarray
+
+
+def pad_plan(plan: BatchPlan, members: int) -> PaddedPlan:
+    """`plan` padded to power-of-two buckets of every axis."""
+    b_ref, rest = plan.ref_rows, plan.rows - plan.ref_rows
+    key = (bucket(b_ref), bucket(rest), bucket(plan.samples), bucket(len(plan.groups)), bucket(members))
+    ref_b, rest_b, s_b = key[0], key[1], key[2]
+
+    def rows(values: np.ndarray) -> np.ndarray:
+        out = np.zeros(ref_b + rest_b, values.dtype)
+        out[:b_ref] = values[:b_ref]
+        out[ref_b : ref_b + rest] = values[b_ref:]
+        return out
+
+    guide = np.zeros((3, s_b), np.int64)
+    guide[:, : plan.samples] = np.where(plan.guide >= b_ref, plan.guide + (ref_b - b_ref), plan.guide)
+    coef = np.zeros((s_b, plan.coef.shape[1]), np.float32)
+    coef[: plan.samples] = plan.coef
+    coef[plan.samples :, STEP_COEFFICIENTS.index("alpha")] = 1.0
+    coef[plan.samples :, STEP_COEFFICIENTS.index("s_cur")] = 1.0
+    scale, group = np.zeros(ref_b, np.float32), np.zeros(ref_b, np.int32)
+    scale[:b_ref], group[:b_ref] = plan.scale, plan.group
+    return PaddedPlan(
+        key,
+        plan,
+        rows(plan.sample_rows),
+        rows(plan.text_rows),
+        rows(plan.member_rows),
+        rows(plan.t),
+        scale,
+        group,
+        guide,
+        coef,
+    )
