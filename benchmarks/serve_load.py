@@ -452,6 +452,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _loadavg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
 def device_name(backend: Any) -> str:
     from .suite import cpu_name
 
@@ -473,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.torch_threads)
     load = loader(args)
+    load_before = _loadavg()
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         paths = face_files(args.identities, Path(tmp))
         if args.url:
@@ -508,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         "service_backend": status.get("backend"),
         "in_process": not args.url,
         "cpu_count": os.cpu_count(),
+        "loadavg_1min": {"before": load_before, "after": _loadavg()},  # other tenants of a shared machine
         "torch": torch_version,
         "torch_threads": threads,
         "commit": git_commit(),
