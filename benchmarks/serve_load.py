@@ -85,6 +85,8 @@ def summarize(jobs: list[dict[str, Any]], samples: int) -> dict[str, Any]:
         "latency_s": percentiles([j["latency_s"] for j in done], (50, 95, 99)),
         "queue_delay_s": percentiles([j["queue_delay_s"] for j in done], (50, 95)),
         "run_s_median": statistics.median(j["run_s"] for j in done) if done else None,
+        # the share of the window the worker spent running jobs: near 1 means saturated
+        "worker_utilization": sum(j["run_s"] for j in done) / window if window else None,
         "submit_lateness_s_max": max(j["submitted_s"] - j["scheduled_s"] for j in jobs),
         "images_per_job": samples,
     }
@@ -376,7 +378,8 @@ def measure(bench: Bench, paths: list[Path]) -> dict[str, Any] | None:
             f"{run['succeeded']}/{run['submitted']} succeeded, {run['rejected']} rejected; "
             f"{_num(run['throughput_jobs_per_s'])} jobs/s, {_num(run['throughput_images_per_s'])} images/s; "
             f"latency p50 {_ms(lat['p50'])} p95 {_ms(lat['p95'])} p99 {_ms(lat['p99'])}; "
-            f"queueing p50 {_ms(qd['p50'])} p95 {_ms(qd['p95'])}"
+            f"queueing p50 {_ms(qd['p50'])} p95 {_ms(qd['p95'])}; "
+            f"worker {_ms(run['run_s_median'])} per job, busy {100 * (run['worker_utilization'] or 0):.0f}%"
         )
     return {
         "correctness": correctness,

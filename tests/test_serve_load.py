@@ -91,6 +91,8 @@ def test_serve_load_record(tmp_path):
         q = _quantiles([j["queue_delay_s"] for j in jobs])
         assert [run["queue_delay_s"][p] for p in ("p50", "p95")] == pytest.approx([q[49], q[94]])
         assert run["run_s_median"] == pytest.approx(statistics.median(j["run_s"] for j in jobs))
+        assert run["worker_utilization"] == pytest.approx(sum(j["run_s"] for j in jobs) / window)
+        assert 0 < run["worker_utilization"] <= 1  # one worker: busy at most the whole window
         lateness = max(j["submitted_s"] - j["scheduled_s"] for j in jobs)
         assert run["submit_lateness_s_max"] == pytest.approx(lateness)
 
