@@ -98,3 +98,14 @@ def run_without_torch(script: str, *args: str):
 
     code = TORCH_BLOCKER + textwrap.dedent(script)
     return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test, restored after (on a shared 2-core machine, two threads per
+    process mostly wait on each other)."""
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
