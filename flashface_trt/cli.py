@@ -217,6 +217,12 @@ def _add_serve_args(sub) -> None:  # type: ignore[no-untyped-def]
     )
     srv.add_argument("--max-jobs", type=int, default=1000, help="finished job records kept (default 1000)")
     srv.add_argument(
+        "--max-batch-rows",
+        type=int,
+        default=12,
+        help="UNet rows shared by running jobs per step (default 12)",
+    )
+    srv.add_argument(
         "--warmup-steps", type=int, default=2, help="steps of the warm-up generation before ready (0: none)"
     )
     srv.add_argument("--height", type=int, help="height of requests that give none (default: the model's)")

@@ -291,6 +291,7 @@ def _serve_setup(args: argparse.Namespace):
         shutdown=args.shutdown,
         drain_s=args.drain_s,
         max_jobs=args.max_jobs,
+        max_batch_rows=args.max_batch_rows,
         warmup_steps=args.warmup_steps,
     ).validated()
     if not keys and args.host not in ("127.0.0.1", "localhost", "::1"):

@@ -26,8 +26,15 @@ from flashface_trt.runtime.images import synthetic_face
 SIZE = (64, 64)  # the tiny preset's smallest output: seconds-long jobs on the CPU
 KEYS = ("alpha-key", "beta-key")
 RAY_APP = "flashface-test"
-# the API tests' deployment: two keys, small limits (the tests reach each of them)
-API_SETTINGS = {"api_keys": KEYS, "max_queue": 3, "max_upload_mb": 1.0, "max_pixels": 200 * 200}
+# the API tests' deployment: two keys, small limits (the tests reach each of them), one job at a
+# time (a 3-row batch), so that queue positions and priorities are deterministic
+API_SETTINGS = {
+    "api_keys": KEYS,
+    "max_queue": 3,
+    "max_upload_mb": 1.0,
+    "max_pixels": 200 * 200,
+    "max_batch_rows": 3,
+}
 
 
 @dataclass

@@ -25,6 +25,8 @@ class ServeSettings:
         identities and jobs belong to the key that made them (others get 404).
     shutdown: on SIGTERM, 'finish' the queued and running jobs (up to `drain_s`) or 'cancel' them.
     max_jobs: finished job records kept (oldest dropped first, with their images).
+    max_batch_rows: UNet rows of the running batch (3 per sample of a 3-way step): jobs of one
+        size share each denoising step up to this many rows (step-level batching).
     warmup_steps: steps of one generation run before /readyz says ready (graph capture included;
         0: none).
     """
@@ -40,11 +42,14 @@ class ServeSettings:
     shutdown: str = "finish"
     drain_s: float = 60.0
     max_jobs: int = 1000
+    max_batch_rows: int = 12
     warmup_steps: int = 2
 
     def validated(self) -> ServeSettings:
         if not 0 <= self.port <= 65535:
             raise InputError(f"port={self.port} must be in [0, 65535]", "port")
+        if self.max_batch_rows < 3:
+            raise InputError(f"max_batch_rows={self.max_batch_rows} must be at least 3", "max_batch_rows")
         for name in ("max_queue", "max_jobs"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name}={getattr(self, name)} must be at least 1", name)

@@ -15,6 +15,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -130,7 +131,7 @@ class JobBook:
         self.jobs: dict[str, Job] = {}
         self.heap: list[tuple[int, int, str]] = []
         self.queued = 0
-        self.running: Job | None = None
+        self.running: dict[str, Job] = {}  # jobs in the running batch
         self.seq = 0
         self.finished_order: list[str] = []
         self.mean_job_s = 5.0  # running mean of job durations (Retry-After estimates)
@@ -205,19 +206,27 @@ class JobBook:
             self.lock.notify_all()
         return job
 
-    def take(self, timeout: float) -> Job | None:
-        """The next queued job (now running), or None after `timeout` seconds without one."""
+    def take(self, timeout: float, fits: Callable[[Job], bool] | None = None) -> Job | None:
+        """The next queued job (now running), or None after `timeout` seconds without one.
+
+        `fits`: whether the head of the queue fits the running batch; a head that does not fit
+        stays first (big jobs are not overtaken forever) and None is returned.
+        """
         with self.lock:
             end = time.monotonic() + timeout
             while True:
                 while self.heap:
-                    _, _, job_id = heapq.heappop(self.heap)
+                    _, _, job_id = self.heap[0]
                     job = self.jobs.get(job_id)
                     if job is None or job.state != State.QUEUED:
+                        heapq.heappop(self.heap)
                         continue  # cancelled while queued
+                    if fits is not None and not fits(job):
+                        return None
+                    heapq.heappop(self.heap)
                     self.queued -= 1
                     job.state, job.started = State.RUNNING, time.time()
-                    self.running = job
+                    self.running[job.id] = job
                     self._write(job)
                     self._write_positions()
                     return job
@@ -246,8 +255,7 @@ class JobBook:
 
     def finish(self, job: Job, state: State, error: str | None = None, kind: str | None = None) -> None:
         with self.lock:
-            if job is self.running:
-                self.running = None
+            if self.running.pop(job.id, None) is not None:
                 if state == State.SUCCEEDED and job.started is not None:
                     self.mean_job_s = 0.8 * self.mean_job_s + 0.2 * (time.time() - job.started)
             self._finish_locked(job, state, error, kind)

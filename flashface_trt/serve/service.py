@@ -104,7 +104,9 @@ class Service:
         self.store = IdentityStore(root / "identities")
         self.metrics = Metrics(self._kv_stats, lambda: len(self.store))
         self.metrics.queue_depth.set_function(lambda: float(self.book.queued))
-        self.worker = Worker(load, self.book, self.store, self.metrics, settings.warmup_steps, size)
+        self.worker = Worker(
+            load, self.book, self.store, self.metrics, settings.warmup_steps, size, settings.max_batch_rows
+        )
         self.draining = False
 
     def start(self) -> Service:
@@ -128,7 +130,7 @@ class Service:
             "backend": None if backend is None else self.worker.encoder,
             "load_error": None if self.worker.load_error is None else str(self.worker.load_error),
             "queued": self.book.queued,
-            "running": None if self.book.running is None else self.book.running.id,
+            "running": sorted(self.book.running),
             "identities": len(self.store),
         }
 
@@ -282,8 +284,7 @@ class Service:
         for job in self.book.pending():
             self.book.cancel(job, reason)  # queued: cancelled now
             self.metrics.job_failed(job, "cancelled")
-        running = self.book.running
-        if running is not None:
+        for running in list(self.book.running.values()):
             self.book.cancel(running, reason)  # stops at its next step boundary
         self.worker.stopping.set()
         self.worker.join(timeout=max(end - time.monotonic(), 0.0) + 30.0)

@@ -13,18 +13,18 @@ import queue
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 from ..runtime.errors import FlashFaceError, InputError
+from ..runtime.executor import StepExecutor, Stopped, Task
 from ..runtime.identities import Identity
 from ..runtime.images import synthetic_face
 from ..runtime.pipeline import Backend, generate, prepare_references
 from ..runtime.references import load_references
 from ..runtime.request import GenerationRequest
-from ..runtime.sampler import StepPlan
 from .jobs import Job, JobBook, State
 from .metrics import Metrics
 from .store import IdentityStore, StoredIdentity, identity_id
@@ -65,11 +65,15 @@ class Worker(threading.Thread):
         metrics: Metrics,
         warmup_steps: int,
         size: tuple[int, int] | None = None,
+        max_batch_rows: int = 12,
     ) -> None:
         super().__init__(name="flashface-worker", daemon=True)
         self.load, self.book, self.store, self.metrics = load, book, store, metrics
         self.warmup_steps = warmup_steps
         self.size = size
+        self.max_batch_rows = max_batch_rows
+        self.executor: StepExecutor
+        self.tasks_by_job: dict[str, tuple[Job, Task]] = {}
         self.tasks: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
         self.backend: Backend | None = None
         self.detector_factory: Callable[[], Any] | None = None
@@ -87,6 +91,7 @@ class Worker(threading.Thread):
             self.encoder = f"{self.backend.name}/{self.backend.precision}"
             if self.warmup_steps:
                 self._warm_up()
+            self.executor = StepExecutor(self.backend, self.max_batch_rows)
         except BaseException as exc:  # reported by /readyz and every request from now on
             log.exception("the backend failed to load")
             self.load_error = exc
@@ -95,10 +100,24 @@ class Worker(threading.Thread):
         log.info("worker ready on %s", self.encoder)
         while not self.stopping.is_set():
             self._run_tasks()
-            job = self.book.take(timeout=0.05)
-            if job is not None:
-                self.run_job(job)
+            self._admit()
+            if self.executor.busy:
+                self.executor.run_once()
+                self._collect()
         self._run_tasks()
+
+    def _admit(self) -> None:
+        """Move queued jobs into the running batch while they fit (waiting briefly when idle)."""
+        ex = self.executor
+        while True:
+            fits = lambda job: 3 * job.request.num_samples <= ex.room() or not ex.busy  # noqa: E731
+            job = self.book.take(0.0 if ex.busy else 0.05, fits)
+            if job is None:
+                return
+            try:
+                self.tasks_by_job[job.id] = (job, ex.submit(self._task(job)))
+            except Exception as exc:
+                self._failed(job, exc)
 
     def _run_tasks(self) -> None:
         while True:
@@ -193,54 +212,76 @@ class Worker(threading.Thread):
 
     # ---------------------------------------------------------------- jobs
 
-    def run_job(self, job: Job) -> None:
-        """Run one job to a terminal state; nothing it raises leaves this function."""
-        assert self.backend is not None
-        jlog = logging.LoggerAdapter(log, {"job_id": job.id})
-        timings: dict[str, float] = {}
-        self.metrics.running.set(1)
-        try:
+    def _task(self, job: Job) -> Task:
+        """The executor's view of a job: its identity loaded, stop checks and progress wired."""
+        if time.time() > job.deadline:
+            raise JobStopped("timeout", f"deadline of {job.timeout_s:g} s passed while queued")
+        item = self.store.get(job.identity, job.owner)
+        if item is None:
+            raise InputError(f"identity {job.identity!r} was deleted before the job ran", "identity")
+        t0 = time.perf_counter()
+        identity = self.identity(item)
+        self.metrics.running.set(len(self.book.running))
+
+        def check() -> str | None:
+            if job.cancel_reason is not None:
+                return f"cancelled: {job.cancel_reason}"
             if time.time() > job.deadline:
-                raise JobStopped("timeout", f"deadline of {job.timeout_s:g} s passed while queued")
-            item = self.store.get(job.identity, job.owner)
-            if item is None:
-                raise InputError(f"identity {job.identity!r} was deleted before the job ran", "identity")
-            t0 = time.perf_counter()
-            identity = self.identity(item)
-            timings["identity"] = time.perf_counter() - t0
-            images = generate(self.backend, job.request, identity, wrap=self._stepper(job), timings=timings)
-            for k, img in enumerate(images):
-                img.save(self.book.image_path(job.id, k), format="PNG")
-            job.images, job.timings = len(images), {k: round(v, 4) for k, v in timings.items()}
+                return f"timeout: deadline of {job.timeout_s:g} s passed"
+            return None
+
+        def on_step(k: int, n: int) -> None:
+            job.step = k
+            job.events.append({"step": k, "steps": n})
+            self.book.progress(job)
+
+        task = Task(job.request, identity, job.priority, check, on_step, name=job.id)
+        task.timings["identity"] = time.perf_counter() - t0
+        return task
+
+    def _collect(self) -> None:
+        """Jobs whose task ended: images saved and the job finished (succeeded, failed, cancelled)."""
+        for job_id, (job, task) in list(self.tasks_by_job.items()):
+            if not task.done.is_set():
+                continue
+            del self.tasks_by_job[job_id]
+            if task.error is not None:
+                self._failed(job, task.error)
+                continue
+            try:
+                for k, img in enumerate(task.images or []):
+                    img.save(self.book.image_path(job.id, k), format="PNG")
+            except Exception as exc:
+                self._failed(job, exc)
+                continue
+            job.images, job.timings = (
+                len(task.images or []),
+                {k: round(v, 4) for k, v in task.timings.items()},
+            )
             self.book.finish(job, State.SUCCEEDED)
-            self.metrics.job_done(job, timings)
-            jlog.info("job=%s succeeded in %.2f s", job.id, time.time() - (job.started or job.created))
-        except JobStopped as exc:
-            state = State.CANCELLED if exc.kind == "cancelled" else State.FAILED
-            self.book.finish(job, state, str(exc), exc.kind)
-            self.metrics.job_failed(job, exc.kind)
-            jlog.info("job=%s %s: %s", job.id, state.value, exc)
-        except Exception as exc:
-            kind = error_kind(exc)
-            self.book.finish(job, State.FAILED, f"{type(exc).__name__}: {exc}", kind)
-            self.metrics.job_failed(job, kind)
-            jlog.warning("job=%s failed (%s): %s", job.id, kind, exc, exc_info=kind == "internal")
-        finally:
-            self.metrics.running.set(0)
+            self.metrics.job_done(job, task.timings)
+            log.info(
+                "job=%s succeeded in %.2f s",
+                job.id,
+                time.time() - (job.started or job.created),
+                extra={"job_id": job.id},
+            )
+        self.metrics.running.set(len(self.book.running))
 
-    def _stepper(self, job: Job) -> Callable[[Iterable[StepPlan]], Iterable[StepPlan]]:
-        """The loop's `wrap`: stop between steps when cancelled or late, record progress after each."""
-
-        def wrap(steps: Iterable[StepPlan]) -> Iterable[StepPlan]:
-            steps = list(steps)
-            for i, step in enumerate(steps):
-                if job.cancel_reason is not None:
-                    raise JobStopped("cancelled", f"{job.cancel_reason} after {i} of {len(steps)} steps")
-                if time.time() > job.deadline:
-                    raise JobStopped("timeout", f"deadline of {job.timeout_s:g} s passed at step {i}")
-                yield step
-                job.step = i + 1
-                job.events.append({"step": i + 1, "steps": len(steps)})
-                self.book.progress(job)
-
-        return wrap
+    def _failed(self, job: Job, exc: BaseException) -> None:
+        """End a job that stopped or failed with its reason; the worker goes on."""
+        kind = exc.kind if isinstance(exc, (JobStopped, Stopped)) else error_kind(exc)
+        state = State.CANCELLED if kind == "cancelled" else State.FAILED
+        message = str(exc) if isinstance(exc, (JobStopped, Stopped)) else f"{type(exc).__name__}: {exc}"
+        self.book.finish(job, state, message, kind)
+        self.metrics.job_failed(job, kind)
+        log.log(
+            logging.INFO if state == State.CANCELLED else logging.WARNING,
+            "job=%s %s (%s): %s",
+            job.id,
+            state.value,
+            kind,
+            message,
+            extra={"job_id": job.id},
+            exc_info=kind == "internal",
+        )
