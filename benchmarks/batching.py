@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,2,4,8", help="comma-separated numbers of concurrent requests")
     p.add_argument("--max-batch-rows", type=int, help="executor row budget (default: 3 x concurrency)")
     p.add_argument(
-        "--bound", type=float, help="z0 rel. error bound batched vs alone (default 1e-5 fp32, 5e-2 fp16)"
+        "--bound", type=float, help="z0 rel. error bound batched vs alone (default 1e-4 fp32, 5e-2 fp16)"
     )
     p.add_argument(
         "--json", type=Path, help="record (default benchmarks/results/<device>-batching-<commit>.json)"
