@@ -72,6 +72,14 @@ def test_engines_build_strongly_typed_without_fp16_flag_on_tensorrt_10_and_11(
     assert hidden.shape[:2] == (1, 77) and np.isfinite(hidden).all()
 
 
+def test_engines_of_another_tensorrt_are_refused_by_the_engine_cache(fakes, engines, monkeypatch):
+    from flashface_trt.runtime.engines import StaleEngineError
+
+    install(monkeypatch, "11.0.0.12")  # the engines were built by the fake TensorRT 10.13
+    with pytest.raises(StaleEngineError, match="built with TensorRT 10.13.0.35, running 11.0.0.12"):
+        backend(engines)
+
+
 def test_trt_extra_declares_the_supported_versions():
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert "tensorrt>=10.1,<12" in extras["trt"] and "cuda-python>=12.6.1" in extras["trt"]

@@ -17,115 +17,30 @@ from __future__ import annotations
 
 import bisect
 import ctypes
-import enum
-import itertools
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-ALIGN = 256  # cudaMalloc returns at least 256-byte aligned addresses
-GARBAGE = 0xFF  # fresh allocations hold NaN-like bytes: cudaMalloc does not clear memory
+from .cuda_types import (
+    ALIGN,
+    GARBAGE,
+    Capture,
+    Fault,
+    Op,
+    StreamState,
+    cudaDeviceProp,
+    cudaError_t,
+    cudaEvent_t,
+    cudaGraph_t,
+    cudaGraphExec_t,
+    cudaMemcpyKind,
+    cudaStream_t,
+    cudaStreamCaptureMode,
+    cudaStreamCaptureStatus,
+)
 
-
-class cudaError_t(enum.IntEnum):
-    cudaSuccess = 0
-    cudaErrorInvalidValue = 1
-    cudaErrorMemoryAllocation = 2
-    cudaErrorInvalidResourceHandle = 400
-    cudaErrorIllegalState = 401
-    cudaErrorNotReady = 600
-    cudaErrorIllegalAddress = 700
-    cudaErrorStreamCaptureUnsupported = 900
-    cudaErrorStreamCaptureInvalidated = 901
-    cudaErrorStreamCaptureImplicit = 906
-
-
-class cudaMemcpyKind(enum.IntEnum):
-    cudaMemcpyHostToHost = 0
-    cudaMemcpyHostToDevice = 1
-    cudaMemcpyDeviceToHost = 2
-    cudaMemcpyDeviceToDevice = 3
-
-
-class cudaStreamCaptureMode(enum.IntEnum):
-    cudaStreamCaptureModeGlobal = 0
-    cudaStreamCaptureModeThreadLocal = 1
-    cudaStreamCaptureModeRelaxed = 2
-
-
-class cudaStreamCaptureStatus(enum.IntEnum):
-    cudaStreamCaptureStatusNone = 0
-    cudaStreamCaptureStatusActive = 1
-    cudaStreamCaptureStatusInvalidated = 2
-
-
-class Fault(Exception):
-    """Work touched memory it may not (raised while executing, turned into an error code)."""
-
-    def __init__(self, code: cudaError_t, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class _Handle:
-    """An opaque CUDA handle; `int()` gives its value, as cuda-python's handle types do."""
-
-    _ids = itertools.count(0x1000, 0x10)
-
-    def __init__(self) -> None:
-        self.value = next(self._ids)
-
-    def __int__(self) -> int:
-        return self.value
-
-
-class cudaStream_t(_Handle):
-    pass
-
-
-class cudaEvent_t(_Handle):
-    pass
-
-
-class cudaGraph_t(_Handle):
-    pass
-
-
-class cudaGraphExec_t(_Handle):
-    pass
-
-
-@dataclass
-class Op:
-    """One piece of recorded work; `run(replay)` executes it (replay: launched from a graph)."""
-
-    name: str
-    run: Callable[[bool], None]
-
-
-@dataclass
-class _Capture:
-    mode: cudaStreamCaptureMode
-    ops: list[Op] = field(default_factory=list)
-    invalidated: str = ""  # why, once an illegal call happened
-
-
-@dataclass
-class _Stream:
-    handle: cudaStream_t
-    queue: list[Op] = field(default_factory=list)
-    capture: _Capture | None = None
-
-
-@dataclass
-class cudaDeviceProp:
-    name: bytes = b"Fake GPU (host memory, ONNX Runtime CPU)"
-    major: int = 9
-    minor: int = 0
-    totalGlobalMem: int = 8 << 30
+__all__ = ["ALIGN", "FakeCudaRuntime", "Fault", "Op", "cudaError_t"]
 
 
 class FakeCudaRuntime:
@@ -143,7 +58,7 @@ class FakeCudaRuntime:
         self.bases: list[int] = []  # sorted live bases
         self.freed: list[tuple[int, int]] = []  # (base, size) of freed allocations
         self._graveyard: list[np.ndarray] = []  # freed bytes stay reserved: no host array reuses them
-        self.streams: dict[int, _Stream] = {}
+        self.streams: dict[int, StreamState] = {}
         self.graphs: dict[int, list[Op]] = {}
         self.execs: dict[int, list[Op]] = {}
         self.events: dict[int, float | None] = {}
@@ -197,7 +112,7 @@ class FakeCudaRuntime:
         self.faults.append(f"{code.name}: {message}")
         return code
 
-    def _capturing(self) -> list[_Stream]:
+    def _capturing(self) -> list[StreamState]:
         return [s for s in self.streams.values() if s.capture is not None]
 
     def _unsafe(self, call: str) -> cudaError_t | None:
@@ -209,7 +124,7 @@ class FakeCudaRuntime:
                 return self._fail(cudaError_t.cudaErrorStreamCaptureUnsupported, f"{call} during capture")
         return None
 
-    def _stream(self, stream: Any) -> _Stream | None:
+    def _stream(self, stream: Any) -> StreamState | None:
         return self.streams.get(int(stream)) if stream is not None else None
 
     def _execute(self, ops: list[Op], replay: bool) -> cudaError_t:
@@ -221,7 +136,7 @@ class FakeCudaRuntime:
                 return self._fail(exc.code, f"{op.name}: {exc}")
         return cudaError_t.cudaSuccess
 
-    def _flush(self, s: _Stream) -> cudaError_t:
+    def _flush(self, s: StreamState) -> cudaError_t:
         ops, s.queue = s.queue, []
         return self._execute(ops, replay=False)
 
@@ -244,7 +159,7 @@ class FakeCudaRuntime:
         (s.capture.ops if s.capture is not None else s.queue).append(op)
         return cudaError_t.cudaSuccess
 
-    def capture_of(self, stream: Any) -> _Capture | None:
+    def capture_of(self, stream: Any) -> Capture | None:
         s = self._stream(stream)
         return s.capture if s is not None else None
 
@@ -354,7 +269,7 @@ class FakeCudaRuntime:
 
     def cudaStreamCreate(self):
         handle = cudaStream_t()
-        self.streams[int(handle)] = _Stream(handle)
+        self.streams[int(handle)] = StreamState(handle)
         return (cudaError_t.cudaSuccess, handle)
 
     def cudaStreamDestroy(self, stream: Any):
@@ -387,7 +302,7 @@ class FakeCudaRuntime:
         err = self._flush(s)  # (a fake simplification: earlier work is done before capture starts)
         if err:
             return (err,)
-        s.capture = _Capture(cudaStreamCaptureMode(mode))
+        s.capture = Capture(cudaStreamCaptureMode(mode))
         return (cudaError_t.cudaSuccess,)
 
     def cudaStreamIsCapturing(self, stream: Any):
