@@ -112,6 +112,21 @@ def test_engine_io_must_match_the_manifest(monkeypatch, tiny_export, tmp_path, n
         backend(tmp_path)
 
 
+def test_engines_from_an_export_with_another_step_row_are_refused(monkeypatch, tiny_export, tmp_path):
+    """An export whose update graphs take another coefficient row (another version's) is refused
+    on load: the runtime's per-step table copies would otherwise run past their rows."""
+    fakes = install(monkeypatch)
+    fakes.overrides["step_3way"] = {"shapes": {"coef": [11]}}  # the engine takes 11 values...
+    build(tiny_export, tmp_path)
+    manifest = json.loads((tmp_path / "engines.json").read_text())
+    manifest["engines"]["step_3way"]["spec"]["inputs"][2]["shape"] = [11]  # ...and so does its spec
+    (tmp_path / "engines.json").write_text(json.dumps(manifest))
+    with pytest.raises(
+        WeightsError, match=r"step_3way takes \[11\] step coefficients, this runtime writes 10"
+    ):
+        backend(tmp_path)
+
+
 def test_output_buffers_must_have_the_engine_output_shape(fakes, engines):
     from flashface_trt.runtime.trt_engine import EAGER, DeviceTensor
 

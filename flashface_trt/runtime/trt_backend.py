@@ -25,6 +25,7 @@ from .cuda import DeviceBuffer, Stream, copy_device, copy_to_device, copy_to_hos
 from .engines import GpuIdentity, check_engine
 from .errors import FlashFaceError, InputError, WeightsError
 from .graphs import StepGraphs
+from .guidance import STEP_COEFFICIENTS
 from .identities import DEFAULT_KV_CACHE_BYTES, Identity, ReferenceKVCache, kv_key
 from .layout import BatchLayout, context_table_rows
 from .sampler import GuidanceParams, StepPlan
@@ -156,6 +157,18 @@ class TrtDenoiser:
         return self.out
 
 
+def check_step_rows(specs: dict[str, NetworkSpec]) -> None:
+    """The update engines must take the coefficient row this runtime writes (`STEP_COEFFICIENTS`)."""
+    for k in (2, 3):
+        coef = next(t for t in specs[f"step_{k}way"].inputs if t.name == "coef")
+        if tuple(coef.shape) != (len(STEP_COEFFICIENTS),):
+            raise WeightsError(
+                f"step_{k}way takes {list(coef.shape)} step coefficients, this runtime writes "
+                f"{len(STEP_COEFFICIENTS)} ({', '.join(STEP_COEFFICIENTS)}): the engines come from another "
+                "version's export; export and build again with this one"
+            )
+
+
 class TrtBackend:
     """FlashFace on TensorRT engines from `flashface-trt build` (fp16, one stream, CUDA graphs)."""
 
@@ -182,6 +195,7 @@ class TrtBackend:
         self.trt_logger = tensorrt.Logger(tensorrt.Logger.WARNING)
         runtime = tensorrt.Runtime(self.trt_logger)
         self.specs = {n: NetworkSpec.from_dict(e["spec"]) for n, e in self.manifest["engines"].items()}
+        check_step_rows(self.specs)
         self.engines = {}
         for name, entry in self.manifest["engines"].items():
             check_engine(self.root / entry["file"], str(tensorrt.__version__), gpu)  # stale engines refused
