@@ -1,7 +1,8 @@
 """Build TensorRT engines from an export directory with polygraphy (the thin TensorRT-specific part).
 
-Never run here: TensorRT cannot be installed on these machines. The code is type-checked against
-`tensorrt-stubs` (TensorRT 10.13) and everything it consumes (profiles, keys, manifests) is tested.
+TensorRT cannot be installed on these machines: the tests run this module with polygraphy's two
+build calls replaced by a fake (tests/fakes) whose engines run the ONNX graph on ONNX Runtime, and
+mypy checks it against `tensorrt-stubs` 10.13. Supported: TensorRT 10.1 to 11.x.
 """
 
 from __future__ import annotations
@@ -41,10 +42,13 @@ def current_gpu() -> GpuIdentity:
     return GpuIdentity(info.name, info.compute_capability)
 
 
-def build_engine(
-    onnx_path: Path, spec: NetworkSpec, settings: BuildSettings, strongly_typed: bool, out: Path
-) -> None:
-    """One engine: parse the ONNX graph, one optimisation profile from the spec, build, serialise."""
+def build_engine(onnx_path: Path, spec: NetworkSpec, settings: BuildSettings, out: Path) -> None:
+    """One engine: parse the ONNX graph strongly typed, one optimisation profile from the spec, build.
+
+    The graph's own dtypes decide the engine's precision (an fp16 export gives an fp16 engine), the
+    same on TensorRT 10 and 11: 11 has no weak typing (no `BuilderFlag.FP16`), so no precision flag
+    is ever set.
+    """
     import tensorrt as trt
     from polygraphy.backend.trt import (
         CreateConfig,
@@ -53,13 +57,12 @@ def build_engine(
         network_from_onnx_path,
     )
 
-    network = network_from_onnx_path(str(onnx_path), strongly_typed=strongly_typed)
+    network = network_from_onnx_path(str(onnx_path), strongly_typed=True)
     profile = Profile()
     for name, (lo, opt, hi) in engine_profile(spec, settings.shapes).items():
         profile.add(name, lo, opt, hi)
     cache = settings.timing_cache
     config = CreateConfig(
-        fp16=settings.fp16 and not strongly_typed,
         profiles=[profile],
         memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(settings.workspace_gib * (1 << 30))},
         builder_optimization_level=settings.opt_level,
@@ -85,7 +88,6 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path, settings: BuildSett
     export = read_export(src)
     settings = settings or BuildSettings(export_shapes(export))
     trt_version, gpu = tensorrt_version(), current_gpu()
-    strongly_typed = export["precision"] == "fp16"
     out.mkdir(parents=True, exist_ok=True)
     engines = {}
     for name, entry in export["networks"].items():
@@ -102,7 +104,7 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path, settings: BuildSett
         except StaleEngineError:
             log.info("building %s (%s, TensorRT %s, %s) ...", path.name, name, trt_version, gpu.name)
             t0 = time.perf_counter()
-            build_engine(graph, spec, settings, strongly_typed, path)
+            build_engine(graph, spec, settings, path)
             seconds = time.perf_counter() - t0
             write_manifest(path, key, seconds)
             log.info("built %s in %.0f s", path.name, seconds)

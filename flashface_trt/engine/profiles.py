@@ -23,13 +23,12 @@ class BuildSettings:
     """How to build engines.
 
     shapes: ranges the engines accept (batch up to 3 x max samples, sizes, references);
-    fp16: allow float16 kernels (weakly typed networks; a float16 ONNX export is built strongly
-    typed instead); opt_level: builder optimisation level 0-5; workspace_gib: builder workspace
-    limit; timing_cache: file that keeps kernel timings between builds (None: none).
+    opt_level: builder optimisation level 0-5; workspace_gib: builder workspace limit;
+    timing_cache: file that keeps kernel timings between builds (None: none). There is no
+    precision setting: engines are built strongly typed, so an fp16 export gives fp16 engines.
     """
 
     shapes: ExportShapes = field(default_factory=ExportShapes)
-    fp16: bool = True
     opt_level: int = 3
     workspace_gib: float = 8.0
     timing_cache: Path | None = None
@@ -44,7 +43,7 @@ class BuildSettings:
         """What changes an engine (the timing cache only changes build time, not the engine)."""
         s = self.shapes
         return {
-            "fp16": self.fp16,
+            "strongly_typed": True,
             "opt_level": self.opt_level,
             "workspace_gib": self.workspace_gib,
             "shapes": [

@@ -15,142 +15,25 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .axes import LoopDims, io_shapes
 from .buffers import check_kv_wiring, step_tables
-from .cuda import CudaGraph, DeviceBuffer, Stream, copy_device, copy_to_device, copy_to_host, device_info
+from .cuda import DeviceBuffer, Stream, copy_device, copy_to_device, copy_to_host, device_info
 from .engines import GpuIdentity, check_engine
 from .errors import FlashFaceError, InputError, WeightsError
-from .graphs import Body, StepGraphs
+from .graphs import StepGraphs
+from .guidance import STEP_COEFFICIENTS
 from .identities import DEFAULT_KV_CACHE_BYTES, Identity, ReferenceKVCache, kv_key
 from .layout import BatchLayout, context_table_rows
 from .sampler import GuidanceParams, StepPlan
 from .spec import NetworkSpec
 from .tokenizer import ClipTokenizer
-
-if TYPE_CHECKING:
-    import tensorrt as trt
+from .trt_engine import EAGER, DeviceTensor, Engine, TrtCapture
 
 log = logging.getLogger(__name__)
-
-ALIGN = 256  # TensorRT: every tensor address must be at least 256-byte aligned (setTensorAddress)
-EAGER = "eager"  # context key of engine calls that are never captured (one context per engine)
-TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "INT32": "int32", "UINT8": "uint8", "INT64": "int64"}
-
-
-@dataclass
-class DeviceTensor:
-    """A device buffer with a shape and dtype (what engines read and write)."""
-
-    buffer: DeviceBuffer
-    shape: tuple[int, ...]
-    dtype: str
-
-    @property
-    def ptr(self) -> int:
-        return self.buffer.ptr
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
-
-    @classmethod
-    def empty(cls, shape: tuple[int, ...], dtype: str) -> DeviceTensor:
-        size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        return cls(DeviceBuffer(size), tuple(shape), dtype)
-
-
-class Engine:
-    """One deserialized engine, its I/O checked against the export spec, one context per graph key."""
-
-    def __init__(self, runtime: trt.Runtime, path: Path, spec: NetworkSpec) -> None:
-        self.spec = spec
-        engine = runtime.deserialize_cuda_engine(path.read_bytes())
-        if engine is None:
-            raise WeightsError(f"TensorRT could not deserialize {path.name}; rebuild it")
-        self.engine: trt.ICudaEngine = engine
-        self.contexts: OrderedDict[Any, trt.IExecutionContext] = OrderedDict()
-        self._check_io(path)
-
-    def _check_io(self, path: Path) -> None:
-        """The engine's tensors must be the spec's: names, inputs/outputs, dtypes (manifest vs plan)."""
-        import tensorrt
-
-        names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
-        want = {t.name: t for t in (*self.spec.inputs, *self.spec.outputs)}
-        if names != set(want):
-            raise WeightsError(
-                f"{path.name}: engine tensors {sorted(names)} differ from the export's {sorted(want)}"
-            )
-        for name, t in want.items():
-            is_input = self.engine.get_tensor_mode(name) == tensorrt.TensorIOMode.INPUT
-            if is_input != (t in self.spec.inputs):
-                raise WeightsError(
-                    f"{path.name}: {name!r} is an {'input' if is_input else 'output'} of the engine"
-                )
-            dtype = TRT_DTYPES.get(self.engine.get_tensor_dtype(name).name)
-            if dtype != t.dtype:
-                raise WeightsError(f"{path.name}: {name!r} is {dtype} in the engine, {t.dtype} in the export")
-
-    @property
-    def memory_size(self) -> int:
-        return int(self.engine.device_memory_size_v2)
-
-    def context(self, key: Any, memory: DeviceBuffer) -> trt.IExecutionContext:
-        """The execution context of one graph key (TensorRT: one context per captured graph)."""
-        import tensorrt
-
-        ctx = self.contexts.get(key)
-        if ctx is None:
-            strategy = tensorrt.ExecutionContextAllocationStrategy.USER_MANAGED
-            ctx = self.engine.create_execution_context(strategy)
-            if ctx is None:
-                raise FlashFaceError(f"{self.spec.name}: TensorRT could not create an execution context")
-            ctx.set_device_memory(memory.ptr, memory.nbytes)
-            self.contexts[key] = ctx
-        return ctx
-
-    def enqueue(
-        self,
-        ctx: trt.IExecutionContext,
-        shapes: dict[str, tuple[int, ...]],
-        ptrs: dict[str, int],
-        stream: Stream,
-    ) -> None:
-        """Set every input shape and I/O address (each result checked), then enqueue on `stream`."""
-        for t in self.spec.inputs:
-            if not ctx.set_input_shape(t.name, shapes[t.name]):
-                raise InputError(
-                    f"{self.spec.name}: input {t.name} shape {shapes[t.name]} is outside the engine"
-                )
-        for t in (*self.spec.inputs, *self.spec.outputs):
-            ptr = ptrs.get(t.name)
-            if ptr is None:
-                raise FlashFaceError(f"{self.spec.name}: no address given for {t.name!r}")
-            if ptr % ALIGN:
-                raise FlashFaceError(f"{self.spec.name}: address of {t.name!r} is not {ALIGN}-byte aligned")
-            if not ctx.set_tensor_address(t.name, ptr):
-                raise FlashFaceError(f"{self.spec.name}: TensorRT refused the address of {t.name!r}")
-        if not ctx.execute_async_v3(stream.handle):
-            raise FlashFaceError(f"{self.spec.name}: TensorRT enqueue failed")
-
-
-class TrtCapture:
-    """CUDA-graph capture on the backend's stream for `StepGraphs` (the warm-up runs in place)."""
-
-    def __init__(self, stream: Stream) -> None:
-        self.stream = stream
-
-    def eager(self, body: Body) -> None:
-        body()
-
-    def capture(self, body: Body) -> CudaGraph:
-        graph = CudaGraph(self.stream)
-        graph.capture(body)
-        return graph
 
 
 class StepState:
@@ -251,10 +134,11 @@ class TrtDenoiser:
         if i is None:
             raise InputError(f"step t={step.t} is not in the plan this denoiser was made for")
         n, _, h, w = x.shape
-        dims = LoopDims(n, h, w, self.identity.num_refs, len(self.steps))
+        dims = LoopDims(n, h, w, self.identity.num_refs, 1)  # shapes only: any step count shares them
         st = self.state
-        if st is None or st.owner is not self or st.dims != dims:
-            st = self.state = self._load(dims)
+        if st is None or st.owner is not self or b.states.get(dims) is not st:
+            st = self.state = self._load(dims)  # first step, or another request (or shape) used them
+        b.states.move_to_end(dims)
         if self.out is None:
             self.out = DeviceTensor.empty(st.buf["x"].shape, "float32")
         if isinstance(x, DeviceTensor):
@@ -271,6 +155,18 @@ class TrtDenoiser:
         if not isinstance(x, DeviceTensor):
             b.stream.synchronize()  # the host noise must outlive its copy
         return self.out
+
+
+def check_step_rows(specs: dict[str, NetworkSpec]) -> None:
+    """The update engines must take the coefficient row this runtime writes (`STEP_COEFFICIENTS`)."""
+    for k in (2, 3):
+        coef = next(t for t in specs[f"step_{k}way"].inputs if t.name == "coef")
+        if tuple(coef.shape) != (len(STEP_COEFFICIENTS),):
+            raise WeightsError(
+                f"step_{k}way takes {list(coef.shape)} step coefficients, this runtime writes "
+                f"{len(STEP_COEFFICIENTS)} ({', '.join(STEP_COEFFICIENTS)}): the engines come from another "
+                "version's export; export and build again with this one"
+            )
 
 
 class TrtBackend:
@@ -299,6 +195,7 @@ class TrtBackend:
         self.trt_logger = tensorrt.Logger(tensorrt.Logger.WARNING)
         runtime = tensorrt.Runtime(self.trt_logger)
         self.specs = {n: NetworkSpec.from_dict(e["spec"]) for n, e in self.manifest["engines"].items()}
+        check_step_rows(self.specs)
         self.engines = {}
         for name, entry in self.manifest["engines"].items():
             check_engine(self.root / entry["file"], str(tensorrt.__version__), gpu)  # stale engines refused

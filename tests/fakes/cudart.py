@@ -1,0 +1,391 @@
+"""A fake `cuda.bindings.runtime`: host memory with real addresses, ordered streams, captured graphs.
+
+Calls have cuda-python's signatures and return `(err, value...)` tuples. Work enqueued on a stream
+is recorded and executed in order when the host waits for it (stream/event/device sync, a
+synchronous copy, `cudaFree`); a copy from pageable host memory reads its source at the call, as
+CUDA stages it then. A stream under capture records work into a graph instead; `cudaGraphLaunch`
+replays the recorded work, which reads whatever the captured addresses hold at launch time.
+
+What a GPU refuses is refused: a synchronising call, an allocation or free, or a copy to or from
+pageable host memory while a stream captures (the capture is invalidated, `cudaStreamEndCapture`
+then fails); a copy whose range leaves its allocation, touches freed memory or goes the wrong way
+(`cudaErrorInvalidValue`); work that touches freed or unallocated memory when it executes (a sticky
+`cudaErrorIllegalAddress`, returned by every later call, as a corrupted CUDA context does).
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import time
+from typing import Any
+
+import numpy as np
+
+from .cuda_types import (
+    ALIGN,
+    GARBAGE,
+    Capture,
+    Fault,
+    Op,
+    StreamState,
+    cudaDeviceProp,
+    cudaError_t,
+    cudaEvent_t,
+    cudaGraph_t,
+    cudaGraphExec_t,
+    cudaMemcpyKind,
+    cudaStream_t,
+    cudaStreamCaptureMode,
+    cudaStreamCaptureStatus,
+)
+
+__all__ = ["ALIGN", "FakeCudaRuntime", "Fault", "Op", "cudaError_t"]
+
+
+class FakeCudaRuntime:
+    """The module object installed as `cuda.bindings.runtime` (one per test)."""
+
+    cudaError_t = cudaError_t
+    cudaMemcpyKind = cudaMemcpyKind
+    cudaStreamCaptureMode = cudaStreamCaptureMode
+    cudaStreamCaptureStatus = cudaStreamCaptureStatus
+    cudaStream_t = cudaStream_t
+
+    def __init__(self) -> None:
+        self.__name__ = "cuda.bindings.runtime"
+        self.allocs: dict[int, np.ndarray] = {}  # base address -> its bytes
+        self.bases: list[int] = []  # sorted live bases
+        self.freed: list[tuple[int, int]] = []  # (base, size) of freed allocations
+        self._graveyard: list[np.ndarray] = []  # freed bytes stay reserved: no host array reuses them
+        self.streams: dict[int, StreamState] = {}
+        self.graphs: dict[int, list[Op]] = {}
+        self.execs: dict[int, list[Op]] = {}
+        self.events: dict[int, float | None] = {}
+        self.sticky = cudaError_t.cudaSuccess
+        self.faults: list[str] = []  # what went wrong, in words (tests read them)
+        self.launches = 0  # cudaGraphLaunch calls that succeeded
+        self.device_count = 1
+
+    # -- memory -------------------------------------------------------------------------------
+    def _alloc_of(self, ptr: int) -> tuple[int, np.ndarray] | None:
+        i = bisect.bisect_right(self.bases, ptr) - 1
+        if i < 0:
+            return None
+        base = self.bases[i]
+        buf = self.allocs[base]
+        return (base, buf) if ptr < base + buf.size else None
+
+    def is_device(self, ptr: int) -> bool:
+        return self._alloc_of(ptr) is not None or any(b <= ptr < b + n for b, n in self.freed)
+
+    def device_view(self, ptr: int, nbytes: int) -> np.ndarray:
+        """Bytes [ptr, ptr + nbytes) of one live allocation; Fault if freed, unallocated, out of bounds."""
+        found = self._alloc_of(ptr)
+        if found is None:
+            was_freed = any(b <= ptr < b + n for b, n in self.freed)
+            what = "freed" if was_freed else "unallocated"
+            raise Fault(cudaError_t.cudaErrorIllegalAddress, f"access to {what} device memory at {ptr:#x}")
+        base, buf = found
+        off = ptr - base
+        if off + nbytes > buf.size:
+            raise Fault(
+                cudaError_t.cudaErrorIllegalAddress,
+                f"{nbytes} bytes at {ptr:#x} run {off + nbytes - buf.size} bytes past an allocation of "
+                f"{buf.size} bytes",
+            )
+        return buf[off : off + nbytes]
+
+    @staticmethod
+    def host_view(ptr: int, nbytes: int) -> np.ndarray:
+        return np.ctypeslib.as_array((ctypes.c_uint8 * max(nbytes, 1)).from_address(ptr))[:nbytes]
+
+    def read(self, ptr: int, nbytes: int) -> bytes:
+        return self.device_view(ptr, nbytes).tobytes()
+
+    def write(self, ptr: int, data: bytes | np.ndarray) -> None:
+        raw = np.frombuffer(bytes(data) if not isinstance(data, np.ndarray) else data.tobytes(), np.uint8)
+        self.device_view(ptr, raw.size)[:] = raw
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def _fail(self, code: cudaError_t, message: str) -> cudaError_t:
+        self.faults.append(f"{code.name}: {message}")
+        return code
+
+    def _capturing(self) -> list[StreamState]:
+        return [s for s in self.streams.values() if s.capture is not None]
+
+    def _unsafe(self, call: str) -> cudaError_t | None:
+        """A call CUDA forbids while a (non-relaxed) capture is active: invalidate it, say so."""
+        for s in self._capturing():
+            assert s.capture is not None
+            if s.capture.mode != cudaStreamCaptureMode.cudaStreamCaptureModeRelaxed:
+                s.capture.invalidated = s.capture.invalidated or f"{call} during capture"
+                return self._fail(cudaError_t.cudaErrorStreamCaptureUnsupported, f"{call} during capture")
+        return None
+
+    def _stream(self, stream: Any) -> StreamState | None:
+        return self.streams.get(int(stream)) if stream is not None else None
+
+    def _execute(self, ops: list[Op], replay: bool) -> cudaError_t:
+        for op in ops:
+            try:
+                op.run(replay)
+            except Fault as exc:
+                self.sticky = exc.code
+                return self._fail(exc.code, f"{op.name}: {exc}")
+        return cudaError_t.cudaSuccess
+
+    def _flush(self, s: StreamState) -> cudaError_t:
+        ops, s.queue = s.queue, []
+        return self._execute(ops, replay=False)
+
+    def _flush_all(self) -> cudaError_t:
+        for s in self.streams.values():
+            err = self._flush(s)
+            if err:
+                return err
+        return cudaError_t.cudaSuccess
+
+    def enqueue(self, stream: Any, op: Op) -> cudaError_t:
+        """Queue `op` on `stream` (or record it into the stream's capture)."""
+        s = self._stream(stream)
+        if s is None:
+            return self._fail(cudaError_t.cudaErrorInvalidResourceHandle, f"{op.name}: unknown stream")
+        if s.capture is not None and s.capture.invalidated:
+            return self._fail(
+                cudaError_t.cudaErrorStreamCaptureInvalidated, f"{op.name}: capture invalidated"
+            )
+        (s.capture.ops if s.capture is not None else s.queue).append(op)
+        return cudaError_t.cudaSuccess
+
+    def capture_of(self, stream: Any) -> Capture | None:
+        s = self._stream(stream)
+        return s.capture if s is not None else None
+
+    # -- the API --------------------------------------------------------------------------------
+    def cudaGetDeviceCount(self):
+        return (cudaError_t.cudaSuccess, self.device_count)
+
+    def cudaGetDeviceProperties(self, device: int):
+        if not 0 <= device < self.device_count:
+            return (cudaError_t.cudaErrorInvalidValue, None)
+        return (cudaError_t.cudaSuccess, cudaDeviceProp())
+
+    def cudaMalloc(self, size: int):
+        if self.sticky:
+            return (self.sticky, None)
+        err = self._unsafe("cudaMalloc")
+        if err:
+            return (err, None)
+        if size <= 0:
+            return (cudaError_t.cudaErrorInvalidValue, None)
+        raw = np.full(size + ALIGN, GARBAGE, np.uint8)
+        base = (raw.ctypes.data + ALIGN - 1) // ALIGN * ALIGN
+        off = base - raw.ctypes.data
+        buf = raw[off : off + size]
+        self.allocs[base] = buf
+        bisect.insort(self.bases, base)
+        return (cudaError_t.cudaSuccess, base)
+
+    def cudaFree(self, devPtr: int):
+        if self.sticky:
+            return (self.sticky,)
+        if int(devPtr) == 0:
+            return (cudaError_t.cudaSuccess,)
+        err = self._unsafe("cudaFree")
+        if err:
+            return (err,)
+        err = self._flush_all()  # cudaFree synchronises the device first
+        if err:
+            return (err,)
+        buf = self.allocs.pop(int(devPtr), None)
+        if buf is None:
+            return (
+                self._fail(cudaError_t.cudaErrorInvalidValue, f"cudaFree of {int(devPtr):#x}: not a base"),
+            )
+        self.bases.remove(int(devPtr))
+        self.freed.append((int(devPtr), buf.size))
+        self._graveyard.append(buf)
+        return (cudaError_t.cudaSuccess,)
+
+    def _copy_op(self, dst: int, src: int, count: int, kind: cudaMemcpyKind) -> Op | cudaError_t:
+        """Check a copy now (pointer kinds, bounds, liveness); the op performs it later."""
+        h2d, d2h = cudaMemcpyKind.cudaMemcpyHostToDevice, cudaMemcpyKind.cudaMemcpyDeviceToHost
+        dev_src = kind in (d2h, cudaMemcpyKind.cudaMemcpyDeviceToDevice)
+        dev_dst = kind in (h2d, cudaMemcpyKind.cudaMemcpyDeviceToDevice)
+        for ptr, on_device, role in ((src, dev_src, "source"), (dst, dev_dst, "destination")):
+            if on_device:
+                try:
+                    self.device_view(ptr, count)
+                except Fault as exc:
+                    return self._fail(cudaError_t.cudaErrorInvalidValue, f"{kind.name} {role}: {exc}")
+            elif self.is_device(ptr):
+                return self._fail(
+                    cudaError_t.cudaErrorInvalidValue, f"{kind.name}: {role} {ptr:#x} is device memory"
+                )
+        if kind == h2d:  # pageable host memory is staged at the call
+            staged = self.host_view(src, count).copy()
+            return Op(f"{kind.name} {count} B", lambda replay: self.write(dst, staged))
+        if kind == d2h:
+            return Op(f"{kind.name} {count} B", lambda replay: self._to_host(dst, src, count))
+        return Op(f"{kind.name} {count} B", lambda replay: self.write(dst, self.read(src, count)))
+
+    def _to_host(self, dst: int, src: int, count: int) -> None:
+        self.host_view(dst, count)[:] = self.device_view(src, count)
+
+    def cudaMemcpyAsync(self, dst: int, src: int, count: int, kind: cudaMemcpyKind, stream: Any):
+        if self.sticky:
+            return (self.sticky,)
+        kind = cudaMemcpyKind(kind)
+        s = self._stream(stream)
+        if s is None:
+            return (
+                self._fail(cudaError_t.cudaErrorInvalidResourceHandle, "cudaMemcpyAsync: unknown stream"),
+            )
+        if s.capture is not None and kind != cudaMemcpyKind.cudaMemcpyDeviceToDevice:
+            s.capture.invalidated = s.capture.invalidated or f"{kind.name} copy (pageable host memory)"
+            return (self._fail(cudaError_t.cudaErrorStreamCaptureUnsupported, f"{kind.name} during capture"),)
+        op = self._copy_op(int(dst), int(src), int(count), kind)
+        if not isinstance(op, Op):
+            return (op,)
+        if kind == cudaMemcpyKind.cudaMemcpyDeviceToHost:  # to pageable memory: returns when done
+            s.queue.append(op)
+            return (self._flush(s),)
+        return (self.enqueue(stream, op),)
+
+    def cudaMemcpy(self, dst: int, src: int, count: int, kind: cudaMemcpyKind):
+        if self.sticky:
+            return (self.sticky,)
+        for s in self._capturing():  # the legacy stream would wait for a capturing blocking stream
+            assert s.capture is not None
+            s.capture.invalidated = s.capture.invalidated or "synchronous cudaMemcpy"
+            return (self._fail(cudaError_t.cudaErrorStreamCaptureImplicit, "cudaMemcpy during capture"),)
+        op = self._copy_op(int(dst), int(src), int(count), cudaMemcpyKind(kind))
+        if not isinstance(op, Op):
+            return (op,)
+        err = self._flush_all()
+        return (err or self._execute([op], replay=False),)
+
+    def cudaStreamCreate(self):
+        handle = cudaStream_t()
+        self.streams[int(handle)] = StreamState(handle)
+        return (cudaError_t.cudaSuccess, handle)
+
+    def cudaStreamDestroy(self, stream: Any):
+        s = self.streams.pop(int(stream), None)
+        return (cudaError_t.cudaSuccess if s is not None else cudaError_t.cudaErrorInvalidResourceHandle,)
+
+    def cudaStreamSynchronize(self, stream: Any):
+        if self.sticky:
+            return (self.sticky,)
+        s = self._stream(stream)
+        if s is None:
+            return (cudaError_t.cudaErrorInvalidResourceHandle,)
+        if s.capture is not None:
+            s.capture.invalidated = s.capture.invalidated or "cudaStreamSynchronize"
+            return (self._fail(cudaError_t.cudaErrorStreamCaptureUnsupported, "sync of a capturing stream"),)
+        return (self._flush(s),)
+
+    def cudaDeviceSynchronize(self):
+        if self.sticky:
+            return (self.sticky,)
+        err = self._unsafe("cudaDeviceSynchronize")
+        return (err or self._flush_all(),)
+
+    def cudaStreamBeginCapture(self, stream: Any, mode: cudaStreamCaptureMode):
+        if self.sticky:
+            return (self.sticky,)
+        s = self._stream(stream)
+        if s is None or s.capture is not None:
+            return (cudaError_t.cudaErrorInvalidValue if s is None else cudaError_t.cudaErrorIllegalState,)
+        err = self._flush(s)  # (a fake simplification: earlier work is done before capture starts)
+        if err:
+            return (err,)
+        s.capture = Capture(cudaStreamCaptureMode(mode))
+        return (cudaError_t.cudaSuccess,)
+
+    def cudaStreamIsCapturing(self, stream: Any):
+        s = self._stream(stream)
+        if s is None:
+            return (cudaError_t.cudaErrorInvalidResourceHandle, None)
+        if s.capture is None:
+            return (cudaError_t.cudaSuccess, cudaStreamCaptureStatus.cudaStreamCaptureStatusNone)
+        status = "Invalidated" if s.capture.invalidated else "Active"
+        return (cudaError_t.cudaSuccess, cudaStreamCaptureStatus[f"cudaStreamCaptureStatus{status}"])
+
+    def cudaStreamEndCapture(self, stream: Any):
+        s = self._stream(stream)
+        if s is None or s.capture is None:
+            return (cudaError_t.cudaErrorInvalidValue, None)
+        capture, s.capture = s.capture, None
+        if capture.invalidated:
+            self._fail(cudaError_t.cudaErrorStreamCaptureInvalidated, capture.invalidated)
+            return (cudaError_t.cudaErrorStreamCaptureInvalidated, None)
+        graph = cudaGraph_t()
+        self.graphs[int(graph)] = capture.ops
+        return (cudaError_t.cudaSuccess, graph)
+
+    def cudaGraphInstantiate(self, graph: Any, flags: int):
+        ops = self.graphs.get(int(graph))
+        if ops is None:
+            return (cudaError_t.cudaErrorInvalidValue, None)
+        exe = cudaGraphExec_t()
+        self.execs[int(exe)] = list(ops)
+        return (cudaError_t.cudaSuccess, exe)
+
+    def cudaGraphLaunch(self, graphExec: Any, stream: Any):
+        if self.sticky:
+            return (self.sticky,)
+        ops = self.execs.get(int(graphExec))
+        if ops is None:
+            return (self._fail(cudaError_t.cudaErrorInvalidResourceHandle, "launch of a destroyed graph"),)
+        replay = Op("graph launch", lambda replay: self._replay(ops))
+        err = self.enqueue(stream, replay)
+        self.launches += 0 if err else 1
+        return (err,)
+
+    def _replay(self, ops: list[Op]) -> None:
+        for op in ops:
+            op.run(True)
+
+    def cudaGraphDestroy(self, graph: Any):
+        found = self.graphs.pop(int(graph), None)
+        return (cudaError_t.cudaSuccess if found is not None else cudaError_t.cudaErrorInvalidValue,)
+
+    def cudaGraphExecDestroy(self, graphExec: Any):
+        found = self.execs.pop(int(graphExec), None)
+        return (cudaError_t.cudaSuccess if found is not None else cudaError_t.cudaErrorInvalidValue,)
+
+    def cudaEventCreate(self):
+        event = cudaEvent_t()
+        self.events[int(event)] = None
+        return (cudaError_t.cudaSuccess, event)
+
+    def cudaEventRecord(self, event: Any, stream: Any):
+        if int(event) not in self.events:
+            return (cudaError_t.cudaErrorInvalidResourceHandle,)
+        self.events[int(event)] = None
+
+        def stamp(replay: bool) -> None:
+            self.events[int(event)] = time.perf_counter()
+
+        return (self.enqueue(stream, Op("event record", stamp)),)
+
+    def cudaEventSynchronize(self, event: Any):
+        if self.sticky:
+            return (self.sticky,)
+        err = self._unsafe("cudaEventSynchronize")
+        return (err or self._flush_all(),)
+
+    def cudaEventElapsedTime(self, start: Any, end: Any):
+        t0, t1 = self.events.get(int(start)), self.events.get(int(end))
+        if t0 is None or t1 is None:
+            return (cudaError_t.cudaErrorNotReady, None)
+        return (cudaError_t.cudaSuccess, (t1 - t0) * 1e3)
+
+    def cudaEventDestroy(self, event: Any):
+        if int(event) not in self.events:
+            return (cudaError_t.cudaErrorInvalidResourceHandle,)
+        del self.events[int(event)]
+        return (cudaError_t.cudaSuccess,)

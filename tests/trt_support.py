@@ -1,0 +1,60 @@
+"""Shared pieces of the engine-runtime tests that run through the CUDA and TensorRT doubles."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flashface_trt.runtime.identities import Identity, array_key
+from flashface_trt.runtime.request import GenerationRequest, face_mask, full_prompts, initial_noise
+from flashface_trt.runtime.sampler import GuidanceParams, plan
+
+from .fakes import Fakes, install
+
+# launch at t <= 500: with 6 trailing steps (999, 833, 666, 500, 333, 166) three 2-way, three 3-way
+GUIDANCE = GuidanceParams(step_to_launch=500)
+
+
+def module_fakes() -> Iterator[Fakes]:
+    """The doubles installed for a whole test module (its engines are built once)."""
+    with pytest.MonkeyPatch.context() as mp:
+        yield install(mp)
+        gc.collect()  # device buffers still unreferenced are freed while the double is installed
+
+
+def build(onnx_dir: Path, out: Path) -> Path:
+    from flashface_trt.engine.build import build_engines
+
+    build_engines(onnx_dir, out)
+    return out
+
+
+def request(
+    prompt: str = "a man", size: tuple[int, int] = (128, 128), steps: int = 6, **kw
+) -> GenerationRequest:
+    return GenerationRequest(
+        prompt=prompt, steps=steps, height=size[0], width=size[1], guidance=GUIDANCE, **kw
+    )
+
+
+def pixels(images) -> np.ndarray:
+    return np.stack([np.asarray(im, np.int16) for im in images])
+
+
+def max_diff(a, b) -> int:
+    return int(np.abs(pixels(a) - pixels(b)).max())
+
+
+def denoise_run(backend, req: GenerationRequest, identity: Identity):
+    """What `pipeline.generate` does before its loop: (denoise, x, steps) of one request."""
+    req = req.validated()
+    ids = backend.tokenizer.encode(list(full_prompts(req.prompt, req.negative_prompt)))
+    text = backend.encode_text(ids)
+    mask = face_mask(req.face_bbox, req.height, req.width)
+    steps = plan(req.steps, req.guidance)
+    den = backend.denoiser(text[0:1], text[1:2], identity, mask, req.guidance, steps, array_key(ids[1]))
+    return den, backend.from_numpy(initial_noise(req.seed, req.num_samples, req.height, req.width)), steps
