@@ -74,7 +74,7 @@ def run_once(backend: TorchBackend, req: GenerationRequest, refs: np.ndarray, cl
     backend.kv_cache.clear()  # every run pays for the ReferenceNet
     steps = plan(req.steps, req.guidance)
     mask = face_mask(req.face_bbox, req.height, req.width)
-    den = backend.denoiser(text[:1], text[1:2], identity, mask, req.guidance, steps)
+    den = backend.denoiser(text, identity, mask, req.guidance, steps)
     for s in steps:  # ReferenceNet K/V for every timestep (what the loop would compute on the fly)
         clock("reference_kv", den.reference_kv, s.t)
     x = backend.from_numpy(initial_noise(req.seed, req.num_samples, req.height, req.width))

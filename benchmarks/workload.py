@@ -108,7 +108,7 @@ def make_denoiser(
     steps = plan(req.steps, req.guidance)
     x = backend.from_numpy(initial_noise(req.seed, req.num_samples, req.height, req.width))
     if not official_pattern:
-        den = backend.denoiser(text[:1], text[1:2], identity, mask, req.guidance, steps, "neg")
+        den = backend.denoiser(text, identity, mask, req.guidance, steps, "neg")
         return den, x, steps, identity
     m = backend.from_numpy(mask.astype(np.float32))[None, None].to(backend.dtype)
     unet = backend.models.unet

@@ -36,7 +36,7 @@ def solo_z0(backend, req: GenerationRequest, identity) -> np.ndarray:
     text = backend.encode_text(ids)
     steps = plan(req.steps, req.guidance)
     mask = face_mask(req.face_bbox, req.height, req.width)
-    den = backend.denoiser(text[:1], text[1:2], identity, mask, req.guidance, steps, array_key(ids[1]))
+    den = backend.denoiser(text, identity, mask, req.guidance, steps, array_key(ids[1]))
     x = backend.from_numpy(initial_noise(req.seed, req.num_samples, req.height, req.width))
     return backend.to_host(sample(den, x, steps))
 

@@ -18,12 +18,12 @@ def test_detector_spec_profiles_and_input_checks():
     assert spec.profile("min") == {"images": (1, 3, 640, 640)}
     assert spec.profile("max") == {"images": (4, 3, 640, 640)}
     assert spec.sample_shapes() == {"images": (2, 3, 640, 640)}
-    assert spec.outputs[0].shape == ("images", 16800, 2)  # (80*80 + 40*40 + 20*20) * 2 anchors
-    assert spec.dynamic_axes() == {n: {0: "images"} for n in ("images", "logits", "boxes", "landmarks")}
+    assert spec.outputs[0].shape == ("photos", 16800, 2)  # (80*80 + 40*40 + 20*20) * 2 anchors
+    assert spec.dynamic_axes() == {n: {0: "photos"} for n in ("images", "logits", "boxes", "landmarks")}
     spec.check_inputs({"images": np.zeros((3, 3, 640, 640), np.float32)})
     with pytest.raises(InputError, match=r"'images' has shape \[1, 3, 320, 640\]"):
         spec.check_inputs({"images": np.zeros((1, 3, 320, 640), np.float32)})
-    with pytest.raises(InputError, match=r"'images' = 5 is outside \[1, 4\]"):
+    with pytest.raises(InputError, match=r"'photos' = 5 is outside \[1, 4\]"):
         spec.check_inputs({"images": np.zeros((5, 3, 640, 640), np.float32)})
     with pytest.raises(InputError, match="do not match"):
         spec.check_inputs({"image": np.zeros((1, 3, 640, 640), np.float32)})

@@ -62,7 +62,7 @@ def _z0(backend, req, faces):
     identity = register_identity(backend, faces)
     steps = plan(req.steps, req.guidance)
     mask = face_mask(req.face_bbox, req.height, req.width)
-    den = backend.denoiser(text[:1], text[1:2], identity, mask, req.guidance, steps, array_key(ids[1]))
+    den = backend.denoiser(text, identity, mask, req.guidance, steps, array_key(ids[1]))
     x = backend.from_numpy(initial_noise(req.seed, req.num_samples, req.height, req.width))
     return sample(den, x, steps)
 
@@ -77,14 +77,14 @@ def test_interleaved_requests_keep_their_own_values():
     ids = backend.tokenizer.encode(["a man", "a woman", "blurry"])
     text = backend.encode_text(ids)
     mask_a, mask_b = np.zeros((8, 8), np.float32), np.ones((8, 8), np.float32)
-    a = backend.denoiser(text[0:1], text[2:3], identity, mask_a, g, steps)
-    b = backend.denoiser(text[1:2], text[2:3], identity, mask_b, g, steps)
+    a = backend.denoiser(text[[0, 2]], identity, mask_a, g, steps)
+    b = backend.denoiser(text[[1, 2]], identity, mask_b, g, steps)
     xa = xb = backend.from_numpy(np.ones((1, 4, 8, 8), np.float32))
     for step in steps:
         xa, xb = a(xa, step), b(xb, step)
     plain = TorchBackend(models, TorchSettings(static_loop=False))
-    ref_a = sample(plain.denoiser(text[0:1], text[2:3], identity, mask_a, g), torch.ones(1, 4, 8, 8), steps)
-    ref_b = sample(plain.denoiser(text[1:2], text[2:3], identity, mask_b, g), torch.ones(1, 4, 8, 8), steps)
+    ref_a = sample(plain.denoiser(text[[0, 2]], identity, mask_a, g), torch.ones(1, 4, 8, 8), steps)
+    ref_b = sample(plain.denoiser(text[[1, 2]], identity, mask_b, g), torch.ones(1, 4, 8, 8), steps)
     torch.testing.assert_close(xa, ref_a, rtol=0, atol=0)
     torch.testing.assert_close(xb, ref_b, rtol=0, atol=0)
 

@@ -69,5 +69,5 @@ def test_compiled_unet_matches_eager():
     print(f"\ncompiled eps: max abs diff {(got - want).abs().max():.2e}")
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     text = torch.zeros(1, models.config.text.text_len, models.config.unet.context_dim)
-    den = backend.denoiser(text, text, None, np.ones((8, 6), np.float32), None)  # type: ignore[arg-type]
+    den = backend.denoiser(torch.cat([text, text]), None, np.ones((8, 6), np.float32), None)  # type: ignore[arg-type]
     assert den.unet is backend.unet

@@ -99,7 +99,7 @@ def test_cli_build_generate_and_verify_through_the_doubles(fakes, tiny_export, t
     out = tmp_path / "engines"
     assert main(["build", "--onnx", str(tiny_export), "--out", str(out)]) == 0
     assert main(["build", "--onnx", str(tiny_export), "--out", str(out)]) == 0  # cached: nothing rebuilt
-    assert len(fakes.builds) == 7 * 2  # the module's build and the first one here, not the second
+    assert len(fakes.builds) == 6 * 2  # the module's build and the first one here, not the second
     common = ["--prompt", "a man", "--steps", "6", "--step-to-launch", "500", "--seed", "3"]
     assert main(["generate", "--engines", str(out), *common, "--out", str(tmp_path / "trt.png")]) == 0
     assert main(["generate", "--onnx", str(tiny_export), *common, "--out", str(tmp_path / "ort.png")]) == 0
@@ -112,7 +112,7 @@ def test_cli_build_generate_and_verify_through_the_doubles(fakes, tiny_export, t
 
 
 @pytest.mark.parametrize(
-    ("network", "scale", "named"), [("unet", 1.05, "unet.eps"), ("step_3way", 1.0001, "step_3way.x_next")]
+    ("network", "scale", "named"), [("unet", 1.05, "unet.eps"), ("step", 1.0001, "step.x_next")]
 )
 def test_verify_exits_2_naming_a_network_over_its_bound(
     fakes, engines, tiny_export, capsys, network, scale, named

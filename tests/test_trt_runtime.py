@@ -24,7 +24,7 @@ from .trt_support import build, denoise_run, max_diff, module_fakes, pixels, req
 pytest.importorskip("onnxruntime")
 pytest.importorskip("polygraphy")
 
-EXPORTED = ("text_encoder", "vae_encoder", "vae_decoder", "reference_net", "unet", "step_2way", "step_3way")
+EXPORTED = ("text_encoder", "vae_encoder", "vae_decoder", "reference_net", "unet", "step")
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +68,8 @@ def test_engines_build_strongly_typed_without_fp16_flag_on_tensorrt_10_and_11(
     assert sorted(b["network"] for b in fakes.builds) == sorted(EXPORTED)
     assert all(b["strongly_typed"] and not b["fp16"] for b in fakes.builds)
     be = backend(tmp_path)  # the engines load and run on that version
-    hidden = be.to_host(be.encode_text(be.tokenizer.encode(["a", "b"]))[1])
-    assert hidden.shape[:2] == (1, 77) and np.isfinite(hidden).all()
+    hidden = be.to_host(be.encode_text(be.tokenizer.encode(["a", "b"])))[1]
+    assert hidden.shape[0] == 77 and np.isfinite(hidden).all()
 
 
 def test_engines_of_another_tensorrt_are_refused_by_the_engine_cache(fakes, engines, monkeypatch):
@@ -101,7 +101,7 @@ def test_detector_stays_on_onnx_runtime(fakes, engines, tiny_export):
         ("unet", {"dtypes": {"eps": "HALF"}}, "'eps' is float16 in the engine, float32 in the export"),
         ("text_encoder", {"shapes": {"hidden": ["prompts", 77, 33]}}, r"'hidden' has shape \[-1, 77, 33\]"),
         ("vae_decoder", {"shapes": {"latents": [1, 4, "latent_h", "latent_w"]}}, "'latents' has shape"),
-        ("step_2way", {"profile": {"x": [[1, 4, 8, 8]] * 3}}, "'x' accepts .* the manifest promises"),
+        ("step", {"profile": {"x": [[1, 4, 8, 8]] * 3}}, "'x' accepts .* the manifest promises"),
     ],
 )
 def test_engine_io_must_match_the_manifest(monkeypatch, tiny_export, tmp_path, network, override, message):
@@ -116,13 +116,14 @@ def test_engines_from_an_export_with_another_step_row_are_refused(monkeypatch, t
     """An export whose update graphs take another coefficient row (another version's) is refused
     on load: the runtime's per-step table copies would otherwise run past their rows."""
     fakes = install(monkeypatch)
-    fakes.overrides["step_3way"] = {"shapes": {"coef": [11]}}  # the engine takes 11 values...
+    fakes.overrides["step"] = {"shapes": {"coef": ["samples", 12]}}  # the engine takes 12 values...
     build(tiny_export, tmp_path)
     manifest = json.loads((tmp_path / "engines.json").read_text())
-    manifest["engines"]["step_3way"]["spec"]["inputs"][2]["shape"] = [11]  # ...and so does its spec
+    manifest["engines"]["step"]["spec"]["inputs"][2]["shape"] = ["samples", 12]  # ...and so does its spec
     (tmp_path / "engines.json").write_text(json.dumps(manifest))
     with pytest.raises(
-        WeightsError, match=r"step_3way takes \[11\] step coefficients, this runtime writes 10"
+        WeightsError,
+        match=r"step takes \['samples', 12\] step coefficients, this runtime writes \[samples, 11",
     ):
         backend(tmp_path)
 
@@ -131,34 +132,40 @@ def test_output_buffers_must_have_the_engine_output_shape(fakes, engines):
     from flashface_trt.runtime.trt_engine import EAGER, DeviceTensor
 
     be = backend(engines)
-    shapes = {"x": (1, 4, 8, 8), "eps": (2, 4, 8, 8), "coef": (10,), "x_next": (2, 4, 8, 8)}
-    bufs = {n: DeviceTensor.empty(s, "float32") for n, s in shapes.items()}
+    shapes = {"x": (1, 4, 8, 8), "eps": (2, 4, 8, 8), "coef": (1, 11), "guide": (3, 1)}
+    shapes["x_next"] = (2, 4, 8, 8)
+    bufs = {n: DeviceTensor.empty(s, "int32" if n == "guide" else "float32") for n, s in shapes.items()}
     with pytest.raises(
         FlashFaceError, match=r"output x_next would be \(1, 4, 8, 8\), its buffer is \(2, 4, 8, 8\)"
     ):
-        be.run("step_2way", EAGER, shapes, {n: b.ptr for n, b in bufs.items()})
+        be.run("step", EAGER, shapes, {n: b.ptr for n, b in bufs.items()})
 
 
 # 2. every address aligned, every TensorRT result checked ---------------------------------------------
 def test_every_tensorrt_result_is_checked(fakes, engines, monkeypatch):
+    from flashface_trt.runtime.cuda import copy_to_device
     from flashface_trt.runtime.trt_engine import EAGER, DeviceTensor
 
     be = backend(engines)
-    shapes = {"x": (1, 4, 8, 8), "eps": (2, 4, 8, 8), "coef": (10,), "x_next": (1, 4, 8, 8)}
-    bufs = {n: DeviceTensor.empty(s, "float32") for n, s in shapes.items()}
+    shapes = {"x": (1, 4, 8, 8), "eps": (2, 4, 8, 8), "coef": (1, 11), "guide": (3, 1)}
+    shapes["x_next"] = (1, 4, 8, 8)
+    bufs = {n: DeviceTensor.empty(s, "int32" if n == "guide" else "float32") for n, s in shapes.items()}
+    for buf in bufs.values():  # valid values: the guidance rows index eps
+        copy_to_device(buf.ptr, np.zeros(buf.shape, buf.dtype), be.stream)
+    be.stream.synchronize()
     ptrs = {n: b.ptr for n, b in bufs.items()}
     with pytest.raises(FlashFaceError, match=r"address 0x[0-9a-f]+ of 'coef' is not 256-byte aligned"):
-        be.run("step_2way", EAGER, shapes, {**ptrs, "coef": ptrs["coef"] + 40})  # a table row at 4 floats
-    with pytest.raises(InputError, match=r"input x shape \(7, 4, 8, 8\) is outside the engine"):
-        be.run("step_2way", EAGER, {**shapes, "x": (7, 4, 8, 8)}, ptrs)
-    ctx_type = type(be.engines["step_2way"].context(EAGER, be.memory))
+        be.run("step", EAGER, shapes, {**ptrs, "coef": ptrs["coef"] + 40})  # a table row at 4 floats
+    with pytest.raises(InputError, match=r"input x shape \(9, 4, 8, 8\) is outside the engine"):
+        be.run("step", EAGER, {**shapes, "x": (9, 4, 8, 8)}, ptrs)
+    ctx_type = type(be.engines["step"].context(EAGER, be.memory))
     monkeypatch.setattr(ctx_type, "set_tensor_address", lambda self, name, ptr: False)
     with pytest.raises(FlashFaceError, match="TensorRT refused the address 0x[0-9a-f]+ of 'x'"):
-        be.run("step_2way", EAGER, shapes, ptrs)
+        be.run("step", EAGER, shapes, ptrs)
     monkeypatch.undo()
     monkeypatch.setattr(ctx_type, "execute_async_v3", lambda self, stream: False)
-    with pytest.raises(FlashFaceError, match="step_2way: TensorRT enqueue failed"):
-        be.run("step_2way", EAGER, shapes, ptrs)
+    with pytest.raises(FlashFaceError, match="step: TensorRT enqueue failed"):
+        be.run("step", EAGER, shapes, ptrs)
 
 
 # 10. an error inside a capture is the one reported ----------------------------------------------------
@@ -195,7 +202,7 @@ def test_kv_cache_sizes_ort_values_by_their_element_type():
 def test_graphs_are_keyed_by_shape_and_survive_identities_step_counts_and_kv_eviction(
     fakes, engines, ort, faces
 ):
-    be = backend(engines, max_shapes=1, kv_cache_bytes=6 << 20)  # ~2 steps of K/V: evictions
+    be = backend(engines, max_shapes=2, kv_cache_bytes=6 << 20)  # ~2 steps of K/V: evictions
     ida, idb = register_identity(be, faces["a"]), register_identity(be, faces["b"])
     oa, ob = register_identity(ort, faces["a"]), register_identity(ort, faces["b"])
     runs = [
@@ -206,18 +213,18 @@ def test_graphs_are_keyed_by_shape_and_survive_identities_step_counts_and_kv_evi
     ]
     for i, (req, ti, oi) in enumerate(runs):
         assert max_diff(generate(be, req, ti), generate(ort, req, oi)) <= 1, f"request {i}"
-        assert be.graphs.captures == 2, f"request {i}: one graph per (shape, layout), captured once"
+        assert be.graphs.captures == 2, f"request {i}: one graph per bucket (2-way, 3-way), captured once"
     assert be.kv_cache.evictions > 0 and not fakes.cuda.faults  # evicted K/V: no graph reads it
     small = request(size=(64, 96), num_samples=2)
     assert max_diff(generate(be, small, ida), generate(ort, small, oa)) <= 1
-    assert len(be.states) == 1 and len(be.graphs.graphs) <= 2 and be.graphs.captures == 4
-    assert all(len(e.contexts) <= 3 for e in be.engines.values())  # eager + the live shape's two
+    assert len(be.states) == 2 and len(be.graphs.graphs) <= 2 and be.graphs.captures == 4
+    assert all(len(e.contexts) <= 3 for e in be.engines.values())  # eager + the live buckets' two
 
 
 # 7. interleaved requests keep their own prompt, mask and buffers --------------------------------------
 @pytest.mark.parametrize("sizes", [((128, 128), (128, 128)), ((128, 128), (64, 96))])
 def test_interleaved_requests_keep_their_prompt_mask_and_buffers(fakes, engines, ort, faces, sizes):
-    be = backend(engines, max_shapes=1)
+    be = backend(engines, max_shapes=2)
     ida, idb = register_identity(be, faces["a"]), register_identity(be, faces["b"])
     reqs = [request("a man", sizes[0]), request("a woman in a hat", sizes[1], face_bbox=(0.1, 0.1, 0.5, 0.6))]
     (da, xa, steps), (db, xb, _) = denoise_run(be, reqs[0], ida), denoise_run(be, reqs[1], idb)
@@ -242,3 +249,25 @@ def test_a_request_alone_and_interleaved_give_the_same_latents(fakes, engines, f
     np.testing.assert_array_equal(be.to_host(x), alone)
     assert not np.array_equal(be.to_host(y), alone)  # the other request really differs
     assert pixels(be.decode(x)).std() > 0
+
+
+# step-level batching: requests of different identities and steps share the engines' steps ---------
+def test_mixed_batches_through_the_engines_equal_onnx_runtime(fakes, engines, ort, faces):
+    from flashface_trt.runtime.executor import StepExecutor, Task
+
+    be = backend(engines)
+    ids = {name: register_identity(be, f) for name, f in faces.items()}
+    reqs = [
+        (request("a man", steps=6), "a"),
+        (request("a woman", steps=4, num_samples=2, seed=4), "b"),
+        (request("a child", steps=5, seed=5, face_bbox=(0.0, 0.0, 0.0, 0.0)), "a"),
+    ]
+    ex = StepExecutor(be, max_batch_rows=12)
+    tasks = [ex.submit(Task(reqs[0][0], ids[reqs[0][1]]))]
+    ex.run_once()
+    tasks += [ex.submit(Task(req, ids[name])) for req, name in reqs[1:]]  # they join at the second step
+    ex.run()
+    assert max(ex.batch_sizes) == 3 and not fakes.cuda.faults
+    for task, (req, name) in zip(tasks, reqs):
+        assert task.error is None, task.error
+        assert max_diff(task.images, generate(ort, req, faces[name])) <= 1

@@ -56,5 +56,5 @@ def denoise_run(backend, req: GenerationRequest, identity: Identity):
     text = backend.encode_text(ids)
     mask = face_mask(req.face_bbox, req.height, req.width)
     steps = plan(req.steps, req.guidance)
-    den = backend.denoiser(text[0:1], text[1:2], identity, mask, req.guidance, steps, array_key(ids[1]))
+    den = backend.denoiser(text, identity, mask, req.guidance, steps, array_key(ids[1]))
     return den, backend.from_numpy(initial_noise(req.seed, req.num_samples, req.height, req.width)), steps

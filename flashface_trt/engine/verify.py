@@ -31,8 +31,15 @@ THRESHOLDS = {
     "vae_decoder": 8 / 255,
     "reference_net": 2e-2,
     "unet": 2e-2,
-    "step_2way": 1e-5,
-    "step_3way": 1e-5,
+    "step": 1e-5,
+}
+# index inputs of the batched engines and the axis (LoopDims field) that bounds their values
+INDEX_BOUNDS = {
+    "sample_rows": "samples",
+    "member_rows": "members",
+    "text_rows": "texts",
+    "ref_group": "groups",
+    "guide": "rows",
 }
 
 
@@ -41,21 +48,26 @@ class VerificationError(FlashFaceError):
 
 
 def random_inputs(
-    spec: NetworkSpec, shapes: dict[str, tuple[int, ...]], seed: int = 0
+    spec: NetworkSpec, shapes: dict[str, tuple[int, ...]], seed: int = 0, dims: LoopDims | None = None
 ) -> dict[str, np.ndarray]:
-    """Plausible inputs: token ids, timesteps near the middle, λ = 1, a real DDIM row, N(0, 1/4) else."""
+    """Plausible inputs: token ids, valid batch indices, timesteps near the middle, λ = 1, a real DDIM
+    row per sample, N(0, 1/4) else."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for t in spec.inputs:
         shape = shapes[t.name]
-        if t.dtype == "int32":
+        if t.name in INDEX_BOUNDS and dims is not None:
+            field = INDEX_BOUNDS[t.name]
+            high = 2 * dims.members if field == "texts" else getattr(dims, field)
+            feeds[t.name] = rng.integers(0, high, shape).astype(np.int32)
+        elif t.dtype == "int32":
             feeds[t.name] = rng.integers(0, 49407, shape).astype(np.int32)
         elif t.name == "timestep":
             feeds[t.name] = np.full(shape, 500.0, np.float32)
         elif t.name == "ref_scale":
             feeds[t.name] = np.ones(shape, np.float32)
         elif t.name == "coef":
-            feeds[t.name] = np.array(SAMPLE_STEP_ROW, np.float32)
+            feeds[t.name] = np.tile(np.array(SAMPLE_STEP_ROW, np.float32), (shape[0], 1))
         else:
             feeds[t.name] = (0.5 * rng.standard_normal(shape)).astype(t.dtype)
     return feeds
@@ -70,13 +82,13 @@ def verify(engines_dir: str | Path, onnx_dir: str | Path, dims: LoopDims | None 
     if export["precision"] != "fp32":
         log.warning("%s is a %s export; compare against a float32 export", onnx_dir, export["precision"])
     shapes_cfg = backend.manifest["export"]["shapes"]
-    dims = dims or LoopDims(
-        1, shapes_cfg["opt_height"] // 8, shapes_cfg["opt_width"] // 8, shapes_cfg["opt_refs"], 1
-    )
+    # a batched step of two one-sample requests (one 2-way, one 3-way): 5 rows, 3 with references
+    h, w = shapes_cfg["opt_height"] // 8, shapes_cfg["opt_width"] // 8
+    dims = dims or LoopDims(2, h, w, shapes_cfg["opt_refs"], rows=5, ref_rows=3, members=2, groups=2)
     rows = []
     for name, spec in backend.specs.items():
         shapes = io_shapes(spec, dims)
-        feeds = random_inputs(spec, shapes)
+        feeds = random_inputs(spec, shapes, dims=dims)
         entry = export["networks"][name]
         ref = Session(
             Path(onnx_dir) / entry["file"], NetworkSpec.from_dict(entry["spec"]), OrtSettings()

@@ -27,13 +27,13 @@ def detector_spec(size: int = DETECTOR.input_size, max_batch: int = 16) -> Netwo
     n = len(prior_boxes(size, size))
     return NetworkSpec(
         name="detector",
-        inputs=(TensorSpec("images", "float32", ("images", 3, size, size)),),
+        inputs=(TensorSpec("images", "float32", ("photos", 3, size, size)),),
         outputs=(
-            TensorSpec("logits", "float32", ("images", n, 2)),
-            TensorSpec("boxes", "float32", ("images", n, 4)),
-            TensorSpec("landmarks", "float32", ("images", n, 10)),
+            TensorSpec("logits", "float32", ("photos", n, 2)),
+            TensorSpec("boxes", "float32", ("photos", n, 4)),
+            TensorSpec("landmarks", "float32", ("photos", n, 10)),
         ),
-        axes={"images": AxisRange(1, 1, max_batch)},
+        axes={"photos": AxisRange(1, 1, max_batch)},
     )
 
 

@@ -68,9 +68,10 @@ def sample_inputs(spec: NetworkSpec, device: torch.device) -> tuple[torch.Tensor
         dtype = getattr(torch, t.dtype)
         if t.name == "timestep":
             out.append(torch.full(shapes[t.name], 500.0, dtype=dtype, device=device))
-        elif t.name == "coef":  # a plausible step: guidance 7.5 / 3.2 / 0.5, DDIM coefficients
-            out.append(torch.tensor(SAMPLE_STEP_ROW, dtype=dtype, device=device))
-        elif t.name in ("ref_scale", "mask"):
+        elif t.name == "coef":  # a plausible step per sample: guidance 7.5 / 3.2 / 0.5, DDIM coefficients
+            row = torch.tensor(SAMPLE_STEP_ROW, dtype=dtype, device=device)
+            out.append(row.expand(shapes[t.name][0], -1).contiguous())
+        elif t.name in ("ref_scale", "masks"):
             out.append(torch.ones(shapes[t.name], dtype=dtype, device=device))
         else:
             out.append(torch.zeros(shapes[t.name], dtype=dtype, device=device))

@@ -11,16 +11,16 @@ import torch
 from torch import nn
 
 from ..models.backend import TorchModels
+from ..models.batched import batch_eps
 from ..models.config import LATENT_SCALE
-from ..models.guidance import GuidanceStepGraph
 from ..models.unet import FlashFaceUNet
-from ..models.unet_blocks import RefInputs
 from ..runtime.axes import REF_TOKENS, axis_range, check_axes
-from ..runtime.guidance import STEP_COEFFICIENTS
+from ..runtime.guidance import STEP_COEFFICIENTS, batched_update
 from ..runtime.request import REFERENCE_SIZE
 from ..runtime.spec import ExportShapes, NetworkSpec, TensorSpec
 
-NETWORKS = ("text_encoder", "vae_encoder", "vae_decoder", "reference_net", "unet", "step_2way", "step_3way")
+NETWORKS = ("text_encoder", "vae_encoder", "vae_decoder", "reference_net", "unet", "step")
+INDEX = "int32"  # the batch plan's index arrays (TensorRT gathers with int32 indices)
 
 
 def kv_names(layer: str) -> tuple[str, str]:
@@ -69,22 +69,45 @@ class ReferenceNetGraph(nn.Module):
         self.dtype = models.dtype
 
     def forward(self, ref_latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor):
-        """Reference latents [R, 4, hr, wr], timestep [1], negative context [1, 77, C] -> per layer K, V."""
+        """G groups: reference latents [G*R, 4, hr, wr], timesteps [G], negative contexts [G, 77, C]
+        -> per layer K, V [G, R*L_i, C_i] (the K/V of every group that is not cached)."""
         feats = self.unet.reference_features(ref_latents.to(self.dtype), timestep, context.to(self.dtype))
-        return tuple(t for kv in self.unet.reference_kv(feats) for t in kv)  # each [1, R*L_i, C_i]
+        return tuple(t for kv in self.unet.reference_kv(feats, timestep.shape[0]) for t in kv)
 
 
 class UNetGraph(nn.Module):
+    """The UNet over a batched step's rows, gathered from the requests' tensors (`runtime.batch`)."""
+
     def __init__(self, models: TorchModels):
         super().__init__()
         self.unet: FlashFaceUNet = models.unet
         self.dtype = models.dtype
 
-    def forward(self, x, mask, timestep, context, ref_scale, *kv):
-        """eps [B, 4, h, w] float32; rows [:B_ref] (B_ref = len(ref_scale)) attend to the references."""
+    def forward(
+        self, x, masks, texts, sample_rows, member_rows, text_rows, timestep, ref_scale, ref_group, *kv
+    ):
+        """eps [B, 4, h, w] float32 of every row; rows [:B_ref] attend to their group's references."""
         pairs = [(kv[2 * i], kv[2 * i + 1]) for i in range(len(kv) // 2)]
-        ref = RefInputs(pairs, ref_scale.to(self.dtype))
-        return self.unet(x.to(self.dtype), mask, timestep, context.to(self.dtype), ref).float()
+        ix = {
+            "sample_rows": sample_rows,
+            "member_rows": member_rows,
+            "text_rows": text_rows,
+            "t": timestep,
+            "scale": ref_scale,
+            "group": ref_group,
+        }
+        return batch_eps(self.unet, x, texts.to(self.dtype), masks.to(self.dtype), ix, pairs).float()
+
+
+class StepGraph(nn.Module):
+    """Guidance + CFG rescale + x0 + DDIM update of every sample of a batched step
+    (`runtime.guidance.batched_update`, what the plain step runs too)."""
+
+    def forward(
+        self, x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, guide: torch.Tensor
+    ) -> torch.Tensor:
+        """x [S, 4, h, w], eps [B, 4, h, w], coef [S, 11], guide [3, S] -> x of the next step [S, 4, h, w]."""
+        return batched_update(x, eps, guide.long(), coef)
 
 
 GRAPHS = {
@@ -93,8 +116,7 @@ GRAPHS = {
     "vae_decoder": VAEDecoderGraph,
     "reference_net": ReferenceNetGraph,
     "unet": UNetGraph,
-    "step_2way": lambda models: GuidanceStepGraph(three_way=False),
-    "step_3way": lambda models: GuidanceStepGraph(three_way=True),
+    "step": lambda models: StepGraph(),
 }
 
 
@@ -122,7 +144,7 @@ def network_specs(models: TorchModels, shapes: ExportShapes) -> dict[str, Networ
         return {n: axis_range(n, shapes, tokens.get(n, 0)) for n in names}
 
     kv = [
-        TensorSpec(name, kv_dtype, (1, f"{REF_TOKENS}{i}", c))
+        TensorSpec(name, kv_dtype, ("groups", f"{REF_TOKENS}{i}", c))
         for i, (layer, _, c) in enumerate(layers)
         for name in kv_names(layer)
     ]
@@ -143,47 +165,50 @@ def network_specs(models: TorchModels, shapes: ExportShapes) -> dict[str, Networ
         ),
         "vae_decoder": NetworkSpec(
             "vae_decoder",
-            (TensorSpec("latents", f32, ("samples", z, *lat)),),
-            (TensorSpec("images", "uint8", ("samples", "height", "width", 3)),),
-            axes("samples", *lat, "height", "width"),
+            (TensorSpec("latents", f32, ("images", z, *lat)),),
+            (TensorSpec("images", "uint8", ("images", "height", "width", 3)),),
+            axes("images", *lat, "height", "width"),
         ),
         "reference_net": NetworkSpec(
             "reference_net",
             (
-                TensorSpec("ref_latents", f32, ("num_refs", cfg.unet.ref_in_dim, lat_ref, lat_ref)),
-                TensorSpec("timestep", f32, (1,)),
-                TensorSpec("context", f32, (1, cfg.text.text_len, ctx)),
+                TensorSpec("ref_latents", f32, ("ref_images", cfg.unet.ref_in_dim, lat_ref, lat_ref)),
+                TensorSpec("timestep", f32, ("groups",)),
+                TensorSpec("context", f32, ("groups", cfg.text.text_len, ctx)),
             ),
             tuple(kv),
-            axes("num_refs", *tokens),
+            axes("ref_images", "groups", *tokens),
+            samples={"ref_images": 2, "groups": 2},
         ),
-        **{
-            f"step_{k}way": NetworkSpec(
-                f"step_{k}way",
-                (
-                    TensorSpec("x", f32, ("samples", cfg.unet.out_dim, *lat)),
-                    TensorSpec("eps", f32, (f"batch{k}", cfg.unet.out_dim, *lat)),
-                    TensorSpec("coef", f32, (len(STEP_COEFFICIENTS),)),
-                ),
-                (TensorSpec("x_next", f32, ("samples", cfg.unet.out_dim, *lat)),),
-                axes("samples", f"batch{k}", *lat),
-                samples={"samples": 2, f"batch{k}": 2 * k},
-            )
-            for k in (2, 3)
-        },
+        "step": NetworkSpec(
+            "step",
+            (
+                TensorSpec("x", f32, ("samples", cfg.unet.out_dim, *lat)),
+                TensorSpec("eps", f32, ("batch", cfg.unet.out_dim, *lat)),
+                TensorSpec("coef", f32, ("samples", len(STEP_COEFFICIENTS))),
+                TensorSpec("guide", INDEX, (3, "samples")),
+            ),
+            (TensorSpec("x_next", f32, ("samples", cfg.unet.out_dim, *lat)),),
+            axes("samples", "batch", *lat),
+            samples={"samples": 2, "batch": 5},
+        ),
         "unet": NetworkSpec(
             "unet",
             (
-                TensorSpec("x", f32, ("batch", cfg.unet.out_dim, *lat)),
-                TensorSpec("mask", f32, (1, 1, *lat)),
+                TensorSpec("x", f32, ("samples", cfg.unet.out_dim, *lat)),
+                TensorSpec("masks", f32, ("members", 1, *lat)),
+                TensorSpec("texts", f32, ("texts", cfg.text.text_len, ctx)),
+                TensorSpec("sample_rows", INDEX, ("batch",)),
+                TensorSpec("member_rows", INDEX, ("batch",)),
+                TensorSpec("text_rows", INDEX, ("batch",)),
                 TensorSpec("timestep", f32, ("batch",)),
-                TensorSpec("context", f32, ("batch", cfg.text.text_len, ctx)),
                 TensorSpec("ref_scale", f32, ("b_ref",)),
+                TensorSpec("ref_group", INDEX, ("b_ref",)),
                 *kv,
             ),
             (TensorSpec("eps", f32, ("batch", cfg.unet.out_dim, *lat)),),
-            axes("batch", "b_ref", *tokens, *lat),
-            samples={"batch": min(3, 3 * shapes.max_samples), "b_ref": min(2, 2 * shapes.max_samples)},
+            axes("samples", "members", "texts", "batch", "b_ref", "groups", *tokens, *lat),
+            samples={"samples": 2, "members": 2, "texts": 4, "batch": 5, "b_ref": 3, "groups": 2},
         ),
     }
     for spec in specs.values():

@@ -173,17 +173,20 @@ class TorchBackend:
 
     def denoiser(
         self,
-        cond: torch.Tensor,
-        uncond: torch.Tensor,
+        texts: torch.Tensor,
         identity: Identity,
         mask: np.ndarray,
         guidance: GuidanceParams,
         steps: Sequence[StepPlan] = (),
         uncond_key: str = "",
     ) -> TorchDenoiser:
-        """One request's `denoise(x, step)`: the batch of one, through this backend's `step`."""
+        """One request's `denoise(x, step)`: the batch of one, through this backend's `step`.
+
+        texts: [2, 77, C] ([positive; negative] prompt embeddings); mask: [h, w]."""
         m = self.from_numpy(mask.astype(np.float32))[None, None].to(self.dtype)  # [1, 1, h, w]
-        den = TorchDenoiser(self.unet, cond, uncond, identity, m, guidance, self.kv_cache, uncond_key)
+        den = TorchDenoiser(
+            self.unet, texts[0:1], texts[1:2], identity, m, guidance, self.kv_cache, uncond_key
+        )
         den.step = self.step
         return den
 

@@ -20,85 +20,126 @@ REF_TOKENS = "ref_tokens_"  # `ref_tokens_<i>`: tokens of reference layer i over
 
 @dataclass(frozen=True)
 class LoopDims:
-    """The sizes of one request: samples N, latent height/width, references, steps, text rows."""
+    """The sizes of one engine call: a (padded) batched step, or a text/VAE call.
+
+    rows / ref_rows: UNet rows and how many of them attend to references; samples: latents of
+    every request; members: requests (2 prompt rows each); groups: reference K/V groups;
+    latent_h/latent_w: latent size; num_refs: references of one identity; prompts: text rows.
+    """
 
     samples: int
     latent_h: int
     latent_w: int
     num_refs: int
-    steps: int
+    rows: int = 0
+    ref_rows: int = 0
+    members: int = 1
+    groups: int = 1
     prompts: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("samples", "latent_h", "latent_w", "num_refs", "steps", "prompts"):
+        for name in ("samples", "latent_h", "latent_w", "num_refs", "members", "groups", "prompts"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name}={getattr(self, name)} must be at least 1")
+        if not 0 <= self.ref_rows <= self.rows:
+            raise InputError(f"ref_rows={self.ref_rows} must be in [0, rows={self.rows}]")
+
+    @classmethod
+    def single(
+        cls, samples: int, latent_h: int, latent_w: int, num_refs: int, three_way: bool = True
+    ) -> LoopDims:
+        """One request's k-way step (the batch of one)."""
+        layout = BatchLayout(samples, three_way)
+        return cls(samples, latent_h, latent_w, num_refs, layout.rows, layout.ref_rows)
+
+    @classmethod
+    def of(cls, key: tuple[int, int, int, int, int], latent_h: int, latent_w: int, num_refs: int) -> LoopDims:
+        """A padded batch (`runtime.batch.PaddedPlan.key`: ref rows, other rows, samples, groups, members)."""
+        ref_b, rest_b, s_b, g_b, m_b = key
+        return cls(s_b, latent_h, latent_w, num_refs, ref_b + rest_b, ref_b, m_b, g_b)
 
 
 @dataclass(frozen=True)
 class Axis:
-    """One dynamic axis: its meaning, its size for a request (k-way batch) and its export range.
+    """One dynamic axis: its meaning, its size for a call (`LoopDims`) and its export range.
 
     `per_ref` is the token count of one reference (reference-token axes only).
     """
 
     meaning: str
-    size: Callable[[LoopDims, int, int], int]
+    size: Callable[[LoopDims, int], int]
     range: Callable[[ExportShapes, int], AxisRange]
 
 
-def _samples(s: ExportShapes, k: int = 1) -> AxisRange:
-    return AxisRange(k, k * s.opt_samples, k * s.max_samples)
+def _batched(s: ExportShapes, per_request: int, opt: int) -> AxisRange:
+    """A batched axis: up to `per_request` x max_requests, padded to its power-of-two bucket."""
+    hi = 1 << (per_request * s.max_requests - 1).bit_length()
+    return AxisRange(1, min(opt, hi), hi)
 
 
 AXES: dict[str, Axis] = {
     "batch": Axis(
-        "UNet rows: k x samples (k = 2 or 3, see BatchLayout)",
-        lambda d, k, p: BatchLayout(d.samples, k == 3).rows,
-        lambda s, p: AxisRange(1, 2 * s.opt_samples, 3 * s.max_samples),
+        "UNet rows of a batched step: k x samples per request (k = 2 or 3, see BatchLayout)",
+        lambda d, p: d.rows,
+        lambda s, p: _batched(s, 3 * s.max_samples, 2 * s.opt_samples),
     ),
     "b_ref": Axis(
-        "leading UNet rows that attend to the references (BatchLayout.ref_rows)",
-        lambda d, k, p: BatchLayout(d.samples, k == 3).ref_rows,
-        lambda s, p: AxisRange(1, s.opt_samples, 2 * s.max_samples),
+        "leading UNet rows that attend to the references (each request's BatchLayout.ref_rows)",
+        lambda d, p: d.ref_rows,
+        lambda s, p: _batched(s, 2 * s.max_samples, s.opt_samples),
     ),
-    "samples": Axis("images of one request", lambda d, k, p: d.samples, lambda s, p: _samples(s)),
-    "batch2": Axis("2-way eps rows", lambda d, k, p: 2 * d.samples, lambda s, p: _samples(s, 2)),
-    "batch3": Axis("3-way eps rows", lambda d, k, p: 3 * d.samples, lambda s, p: _samples(s, 3)),
+    "samples": Axis(
+        "latents of a call (all requests of a batched step)",
+        lambda d, p: d.samples,
+        lambda s, p: _batched(s, s.max_samples, s.opt_samples),
+    ),
+    "images": Axis(
+        "decoded images of one call",
+        lambda d, p: d.samples,
+        lambda s, p: AxisRange(1, s.opt_samples, s.max_samples),
+    ),
+    "members": Axis("requests of a batched step", lambda d, p: d.members, lambda s, p: _batched(s, 1, 1)),
+    "texts": Axis(
+        "prompt rows of a batched step (2 per request)",
+        lambda d, p: 2 * d.members,
+        lambda s, p: _batched(s, 2, 2),
+    ),
+    "groups": Axis(
+        "reference K/V groups of a batched step", lambda d, p: d.groups, lambda s, p: _batched(s, 1, 1)
+    ),
+    "ref_images": Axis(
+        "reference latents of a ReferenceNet call: groups x references",
+        lambda d, p: d.groups * d.num_refs,
+        lambda s, p: AxisRange(1, s.opt_refs, _batched(s, s.max_refs, 1).max),
+    ),
     "latent_h": Axis(
-        "latent rows (height / 8)",
-        lambda d, k, p: d.latent_h,
-        lambda s, p: s.latent(s.opt_height),
+        "latent rows (height / 8)", lambda d, p: d.latent_h, lambda s, p: s.latent(s.opt_height)
     ),
     "latent_w": Axis(
-        "latent columns (width / 8)",
-        lambda d, k, p: d.latent_w,
-        lambda s, p: s.latent(s.opt_width),
+        "latent columns (width / 8)", lambda d, p: d.latent_w, lambda s, p: s.latent(s.opt_width)
     ),
     "height": Axis(
         "image rows in pixels",
-        lambda d, k, p: 8 * d.latent_h,
+        lambda d, p: 8 * d.latent_h,
         lambda s, p: AxisRange(s.min_size, s.opt_height, s.max_size),
     ),
     "width": Axis(
         "image columns in pixels",
-        lambda d, k, p: 8 * d.latent_w,
+        lambda d, p: 8 * d.latent_w,
         lambda s, p: AxisRange(s.min_size, s.opt_width, s.max_size),
     ),
     "num_refs": Axis(
         "reference faces of one identity",
-        lambda d, k, p: d.num_refs,
+        lambda d, p: d.num_refs,
         lambda s, p: AxisRange(1, s.opt_refs, s.max_refs),
     ),
-    "prompts": Axis("prompts per text call", lambda d, k, p: d.prompts, lambda s, p: AxisRange(1, 2, 4)),
-    "images": Axis(
-        "photos per face-detector call",
-        lambda d, k, p: d.num_refs,
-        lambda s, p: AxisRange(1, 1, 16),
+    "prompts": Axis("prompts per text call", lambda d, p: d.prompts, lambda s, p: AxisRange(1, 2, 4)),
+    "photos": Axis(
+        "photos per face-detector call", lambda d, p: d.num_refs, lambda s, p: AxisRange(1, 1, 16)
     ),
     REF_TOKENS: Axis(
-        "reference tokens of one layer: tokens per reference x references",
-        lambda d, k, p: p * d.num_refs,
+        "reference tokens of one layer in one group: tokens per reference x references",
+        lambda d, p: p * d.num_refs,
         lambda s, p: AxisRange(p, p * s.opt_refs, p * s.max_refs),
     ),
 }
@@ -126,14 +167,14 @@ def spec_axes(spec: NetworkSpec, shapes: ExportShapes) -> dict[str, AxisRange]:
     return {n: axis_range(n, shapes, tokens_per_reference(spec, n)) for n in spec.axes}
 
 
-def axis_sizes(spec: NetworkSpec, dims: LoopDims, k: int = 3) -> dict[str, int]:
-    """Concrete size of every dynamic axis of `spec` for a request with a k-way UNet batch."""
-    return {n: axis(n).size(dims, k, tokens_per_reference(spec, n)) for n in spec.axes}
+def axis_sizes(spec: NetworkSpec, dims: LoopDims) -> dict[str, int]:
+    """Concrete size of every dynamic axis of `spec` for a call of these sizes."""
+    return {n: axis(n).size(dims, tokens_per_reference(spec, n)) for n in spec.axes}
 
 
-def io_shapes(spec: NetworkSpec, dims: LoopDims, k: int = 3) -> dict[str, tuple[int, ...]]:
-    """Every input and output of `spec` at this request's sizes."""
-    sizes = axis_sizes(spec, dims, k)
+def io_shapes(spec: NetworkSpec, dims: LoopDims) -> dict[str, tuple[int, ...]]:
+    """Every input and output of `spec` at these sizes."""
+    sizes = axis_sizes(spec, dims)
     return {t.name: t.concrete(sizes) for t in (*spec.inputs, *spec.outputs)}
 
 

@@ -14,7 +14,7 @@ references); that is all: identities, prompts, guidance, steps and sample counts
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,6 +37,7 @@ class RequestContext:
     mask: Any
     guidance: GuidanceParams
     uncond_key: str = ""
+    scratch: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # backend-owned buffers
 
 
 @dataclass

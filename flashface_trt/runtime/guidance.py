@@ -1,12 +1,12 @@
 """Disentangled guidance, CFG rescale, x0 and the DDIM update: the step arithmetic, written once.
 
-Every path runs these functions: the plain sampler with Python-float coefficients on NumPy arrays
-or torch tensors, and the update graphs (the exported `step_2way`/`step_3way` graphs and the
-PyTorch static step) with the coefficients read from a device row, so that one captured graph
-serves every step and every guidance value. Only operators shared by NumPy arrays and torch
-tensors are used, in the official float32 order: guidance as `ContextGaussianDiffusion.denoise`
-(flashface/all_finetune/ops/context_diffusion.py), the update as `sample_ddim` (ldm/ops/solvers.py,
-eta = 0).
+Every path runs these functions: one request's step with Python-float coefficients on NumPy
+arrays or torch tensors, and the batched step (`batched_update`: the exported `step` graph, the
+PyTorch plain and static steps, the ONNX Runtime backend) with per-sample coefficient rows read
+from a table, so that one captured graph serves every step, guidance value and mix of requests.
+Only operators shared by NumPy arrays and torch tensors are used, in the official float32 order:
+guidance as `ContextGaussianDiffusion.denoise` (flashface/all_finetune/ops/context_diffusion.py),
+the update as `sample_ddim` (ldm/ops/solvers.py, eta = 0).
 """
 
 from __future__ import annotations

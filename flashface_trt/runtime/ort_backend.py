@@ -14,10 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from .batch import BatchPlan, Member, RequestContext, plan_batch
 from .errors import FlashFaceError, InputError, WeightsError
 from .exports import UNET_GRAPHS, export_specs, read_export
-from .guidance import guided_x0, step_update
-from .identities import DEFAULT_KV_CACHE_BYTES, Identity, ReferenceKVCache, kv_key
+from .guidance import batched_update, guided_x0
+from .identities import DEFAULT_KV_CACHE_BYTES, Identity, ReferenceKVCache
 from .ort_detector import OrtDetector
 from .sampler import GuidanceParams, StepPlan
 from .spec import NetworkSpec
@@ -120,7 +121,7 @@ class Session:
 
 @dataclass
 class OrtDenoiser:
-    """`denoise(x, step) -> x0` on ONNX Runtime: ReferenceNet K/V (cached), the UNet batch, guidance."""
+    """One request's `denoise(x, step) -> x_next` on ONNX Runtime: the batch of one (`runtime.batch`)."""
 
     backend: OrtBackend
     cond: np.ndarray  # [1, 77, C]
@@ -130,37 +131,23 @@ class OrtDenoiser:
     guidance: GuidanceParams
     uncond_key: str = ""
 
-    def reference_kv(self, t: int) -> dict[str, np.ndarray]:
-        cache = self.backend.kv_cache
-        key = kv_key(self.identity, t, self.uncond_key)
-        kv = cache.get(key)
-        if kv is None:
-            kv = self.backend.sessions["reference_net"].run(
-                ref_latents=self.identity.latents, timestep=np.full(1, t, np.float32), context=self.uncond
-            )
-            cache.put(key, kv)
-        return kv
+    def member(self, x: np.ndarray, step: StepPlan) -> Member:
+        texts = np.concatenate([self.cond, self.uncond])  # [2, 77, C]
+        return Member(
+            RequestContext(texts, self.identity, self.mask, self.guidance, self.uncond_key), x, step
+        )
 
     def eps(self, x: np.ndarray, step: StepPlan) -> np.ndarray:
         """Raw model output for the whole batch [k*N, 4, h, w] (k = 3 or 2)."""
-        layout = step.layout(x.shape[0])
-        text = np.concatenate([self.cond, self.uncond])  # [2, 77, C]
-        out = self.backend.sessions["unet"].run(
-            x=x[layout.sample_rows],
-            mask=self.mask,
-            timestep=np.full(layout.rows, step.t, np.float32),
-            context=text[layout.text_rows],
-            ref_scale=np.full(layout.ref_rows, step.ref_strength, np.float32),
-            **self.reference_kv(step.t),
-        )
-        return out["eps"]
+        member = self.member(x, step)
+        return self.backend.batch_eps([member], plan_batch([member]))
 
     def x0(self, x: np.ndarray, step: StepPlan) -> np.ndarray:
         """Guided x0 prediction of one step."""
         return guided_x0(x, self.eps(x, step), step.three_way, step.coefficients(self.guidance))
 
     def __call__(self, x: np.ndarray, step: StepPlan) -> np.ndarray:
-        return step_update(x, self.eps(x, step), step.three_way, step.coefficients(self.guidance))
+        return self.backend.step([self.member(x, step)])[0]
 
 
 class OrtBackend:
@@ -219,19 +206,80 @@ class OrtBackend:
         """Crops [R, 3, S, S] in [-1, 1] -> scaled latents [R, 4, S/8, S/8]."""
         return self.sessions["vae_encoder"].run(images=images)["latents"]
 
+    def context(
+        self,
+        texts: np.ndarray,
+        identity: Identity,
+        mask: np.ndarray,
+        guidance: GuidanceParams,
+        uncond_key: str,
+    ) -> RequestContext:
+        """What a request brings to every batched step: texts [2, 77, C], mask [h, w] (made [1, 1, h, w])."""
+        return RequestContext(texts, identity, mask.astype(np.float32)[None, None], guidance, uncond_key)
+
+    def group_kv(self, members: Sequence[Member], plan: BatchPlan) -> dict[str, Any]:
+        """Every group's reference K/V stacked per tensor [G, R*L, C]: cached, or one ReferenceNet call
+        for all the groups that are not (each with its own timestep and negative prompt)."""
+        by_key = {m.kv_key: m for m in members}
+        found = {key: self.kv_cache.get(key) for key in plan.groups}
+        missing = [key for key in plan.groups if found[key] is None]
+        if missing:
+            ms = [by_key[key] for key in missing]
+            fresh = self.sessions["reference_net"].run(
+                ref_latents=np.concatenate([_host(m.ctx.identity.latents) for m in ms]),
+                timestep=np.asarray([m.step.t for m in ms], np.float32),
+                context=np.concatenate([_host(m.ctx.texts)[1:2] for m in ms]),
+            )
+            for g, key in enumerate(missing):
+                kv = {name: _host(v)[g : g + 1].copy() for name, v in fresh.items()}
+                self.kv_cache.put(key, kv)
+                found[key] = kv
+        groups: list[dict[str, Any]] = [found[key] for key in plan.groups]  # type: ignore[misc]  # all filled
+        if len(groups) == 1:
+            return groups[0]
+        return {name: np.concatenate([_host(g[name]) for g in groups]) for name in groups[0]}
+
+    def batch_eps(self, members: Sequence[Member], plan: BatchPlan) -> np.ndarray:
+        """Raw model output of every row of a batched step [B, 4, h, w]."""
+        out = self.sessions["unet"].run(
+            x=np.concatenate([m.x for m in members]),
+            masks=np.concatenate([m.ctx.mask for m in members]),
+            texts=np.concatenate([_host(m.ctx.texts) for m in members]),
+            sample_rows=plan.sample_rows.astype(np.int32),
+            member_rows=plan.member_rows.astype(np.int32),
+            text_rows=plan.text_rows.astype(np.int32),
+            timestep=plan.t,
+            ref_scale=plan.scale,
+            ref_group=plan.group,
+            **self.group_kv(members, plan),
+        )
+        return out["eps"]
+
+    def step(self, members: Sequence[Member]) -> list[np.ndarray]:
+        """One batched step: every member's next x (the UNet graph, then the batched update)."""
+        plan = plan_batch(members)
+        eps = self.batch_eps(members, plan)
+        x = np.concatenate([m.x for m in members]).astype(np.float32)
+        return plan.split(batched_update(x, eps, plan.guide, plan.coef))
+
     def denoiser(
         self,
-        cond: np.ndarray,
-        uncond: np.ndarray,
+        texts: np.ndarray,
         identity: Identity,
         mask: np.ndarray,
         guidance: GuidanceParams,
         steps: Sequence[StepPlan] = (),
         uncond_key: str = "",
     ) -> OrtDenoiser:
+        """One request's `denoise(x, step)`: texts [2, 77, C] ([positive; negative]), mask [h, w]."""
         m = mask.astype(np.float32)[None, None]  # [1, 1, h, w]
-        return OrtDenoiser(self, cond, uncond, identity, m, guidance, uncond_key)
+        return OrtDenoiser(self, texts[0:1], texts[1:2], identity, m, guidance, uncond_key)
 
     def decode(self, z: np.ndarray) -> np.ndarray:
         """Scaled latents [N, 4, h, w] -> uint8 images [N, 8h, 8w, 3]."""
         return self.sessions["vae_decoder"].run(latents=z)["images"]
+
+
+def _host(value: Any) -> np.ndarray:
+    """A NumPy array of a host array or an ONNX Runtime device value."""
+    return value if isinstance(value, np.ndarray) else value.numpy()

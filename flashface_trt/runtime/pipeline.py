@@ -10,6 +10,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from .batch import Member, RequestContext
 from .errors import InputError
 from .identities import Identity, array_key, identity_from_crops
 from .images import reference_array
@@ -49,18 +50,26 @@ class Backend(Protocol):
     def encode_references(self, images: np.ndarray) -> Any:
         """Crops [R, 3, S, S] in [-1, 1] -> scaled latents [R, 4, S/8, S/8]."""
 
+    def context(
+        self, texts: Any, identity: Identity, mask: np.ndarray, guidance: GuidanceParams, uncond_key: str
+    ) -> RequestContext:
+        """What a request brings to every batched step (texts [2, 77, C], mask [h, w])."""
+
+    def step(self, members: Sequence[Member]) -> list[Any]:
+        """One batched step over several requests (`runtime.batch`): every member's next x."""
+
     def denoiser(
         self,
-        cond: Any,
-        uncond: Any,
+        texts: Any,
         identity: Identity,
         mask: np.ndarray,
         guidance: GuidanceParams,
         steps: Sequence[StepPlan],
         uncond_key: str = "",
     ) -> Callable[[Any, StepPlan], Any]:
-        """`denoise(x, step) -> x of the next step` for one request's `steps` (mask [h, w]); reference
-        K/V cached per (identity, timestep, `uncond_key` = the negative prompt's ids, reference size)."""
+        """`denoise(x, step) -> x of the next step` of one request (the batch of one); texts [2, 77, C],
+        mask [h, w]; reference K/V cached per (identity, timestep, `uncond_key` = the negative
+        prompt's ids, reference size)."""
 
     def decode(self, z: Any) -> np.ndarray:
         """Scaled latents [N, 4, h, w] -> uint8 images [N, H, W, 3]."""
@@ -94,14 +103,13 @@ def generate(
     req = request.validated()
     positive, negative = full_prompts(req.prompt, req.negative_prompt)
     ids = backend.tokenizer.encode([positive, negative])  # [2, 77]
-    text = backend.encode_text(ids)  # [2, 77, C]
-    cond, uncond = text[0:1], text[1:2]
+    texts = backend.encode_text(ids)  # [2, 77, C]
     clock("text")
     identity = faces if isinstance(faces, Identity) else register_identity(backend, faces)
     clock("references")
     mask = face_mask(req.face_bbox, req.height, req.width)  # [H/8, W/8]
     steps = plan(req.steps, req.guidance)
-    denoise = backend.denoiser(cond, uncond, identity, mask, req.guidance, steps, array_key(ids[1]))
+    denoise = backend.denoiser(texts, identity, mask, req.guidance, steps, array_key(ids[1]))
     x = backend.from_numpy(initial_noise(req.seed, req.num_samples, req.height, req.width))
     log.info(
         "%s: %d steps (%d three-way), %d references, %dx%d",

@@ -138,7 +138,9 @@ class ExportShapes:
 
     max_samples: images per request (UNet batch up to 3 x this); min_size/max_size: output pixels
     per side (multiples of 8); opt_height/opt_width: the typical output size; max_refs: reference
-    faces (the demo pads to 4); opt_refs/opt_samples: typical values; ref_size: reference crop side.
+    faces (the demo pads to 4); opt_refs/opt_samples: typical values; ref_size: reference crop side;
+    max_requests: requests sharing one batched step (step-level batching; batched axes are
+    padded to powers of two, see `runtime.batch.pad_plan`).
     """
 
     max_samples: int = 4
@@ -150,6 +152,7 @@ class ExportShapes:
     opt_refs: int = 4
     opt_samples: int = 1
     ref_size: int = 224  # reference crops are padded to this square (official PadToSquare(224))
+    max_requests: int = 4
 
     def __post_init__(self) -> None:
         for name in ("min_size", "max_size", "opt_height", "opt_width", "ref_size"):
@@ -159,6 +162,7 @@ class ExportShapes:
         AxisRange(self.min_size, self.opt_width, self.max_size)
         AxisRange(1, self.opt_refs, self.max_refs)
         AxisRange(1, self.opt_samples, self.max_samples)
+        AxisRange(1, 1, self.max_requests)
 
     def latent(self, opt: int) -> AxisRange:
         return AxisRange(self.min_size // 8, opt // 8, self.max_size // 8)

@@ -1,10 +1,13 @@
-"""The TensorRT backend: engines on one stream, shared activation memory, CUDA-graphed steps. No torch.
+"""The TensorRT backend: engines on one stream, shared activation memory, CUDA-graphed batched steps.
 
-Each denoising step is one body over static device buffers of the request shape: the k-way copy
-of x, the UNet engine, the guidance + DDIM update engine (`step_2way`/`step_3way`, the exported
-`runtime.guidance.step_update`), and the copy of x_next back into x. The current step's timesteps,
-λ, coefficient row and reference K/V are copied into static buffers before the body runs, so one
-captured graph per (shape, batch layout) serves every step of every request (`graphs.StepGraphs`).
+A step is one body over static device buffers of a padded batch (`runtime.batch.pad_plan`): the
+UNet engine gathers every row from the requests' latents, masks and prompt embeddings (the plan's
+index arrays), attends each reference row to its group's K/V, and the update engine (`step`, the
+exported `runtime.guidance.batched_update`) moves every sample to its next step; x_next is copied
+back into x. Before the body runs, the batch's values (latents, masks, texts, index arrays, per-row
+timesteps and λ, per-sample coefficients, each group's K/V) are copied into the static buffers,
+so one captured graph per (bucket, image size, references) serves every step of every batch
+(`graphs.StepGraphs`, one execution context per captured graph). No torch.
 """
 
 from __future__ import annotations
@@ -13,21 +16,20 @@ import json
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .axes import LoopDims, io_shapes
-from .buffers import check_kv_wiring, step_tables
+from .batch import BatchPlan, Member, PaddedPlan, RequestContext, pad_plan, plan_batch
+from .buffers import check_kv_wiring
 from .cuda import DeviceBuffer, Stream, copy_device, copy_to_device, copy_to_host, device_info
 from .engines import GpuIdentity, check_engine
-from .errors import FlashFaceError, InputError, WeightsError
+from .errors import FlashFaceError, WeightsError
 from .graphs import StepGraphs
 from .guidance import STEP_COEFFICIENTS
-from .identities import DEFAULT_KV_CACHE_BYTES, Identity, ReferenceKVCache, kv_key
-from .layout import BatchLayout, context_table_rows
+from .identities import DEFAULT_KV_CACHE_BYTES, Identity, ReferenceKVCache
 from .sampler import GuidanceParams, StepPlan
 from .spec import NetworkSpec
 from .tokenizer import ClipTokenizer
@@ -35,138 +37,36 @@ from .trt_engine import EAGER, DeviceTensor, Engine, TrtCapture
 
 log = logging.getLogger(__name__)
 
+INDEX_INPUTS = ("sample_rows", "member_rows", "text_rows", "ref_group", "guide")
 
-class StepState:
-    """Static buffers of one request shape: x, the k-way batch, eps, x_next, context, mask, the
-    current step's t / λ / coefficients and reference K/V, and the request's per-step tables."""
+
+class BatchState:
+    """Static buffers of one padded batch: every input and output of the UNet and update engines."""
 
     def __init__(self, backend: TrtBackend, dims: LoopDims) -> None:
-        unet = backend.specs["unet"]
-        shapes = io_shapes(unet, dims, 3)
         self.dims = dims
-        self.key = dims
-        n = dims.samples
-        self.buf = {
-            "x": DeviceTensor.empty(io_shapes(backend.specs["step_3way"], dims, 3)["x"], "float32"),
-            "x_next": DeviceTensor.empty(io_shapes(backend.specs["step_3way"], dims, 3)["x"], "float32"),
-            "x_rep": DeviceTensor.empty(shapes["x"], "float32"),
-            "eps": DeviceTensor.empty(shapes["eps"], "float32"),
-            "mask": DeviceTensor.empty(shapes["mask"], "float32"),
-            "t": DeviceTensor.empty((BatchLayout(n, True).rows,), "float32"),
-            "lam": DeviceTensor.empty((BatchLayout(n, False).ref_rows,), "float32"),
-            "coef": DeviceTensor.empty(io_shapes(backend.specs["step_3way"], dims, 3)["coef"], "float32"),
-        }
-        ctx_row = shapes["context"][1:]
-        for three in (False, True):  # one context buffer per layout: each starts 256-byte aligned
-            self.buf[f"context{BatchLayout(n, three).k}"] = DeviceTensor.empty(
-                (BatchLayout(n, three).rows, *ctx_row), "float32"
-            )
-        self.kv = {
-            t.name: DeviceTensor.empty(shapes[t.name], t.dtype)
-            for t in backend.specs["reference_net"].outputs
-        }
-        self.tables: dict[str, DeviceTensor] = {}
-        self.owner: object = None  # the denoiser whose request the buffers hold
+        self.buf: dict[str, DeviceTensor] = {}
+        for name in ("unet", "step"):
+            spec, shapes = backend.specs[name], io_shapes(backend.specs[name], dims)
+            for t in (*spec.inputs, *spec.outputs):
+                if t.name not in self.buf:  # x and eps are shared by the two engines
+                    self.buf[t.name] = DeviceTensor.empty(shapes[t.name], t.dtype)
+        self.kv_names = [t.name for t in backend.specs["reference_net"].outputs]
 
 
-@dataclass
-class TrtDenoiser:
-    """`denoise(x, step) -> x_next` of one request: its values copied in, then the (graphed) step body."""
-
-    backend: TrtBackend
-    cond: DeviceTensor  # [1, 77, C]
-    uncond: DeviceTensor
-    identity: Identity  # latents: DeviceTensor [R, 4, hr, wr]
-    mask: np.ndarray  # [1, 1, h, w]
-    guidance: GuidanceParams
-    steps: Sequence[StepPlan]
-    uncond_key: str = ""
-
-    def __post_init__(self) -> None:
-        self.index = {s: i for i, s in enumerate(self.steps)}
-        self.state: StepState | None = None
-        self.out: DeviceTensor | None = None  # this request's x between steps (never a shared buffer)
-
-    def reference_kv(self, t: int, dims: LoopDims) -> dict[str, DeviceTensor]:
-        """Reference K/V of one timestep: from the identity cache, or the ReferenceNet engine."""
-        b = self.backend
-        key = kv_key(self.identity, t, self.uncond_key)
-        kv = b.kv_cache.get(key)
-        if kv is None:
-            spec = b.specs["reference_net"]
-            shapes = io_shapes(spec, dims)
-            kv = {t_.name: DeviceTensor.empty(shapes[t_.name], t_.dtype) for t_ in spec.outputs}
-            t_in = DeviceTensor.empty((1,), "float32")
-            copy_to_device(t_in.ptr, np.full(1, t, np.float32), b.stream)
-            ptrs = {
-                "ref_latents": self.identity.latents.ptr,
-                "timestep": t_in.ptr,
-                "context": self.uncond.ptr,
-            }
-            b.run("reference_net", EAGER, shapes, {**ptrs, **{k: v.ptr for k, v in kv.items()}})
-            b.stream.synchronize()
-            b.kv_cache.put(key, kv)
-        return kv
-
-    def _load(self, dims: LoopDims) -> StepState:
-        """This request's tables, context rows and mask into the shape's buffers."""
-        b = self.backend
-        st = b.state(dims)
-        tables = step_tables(list(self.steps), self.guidance, dims.samples)
-        for name, table in tables.items():
-            st.tables[name] = DeviceTensor.empty(table.shape, "float32")
-            copy_to_device(st.tables[name].ptr, table, b.stream)
-        copy_to_device(st.buf["mask"].ptr, self.mask, b.stream)
-        text = (self.cond, self.uncond)
-        for k in (2, 3):
-            rows = context_table_rows(dims.samples)[BatchLayout(dims.samples, k == 3).context_offset :]
-            dst = st.buf[f"context{k}"]
-            row_bytes = self.cond.nbytes
-            for r, which in enumerate(rows):
-                copy_device(dst.ptr + r * row_bytes, text[which].ptr, row_bytes, b.stream)
-        b.stream.synchronize()  # the host tables above must outlive their copies
-        st.owner = self
-        return st
-
-    def __call__(self, x: np.ndarray | DeviceTensor, step: StepPlan) -> DeviceTensor:
-        b = self.backend
-        i = self.index.get(step)
-        if i is None:
-            raise InputError(f"step t={step.t} is not in the plan this denoiser was made for")
-        n, _, h, w = x.shape
-        dims = LoopDims(n, h, w, self.identity.num_refs, 1)  # shapes only: any step count shares them
-        st = self.state
-        if st is None or st.owner is not self or b.states.get(dims) is not st:
-            st = self.state = self._load(dims)  # first step, or another request (or shape) used them
-        b.states.move_to_end(dims)
-        if self.out is None:
-            self.out = DeviceTensor.empty(st.buf["x"].shape, "float32")
-        if isinstance(x, DeviceTensor):
-            copy_device(st.buf["x"].ptr, x.ptr, st.buf["x"].nbytes, b.stream)
-        else:
-            copy_to_device(st.buf["x"].ptr, np.ascontiguousarray(x, np.float32), b.stream)
-        for name in ("t", "lam", "coef"):
-            row = st.buf[name].nbytes
-            copy_device(st.buf[name].ptr, st.tables[name].ptr + i * row, row, b.stream)
-        for name, src in self.reference_kv(step.t, dims).items():
-            copy_device(st.kv[name].ptr, src.ptr, src.nbytes, b.stream)
-        b.graphs.run((dims, step.three_way), lambda: b.step_body(st, step.three_way))
-        copy_device(self.out.ptr, st.buf["x"].ptr, self.out.nbytes, b.stream)
-        if not isinstance(x, DeviceTensor):
-            b.stream.synchronize()  # the host noise must outlive its copy
-        return self.out
+def _slot(t: DeviceTensor, index: int) -> int:
+    """Address of row `index` of a device tensor (first axis)."""
+    return t.ptr + index * (t.nbytes // t.shape[0])
 
 
-def check_step_rows(specs: dict[str, NetworkSpec]) -> None:
-    """The update engines must take the coefficient row this runtime writes (`STEP_COEFFICIENTS`)."""
-    for k in (2, 3):
-        coef = next(t for t in specs[f"step_{k}way"].inputs if t.name == "coef")
-        if tuple(coef.shape) != (len(STEP_COEFFICIENTS),):
-            raise WeightsError(
-                f"step_{k}way takes {list(coef.shape)} step coefficients, this runtime writes "
-                f"{len(STEP_COEFFICIENTS)} ({', '.join(STEP_COEFFICIENTS)}): the engines come from another "
-                "version's export; export and build again with this one"
-            )
+class BatchDenoiser:
+    """One request's `denoise(x, step) -> x_next`: the batch of one, through `backend.step`."""
+
+    def __init__(self, backend: Any, ctx: RequestContext) -> None:
+        self.backend, self.ctx = backend, ctx
+
+    def __call__(self, x: Any, step: StepPlan) -> Any:
+        return self.backend.step([Member(self.ctx, x, step)])[0]
 
 
 class TrtBackend:
@@ -175,7 +75,7 @@ class TrtBackend:
     name = "tensorrt"
 
     def __init__(
-        self, engines_dir: str | Path, kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES, max_shapes: int = 4
+        self, engines_dir: str | Path, kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES, max_shapes: int = 8
     ) -> None:
         self.root = Path(engines_dir)
         try:
@@ -206,22 +106,28 @@ class TrtBackend:
         self._tokenizer = ClipTokenizer(self.root / self.manifest["vocab"])
         self.kv_cache = ReferenceKVCache(kv_cache_bytes)
         self.max_shapes = max_shapes
-        self.states: OrderedDict[LoopDims, StepState] = OrderedDict()
-        self.graphs = StepGraphs(TrtCapture(self.stream), 2 * max_shapes)
+        self.states: OrderedDict[LoopDims, BatchState] = OrderedDict()
+        self.graphs = StepGraphs(TrtCapture(self.stream), max_shapes)
 
     @property
     def tokenizer(self) -> ClipTokenizer:
         return self._tokenizer
 
-    def state(self, dims: LoopDims) -> StepState:
-        """The static buffers of a request shape, checked against the engines' profiles once."""
+    @property
+    def precision(self) -> str:
+        return str(self.manifest.get("precision", "fp16"))
+
+    # ---------------------------------------------------------------- batched steps
+
+    def state(self, dims: LoopDims) -> BatchState:
+        """The static buffers of a padded batch, checked against the engines' profiles once."""
         st = self.states.pop(dims, None)
         if st is None:
             check_kv_wiring(self.specs["reference_net"], self.specs["unet"], dims)
-            for name, k in (("unet", 2), ("unet", 3), ("step_2way", 2), ("step_3way", 3)):
-                shapes = io_shapes(self.specs[name], dims, k)
+            for name in ("unet", "step"):
+                shapes = io_shapes(self.specs[name], dims)
                 self.specs[name].check_shapes({t.name: shapes[t.name] for t in self.specs[name].inputs})
-            st = StepState(self, dims)
+            st = BatchState(self, dims)
         self.states[dims] = st
         while len(self.states) > self.max_shapes:
             old, _ = self.states.popitem(last=False)
@@ -231,32 +137,98 @@ class TrtBackend:
                     del engine.contexts[ctx_key]
         return st
 
-    def step_body(self, st: StepState, three_way: bool) -> None:
-        """One denoising step on the static buffers: what a CUDA graph records."""
-        dims, b = st.dims, st.buf
-        layout = BatchLayout(dims.samples, three_way)
-        row = b["x"].nbytes
-        for j in range(layout.k):  # layout.sample_rows: x repeated k times
-            copy_device(b["x_rep"].ptr + j * row, b["x"].ptr, row, self.stream)
-        ptrs = {
-            "x": b["x_rep"].ptr,
-            "mask": b["mask"].ptr,
-            "timestep": b["t"].ptr,
-            "context": b[f"context{layout.k}"].ptr,
-            "ref_scale": b["lam"].ptr,
-            "eps": b["eps"].ptr,
-            **{name: v.ptr for name, v in st.kv.items()},
+    def group_kv(self, members: Sequence[Member], plan: BatchPlan) -> list[dict[str, DeviceTensor]]:
+        """Every group's K/V ({name: [1, R*L, C]}): cached, or one ReferenceNet call for the rest."""
+        by_key = {m.kv_key: m for m in members}
+        found = {key: self.kv_cache.get(key) for key in plan.groups}
+        missing = [key for key in plan.groups if found[key] is None]
+        if missing:
+            ms = [by_key[key] for key in missing]
+            first = ms[0].ctx.identity.latents
+            r = first.shape[0]
+            lat = DeviceTensor.empty((len(ms) * r, *first.shape[1:]), first.dtype)
+            ctx = DeviceTensor.empty((len(ms), *ms[0].ctx.texts.shape[1:]), "float32")
+            for g, m in enumerate(ms):
+                copy_device(
+                    _slot(lat, g * r), m.ctx.identity.latents.ptr, m.ctx.identity.latents.nbytes, self.stream
+                )
+                copy_device(_slot(ctx, g), _slot(m.ctx.texts, 1), ctx.nbytes // len(ms), self.stream)
+            t = np.asarray([m.step.t for m in ms], np.float32)
+            dims = LoopDims(1, 8, 8, r, groups=len(ms))
+            fresh = self._run_host("reference_net", dims, ref_latents=lat, timestep=t, context=ctx)
+            for g, key in enumerate(missing):
+                kv = {}
+                for name, value in fresh.items():
+                    kv[name] = DeviceTensor.empty((1, *value.shape[1:]), value.dtype)
+                    copy_device(kv[name].ptr, _slot(value, g), kv[name].nbytes, self.stream)
+                self.stream.synchronize()
+                self.kv_cache.put(key, kv)
+                found[key] = kv
+        return [found[key] for key in plan.groups]  # type: ignore[misc]
+
+    def _load(self, st: BatchState, members: Sequence[Member], padded: PaddedPlan) -> None:
+        """Copy a batch's values into the static buffers (device copies; host index arrays)."""
+        b, plan = st.buf, padded.plan
+        for i, (m, first) in enumerate(zip(members, plan.offsets)):
+            if isinstance(m.x, DeviceTensor):
+                copy_device(_slot(b["x"], first), m.x.ptr, m.x.nbytes, self.stream)
+            else:
+                copy_to_device(_slot(b["x"], first), np.ascontiguousarray(m.x, np.float32), self.stream)
+            copy_device(_slot(b["masks"], i), m.ctx.mask.ptr, m.ctx.mask.nbytes, self.stream)
+            copy_device(_slot(b["texts"], 2 * i), m.ctx.texts.ptr, m.ctx.texts.nbytes, self.stream)
+        for g, kv in enumerate(self.group_kv(members, plan)):
+            for name in st.kv_names:
+                copy_device(_slot(b[name], g), kv[name].ptr, kv[name].nbytes, self.stream)
+        host = {
+            "sample_rows": padded.sample_rows,
+            "member_rows": padded.member_rows,
+            "text_rows": padded.text_rows,
+            "timestep": padded.t,
+            "ref_scale": padded.scale,
+            "ref_group": padded.group,
+            "guide": padded.guide,
+            "coef": padded.coef,
         }
-        key = (dims, three_way)
-        self.run("unet", key, io_shapes(self.specs["unet"], dims, layout.k), ptrs)
-        step = f"step_{layout.k}way"
-        ptrs = {"x": b["x"].ptr, "eps": b["eps"].ptr, "coef": b["coef"].ptr, "x_next": b["x_next"].ptr}
-        self.run(step, key, io_shapes(self.specs[step], dims, layout.k), ptrs)
-        copy_device(b["x"].ptr, b["x_next"].ptr, row, self.stream)
+        for name, values in host.items():
+            copy_to_device(b[name].ptr, np.ascontiguousarray(values, b[name].dtype), self.stream)
+        self.stream.synchronize()  # the host arrays above (and the noise) must outlive their copies
+
+    def step_body(self, st: BatchState) -> None:
+        """One batched step on the static buffers: what a CUDA graph records."""
+        key = (st.dims, None)
+        for name in ("unet", "step"):
+            spec = self.specs[name]
+            self.run(
+                name,
+                key,
+                io_shapes(spec, st.dims),
+                {t.name: st.buf[t.name].ptr for t in (*spec.inputs, *spec.outputs)},
+            )
+        copy_device(st.buf["x"].ptr, st.buf["x_next"].ptr, st.buf["x"].nbytes, self.stream)
+
+    def step(self, members: Sequence[Member]) -> list[DeviceTensor]:
+        """One batched step: every member's next x, in a buffer of its request."""
+        plan = plan_batch(members)
+        padded = pad_plan(plan, len(members))
+        _, _, h, w = members[0].x.shape
+        dims = LoopDims.of(padded.key, h, w, members[0].ctx.identity.num_refs)
+        st = self.state(dims)
+        self._load(st, members, padded)
+        self.graphs.run((dims, None), lambda: self.step_body(st))
+        outs = []
+        for m, first in zip(members, plan.offsets):
+            out = m.ctx.scratch.get("x")
+            if out is None or out.shape != tuple(m.x.shape):
+                out = m.ctx.scratch["x"] = DeviceTensor.empty(tuple(m.x.shape), "float32")
+            copy_device(out.ptr, _slot(st.buf["x"], first), out.nbytes, self.stream)
+            outs.append(out)
+        return outs
 
     def run(self, name: str, key: Any, shapes: dict[str, tuple[int, ...]], ptrs: dict[str, int]) -> None:
         engine = self.engines[name]
         engine.enqueue(engine.context(key, self.memory), shapes, ptrs, self.stream)
+
+    # ---------------------------------------------------------------- the other networks
 
     def _run_host(
         self, name: str, dims: LoopDims, **inputs: np.ndarray | DeviceTensor
@@ -284,44 +256,69 @@ class TrtBackend:
         out = np.empty(t.shape, t.dtype)
         copy_to_host(out, t.ptr, self.stream)
         self.stream.synchronize()
-        return out
+        return out.astype(np.float32) if out.dtype == np.float16 else out
 
     def from_numpy(self, x: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(x, dtype=np.float32)
 
-    def encode_text(self, ids: np.ndarray) -> list[DeviceTensor]:
-        """Token ids [P, 77] -> one device tensor [1, 77, C] per prompt."""
-        dims = LoopDims(1, 8, 8, 1, 1, prompts=len(ids))
-        hidden = self.to_host(self._run_host("text_encoder", dims, input_ids=ids.astype(np.int32))["hidden"])
-        out = []
-        for row in hidden:
-            t = DeviceTensor.empty((1, *row.shape), "float32")
-            copy_to_device(t.ptr, row[None], self.stream)
-            out.append(t)
+    def latents_from_host(self, latents: np.ndarray) -> DeviceTensor:
+        """Stored reference latents [R, 4, hr, wr] onto the device (the VAE encoder's dtype)."""
+        dtype = next(t.dtype for t in self.specs["vae_encoder"].outputs)
+        out = DeviceTensor.empty(tuple(latents.shape), dtype)
+        copy_to_device(out.ptr, np.ascontiguousarray(latents, dtype), self.stream)
         self.stream.synchronize()
         return out
 
+    def encode_text(self, ids: np.ndarray) -> DeviceTensor:
+        """Token ids [P, 77] -> hidden states [P, 77, C] on the device."""
+        dims = LoopDims(1, 8, 8, 1, prompts=len(ids))
+        return self._run_host("text_encoder", dims, input_ids=ids.astype(np.int32))["hidden"]
+
     def encode_references(self, images: np.ndarray) -> DeviceTensor:
         """Crops [R, 3, S, S] -> scaled latents [R, 4, S/8, S/8], kept on the device."""
-        dims = LoopDims(1, 8, 8, len(images), 1)
-        return self._run_host("vae_encoder", dims, images=images)["latents"]
+        return self._run_host("vae_encoder", LoopDims(1, 8, 8, len(images)), images=images)["latents"]
+
+    def context(
+        self,
+        texts: DeviceTensor,
+        identity: Identity,
+        mask: np.ndarray,
+        guidance: GuidanceParams,
+        uncond_key: str,
+    ) -> RequestContext:
+        """What a request brings to every batched step; its mask goes to the device once."""
+        m = DeviceTensor.empty((1, 1, *mask.shape), "float32")
+        copy_to_device(m.ptr, np.ascontiguousarray(mask[None, None], np.float32), self.stream)
+        self.stream.synchronize()
+        return RequestContext(texts, identity, m, guidance, uncond_key)
 
     def denoiser(
         self,
-        cond: Any,
-        uncond: Any,
+        texts: DeviceTensor,
         identity: Identity,
         mask: np.ndarray,
         guidance: GuidanceParams,
         steps: Sequence[StepPlan] = (),
         uncond_key: str = "",
-    ) -> TrtDenoiser:
-        c = cond[0] if isinstance(cond, list) else cond
-        u = uncond[0] if isinstance(uncond, list) else uncond
-        m = mask.astype(np.float32)[None, None]
-        return TrtDenoiser(self, c, u, identity, m, guidance, list(steps), uncond_key)
+    ) -> BatchDenoiser:
+        return BatchDenoiser(self, self.context(texts, identity, mask, guidance, uncond_key))
 
     def decode(self, z: np.ndarray | DeviceTensor) -> np.ndarray:
         """Latents [N, 4, h, w] (host or device) -> uint8 images [N, 8h, 8w, 3]."""
         n, _, h, w = z.shape
-        return self.to_host(self._run_host("vae_decoder", LoopDims(n, h, w, 1, 1), latents=z)["images"])
+        images = self._run_host("vae_decoder", LoopDims(n, h, w, 1), latents=z)["images"]
+        out = np.empty(images.shape, np.uint8)
+        copy_to_host(out, images.ptr, self.stream)
+        self.stream.synchronize()
+        return out
+
+
+def check_step_rows(specs: dict[str, NetworkSpec]) -> None:
+    """The update engine must take the coefficient row this runtime writes (`STEP_COEFFICIENTS`)."""
+    coef = next(t for t in specs["step"].inputs if t.name == "coef")
+    if tuple(coef.shape[1:]) != (len(STEP_COEFFICIENTS),):
+        raise WeightsError(
+            f"step takes {list(coef.shape)} step coefficients, this runtime writes "
+            f"[samples, {len(STEP_COEFFICIENTS)}] ({', '.join(STEP_COEFFICIENTS)}): the engines come from "
+            "another version's export; export and build again with this one"
+        )
