@@ -15,6 +15,7 @@ import numpy as np
 
 from .errors import InputError
 from .sampler import GuidanceParams
+from .spec import ExportShapes
 
 DEFAULT_POSITIVE_SUFFIX = "best quality, masterpiece,ultra-detailed, UHD 4K, photographic"
 DEFAULT_NEGATIVE = (
@@ -26,6 +27,21 @@ REFERENCE_SIZE = 224  # reference crops are padded to this square (official PadT
 MIN_REFERENCES = 4  # the demo pads fewer reference faces to this many
 MAX_SEED = 2**32 - 1
 MAX_SIDE = 4096
+# accepted range of every number of a request (guidance: the official demo's sliders, widened where
+# the model stays well defined); the command line's help quotes them
+LIMITS: dict[str, tuple[float, float]] = {
+    "steps": (1, 1000),
+    "seed": (0, MAX_SEED),
+    "num_samples": (1, 64),
+    "height": (8, MAX_SIDE),
+    "width": (8, MAX_SIDE),
+    "text_guidance": (0.0, 30.0),
+    "face_guidance": (0.0, 10.0),
+    "ref_strength": (0.0, 3.0),
+    "ref_strength_before": (0.0, 3.0),
+    "step_to_launch": (0, 1000),
+    "guide_rescale": (0.0, 1.0),
+}
 
 
 @dataclass(frozen=True)
@@ -51,12 +67,11 @@ class GenerationRequest:
 
     def validated(self) -> GenerationRequest:
         """Return self after checking every field; raises InputError naming the bad value."""
-        _check_int("steps", self.steps, 1, 1000)
-        _check_int("seed", self.seed, 0, MAX_SEED)
-        _check_int("num_samples", self.num_samples, 1, 64)
+        for name in ("steps", "seed", "num_samples"):
+            _check_int(name, getattr(self, name))
         for name in ("height", "width"):
             value = getattr(self, name)
-            _check_int(name, value, 8, MAX_SIDE)
+            _check_int(name, value)
             if value % 8:
                 raise InputError(f"{name}={value} must be a multiple of 8")
         if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
@@ -66,12 +81,14 @@ class GenerationRequest:
         return self
 
 
-def _check_int(name: str, value: object, lo: int, hi: int) -> None:
+def _check_int(name: str, value: object) -> None:
+    lo, hi = (int(v) for v in LIMITS[name])
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
         raise InputError(f"{name}={value!r} must be an integer in [{lo}, {hi}]")
 
 
-def _check_float(name: str, value: object, lo: float, hi: float) -> None:
+def _check_float(name: str, value: object) -> None:
+    lo, hi = LIMITS[name]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise InputError(f"{name}={value!r} must be a finite number in [{lo}, {hi}]")
     if not lo <= value <= hi:
@@ -79,13 +96,10 @@ def _check_float(name: str, value: object, lo: float, hi: float) -> None:
 
 
 def validate_guidance(g: GuidanceParams) -> None:
-    """Ranges: the official demo's sliders, widened where the model stays well defined."""
-    _check_float("text_guidance", g.text_guidance, 0.0, 30.0)
-    _check_float("face_guidance", g.face_guidance, 0.0, 10.0)
-    _check_float("ref_strength", g.ref_strength, 0.0, 3.0)
-    _check_float("ref_strength_before", g.ref_strength_before, 0.0, 3.0)
-    _check_int("step_to_launch", g.step_to_launch, 0, 1000)
-    _check_float("guide_rescale", g.guide_rescale, 0.0, 1.0)
+    """Every guidance value within its range in `LIMITS`."""
+    for name in ("text_guidance", "face_guidance", "ref_strength", "ref_strength_before", "guide_rescale"):
+        _check_float(name, getattr(g, name))
+    _check_int("step_to_launch", g.step_to_launch)
 
 
 def validate_bbox(bbox: Sequence[float]) -> tuple[float, float, float, float]:
@@ -105,6 +119,31 @@ def validate_bbox(bbox: Sequence[float]) -> tuple[float, float, float, float]:
             "(normalised coordinates), or be [0, 0, 0, 0] for no face position"
         )
     return (x1, y1, x2, y2)
+
+
+def range_problems(req: GenerationRequest, num_faces: int, shapes: ExportShapes) -> list[tuple[str, str]]:
+    """(problem, export option that fixes it) for each size of `req` outside `shapes`' ranges.
+
+    `num_faces` reference faces are repeated up to `MIN_REFERENCES`, as the pipeline does.
+    """
+    out = []
+    sizes = f"[{shapes.min_size}, {shapes.max_size}]"
+    for name in ("height", "width"):
+        value = getattr(req, name)
+        if not shapes.min_size <= value <= shapes.max_size:
+            fix = f"--min-size {value}" if value < shapes.min_size else f"--max-size {value}"
+            out.append((f"{name} {value} is outside the range {sizes}", fix))
+    if req.num_samples > shapes.max_samples:
+        problem = f"num_samples {req.num_samples} is outside the range [1, {shapes.max_samples}]"
+        out.append((problem, f"--max-samples {req.num_samples}"))
+    refs = max(num_faces, MIN_REFERENCES)
+    if refs > shapes.max_refs:
+        problem = (
+            f"{refs} reference faces (fewer are repeated up to {MIN_REFERENCES}) are outside the range "
+            f"[1, {shapes.max_refs}]"
+        )
+        out.append((problem, f"--max-refs {refs}"))
+    return out
 
 
 def face_mask(bbox: Sequence[float], height: int, width: int) -> np.ndarray:
