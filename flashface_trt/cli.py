@@ -1,4 +1,8 @@
-"""`flashface-trt` command line: argparse lives here and nowhere else."""
+"""FlashFace-TRT: personalised images of a person from reference photos and a prompt.
+
+Generate with PyTorch (--weights, or --preset tiny without downloads), with ONNX Runtime from an
+export (--onnx) or with TensorRT engines (--engines); `flashface-trt COMMAND --help` for each.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +15,32 @@ from . import commands as cmd
 from .models.settings import TORCH_PRESETS
 from .runtime.errors import FlashFaceError
 from .runtime.images import DEFAULT_MAX_PIXELS
-from .runtime.request import RECIPES
+from .runtime.outputs import COMMON_FORMATS
+from .runtime.request import MAX_SEED, RANGES, RECIPES
 
 log = logging.getLogger("flashface_trt")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults formatter, leaving out defaults that say nothing (None, False, empty)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default in ("", []):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _range(name: str) -> str:
+    r = RANGES[name]
+    return f"[{int(r.lo)}, {int(r.hi)}]" if r.integer else f"[{r.lo:g}, {r.hi:g}]"
+
+
+def _recipes(name: str) -> str:
+    """Each recipe's value of a guidance parameter, for the help."""
+    values = {k: f"{getattr(r.guidance, name):g}" for k, r in sorted(RECIPES.items())}
+    if len(set(values.values())) == 1:
+        return f"{next(iter(values.values()))} with every --recipe"
+    return ", ".join(f"{v} with --recipe {k}" for k, v in values.items())
 
 
 def _bbox(text: str) -> tuple[float, ...]:
@@ -28,43 +55,52 @@ def _bbox(text: str) -> tuple[float, ...]:
     return values
 
 
-def _add_model_args(p: argparse.ArgumentParser, onnx: bool = False, export: bool = False) -> None:
+def _sub(sub, name: str, help: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
+
+
+def _add_source(p: argparse.ArgumentParser, onnx: str | None = None, engines: bool = False):
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--weights", type=Path, help="directory with the official or converted weights")
+    src.add_argument("--weights", type=Path, help="directory of the official or converted weight files")
     src.add_argument(
-        "--preset", choices=["tiny"], help="embedded deterministic random model (no weights needed)"
+        "--preset", choices=["tiny"], help="embedded deterministic random model: no downloads, noise images"
     )
     if onnx:
-        src.add_argument("--onnx", type=Path, help="a directory written by `flashface-trt export`")
+        src.add_argument("--onnx", type=Path, help=onnx)
+    if engines:
         src.add_argument("--engines", type=Path, help="a directory written by `flashface-trt build`")
-        p.add_argument(
-            "--provider",
-            choices=["cpu", "cuda", "tensorrt"],
-            default="cpu",
-            help="ONNX Runtime execution provider (cuda/tensorrt where installed)",
-        )
-        p.add_argument(
-            "--torch-preset",
-            choices=list(TORCH_PRESETS),
-            default="auto",
-            help="PyTorch backend: static loop (CUDA graph on a GPU), torch.compile, channels-last",
-        )
+    return src
+
+
+def _add_torch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available"
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="PyTorch device (--weights, --preset); auto: cuda if torch sees one",
     )
-    if export:
-        p.add_argument(
-            "--precision",
-            choices=["fp32", "fp16"],
-            default="fp32",
-            help="graph precision: fp16 weights and activations with float32 normalisations",
-        )
-        return
+
+
+def _add_backend_args(p: argparse.ArgumentParser) -> None:
+    """How each backend runs: PyTorch device, precision and preset; ONNX Runtime provider."""
+    _add_torch_args(p)
     p.add_argument(
         "--precision",
         choices=["auto", "fp32", "fp16"],
         default="auto",
-        help="default: fp16 weights on CUDA, fp32 on CPU",
+        help="PyTorch weights (--weights, --preset); auto: fp16 on CUDA, fp32 on the CPU",
+    )
+    p.add_argument(
+        "--torch-preset",
+        choices=list(TORCH_PRESETS),
+        default="auto",
+        help="how the PyTorch backend runs: static loop (CUDA graph on a GPU), torch.compile, channels-last",
+    )
+    p.add_argument(
+        "--provider",
+        choices=["cpu", "cuda", "tensorrt"],
+        default="cpu",
+        help="ONNX Runtime execution provider for --onnx (cuda/tensorrt where installed)",
     )
 
 
@@ -86,125 +122,196 @@ def _add_face_args(p: argparse.ArgumentParser, cropped: bool = True) -> None:
         "--max-pixels",
         type=int,
         default=DEFAULT_MAX_PIXELS,
-        help="refuse photos with more pixels than this (decompression-bomb guard)",
+        help="refuse photos with more pixels than this (>= 1; decompression-bomb guard)",
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flashface-trt", description=__doc__)
-    parser.add_argument("--verbose", action="store_true", help="log debug messages")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    gen = sub.add_parser("generate", help="personalised images from reference faces and a prompt")
-    _add_model_args(gen, onnx=True)
+def _add_generate(sub) -> None:
+    gen = _sub(sub, "generate", "personalised images from reference faces and a prompt")
+    _add_source(
+        gen, onnx="a directory written by `flashface-trt export` (ONNX Runtime, no torch)", engines=True
+    )
+    _add_backend_args(gen)
     gen.add_argument(
         "--face",
         type=Path,
         action="append",
         default=[],
-        help="a reference photo with one face (repeat for more); the tiny preset draws one if omitted",
+        metavar="PHOTO",
+        help="a reference photo with one face (repeat for more); without it --preset/--onnx use a drawn face",
     )
     _add_face_args(gen)
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--negative-prompt", default="")
+    gen.add_argument("--prompt", required=True, help="what to draw; the official quality suffix is appended")
+    gen.add_argument(
+        "--negative-prompt",
+        default="",
+        help="what to avoid; put before the official default negative prompt",
+    )
     gen.add_argument(
         "--recipe",
         choices=sorted(RECIPES),
         default="identity",
         help="; ".join(f"{k}: {r.description}" for k, r in RECIPES.items()),
     )
-    gen.add_argument("--steps", type=int, default=30)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--num-samples", type=int, default=1)
-    gen.add_argument("--height", type=int, help="pixels, multiple of 8 (default 768; 128 with --preset tiny)")
-    gen.add_argument("--width", type=int, help="pixels, multiple of 8 (default 768; 128 with --preset tiny)")
-    gen.add_argument("--face-bbox", type=_bbox, help="normalised x1,y1,x2,y2 of the face; 0,0,0,0 = anywhere")
-    gen.add_argument("--text-guidance", type=float, help="text CFG scale (recipe default)")
-    gen.add_argument("--face-guidance", type=float, help="reference guidance scale (recipe default)")
-    gen.add_argument("--ref-strength", type=float, help="λ after the launch (recipe default)")
-    gen.add_argument("--ref-strength-before", type=float, help="λ before the launch (recipe default)")
+    gen.add_argument("--steps", type=int, default=30, help=f"DDIM steps in {_range('steps')}")
+    gen.add_argument("--seed", type=int, default=0, help=f"seed of the initial noise in [0, {MAX_SEED}]")
     gen.add_argument(
-        "--step-to-launch", type=int, help="3-way guidance for timesteps t <= this (recipe default)"
+        "--num-samples", type=int, default=1, help=f"images to generate in {_range('num_samples')}"
     )
-    gen.add_argument("--guide-rescale", type=float, help="CFG rescale in [0, 1] (recipe default)")
+    for side in ("height", "width"):
+        gen.add_argument(
+            f"--{side}",
+            type=int,
+            help=f"image {side} in pixels, a multiple of 8 in {_range(side)} (default: 768; 128 with "
+            "--preset tiny; the export's typical size with --onnx/--engines)",
+        )
     gen.add_argument(
-        "--out", type=Path, default=Path("out.png"), help="output PNG; several samples get _0, _1, ..."
+        "--face-bbox",
+        type=_bbox,
+        metavar="X1,Y1,X2,Y2",
+        help="where the face goes, in [0, 1] of the image; 0,0,0,0 = anywhere (default: "
+        f"{','.join(f'{v:g}' for v in RECIPES['identity'].face_bbox)} with every --recipe)",
+    )
+    for flag, what in (
+        ("text-guidance", "text guidance scale"),
+        ("face-guidance", "reference guidance scale"),
+        ("ref-strength", "reference strength λ once references are launched"),
+        ("ref-strength-before", "reference strength λ before the launch"),
+        ("guide-rescale", "CFG rescale"),
+    ):
+        gen.add_argument(
+            f"--{flag}",
+            type=float,
+            help=f"{what} in {_range(flag.replace('-', '_'))} (default: {_recipes(flag.replace('-', '_'))})",
+        )
+    gen.add_argument(
+        "--step-to-launch",
+        type=int,
+        help=f"3-way guidance for timesteps t <= this, in {_range('step_to_launch')} "
+        f"(default: {_recipes('step_to_launch')})",
+    )
+    gen.add_argument(
+        "--out",
+        type=Path,
+        default=Path("out.png"),
+        help=f"output image; its extension picks the format: {COMMON_FORMATS}, ... (any Pillow writes); "
+        "several samples get _0, _1, ...",
     )
 
-    det = sub.add_parser("detect", help="find the face in each photo and write the crops generate would use")
-    det.add_argument("photos", type=Path, nargs="+", metavar="PHOTO")
+
+def _add_detect(sub) -> None:
+    det = _sub(sub, "detect", "find the face in each photo and write the crops generate would use")
+    det.add_argument("photos", type=Path, nargs="+", metavar="PHOTO", help="photos to detect faces in")
     src = det.add_mutually_exclusive_group(required=True)
     src.add_argument("--weights", type=Path, help="directory with retinaface_resnet50.pth (or converted)")
     src.add_argument("--preset", choices=["tiny"], help="random detector (finds random 'faces'; for testing)")
-    src.add_argument("--onnx", type=Path, help="an exported detector graph, run by ONNX Runtime")
+    src.add_argument(
+        "--onnx",
+        type=Path,
+        help="a directory written by `export` or `export-detector` (ONNX Runtime, no torch)",
+    )
     det.add_argument("--out-dir", type=Path, default=Path("faces"), help="where crops are written")
-    det.add_argument("--show", type=int, default=5, help="detections listed per photo (best first)")
+    det.add_argument("--show", type=int, default=5, help="detections listed per photo, best first (>= 0)")
     _add_face_args(det, cropped=False)
 
-    exp = sub.add_parser("export-detector", help="export the face detector to ONNX (hash-named, reused)")
+
+def _add_exports(sub) -> None:
+    exp = _sub(sub, "export-detector", "export the face detector to ONNX (hash-named, reused)")
     src = exp.add_mutually_exclusive_group(required=True)
     src.add_argument("--weights", type=Path, help="directory with retinaface_resnet50.pth (or converted)")
     src.add_argument("--preset", choices=["tiny"], help="the tiny preset's random detector")
     exp.add_argument("--out-dir", type=Path, default=Path("onnx"), help="where the graph is written")
 
-    ex = sub.add_parser(
-        "export", help="export every network to ONNX (hash-named graphs, reused when current)"
+    ex = _sub(sub, "export", "export every network to ONNX (hash-named graphs, reused when current)")
+    _add_source(ex)
+    _add_torch_args(ex)
+    ex.add_argument(
+        "--precision",
+        choices=["fp32", "fp16"],
+        default="fp32",
+        help="graph precision: fp16 weights and activations with float32 normalisations",
     )
-    _add_model_args(ex, export=True)
     ex.add_argument("--out", type=Path, required=True, help="output directory (self-contained)")
-    ex.add_argument("--max-samples", type=int, help="images per request (default 4; 2 for tiny)")
-    ex.add_argument("--max-refs", type=int, help="reference faces per request (default 4)")
-    ex.add_argument("--min-size", type=int, help="smallest output side in pixels (default 256; 64 tiny)")
-    ex.add_argument("--max-size", type=int, help="largest output side in pixels (default 1024; 256 tiny)")
-    ex.add_argument("--height", type=int, help="typical output height (default 768; 128 tiny)")
-    ex.add_argument("--width", type=int, help="typical output width (default 768; 128 tiny)")
+    ex.add_argument(
+        "--max-samples", type=int, help="images per request, >= 1 (default: 4; 2 with --preset tiny)"
+    )
+    ex.add_argument("--max-refs", type=int, help="reference faces per request, >= 1 (default: 4)")
+    ex.add_argument(
+        "--min-size", type=int, help="smallest image side in pixels, a multiple of 8 (default: 256; 64 tiny)"
+    )
+    ex.add_argument(
+        "--max-size", type=int, help="largest image side in pixels, a multiple of 8 (default: 1024; 256 tiny)"
+    )
+    for side in ("height", "width"):
+        ex.add_argument(
+            f"--{side}",
+            type=int,
+            help=f"typical image {side}, a multiple of 8 in [min-size, max-size] (default: 768; 128 tiny)",
+        )
     ex.add_argument("--dynamo", action="store_true", help="use the torch.export-based ONNX exporter")
 
-    bld = sub.add_parser("build", help="TensorRT engines from an export (needs TensorRT and a GPU)")
+
+def _add_engines(sub) -> None:
+    bld = _sub(sub, "build", "TensorRT engines from an export (needs TensorRT and a GPU)")
     bld.add_argument("--onnx", type=Path, required=True, help="a directory written by `flashface-trt export`")
     bld.add_argument("--out", type=Path, required=True, help="engine directory")
     for flag, what in (
-        ("--max-samples", "images per request (UNet batch 3x this)"),
-        ("--max-refs", "reference faces per request"),
-        ("--min-size", "smallest output side in pixels"),
-        ("--max-size", "largest output side in pixels"),
-        ("--height", "typical output height"),
-        ("--width", "typical output width"),
+        ("--max-samples", "images per request, >= 1 (UNet batch 3x this)"),
+        ("--max-refs", "reference faces per request, >= 1"),
+        ("--min-size", "smallest image side in pixels, a multiple of 8"),
+        ("--max-size", "largest image side in pixels, a multiple of 8"),
+        ("--height", "typical image height, a multiple of 8"),
+        ("--width", "typical image width, a multiple of 8"),
     ):
         bld.add_argument(flag, type=int, help=f"{what} (default: the export's)")
-    bld.add_argument("--opt-level", type=int, default=3, help="builder optimisation level 0-5")
-    bld.add_argument("--workspace-gib", type=float, default=8.0, help="builder workspace limit")
+    bld.add_argument("--opt-level", type=int, default=3, help="builder optimisation level in [0, 5]")
+    bld.add_argument("--workspace-gib", type=float, default=8.0, help="builder workspace limit in GiB (> 0)")
     bld.add_argument("--timing-cache", type=Path, help="kernel timing cache file (reused across builds)")
 
-    ver = sub.add_parser("verify", help="every engine vs ONNX Runtime float32 on the same inputs")
-    ver.add_argument("--engines", type=Path, required=True)
-    ver.add_argument("--onnx", type=Path, required=True, help="a float32 export (the reference)")
+    ver = _sub(sub, "verify", "every engine vs ONNX Runtime float32 on the same inputs")
+    ver.add_argument(
+        "--engines", type=Path, required=True, help="a directory written by `flashface-trt build`"
+    )
+    ver.add_argument("--onnx", type=Path, required=True, help="a float32 export, the reference")
 
-    conv = sub.add_parser("convert-weights", help="official files -> deduplicated float16 safetensors")
-    conv.add_argument("src", type=Path)
-    conv.add_argument("out", type=Path)
-    _add_serve_args(sub)
+    conv = _sub(sub, "convert-weights", "official weight files -> deduplicated float16 safetensors")
+    conv.add_argument("src", type=Path, metavar="SRC", help="directory of the official weight files")
+    conv.add_argument("out", type=Path, metavar="OUT", help="directory to write the converted files to")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flashface-trt", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_generate(sub)
+    _add_detect(sub)
+    _add_exports(sub)
+    _add_engines(sub)
+    _add_serve(sub)
     return parser
 
 
-def _add_serve_args(sub) -> None:  # type: ignore[no-untyped-def]
+def _add_serve(sub) -> None:
     """`flashface-trt serve`: the HTTP service (needs the `serve` extra: fastapi, uvicorn, ...)."""
-    srv = sub.add_parser("serve", help="HTTP service: identities, generation jobs, progress, metrics")
-    _add_model_args(srv, onnx=True)
-    srv.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
-    srv.add_argument("--port", type=int, default=8000, help="listen port; 0 picks a free one (default 8000)")
+    srv = _sub(sub, "serve", "HTTP service: identities, generation jobs, progress, metrics")
+    _add_source(srv, onnx="a directory written by `flashface-trt export` (ONNX Runtime)", engines=True)
+    _add_backend_args(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="listen address")
+    srv.add_argument("--port", type=int, default=8000, help="listen port in [0, 65535]; 0 picks a free one")
     srv.add_argument(
         "--data-dir", type=Path, default=Path("flashface-data"), help="identities and job results"
     )
-    srv.add_argument("--max-queue", type=int, default=64, help="queued jobs before 429 (default 64)")
-    srv.add_argument("--max-upload-mb", type=float, default=20.0, help="request body limit, MiB (default 20)")
+    srv.add_argument("--max-queue", type=int, default=64, help="queued jobs before 429 (>= 1)")
+    srv.add_argument("--max-upload-mb", type=float, default=20.0, help="request body limit in MiB (> 0)")
     srv.add_argument(
         "--max-pixels",
         type=int,
         default=DEFAULT_MAX_PIXELS,
-        help="pixels per uploaded photo (decompression guard)",
+        help="pixels per uploaded photo (>= 1; decompression-bomb guard)",
     )
-    srv.add_argument("--timeout-s", type=float, default=600.0, help="default per-job deadline (default 600)")
+    srv.add_argument(
+        "--timeout-s", type=float, default=600.0, help="default per-job deadline in seconds (> 0)"
+    )
     srv.add_argument(
         "--api-key", action="append", default=[], help="a bearer key clients must send (repeat for more)"
     )
@@ -213,45 +320,50 @@ def _add_serve_args(sub) -> None:  # type: ignore[no-untyped-def]
         "--shutdown", choices=["finish", "cancel"], default="finish", help="on SIGTERM: finish or cancel jobs"
     )
     srv.add_argument(
-        "--drain-s", type=float, default=60.0, help="longest wait for jobs on SIGTERM (default 60)"
+        "--drain-s", type=float, default=60.0, help="longest wait for jobs on SIGTERM, seconds (>= 0)"
     )
-    srv.add_argument("--max-jobs", type=int, default=1000, help="finished job records kept (default 1000)")
+    srv.add_argument("--max-jobs", type=int, default=1000, help="finished job records kept (>= 1)")
     srv.add_argument(
         "--max-batch-rows",
         type=int,
         default=12,
-        help="UNet rows shared by running jobs per step (default 12)",
+        help="UNet rows shared by running jobs per step (>= 3: one 3-way guided sample)",
     )
     srv.add_argument(
-        "--warmup-steps", type=int, default=2, help="steps of the warm-up generation before ready (0: none)"
+        "--warmup-steps",
+        type=int,
+        default=2,
+        help="steps of the warm-up generation before ready, in [0, 1000] (0: none)",
     )
-    srv.add_argument("--height", type=int, help="height of requests that give none (default: the model's)")
-    srv.add_argument("--width", type=int, help="width of requests that give none (default: the model's)")
+    srv.add_argument(
+        "--height", type=int, help="height of requests that give none, a multiple of 8 (default: the model's)"
+    )
+    srv.add_argument(
+        "--width", type=int, help="width of requests that give none, a multiple of 8 (default: the model's)"
+    )
     srv.add_argument("--log-json", action="store_true", help="one JSON object per log line (with job ids)")
     ray = srv.add_argument_group("scale-out on Ray Serve (the `ray` extra)")
     ray.add_argument("--ray", action="store_true", help="deploy on Ray Serve: an ingress and model replicas")
     ray.add_argument("--ray-address", help="a running Ray cluster (default: start a local one)")
     ray.add_argument(
-        "--replicas", type=int, default=1, help="model replicas (with --max-replicas: the minimum)"
+        "--replicas", type=int, default=1, help="model replicas, >= 1 (with --max-replicas: the minimum)"
     )
-    ray.add_argument("--max-replicas", type=int, help="autoscale up to this many model replicas")
+    ray.add_argument(
+        "--max-replicas", type=int, help="autoscale up to this many model replicas (>= --replicas)"
+    )
     ray.add_argument(
         "--target-ongoing-requests",
         type=float,
         default=2.0,
-        help="autoscaling target per replica (default 2)",
+        help="autoscaling target of ongoing requests per replica (> 0)",
     )
-    ray.add_argument(
-        "--gpus-per-replica", type=float, default=1.0, help="GPUs of one model replica (default 1)"
-    )
-    ray.add_argument(
-        "--cpus-per-replica", type=float, default=1.0, help="CPUs of one model replica (default 1)"
-    )
+    ray.add_argument("--gpus-per-replica", type=float, default=1.0, help="GPUs of one model replica (>= 0)")
+    ray.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs of one model replica (>= 0)")
     ray.add_argument(
         "--identities-per-replica",
         type=int,
         default=16,
-        help="identities a replica keeps loaded (LRU, default 16)",
+        help="identities a replica keeps loaded, >= 1 (least recently used leave first)",
     )
 
 
@@ -261,21 +373,10 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
-        commands = {
-            "generate": cmd.generate,
-            "detect": cmd.detect,
-            "export-detector": cmd.export_detector,
-            "export": cmd.export,
-            "build": cmd.build,
-            "verify": cmd.verify,
-            "convert-weights": cmd.convert,
-            "serve": cmd.serve,
-        }
-        rc = commands[args.command](args)
+        return cmd.run(args)
     except FlashFaceError as exc:
         print(f"flashface-trt: error: {exc}", file=sys.stderr)
         return 2
-    return rc or 0
 
 
 if __name__ == "__main__":

@@ -29,3 +29,46 @@ def scripted_detector(box640: tuple[float, float, float, float], size: int = 640
         return logits, boxes, landmarks
 
     return run, np.float64(marks)
+
+
+WILD_OFFSETS = (
+    (0.0, 0.0, 60.0, 60.0),  # exp(12) times its anchor: a box far larger than any photo
+    (1e6, 1e6, 0.0, 0.0),  # centre far outside the photo
+    (0.0, 0.0, 400.0, 400.0),  # overflows float32 in the detector's pixels
+    (0.0, 0.0, 1e30, -1e30),  # exp overflows to inf / underflows to an empty box
+    (float("nan"), 0.0, 0.0, 0.0),
+    (float("inf"), float("-inf"), 0.0, 0.0),
+    (-1e6, 0.0, 0.0, 0.0),
+    (3.0, 3.0, 20.0, -20.0),  # a huge flat box
+)
+
+
+def wild_detector(face640: tuple[float, float, float, float] | None = None, landmarks: float = 0.0):
+    """A RunDetector whose confident detections are absurd boxes (huge, far outside, inf, NaN).
+
+    Anchor k of `WILD_OFFSETS` takes row k's offsets; `landmarks` is every landmark offset of them
+    (NaN or huge values make the landmarks wild too); two more anchors have NaN or inf logits.
+    With `face640`, one sane face (`scripted_detector`'s) scores like the rest.
+    """
+    size = 640
+    priors = prior_boxes(size, size)
+    anchors = np.linspace(0, len(priors) - 1, len(WILD_OFFSETS) + 2).astype(int)
+    face = scripted_detector(face640)[0] if face640 is not None else None
+
+    def run(images):
+        b, n = len(images), len(priors)
+        if face is None:
+            logits = np.tile(np.float32([5.0, -5.0]), (b, n, 1))
+            boxes = np.zeros((b, n, 4), np.float32)
+            marks = np.zeros((b, n, 10), np.float32)
+        else:
+            logits, boxes, marks = face(images)
+        for k, offsets in zip(anchors, WILD_OFFSETS):
+            logits[:, k] = [-5.0, 5.0]
+            boxes[:, k] = offsets
+            marks[:, k] = landmarks
+        logits[:, anchors[-2]] = [np.nan, 1.0]
+        logits[:, anchors[-1]] = [-np.inf, np.inf]
+        return logits, boxes, marks
+
+    return run

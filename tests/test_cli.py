@@ -235,6 +235,8 @@ def test_export_detector_and_detect_with_onnx_runtime(tiny_export, tmp_path, cap
         and {f.name: f.stat().st_mtime_ns for f in onnx_dir.glob("detector-*")} == stamp
     )
     photos = _photos(tmp_path, 1)
-    code = main(["detect", *photos, "--onnx", graph, "--largest-face", "--out-dir", str(tmp_path / "c")])
+    code = main(
+        ["detect", *photos, "--onnx", str(onnx_dir), "--largest-face", "--out-dir", str(tmp_path / "c")]
+    )
     assert code == 0
     assert (tmp_path / "c" / "person0_face.png").is_file()

@@ -6,6 +6,7 @@ in CI against tensorrt-stubs. The GPU test at the end runs wherever TensorRT and
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import replace
 
@@ -119,6 +120,25 @@ def test_engine_keys_and_stale_engines(tmp_path):
         check_engine(engine, "10.13.0", h100)
     manifest = json.loads(engine.with_suffix(".plan.json").read_text())
     assert manifest["key"]["gpu"] == {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+
+
+def test_engines_are_checked_against_their_build_time_sha256(tmp_path):
+    """An engine whose content changed at the same size is stale; so is one built without a sha256."""
+    gpu = GpuIdentity("NVIDIA H200", "9.0")
+    key = EngineKey("unet", "ab" * 32, BuildSettings().key(), "10.13.0", gpu)
+    engine = tmp_path / key.file_name()
+    engine.write_bytes(bytes(range(256)) * 4)
+    write_manifest(engine, key, 1.0)
+    assert check_engine(engine, "10.13.0", gpu)["sha256"] == hashlib.sha256(engine.read_bytes()).hexdigest()
+    engine.write_bytes(bytes(range(255, -1, -1)) * 4)  # same size, other content
+    with pytest.raises(StaleEngineError, match="changed after it was built"):
+        check_engine(engine, "10.13.0", gpu)
+    manifest_file = engine.with_suffix(".plan.json")
+    manifest = json.loads(manifest_file.read_text())
+    del manifest["sha256"]
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(StaleEngineError, match="records no sha256"):
+        check_engine(engine, "10.13.0", gpu)
 
 
 def test_buffer_plan_and_kv_wiring(specs):

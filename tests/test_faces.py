@@ -12,10 +12,19 @@ import pytest
 from PIL import Image
 
 from flashface_trt.runtime.errors import InputError
-from flashface_trt.runtime.faces import crop_face, crop_faces, eye_angle, face_tensor, select_face
+from flashface_trt.runtime.faces import (
+    box_problem,
+    crop_face,
+    crop_faces,
+    eye_angle,
+    face_tensor,
+    select_face,
+)
 from flashface_trt.runtime.images import DEFAULT_MAX_PIXELS, load_image
+from flashface_trt.runtime.references import references_from_images
 
 from .conftest import rel_err
+from .scripted import wild_detector
 
 # ---------------------------------------------------------------- oracle parity
 
@@ -120,6 +129,43 @@ def test_face_tensor_shape_and_range() -> None:
 def _faces(boxes: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
     b = np.array(boxes, np.float32).reshape(-1, 5)
     return b, np.zeros((len(b), 5, 2), np.float32)
+
+
+def test_crop_face_keeps_overhang_black_and_refuses_boxes_that_are_no_face_of_the_photo() -> None:
+    """As the official: a box overhanging the photo is cropped with black outside it; a box that
+    cannot be a face of the photo (outside it, absurdly large, not finite) is refused before cropping."""
+    img = Image.new("RGB", (100, 80), (200, 100, 50))
+    lm = np.zeros((5, 2), np.float32)
+    crop = np.asarray(crop_face(img, [-10, -20, 50, 40], lm))
+    assert crop.shape == (60, 60, 3) and not crop[:20].any() and not crop[:, :10].any()
+    assert (crop[20:, 10:] == (200, 100, 50)).all()
+    for box, why in (
+        ([0, 0, 1e6, 1e6], "over 2 times the photo's longer side"),
+        ([-3e5, -3e5, 1e5, 1e5], "over 2 times"),
+        ([100, 10, 150, 60], "outside the photo"),
+        ([-60, -60, -1, -1], "outside the photo"),
+    ):
+        with pytest.raises(InputError, match=why):
+            crop_face(img, box, lm)
+    with pytest.raises(InputError, match="finite"):
+        crop_face(img, [0, 0, np.inf, 10], lm)
+    assert box_problem([0, 0, 10, 10], np.full((5, 2), np.nan), img.size) == "not finite"
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("size", [(300, 300), (2000, 30), (30, 2000)])
+@pytest.mark.parametrize("landmarks", [0.0, np.nan, 1e30])
+def test_wild_detections_are_ignored_or_the_photo_refused(size, landmarks) -> None:
+    """Huge, far-away, overflowing, inf and NaN boxes and scores: no exception but InputError, no warning."""
+    photo = Image.new("RGB", size, (90, 60, 30))
+    finite = np.isfinite(landmarks)
+    (ref,) = references_from_images([photo], ["p.png"], wild_detector((200, 200, 400, 420), landmarks), True)
+    assert ref.faces_found == 1 and box_problem(ref.box, ref.landmarks, size) is None
+    assert max(ref.crop.size) <= 2 * max(size)
+    with pytest.raises(
+        InputError, match="no face found in 'p.png'" + (": its 5 detection" if finite else "$")
+    ):
+        references_from_images([photo], ["p.png"], wild_detector(None, landmarks), True)
 
 
 def test_select_face_none() -> None:

@@ -1,6 +1,6 @@
 """The package's import direction, read from the source: runtime/ is the ground floor.
 
-cli -> commands -> export -> models -> runtime, and commands -> engine -> runtime. runtime/ (what
+deploy -> cli -> commands -> export -> models -> runtime, and commands -> engine -> runtime. runtime/ (what
 every deployment needs) imports nothing of the project outside itself and no torch; engine/ (a
 TensorRT build machine) imports no torch, no models and no export.
 """
@@ -23,6 +23,7 @@ ALLOWED = {
     "serve": {"serve", "runtime"},
     "commands": {"commands", "export", "models", "engine", "runtime", "serve"},
     "cli": {"cli", "commands", "models", "runtime", "serve"},
+    "deploy": {"deploy", "cli", "commands", "serve"},
 }
 TORCH_FREE = {"runtime", "engine", "serve"}
 

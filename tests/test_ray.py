@@ -144,18 +144,19 @@ def test_no_replica_means_503_not_a_hang(ray_api):
 
 
 def test_serve_run_config_builds_the_application(tmp_path):
-    """`serve run deploy/ray-serve.yaml` imports `flashface_trt.commands:ray_app` with these args."""
+    """`serve run deploy/ray-serve.yaml` imports `flashface_trt.deploy:ray_app` with these args."""
     import yaml
     from ray.serve.deployment import Application
 
-    from flashface_trt.commands import _ray_config, ray_app, ray_options
+    from flashface_trt.commands.serve import _ray_config
+    from flashface_trt.deploy import ray_app, ray_options
     from flashface_trt.serve.ray_app import MODEL
 
     from .conftest import REPO
 
     config = yaml.safe_load((REPO / "deploy" / "ray-serve.yaml").read_text())
     (app,) = config["applications"]
-    assert app["import_path"] == "flashface_trt.commands:ray_app"
+    assert app["import_path"] == "flashface_trt.deploy:ray_app"
     keys = tmp_path / "keys"
     keys.write_text("k1\n")
     args = {

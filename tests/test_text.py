@@ -61,6 +61,20 @@ def test_tokenizer_shapes_and_truncation():
     assert short[1, 2:].tolist() == [tok.eot_id] * 6
 
 
+def test_tokenizer_decode_and_truncation():
+    """`decode` inverts `tokenize` up to CLIP's cleaning; `truncation` says what `encode` drops."""
+    tok = ClipTokenizer()
+    text = "A photo of Zoë, 4K &amp; ultra-detailed!"
+    assert tok.decode(tok.tokenize(text)) == "a photo of zoë , 4 k & ultra - detailed !"
+    assert tok.truncation("a man") is None
+    cut = tok.truncation("one two " * 40)
+    assert cut is not None and cut.dropped == 80 - 75
+    assert cut.kept == " ".join(["one two"] * 37 + ["one"]) and cut.lost == " ".join(
+        ["two"] + ["one two"] * 2
+    )
+    assert tok.encode("one two " * 40)[0, 1:-1].tolist() == tok.tokenize(cut.kept)
+
+
 def test_tokenizer_cleaning():
     """Official `basic_clean`: ftfy and a double HTML unescape (library CLIP tokenizers skip these)."""
     tok = ClipTokenizer()

@@ -194,6 +194,21 @@ def postprocess(
         raise InputError(
             f"detector gave {logits.shape[1]} anchors for a {width}x{height} input, expected {len(priors)}"
         )
+    with np.errstate(over="ignore", invalid="ignore"):  # a broken detector's inf/NaN: dropped below
+        return _postprocess(logits, boxes, landmarks, priors, height, width, cfg, tie_rank)
+
+
+def _postprocess(
+    logits: np.ndarray,
+    boxes: np.ndarray,
+    landmarks: np.ndarray,
+    priors: np.ndarray,
+    height: int,
+    width: int,
+    cfg: DetectorConfig,
+    tie_rank: np.ndarray | None,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`postprocess` once the anchors are known to match (see there)."""
     scores = softmax_face(logits)  # [B, N]
     out = []
     for b in range(len(scores)):
@@ -247,6 +262,10 @@ def to_photo(
     boxes[:, [1, 3]] -= np.float32(top)
     pts[:, :, 0] -= np.float32(left)
     pts[:, :, 1] -= np.float32(top)
-    boxes[:, :4] /= np.float32(scale)
-    pts /= np.float32(scale)
-    return boxes, pts
+    with np.errstate(over="ignore"):  # a wild detector's huge boxes may overflow: dropped below
+        boxes[:, :4] /= np.float32(scale)
+        pts /= np.float32(scale)
+    finite = np.isfinite(boxes).all(1) & np.isfinite(pts).all((1, 2))
+    if not finite.all():
+        log.warning("dropping %d detections whose boxes overflow in photo pixels", int((~finite).sum()))
+    return boxes[finite], pts[finite]

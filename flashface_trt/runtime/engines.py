@@ -12,10 +12,12 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .artifacts import load_manifest
-from .errors import FlashFaceError
+from .artifacts import content_matches, load_manifest, sha256_file
+from .errors import FlashFaceError, WeightsError
 
 ENGINE_FORMAT = "flashface-trt-engine/1"
+ENGINES_FORMAT = "flashface-trt-engines/1"  # engines.json of a directory written by `flashface-trt build`
+ENGINES_MANIFEST = "engines.json"
 
 
 class StaleEngineError(FlashFaceError):
@@ -53,9 +55,20 @@ def write_manifest(engine: Path, key: EngineKey, build_seconds: float) -> None:
         "key": asdict(key),
         "digest": key.digest(),
         "bytes": engine.stat().st_size,
+        "sha256": sha256_file(engine),
         "build_seconds": round(build_seconds, 1),
     }
     engine.with_suffix(".plan.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+
+
+def engines_manifest(root: str | Path) -> dict:
+    """The `engines.json` of a directory written by `flashface-trt build`, without loading any engine."""
+    root = Path(root)
+    hint = "; run `flashface-trt build --onnx EXPORT --out DIR`"
+    if not root.is_dir():
+        what = "is a file, not an engine directory" if root.exists() else "does not exist"
+        raise WeightsError(f"--engines {str(root)!r} {what}{hint}")
+    return load_manifest(root / ENGINES_MANIFEST, ENGINES_FORMAT, WeightsError, hint)
 
 
 def read_manifest(engine: Path) -> dict:
@@ -63,7 +76,11 @@ def read_manifest(engine: Path) -> dict:
 
 
 def check_engine(engine: Path, tensorrt: str, gpu: GpuIdentity, onnx_sha256: str | None = None) -> dict:
-    """The manifest of `engine` if it fits this TensorRT, GPU (and graph); else StaleEngineError."""
+    """The manifest of `engine` if it fits this TensorRT, GPU (and graph); else StaleEngineError.
+
+    The file's sha256 is compared with the one recorded at build time once per (size, mtime), as
+    for ONNX graphs (`artifacts.content_matches`).
+    """
     if not engine.is_file():
         raise StaleEngineError(f"engine {str(engine)!r} does not exist; run `flashface-trt build`")
     manifest = read_manifest(engine)
@@ -76,8 +93,10 @@ def check_engine(engine: Path, tensorrt: str, gpu: GpuIdentity, onnx_sha256: str
         problems.append(f"built for {built}, running on {gpu.name} (sm {gpu.compute_capability})")
     if onnx_sha256 is not None and key["onnx_sha256"] != onnx_sha256:
         problems.append("built from another ONNX graph than the export's current one")
-    if engine.stat().st_size != manifest.get("bytes"):
-        problems.append("the engine file changed after it was built")
+    if "sha256" not in manifest:
+        problems.append("its manifest records no sha256 (built by an older version)")
+    elif not content_matches(engine, str(manifest["sha256"]), manifest.get("bytes")):
+        problems.append("the engine file changed after it was built (size or sha256)")
     if problems:
         raise StaleEngineError(
             f"{engine.name} is stale: "

@@ -1,15 +1,35 @@
-"""Reading a directory written by `flashface-trt export`: its manifest, specs and checked graphs."""
+"""Reading a directory written by `flashface-trt export` (or `export-detector`): manifest, specs, graphs."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .artifacts import check_artifact, load_manifest
+from .artifacts import check_artifact, load_manifest, read_manifest
 from .errors import WeightsError
-from .spec import EXPORT_FORMAT, NetworkSpec
+from .spec import EXPORT_FORMAT, ExportShapes, NetworkSpec
 
 MANIFEST = "manifest.json"
 UNET_GRAPHS = ("text_encoder", "vae_encoder", "vae_decoder", "reference_net", "unet")  # what a pipeline runs
+EXPORT_HINT = "run `flashface-trt export --out DIR`"
+
+
+def export_dir(root: str | Path, flag: str = "--onnx") -> Path:
+    """`root` if it is a directory; WeightsError saying whether it is missing or a file."""
+    root = Path(root)
+    if root.is_dir():
+        return root
+    if root.exists():
+        raise WeightsError(
+            f"{flag} {str(root)!r} is a file; {flag} takes the directory written by `flashface-trt export` "
+            f"(or `export-detector`), e.g. {str(root.parent)!r}"
+        )
+    raise WeightsError(f"{flag} directory {str(root)!r} does not exist; {EXPORT_HINT}")
+
+
+def export_manifest(root: str | Path) -> dict:
+    """The manifest of an exported directory, without checking its graphs (cheap)."""
+    root = export_dir(root)
+    return load_manifest(root / MANIFEST, EXPORT_FORMAT, WeightsError, f"; {EXPORT_HINT}")
 
 
 def read_export(root: str | Path, required: tuple[str, ...] = UNET_GRAPHS) -> dict:
@@ -19,10 +39,7 @@ def read_export(root: str | Path, required: tuple[str, ...] = UNET_GRAPHS) -> di
     per file size and modification time, see `artifacts.content_matches`).
     """
     root = Path(root)
-    path = root / MANIFEST
-    if not root.is_dir():
-        raise WeightsError(f"export directory {str(root)!r} does not exist; run `flashface-trt export`")
-    manifest = load_manifest(path, EXPORT_FORMAT, WeightsError, "; run `flashface-trt export`")
+    manifest = export_manifest(root)
     networks = manifest.get("networks", {})
     for name in required:
         entry = networks.get(name)
@@ -36,3 +53,36 @@ def read_export(root: str | Path, required: tuple[str, ...] = UNET_GRAPHS) -> di
 def export_specs(manifest: dict) -> dict[str, NetworkSpec]:
     """Every network's spec from an export manifest."""
     return {name: NetworkSpec.from_dict(e["spec"]) for name, e in manifest["networks"].items()}
+
+
+def manifest_shapes(manifest: dict) -> ExportShapes:
+    """The shape ranges an export (or a set of engines) accepts, from its manifest's `shapes`."""
+    return ExportShapes(**manifest["shapes"])
+
+
+def detector_graph(root: str | Path) -> Path:
+    """The face detector graph of a directory written by `export` or `export-detector`, checked.
+
+    An export's manifest names its detector; otherwise the directory must hold exactly one
+    `detector-<hash>.onnx` with its manifest beside it.
+    """
+    root = export_dir(root)
+    if (root / MANIFEST).is_file():
+        entry = export_manifest(root)["networks"].get("detector")
+        if entry is None:
+            raise WeightsError(
+                f"the export {str(root)!r} has no detector graph; write one there with "
+                f"`flashface-trt export-detector --out-dir {root}`, or pass --cropped faces"
+            )
+        graphs = [root / entry["file"]]
+    else:
+        graphs = sorted(p for p in root.glob("detector-*.onnx") if read_manifest(p) is not None)
+    if not graphs:
+        raise WeightsError(
+            f"{str(root)!r} holds no detector graph; run `flashface-trt export-detector --out-dir {root}`"
+        )
+    if len(graphs) > 1:
+        names = ", ".join(p.name for p in graphs)
+        raise WeightsError(f"{str(root)!r} holds several detector graphs ({names}); keep one")
+    check_artifact(graphs[0], "flashface-trt export-detector")
+    return graphs[0]

@@ -15,6 +15,7 @@ from .images import reference_array
 log = logging.getLogger(__name__)
 
 FACE_SIZE = 224  # the official `padding_to_square = PadToSquare(224)` of demo_gradio.py
+MAX_BOX_SIDE = 2.0  # a face box side may be at most this many times the photo's longer side
 
 
 def _box(box: ArrayLike) -> tuple[int, int, int, int]:
@@ -26,6 +27,28 @@ def _box(box: ArrayLike) -> tuple[int, int, int, int]:
     if x2 <= x1 or y2 <= y1:
         raise InputError(f"face box {b[:4].tolist()} is empty after rounding to ({x1}, {y1}, {x2}, {y2})")
     return x1, y1, x2, y2
+
+
+def box_problem(box: ArrayLike, landmarks: ArrayLike, photo_size: tuple[int, int]) -> str | None:
+    """Why a detection cannot be a face of a photo of `photo_size` (width, height), or None if it can.
+
+    A face box may overhang the photo (the official crop fills the part outside with black, as ours
+    does), but it must be finite, non-empty after rounding, overlap the photo, and have no side
+    longer than `MAX_BOX_SIDE` times the photo's longer side; that also bounds the crop's size.
+    """
+    b = np.asarray(box, dtype=np.float32).reshape(-1)
+    lm = np.asarray(landmarks, dtype=np.float32)
+    if b.shape[0] not in (4, 5) or not np.isfinite(b[:4]).all() or not np.isfinite(lm).all():
+        return "not finite"
+    x1, y1, x2, y2 = (int(v) for v in np.round(b[:4]))
+    width, height = photo_size
+    if x2 <= x1 or y2 <= y1:
+        return "empty"
+    if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
+        return "outside the photo"
+    if max(x2 - x1, y2 - y1) > MAX_BOX_SIDE * max(width, height):
+        return f"over {MAX_BOX_SIDE:g} times the photo's longer side"
+    return None
 
 
 def _norm(v: np.ndarray) -> float:
@@ -65,9 +88,19 @@ def crop_face(img: Image.Image, box: ArrayLike, landmarks: ArrayLike) -> Image.I
     """Crop the rounded box and rotate it level by the eyes (official `crop_face`, ldm/models/retinaface.py).
 
     As the official: PIL `crop` (outside the photo is black), then PIL `rotate` with its defaults
-    (nearest neighbour, same size, black corners).
+    (nearest neighbour, same size, black corners). A box that cannot be a face of `img`
+    (`box_problem`) raises InputError.
     """
-    crop = img.crop(_box(box))
+    rounded = _box(box)
+    problem = box_problem(box, landmarks, img.size)
+    if problem is not None:
+        raise InputError(
+            f"face box {list(rounded)} cannot be cropped from a {img.width}x{img.height} photo: {problem}"
+        )
+    try:
+        crop = img.crop(rounded)
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"the crop of face box {list(rounded)} is too large: {exc}") from exc
     angle = eye_angle(landmarks)
     if angle is not None:
         crop = crop.rotate(angle)
@@ -95,14 +128,9 @@ def face_tensor(crop: Image.Image, size: int = FACE_SIZE) -> np.ndarray:
     return reference_array(crop, size)
 
 
-def select_face(boxes: ArrayLike, landmarks: ArrayLike, photo_name: str, largest: bool = False) -> int:
-    """Index of the one face of a photo; no face, or several without `largest`, raise InputError.
-
-    boxes [K, 5] (x1, y1, x2, y2, score), landmarks [K, 5, 2]. With `largest`, the box of largest
-    area wins; ties go to the higher score, then to the earlier box.
-    """
-    b = np.asarray(boxes, dtype=np.float64)
-    lm = np.asarray(landmarks, dtype=np.float64)
+def detections(boxes: ArrayLike, landmarks: ArrayLike, photo_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A photo's detections as arrays [K, 5] and [K, 5, 2] (K may be 0); InputError naming the photo."""
+    b, lm = np.asarray(boxes), np.asarray(landmarks)
     if b.size == 0:
         b = b.reshape(0, 5)
     if lm.size == 0:
@@ -112,6 +140,17 @@ def select_face(boxes: ArrayLike, landmarks: ArrayLike, photo_name: str, largest
             f"{photo_name!r}: boxes must be [K, 5] and landmarks [K, 5, 2], "
             f"got {list(b.shape)} and {list(lm.shape)}"
         )
+    return b, lm
+
+
+def select_face(boxes: ArrayLike, landmarks: ArrayLike, photo_name: str, largest: bool = False) -> int:
+    """Index of the one face of a photo; no face, or several without `largest`, raise InputError.
+
+    boxes [K, 5] (x1, y1, x2, y2, score), landmarks [K, 5, 2]. With `largest`, the box of largest
+    area wins; ties go to the higher score, then to the earlier box.
+    """
+    b, lm = detections(boxes, landmarks, photo_name)
+    b = b.astype(np.float64)
     k = len(b)
     if k == 0:
         raise InputError(f"no face found in {photo_name!r}")

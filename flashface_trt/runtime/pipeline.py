@@ -16,12 +16,15 @@ from .identities import Identity, array_key, identity_from_crops
 from .images import reference_array
 from .request import REFERENCE_SIZE, GenerationRequest, face_mask, full_prompts, initial_noise, pad_references
 from .sampler import GuidanceParams, StepPlan, Wrap, plan, sample
+from .tokenizer import Truncation
 
 log = logging.getLogger(__name__)
 
 
 class Tokenizer(Protocol):
     def encode(self, prompts: str | list[str]) -> np.ndarray: ...
+
+    def truncation(self, text: str) -> Truncation | None: ...
 
 
 class Backend(Protocol):
@@ -87,6 +90,35 @@ def register_identity(backend: Backend, faces: Sequence[Image.Image], photos: Se
     return identity_from_crops(backend.encode_references, prepare_references(faces), photos)
 
 
+def _short(text: str, limit: int = 100) -> str:
+    """`text`, or its beginning and end around an ellipsis when longer than `limit` characters."""
+    half = (limit - 5) // 2
+    return text if len(text) <= limit else f"{text[:half]} ... {text[-half:]}"
+
+
+def warn_truncated(tokenizer: Tokenizer, positive: str, negative: str) -> None:
+    """Warn what CLIP's 77-token limit (75 + start and end) cuts from the full prompts; the cut is kept.
+
+    The official suffix and default negative prompt are appended before tokenising, so they are the
+    first to go.
+    """
+    for what, appended, text in (
+        ("prompt", "the official suffix", positive),
+        ("negative prompt", "the official default negative prompt", negative),
+    ):
+        cut = tokenizer.truncation(text)
+        if cut is not None:
+            log.warning(
+                "the %s is longer than CLIP's 75 tokens: %d tokens dropped from its end, where %s is "
+                "appended (dropped: %r); the model reads: %r",
+                what,
+                cut.dropped,
+                appended,
+                _short(cut.lost),
+                cut.kept,
+            )
+
+
 def generate(
     backend: Backend,
     request: GenerationRequest,
@@ -102,6 +134,7 @@ def generate(
     clock = _Stages(timings)
     req = request.validated()
     positive, negative = full_prompts(req.prompt, req.negative_prompt)
+    warn_truncated(backend.tokenizer, positive, negative)
     ids = backend.tokenizer.encode([positive, negative])  # [2, 77]
     texts = backend.encode_text(ids)  # [2, 77, C]
     clock("text")

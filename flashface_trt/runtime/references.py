@@ -17,7 +17,7 @@ from PIL import Image
 
 from .detection import DETECTOR, DetectorConfig, RunDetector, detect_faces
 from .errors import InputError
-from .faces import crop_face, select_face
+from .faces import box_problem, crop_face, detections, select_face
 from .images import DEFAULT_MAX_PIXELS, load_image
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,8 @@ class ReferenceFace:
     """One reference: the crop the model sees and where it came from.
 
     photo: the file name; box: [x1, y1, x2, y2, score] in photo pixels (None if not detected);
-    landmarks: [5, 2] (None if not detected); faces_found: detections above the threshold.
+    landmarks: [5, 2] (None if not detected); faces_found: detections above the threshold that can
+    be faces of the photo (`faces.box_problem`).
     """
 
     photo: str
@@ -53,11 +54,34 @@ def references_from_images(
 def pick_reference(
     image: Image.Image, name: str, boxes: np.ndarray, landmarks: np.ndarray, largest: bool = False
 ) -> ReferenceFace:
-    """The one face of a photo (or its largest) from its detections, cropped and levelled by the eyes."""
-    i = select_face(boxes, landmarks, name, largest)  # boxes [K, 5], landmarks [K, 5, 2]
+    """The one face of a photo (or its largest) from its detections, cropped and levelled by the eyes.
+
+    Detections that cannot be a face of the photo (outside it, absurdly large, not finite: see
+    `faces.box_problem`) are ignored, with a warning; a photo left with none is refused, naming it.
+    """
+    boxes, landmarks = detections(boxes, landmarks, name)  # [K, 5], [K, 5, 2]
+    problems = [box_problem(b, lm, image.size) for b, lm in zip(boxes, landmarks)]
+    keep = np.flatnonzero([p is None for p in problems])
+    if len(keep) < len(boxes):
+        why = ", ".join(sorted({p for p in problems if p is not None}))
+        size = f"{image.width}x{image.height}"
+        if len(keep) == 0:
+            raise InputError(
+                f"no face found in {name!r}: its {len(boxes)} detection(s) cannot be faces of the "
+                f"{size} photo ({why})"
+            )
+        log.warning(
+            "%s: ignoring %d of %d detections that are not faces of the %s photo (%s)",
+            name,
+            len(boxes) - len(keep),
+            len(boxes),
+            size,
+            why,
+        )
+    i = keep[select_face(boxes[keep], landmarks[keep], name, largest)]
     crop = crop_face(image, boxes[i], landmarks[i])
     log.info("%s: face at %s (score %.3f)", name, np.round(boxes[i, :4]).astype(int).tolist(), boxes[i, 4])
-    return ReferenceFace(name, crop, boxes[i], landmarks[i], len(boxes))
+    return ReferenceFace(name, crop, boxes[i], landmarks[i], len(keep))
 
 
 def load_references(

@@ -15,6 +15,7 @@ import logging
 import zlib
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import ftfy
 import numpy as np
@@ -74,6 +75,14 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
     return merges  # type: ignore[return-value]
 
 
+class Truncation(NamedTuple):
+    """What CLIP's fixed length cut from a prompt: the number of tokens dropped and both parts as text."""
+
+    dropped: int
+    kept: str
+    lost: str
+
+
 class ClipTokenizer:
     """Prompts -> CLIP token ids, identical to FlashFace's `CLIPTokenizer(padding='eos')`."""
 
@@ -87,6 +96,8 @@ class ClipTokenizer:
         chars = list(self._bytes.values())
         tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + [SOT, EOT]
         self.encoder: dict[str, int] = {t: i for i, t in enumerate(tokens)}
+        self.decoder: dict[int, str] = dict(enumerate(tokens))
+        self._byte_of = {c: b for b, c in self._bytes.items()}
         self.ranks: dict[tuple[str, str], int] = {m: i for i, m in enumerate(merges)}
         self.sot_id, self.eot_id = self.encoder[SOT], self.encoder[EOT]
         self.vocab_size = len(tokens)
@@ -134,6 +145,20 @@ class ClipTokenizer:
             mapped = "".join(self._bytes[b] for b in word.encode("utf-8"))
             ids.extend(self.encoder[piece] for piece in self.bpe(mapped))
         return ids
+
+    def decode(self, ids: list[int]) -> str:
+        """BPE ids -> text (CLIP `decode`: pieces joined, bytes restored, `</w>` read as a space)."""
+        pieces = "".join(self.decoder[i] for i in ids if i not in (self.sot_id, self.eot_id))
+        data = bytearray(self._byte_of[c] for c in pieces)
+        return data.decode("utf-8", errors="replace").replace("</w>", " ").strip()
+
+    def truncation(self, text: str) -> Truncation | None:
+        """What `encode_one` drops from `text` (CLIP reads `length - 2` tokens), or None if it fits."""
+        ids = self.tokenize(text)
+        keep = self.length - 2
+        if len(ids) <= keep:
+            return None
+        return Truncation(len(ids) - keep, self.decode(ids[:keep]), self.decode(ids[keep:]))
 
     def encode_one(self, text: str) -> list[int]:
         """`[SOT] + ids[:length-2] + [EOT]`, padded with EOT to `length`."""

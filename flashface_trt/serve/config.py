@@ -50,7 +50,7 @@ class ServeSettings:
             raise InputError(f"port={self.port} must be in [0, 65535]", "port")
         if self.max_batch_rows < 3:
             raise InputError(f"max_batch_rows={self.max_batch_rows} must be at least 3", "max_batch_rows")
-        for name in ("max_queue", "max_jobs"):
+        for name in ("max_queue", "max_jobs", "max_pixels"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name}={getattr(self, name)} must be at least 1", name)
         for name in ("max_upload_mb", "timeout_s"):

@@ -58,12 +58,20 @@ class RayConfig:
 
     def validated(self) -> RayConfig:
         if not 1 <= self.min_replicas <= self.max_replicas:
-            raise InputError(f"replicas need 1 <= min ({self.min_replicas}) <= max ({self.max_replicas})")
+            raise InputError(
+                f"replicas need 1 <= min ({self.min_replicas}) <= max ({self.max_replicas})", "min_replicas"
+            )
         for name in ("identities_per_replica", "ingress_replicas"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name}={getattr(self, name)} must be at least 1", name)
-        if self.target_ongoing_requests <= 0 or self.num_gpus < 0 or self.num_cpus < 0:
-            raise InputError("target_ongoing_requests must be positive and resources non-negative")
+        if not self.target_ongoing_requests > 0:
+            raise InputError(
+                f"target_ongoing_requests={self.target_ongoing_requests} must be > 0",
+                "target_ongoing_requests",
+            )
+        for name in ("num_gpus", "num_cpus"):
+            if not getattr(self, name) >= 0:
+                raise InputError(f"{name}={getattr(self, name)} must be >= 0", name)
         return self
 
     def deployment_options(self, max_queue: int) -> dict[str, Any]:

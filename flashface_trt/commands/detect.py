@@ -1,0 +1,69 @@
+"""`detect` (the faces `generate` would use, and their crops) and `export-detector`."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from ..runtime.errors import FlashFaceError
+from .checks import check_count, check_weights_dir, require_onnxruntime, require_torch
+from .generate import torch_detector
+
+
+def _detector(args: argparse.Namespace):
+    """The RunDetector of --onnx DIR (ONNX Runtime), --weights or --preset (PyTorch)."""
+    if args.onnx:
+        from ..runtime.exports import detector_graph
+        from ..runtime.ort_detector import OrtDetector
+
+        graph = detector_graph(args.onnx)
+        require_onnxruntime("detect --onnx")
+        return OrtDetector(graph)
+    if args.weights:
+        check_weights_dir(args.weights)
+    require_torch("detect", "detection with PyTorch (--preset, --weights)")
+    return torch_detector(args)
+
+
+def detect(args: argparse.Namespace) -> int:
+    from ..runtime.detection import detect_faces
+    from ..runtime.images import load_image
+    from ..runtime.references import pick_reference
+
+    check_count("--show", args.show, 0)
+    check_count("--max-pixels", args.max_pixels, 1)
+    detector = _detector(args)
+    refused = 0
+    for path in args.photos:
+        try:
+            image = load_image(path, max_pixels=args.max_pixels)
+            ((boxes, landmarks),) = detect_faces([image], detector)
+            print(f"{path}: {len(boxes)} face(s)")
+            for box in boxes[: args.show]:
+                x1, y1, x2, y2 = (int(v) for v in np.round(box[:4]))
+                print(f"  box ({x1}, {y1}, {x2}, {y2})  score {box[4]:.6f}")
+            if len(boxes) > args.show:
+                print(f"  ... {len(boxes) - args.show} more")
+            ref = pick_reference(image, path.name, boxes, landmarks, args.largest_face)
+        except FlashFaceError as exc:
+            print(f"  refused: {exc}")
+            refused += 1
+            continue
+        args.out_dir.mkdir(parents=True, exist_ok=True)  # only once there is a crop to write
+        out = args.out_dir / f"{path.stem}_face.png"
+        ref.crop.save(out)
+        print(f"  crop -> {out}")
+    return 2 if refused else 0
+
+
+def export_detector(args: argparse.Namespace) -> int:
+    if args.weights:
+        check_weights_dir(args.weights)
+    require_torch("export-detector", "export-detector")
+    from ..export.detector import cached_detector
+    from ..models.loading import load_detector, tiny_detector
+
+    model = tiny_detector() if args.preset else load_detector(args.weights)
+    print(cached_detector(model, args.out_dir))
+    return 0

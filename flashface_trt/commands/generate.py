@@ -1,0 +1,214 @@
+"""`generate`: check the whole request first (flags, numbers, files, output, ranges), then load and run."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from PIL import Image
+
+from ..runtime.errors import InputError
+from ..runtime.request import RECIPES, GenerationRequest, range_problems
+from .checks import check_generate_flags, check_weights_dir, require_onnxruntime, require_torch
+
+log = logging.getLogger("flashface_trt")
+
+# sizes used when --height/--width are not given: the tiny preset is a seconds-long CPU demo
+DEFAULT_SIZE = {"weights": 768, "tiny": 128}
+
+
+def request_from(args: argparse.Namespace, size: tuple[int, int]) -> GenerationRequest:
+    """The validated request of `generate`'s arguments; `size` (height, width) unless given."""
+    req = RECIPES[args.recipe].apply(GenerationRequest(prompt=args.prompt))
+    overrides = {
+        "text_guidance": args.text_guidance,
+        "face_guidance": args.face_guidance,
+        "ref_strength": args.ref_strength,
+        "ref_strength_before": args.ref_strength_before,
+        "step_to_launch": args.step_to_launch,
+        "guide_rescale": args.guide_rescale,
+    }
+    guidance = replace(req.guidance, **{k: v for k, v in overrides.items() if v is not None})
+    return replace(
+        req,
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        seed=args.seed,
+        num_samples=args.num_samples,
+        height=args.height or size[0],
+        width=args.width or size[1],
+        face_bbox=args.face_bbox if args.face_bbox is not None else req.face_bbox,
+        guidance=guidance,
+    ).validated()
+
+
+def _manifest(args: argparse.Namespace) -> dict | None:
+    """The export's or the engines' manifest (read, not checked: cheap), or None for PyTorch."""
+    if args.onnx:
+        from ..runtime.exports import export_manifest
+
+        return export_manifest(args.onnx)
+    if args.engines:
+        from ..runtime.engines import engines_manifest
+
+        return engines_manifest(args.engines)
+    return None
+
+
+def _default_size(args: argparse.Namespace, manifest: dict | None) -> tuple[int, int]:
+    if manifest is not None:
+        return manifest["shapes"]["opt_height"], manifest["shapes"]["opt_width"]
+    size = DEFAULT_SIZE["tiny" if args.preset else "weights"]
+    return size, size
+
+
+def _check_ranges(args: argparse.Namespace, manifest: dict, request: GenerationRequest) -> None:
+    """A request outside the export's (or the engines') shape ranges is refused, naming the fix."""
+    from ..runtime.exports import manifest_shapes
+
+    problems = range_problems(request, len(args.face), manifest_shapes(manifest))
+    if not problems:
+        return
+    fixes = " ".join(fix for _, fix in problems)
+    if args.onnx:
+        where = f"the export {str(args.onnx)!r}"
+        remedy = (
+            f"make a larger export: flashface-trt export (--weights DIR | --preset tiny) --out DIR {fixes}"
+        )
+    else:
+        where = f"the engines {str(args.engines)!r}"
+        remedy = f"build larger engines: flashface-trt build --onnx EXPORT --out DIR {fixes}"
+    raise InputError(f"{'; '.join(p for p, _ in problems)} in {where}; {remedy}")
+
+
+def _read_photos(args: argparse.Namespace) -> list[Image.Image] | None:
+    """The decoded --face photos (None without --face, where a drawn face stands in)."""
+    from ..runtime.images import load_image
+
+    if args.face:
+        return [load_image(path, max_pixels=args.max_pixels) for path in args.face]
+    if args.weights:
+        raise InputError("give at least one reference photo with --face (a drawn face is only for tests)")
+    return None
+
+
+def generate(args: argparse.Namespace) -> None:
+    from tqdm.auto import tqdm
+
+    from ..runtime.outputs import image_paths
+    from ..runtime.pipeline import generate as run_pipeline
+
+    check_generate_flags(args)
+    if args.weights:
+        check_weights_dir(args.weights)
+    manifest = _manifest(args)
+    request = request_from(args, _default_size(args, manifest))
+    if manifest is not None:
+        _check_ranges(args, manifest, request)
+    paths = image_paths(args.out, request.num_samples)
+    photos = _read_photos(args)
+    if args.onnx:
+        require_onnxruntime("generate --onnx")
+    elif not args.engines:
+        require_torch("generate")
+
+    if args.engines:
+        backend, detector = _trt_backend(args)
+    else:
+        backend, detector = _ort_backend(args) if args.onnx else _torch_backend(args)
+    faces = _crops(args, photos, detector)
+    t0 = time.perf_counter()
+    images = run_pipeline(
+        backend,
+        request,
+        faces,
+        wrap=lambda steps: tqdm(steps, desc="denoising", unit="step", file=sys.stderr),
+    )
+    log.info("generated %d image(s) in %.1f s on %s", len(images), time.perf_counter() - t0, backend.name)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for path, img in zip(paths, images):
+        img.save(path)
+        print(path)
+
+
+def _crops(args: argparse.Namespace, photos: list[Image.Image] | None, detector) -> list[Image.Image]:
+    """Reference crops: the photos' detected faces, the photos themselves with --cropped, or a drawn face."""
+    from ..runtime.images import synthetic_face
+    from ..runtime.references import references_from_images
+
+    if photos is None:
+        log.info("no --face given: using a drawn stand-in face")
+        return [synthetic_face()]
+    if args.cropped:
+        return photos
+    names = [Path(p).name for p in args.face]
+    return [r.crop for r in references_from_images(photos, names, detector(), args.largest_face)]
+
+
+def torch_device(args: argparse.Namespace):
+    """(device, dtype) from --device/--precision; fp16 by default on CUDA."""
+    import torch
+
+    from ..runtime.errors import FlashFaceError
+
+    cuda = torch.cuda.is_available()
+    device = ("cuda" if cuda else "cpu") if args.device == "auto" else args.device
+    if device == "cuda" and not cuda:
+        raise FlashFaceError("--device cuda was asked for but torch sees no CUDA device")
+    precision = args.precision if args.precision != "auto" else ("fp16" if device == "cuda" else "fp32")
+    return device, torch.float16 if precision == "fp16" else torch.float32
+
+
+def torch_detector(args: argparse.Namespace, device: str = "cpu"):
+    """RunDetector over the PyTorch RetinaFace of --weights or the tiny preset (always float32)."""
+    from ..models.loading import load_detector, tiny_detector
+    from ..models.retinaface import detector_runner
+
+    if args.preset:
+        log.warning("the tiny preset's detector has random weights: its 'faces' are random boxes")
+        return detector_runner(tiny_detector(device))
+    return detector_runner(load_detector(args.weights, device))
+
+
+def _torch_backend(args: argparse.Namespace):
+    from ..models.backend import TorchBackend
+    from ..models.loading import load_models, tiny_models
+    from ..models.settings import TORCH_PRESETS
+
+    device, dtype = torch_device(args)
+    t0 = time.perf_counter()
+    models = tiny_models(device, dtype) if args.preset else load_models(args.weights, device, dtype)
+    log.info("models ready in %.1f s (%s, %s)", time.perf_counter() - t0, device, dtype)
+    return TorchBackend(models, TORCH_PRESETS[args.torch_preset]), lambda: torch_detector(args, device)
+
+
+def _ort_backend(args: argparse.Namespace):
+    """ONNX Runtime backend over an export directory (imports no torch)."""
+    from ..runtime.ort_backend import OrtBackend, OrtSettings
+
+    backend = OrtBackend(args.onnx, OrtSettings(provider=args.provider))
+    return backend, backend.detector
+
+
+def _trt_backend(args: argparse.Namespace):
+    """TensorRT engines (stale engines are refused with what differs); detection on ONNX Runtime."""
+    from ..runtime.artifacts import check_artifact
+    from ..runtime.errors import FlashFaceError
+    from ..runtime.ort_detector import OrtDetector
+    from ..runtime.trt_backend import TrtBackend
+
+    backend = TrtBackend(args.engines)
+    entry = backend.manifest["export"]["networks"].get("detector")
+
+    def detector():
+        if entry is None:
+            raise FlashFaceError("the engines' export has no detector graph; pass --cropped faces")
+        graph = args.engines / entry["file"]
+        check_artifact(graph, "flashface-trt build")
+        return OrtDetector(graph)
+
+    return backend, detector

@@ -1,0 +1,81 @@
+"""`flashface-trt serve`: the HTTP service on one GPU, or behind Ray Serve with `--ray`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from ..runtime.errors import FlashFaceError
+from .generate import DEFAULT_SIZE, _ort_backend, _torch_backend, _trt_backend
+
+log = logging.getLogger("flashface_trt")
+
+
+def _serve_setup(args: argparse.Namespace):
+    """(settings, backend loader, default size) of `serve` from its arguments."""
+    from ..serve.config import ServeSettings, read_keys_file
+    from ..serve.server import JsonFormatter
+
+    keys = tuple(args.api_key) + (read_keys_file(args.api_keys_file) if args.api_keys_file else ())
+    settings = ServeSettings(
+        host=args.host,
+        port=args.port,
+        data_dir=args.data_dir,
+        max_queue=args.max_queue,
+        max_upload_mb=args.max_upload_mb,
+        max_pixels=args.max_pixels,
+        timeout_s=args.timeout_s,
+        api_keys=keys,
+        shutdown=args.shutdown,
+        drain_s=args.drain_s,
+        max_jobs=args.max_jobs,
+        max_batch_rows=args.max_batch_rows,
+        warmup_steps=args.warmup_steps,
+    ).validated()
+    if not keys and args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s without API keys: anyone who reaches it can use it", args.host)
+    if args.log_json:
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
+
+    def load():
+        if args.engines:
+            return _trt_backend(args)
+        return _ort_backend(args) if args.onnx else _torch_backend(args)
+
+    size = None
+    if args.height or args.width or args.preset:
+        default = DEFAULT_SIZE["tiny"] if args.preset else DEFAULT_SIZE["weights"]
+        size = (args.height or default, args.width or default)
+    return settings, load, size
+
+
+def _ray_config(args: argparse.Namespace):
+    from ..serve.ray_app import RayConfig
+
+    return RayConfig(
+        min_replicas=args.replicas,
+        max_replicas=args.max_replicas or args.replicas,
+        target_ongoing_requests=args.target_ongoing_requests,
+        num_gpus=args.gpus_per_replica,
+        num_cpus=args.cpus_per_replica,
+        identities_per_replica=args.identities_per_replica,
+    ).validated()
+
+
+def serve(args: argparse.Namespace) -> int:
+    """`flashface-trt serve`: the networks load on the service's worker thread (see /readyz)."""
+    try:
+        settings, load, size = _serve_setup(args)
+        from ..serve.server import serve as run_server
+    except ImportError as exc:
+        raise FlashFaceError(
+            f"the service needs its extra: pip install 'flashface-trt[serve]' ({exc})"
+        ) from exc
+    if not args.ray:
+        return run_server(settings, load, size)
+    try:
+        from ..serve.ray_app import run as run_ray
+    except ImportError as exc:
+        raise FlashFaceError(f"--ray needs Ray Serve: pip install 'flashface-trt[ray]' ({exc})") from exc
+    return run_ray(settings, load, size, _ray_config(args), args.ray_address)
