@@ -20,6 +20,7 @@ from flashface_trt.models.config import ModelConfig
 from flashface_trt.models.unet import FlashFaceUNet
 from flashface_trt.models.unet_blocks import RefInputs
 from flashface_trt.models.vae import AutoencoderKL
+from flashface_trt.runtime.guidance import step_update
 from flashface_trt.runtime.identities import Identity, identity_from_crops
 from flashface_trt.runtime.images import synthetic_face
 from flashface_trt.runtime.pipeline import prepare_references
@@ -85,6 +86,11 @@ class OfficialPatternDenoiser(TorchDenoiser):
         scale[: layout.ref_rows] = step.ref_strength
         with torch.autocast(x.device.type, dtype=torch.float16, enabled=x.device.type == "cuda"):
             return self.unet(xb, self.mask, t, context, RefInputs(kv, scale))
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor, step: StepPlan) -> torch.Tensor:
+        """One step the official way: this class's `eps`, then the guided DDIM update."""
+        return step_update(x, self.eps(x, step).float(), step.three_way, step.coefficients(self.guidance))
 
 
 def encode_prompts(backend: TorchBackend, workload: Workload):

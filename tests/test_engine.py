@@ -18,7 +18,8 @@ from flashface_trt.engine.profiles import BuildSettings, engine_profile, engine_
 from flashface_trt.export.networks import network_specs
 from flashface_trt.models.loading import tiny_models
 from flashface_trt.runtime.axes import AXES, REF_TOKENS, LoopDims, axis, io_shapes, tokens_per_reference
-from flashface_trt.runtime.buffers import check_kv_wiring, step_tables
+from flashface_trt.runtime.batch import Member, RequestContext, pad_plan, plan_batch
+from flashface_trt.runtime.buffers import check_kv_wiring
 from flashface_trt.runtime.engines import (
     EngineKey,
     GpuIdentity,
@@ -27,7 +28,7 @@ from flashface_trt.runtime.engines import (
     write_manifest,
 )
 from flashface_trt.runtime.errors import InputError
-from flashface_trt.runtime.layout import BatchLayout
+from flashface_trt.runtime.identities import Identity
 from flashface_trt.runtime.sampler import GuidanceParams, plan
 from flashface_trt.runtime.spec import TINY_SHAPES, ExportShapes, NetworkSpec
 
@@ -50,41 +51,71 @@ def test_every_axis_of_every_spec_is_in_the_table(specs):
 
 
 def test_engine_profile_follows_the_build_shapes(specs):
+    """Every batched axis reaches the power-of-two bucket of its largest batch of `max_requests`."""
     shapes = ExportShapes(
         max_samples=2, min_size=512, max_size=768, opt_height=768, opt_width=640, max_refs=6
     )
+    m = shapes.max_requests  # 4 requests of up to 2 samples
     unet = specs["unet"]
     prof = engine_profile(unet, shapes)
     z = unet.inputs[0].shape[1]
-    assert prof["x"] == ((1, z, 64, 64), (2, z, 96, 80), (6, z, 96, 96))  # batch up to 3 x 2 samples
-    assert prof["ref_scale"] == ((1,), (1,), (4,))  # B_ref up to 2 x samples (2-way steps)
+    assert prof["x"] == ((1, z, 64, 64), (1, z, 96, 80), (8, z, 96, 96))  # m x n = 8 samples
+    assert prof["masks"][2] == (m, 1, 96, 96) and prof["texts"][2][0] == 2 * m
+    for rows in ("sample_rows", "member_rows", "text_rows", "timestep"):
+        assert prof[rows] == ((1,), (2,), (32,))  # 3 rows per sample: 24 -> bucket 32
+    for rows in ("ref_scale", "ref_group"):
+        assert prof[rows] == ((1,), (1,), (16,))  # 2-way steps: 2 x 8 = 16 reference rows
     for name, ax, c in _kv(unet):
         per_ref = tokens_per_reference(unet, ax)
-        assert prof[name] == ((1, per_ref, c), (1, 4 * per_ref, c), (1, 6 * per_ref, c))
+        assert prof[name] == (
+            (1, per_ref, c),
+            (1, 4 * per_ref, c),
+            (m, 6 * per_ref, c),
+        )  # one group a request
     for lo, opt, hi in prof.values():
         assert all(a <= b <= c for a, b, c in zip(lo, opt, hi))
     ref = engine_profile(specs["reference_net"], shapes)
     lat = specs["reference_net"].inputs[0].shape[1:]
-    assert ref["ref_latents"] == ((1, *lat), (4, *lat), (6, *lat))
+    assert ref["ref_latents"] == ((1, *lat), (4, *lat), (32, *lat))  # 4 groups x 6 refs -> 32
     assert engine_spec(unet, shapes).axes["latent_w"].opt == 80
     feeds = {k: v[1] for k, v in prof.items()}
-    with pytest.raises(InputError, match=r"'x' axis 'batch' = 9 is outside \[1, 6\]"):
+    with pytest.raises(InputError, match=r"'x' axis 'samples' = 9 is outside \[1, 8\]"):
         engine_spec(unet, shapes).check_shapes({**feeds, "x": (9, z, 96, 80)})
 
 
+def _member(samples: int, refs: int, step, size: int, key: str) -> Member:
+    ident = Identity(key, np.zeros((refs, 4, 28, 28), np.float32))
+    return Member(
+        RequestContext(None, ident, None, GuidanceParams()), np.zeros((samples, 4, size, size)), step
+    )
+
+
 def test_export_ranges_and_request_sizes_agree(specs):
-    """What an export accepts (spec axes) contains what a request of those shapes needs (axis sizes)."""
+    """Every padded batch of up to `max_requests` requests fits every range the export declares."""
     s = TINY_SHAPES
+    steps = plan(4, GuidanceParams())
+    two, three = steps[0], steps[-1]
+    assert not two.three_way and three.three_way
+    lat = s.min_size // 8
+    for refs in (1, s.max_refs):
+        for m in range(1, s.max_requests + 1):
+            for samples in {1, s.max_samples}:
+                for n3 in range(m + 1):  # n3 of the m requests in their 3-way phase
+                    members = [
+                        _member(samples, refs, three if i < n3 else two, lat, f"id{i}") for i in range(m)
+                    ]
+                    padded = pad_plan(plan_batch(members), m)
+                    dims = LoopDims.of(padded.key, lat, lat, refs)
+                    for name in ("unet", "reference_net", "step"):
+                        spec = specs[name]
+                        shapes = io_shapes(spec, dims)
+                        spec.check_shapes({t.name: shapes[t.name] for t in spec.inputs})
+                    assert io_shapes(specs["unet"], dims)["timestep"] == (len(padded.t),)
+                    assert io_shapes(specs["unet"], dims)["ref_scale"] == (len(padded.scale),)
     for n in range(1, s.max_samples + 1):
-        for refs in range(1, s.max_refs + 1):
-            dims = LoopDims(n, s.min_size // 8, s.max_size // 8, refs, 4)
-            for k in (2, 3):
-                for name in ("unet", "reference_net", f"step_{k}way", "vae_decoder"):
-                    spec = specs[name]
-                    shapes = io_shapes(spec, dims, k)
-                    spec.check_shapes({t.name: shapes[t.name] for t in spec.inputs})
-                assert io_shapes(specs["unet"], dims, k)["x"][0] == BatchLayout(n, k == 3).rows
-                assert io_shapes(specs["unet"], dims, k)["ref_scale"] == (BatchLayout(n, k == 3).ref_rows,)
+        dims = LoopDims.single(n, s.max_size // 8, s.max_size // 8, s.max_refs)
+        spec = specs["vae_decoder"]
+        spec.check_shapes({t.name: io_shapes(spec, dims)[t.name] for t in spec.inputs})
 
 
 def test_build_settings_validation_and_key():
@@ -142,14 +173,14 @@ def test_engines_are_checked_against_their_build_time_sha256(tmp_path):
 
 
 def test_buffer_plan_and_kv_wiring(specs):
-    dims = LoopDims(samples=2, latent_h=24, latent_w=20, num_refs=3, steps=30)
+    dims = LoopDims(samples=2, latent_h=24, latent_w=20, num_refs=3, rows=6, ref_rows=2, members=1)
     unet = specs["unet"]
-    three, two = io_shapes(unet, dims, 3), io_shapes(unet, dims, 2)
+    shapes = io_shapes(unet, dims)
     z = unet.inputs[0].shape[1]
-    assert three["x"] == (6, z, 24, 20) and three["ref_scale"] == (2,) and three["mask"] == (1, 1, 24, 20)
-    assert two["x"] == (4, z, 24, 20) and two["ref_scale"] == (4,)
+    assert shapes["x"] == (2, z, 24, 20) and shapes["eps"] == (6, z, 24, 20)
+    assert shapes["timestep"] == (6,) and shapes["ref_scale"] == (2,) and shapes["masks"] == (1, 1, 24, 20)
     for name, ax, c in _kv(unet):
-        assert three[name] == (1, 3 * tokens_per_reference(unet, ax), c) == two[name]
+        assert shapes[name] == (1, 3 * tokens_per_reference(unet, ax), c)
     check_kv_wiring(specs["reference_net"], unet, dims)
     ref = specs["reference_net"]
     first = ref.outputs[0]
@@ -162,19 +193,9 @@ def test_buffer_plan_and_kv_wiring(specs):
     with pytest.raises(InputError, match="is not a UNet input"):
         check_kv_wiring(renamed, unet, dims)
     with pytest.raises(InputError, match="samples=0"):
-        LoopDims(0, 8, 8, 1, 1)
-
-
-def test_step_tables():
-    g = GuidanceParams(guide_rescale=0.7)
-    steps = plan(3, g)
-    tables = step_tables(steps, g, samples=2)
-    assert tables["coef"].shape == (3, 10) and tables["t"].shape == (3, 6) and tables["lam"].shape == (3, 4)
-    assert tables["t"][1].tolist() == [float(steps[1].t)] * 6
-    assert tables["lam"][0].tolist() == pytest.approx([steps[0].ref_strength] * 4)
-    np.testing.assert_array_equal(tables["coef"][2], np.float32(steps[2].coefficients(g)))
-    assert tables["coef"][0, 3] == np.float32(1.0 - 0.7)  # rounded from float64, as the official scalar
-    assert all(a.dtype == np.float32 for a in tables.values())
+        LoopDims(0, 8, 8, 1)
+    with pytest.raises(InputError, match="ref_rows=3 must be in"):
+        LoopDims(1, 8, 8, 1, rows=2, ref_rows=3)
 
 
 def test_cuda_errors_name_the_call():
@@ -268,13 +289,12 @@ def test_onnxruntime_tensorrt_provider_options(tmp_path, specs):
     assert opts["trt_engine_cache_path"] == str(tmp_path / "trt_cache")
     spec = specs["reference_net"]
     lat = "x".join(map(str, spec.inputs[0].shape[1:]))
-    ctx = "x".join(map(str, spec.inputs[2].shape))
+    ctx = "x".join(map(str, spec.inputs[2].shape[1:]))
     assert opts["trt_profile_min_shapes"].split(",")[0] == f"ref_latents:1x{lat}"
-    max_refs = spec.axes["num_refs"].max
-    assert opts["trt_profile_max_shapes"].split(",")[0] == f"ref_latents:{max_refs}x{lat}"
-    assert (
-        "timestep:1," in opts["trt_profile_opt_shapes"] and f"context:{ctx}" in opts["trt_profile_opt_shapes"]
-    )
+    max_images = spec.axes["ref_images"].max
+    assert opts["trt_profile_max_shapes"].split(",")[0] == f"ref_latents:{max_images}x{lat}"
+    opt = opts["trt_profile_opt_shapes"]
+    assert "timestep:1," in opt and f"context:1x{ctx}" in opt
 
 
 def test_verify_bounds_fail_naming_the_network():
@@ -291,15 +311,13 @@ def test_verify_bounds_fail_naming_the_network():
             "ok": err <= bound,
         }
 
-    good = [row("unet", 1.9e-2), row("step_3way", 0.0)]
+    good = [row("unet", 1.9e-2), row("step", 0.0)]
     check(good)
-    bad = [*good, row("text_encoder", 0.5), row("step_2way", 2e-5)]
-    with pytest.raises(
-        VerificationError, match=r"text_encoder.out 5.00e-01 > 1.0e-02; step_2way.out 2.00e-05"
-    ):
+    bad = [*good, row("text_encoder", 0.5), row("step", 2e-5)]
+    with pytest.raises(VerificationError, match=r"text_encoder.out 5.00e-01 > 1.0e-02; step.out 2.00e-05"):
         check(bad)
     assert format_table(bad).count("EXCEEDED") == 2
-    assert set(THRESHOLDS) >= {"text_encoder", "vae_encoder", "vae_decoder", "reference_net", "unet"}
+    assert set(THRESHOLDS) == {"text_encoder", "vae_encoder", "vae_decoder", "reference_net", "unet", "step"}
 
 
 def test_build_takes_the_export_shapes(tiny_export):

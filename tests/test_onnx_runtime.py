@@ -20,8 +20,9 @@ from flashface_trt.export.networks import NETWORKS  # noqa: E402
 from flashface_trt.models.backend import TorchBackend  # noqa: E402
 from flashface_trt.models.config import ModelConfig  # noqa: E402
 from flashface_trt.models.loading import load_models, tiny_models  # noqa: E402
+from flashface_trt.runtime.batch import Member, RequestContext, plan_batch  # noqa: E402
 from flashface_trt.runtime.guidance import step_update  # noqa: E402
-from flashface_trt.runtime.identities import Identity, ReferenceKVCache  # noqa: E402
+from flashface_trt.runtime.identities import Identity, ReferenceKVCache, kv_key  # noqa: E402
 from flashface_trt.runtime.images import synthetic_face  # noqa: E402
 from flashface_trt.runtime.ort_backend import OrtBackend, OrtDenoiser  # noqa: E402
 from flashface_trt.runtime.pipeline import generate, register_identity  # noqa: E402
@@ -158,16 +159,15 @@ def test_float16_export_against_float32(tiny_export, tmp_path):
     export_models(tiny_models(dtype=torch.float16), fp16, ExportSettings("fp16", shapes=TINY_SHAPES))
     b16, b32 = OrtBackend(fp16), OrtBackend(tiny_export)
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((3, 4, 16, 12)).astype(np.float32)
-    ctx = rng.standard_normal((3, 77, tiny_models().config.unet.context_dim)).astype(np.float32) * 0.5
-    lat = rng.standard_normal((2, 4, 28, 28)).astype(np.float32)
-    kv16 = b16.sessions["reference_net"].run(ref_latents=lat, timestep=np.float32([400]), context=ctx[:1])
-    kv32 = b32.sessions["reference_net"].run(ref_latents=lat, timestep=np.float32([400]), context=ctx[:1])
-    assert all(v.dtype == np.float16 for v in kv16.values())
-    feeds = dict(x=x, mask=np.ones((1, 1, 16, 12), np.float32), timestep=np.float32([400] * 3), context=ctx)
-    feeds["ref_scale"] = np.float32([1.2])
-    e16 = b16.sessions["unet"].run(**feeds, **kv16)["eps"]
-    e32 = b32.sessions["unet"].run(**feeds, **kv32)["eps"]
+    x = rng.standard_normal((2, 4, 16, 12)).astype(np.float32)
+    texts = rng.standard_normal((2, 77, tiny_models().config.unet.context_dim)).astype(np.float32) * 0.5
+    ident = Identity("fp16", rng.standard_normal((2, 4, 28, 28)).astype(np.float32))
+    g = GuidanceParams()
+    step = next(s for s in plan(10, g) if s.three_way)  # reference, text and unconditional rows
+    mask = np.ones((16, 12), np.float32)
+    e16 = b16.denoiser(texts, ident, mask, g).eps(x, step)
+    e32 = b32.denoiser(texts, ident, mask, g).eps(x, step)
+    assert next(iter(b16.kv_cache.get(kv_key(ident, step.t, "")).values())).dtype == np.float16
     err = rel_err(e16, e32)
     img16 = generate(b16, REQUEST, _faces())[0]
     img32 = generate(b32, REQUEST, _faces())[0]
@@ -286,7 +286,10 @@ def test_cli_export_and_backend_choice(tiny_export, tmp_path, capsys, monkeypatc
 
 @pytest.mark.parametrize("rescale", [0.5, 0.0, 0.7])
 def test_update_step_graphs_match_the_numpy_sampler(tiny_export, rescale):
-    """The guidance + DDIM update graphs (what a CUDA-graphed step replays) vs `step_update` in NumPy.
+    """The batched guidance + DDIM update graph (what a CUDA-graphed step replays) vs `step_update`.
+
+    One batch holds three requests at a 2-way, a 3-way and the last step; each one's part of the
+    output is compared with NumPy's update of that request alone.
 
     Elementwise float32 arithmetic is correctly rounded everywhere, so without rescale the graph is
     bit for bit NumPy's; with rescale its row sums are reduced by ONNX Runtime in another order
@@ -295,19 +298,24 @@ def test_update_step_graphs_match_the_numpy_sampler(tiny_export, rescale):
     import onnxruntime as ort
 
     manifest = json.loads((tiny_export / "manifest.json").read_text())
+    session = ort.InferenceSession(str(tiny_export / manifest["networks"]["step"]["file"]))
     g = GuidanceParams(guide_rescale=rescale)
     steps = plan(10, g)
     picks = [steps[0], next(s for s in steps if s.three_way), steps[-1]]  # 2-way, 3-way, last (s_next = 0)
     rng = np.random.default_rng(1)
-    for step in picks:
-        name = "step_3way" if step.three_way else "step_2way"
-        session = ort.InferenceSession(str(tiny_export / manifest["networks"][name]["file"]))
-        n = 2
-        x = rng.standard_normal((n, 4, 12, 10)).astype(np.float32)
-        eps = rng.standard_normal((step.layout(n).rows, 4, 12, 10)).astype(np.float32)
-        coef = np.float32(step.coefficients(g))
-        (ours,) = session.run(None, {"x": x, "eps": eps, "coef": coef})
-        ref = step_update(x, eps, step.three_way, step.coefficients(g))
-        err = rel_err(ours, ref)
-        print(f"\n{name} t={step.t} rescale={rescale}: rel err {err:.2e}, equal {np.array_equal(ours, ref)}")
-        assert ours.shape == ref.shape and err <= (0 if rescale == 0 else 1e-6)
+    members = []
+    for i, (step, n) in enumerate(zip(picks, (2, 1, 2))):
+        ctx = RequestContext(None, Identity(f"id{i}", np.zeros((1, 4, 8, 8))), None, g)
+        members.append(Member(ctx, rng.standard_normal((n, 4, 12, 10)).astype(np.float32), step))
+    bp = plan_batch(members)  # one batch: every member at its own step
+    eps = rng.standard_normal((bp.rows, 4, 12, 10)).astype(np.float32)
+    x = np.concatenate([m.x for m in members])
+    feeds = {"x": x, "eps": eps, "coef": bp.coef, "guide": bp.guide.astype(np.int32)}
+    (ours,) = session.run(None, feeds)
+    for m, part, first in zip(members, bp.split(ours), bp.offsets):
+        guide = bp.guide[:, first : first + m.samples]  # [3, n]: rows of y_ref, y, u
+        mine = eps[np.concatenate(guide if m.step.three_way else guide[[0, 2]])]  # its own [k*n] batch
+        ref = step_update(m.x, mine, m.step.three_way, m.step.coefficients(g))
+        err = rel_err(part, ref)
+        print(f"\nstep t={m.step.t} rescale={rescale}: rel err {err:.2e}, equal {np.array_equal(part, ref)}")
+        assert part.shape == ref.shape and err <= (0 if rescale == 0 else 1e-6)
