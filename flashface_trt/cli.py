@@ -141,7 +141,9 @@ def _add_generate(sub) -> None:
         help="a reference photo with one face (repeat for more); without it --preset/--onnx use a drawn face",
     )
     _add_face_args(gen)
-    gen.add_argument("--prompt", required=True, help="what to draw; the official quality suffix is appended")
+    gen.add_argument(
+        "--prompt", help="what to draw (needed without --batch-file); the official quality suffix is added"
+    )
     gen.add_argument(
         "--negative-prompt",
         default="",
@@ -196,6 +198,19 @@ def _add_generate(sub) -> None:
         default=Path("out.png"),
         help=f"output image; its extension picks the format: {COMMON_FORMATS}, ... (any Pillow writes); "
         "several samples get _0, _1, ...",
+    )
+    gen.add_argument(
+        "--batch-file",
+        type=Path,
+        metavar="JSONL",
+        help="many requests in one call, run together step by step: one JSON object of generate options "
+        "per line (prompt, face, seed, steps, out, ...; missing keys take these flags' values)",
+    )
+    gen.add_argument(
+        "--max-batch-rows",
+        type=int,
+        default=12,
+        help="with --batch-file: UNet rows shared by running requests per step (>= 3: one 3-way sample)",
     )
 
 

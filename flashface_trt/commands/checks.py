@@ -65,9 +65,11 @@ def refuse(args: argparse.Namespace, rules: list[tuple[str, object, bool, str]])
 def check_generate_flags(args: argparse.Namespace) -> None:
     """Every `generate` option either works with the others given or is refused, saying why."""
     check_count("--max-pixels", args.max_pixels, 1)
+    check_count("--max-batch-rows", args.max_batch_rows, 3)
     torch = bool(args.weights or args.preset)
     backend = "--onnx" if args.onnx else "--engines"
     torch_only = f"it sets up the PyTorch backend (--weights, --preset), not {backend}"
+    faces = bool(args.face or args.batch_file)  # a batch file's lines may name photos
     no_face = "no --face is given"
     skip = "--cropped skips detection" if args.cropped else no_face
     refuse(
@@ -82,14 +84,15 @@ def check_generate_flags(args: argparse.Namespace) -> None:
             ),
             ("--torch-preset", "auto", torch, torch_only),
             ("--provider", "cpu", bool(args.onnx), "it picks ONNX Runtime's execution provider for --onnx"),
-            ("--cropped", False, bool(args.face), f"it says the --face photos are crops; {no_face}"),
+            ("--cropped", False, faces, f"it says the --face photos are crops; {no_face}"),
             (
                 "--largest-face",
                 False,
-                bool(args.face) and not args.cropped,
+                faces and not args.cropped,
                 f"it picks a detected face; {skip}",
             ),
-            ("--max-pixels", DEFAULT_MAX_PIXELS, bool(args.face), f"it limits the --face photos; {no_face}"),
+            ("--max-pixels", DEFAULT_MAX_PIXELS, faces, f"it limits the --face photos; {no_face}"),
+            ("--max-batch-rows", 12, bool(args.batch_file), "it sizes the steps --batch-file requests share"),
         ],
     )
 

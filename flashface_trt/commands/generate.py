@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -66,11 +67,11 @@ def _default_size(args: argparse.Namespace, manifest: dict | None) -> tuple[int,
     return size, size
 
 
-def _check_ranges(args: argparse.Namespace, manifest: dict, request: GenerationRequest) -> None:
+def _check_ranges(args: argparse.Namespace, manifest: dict, request: GenerationRequest, refs: int) -> None:
     """A request outside the export's (or the engines') shape ranges is refused, naming the fix."""
     from ..runtime.exports import manifest_shapes
 
-    problems = range_problems(request, len(args.face), manifest_shapes(manifest))
+    problems = range_problems(request, refs, manifest_shapes(manifest))
     if not problems:
         return
     fixes = " ".join(fix for _, fix in problems)
@@ -85,18 +86,52 @@ def _check_ranges(args: argparse.Namespace, manifest: dict, request: GenerationR
     raise InputError(f"{'; '.join(p for p, _ in problems)} in {where}; {remedy}")
 
 
-def _read_photos(args: argparse.Namespace) -> list[Image.Image] | None:
-    """The decoded --face photos (None without --face, where a drawn face stands in)."""
+def _read_photos(args: argparse.Namespace, paths: Sequence[Path]) -> list[Image.Image] | None:
+    """The decoded photos (None without any, where a drawn face stands in)."""
     from ..runtime.images import load_image
 
-    if args.face:
-        return [load_image(path, max_pixels=args.max_pixels) for path in args.face]
+    if paths:
+        return [load_image(path, max_pixels=args.max_pixels) for path in paths]
     if args.weights:
         raise InputError("give at least one reference photo with --face (a drawn face is only for tests)")
     return None
 
 
-def generate(args: argparse.Namespace) -> None:
+def _load_backend(args: argparse.Namespace):
+    """(backend, detector factory) of --engines, --onnx or the PyTorch flags."""
+    if args.onnx:
+        require_onnxruntime("generate --onnx")
+    elif not args.engines:
+        require_torch("generate")
+    if args.engines:
+        return _trt_backend(args)
+    return _ort_backend(args) if args.onnx else _torch_backend(args)
+
+
+def _generate_batch(args: argparse.Namespace, manifest: dict | None, size: tuple[int, int]) -> int:
+    """`generate --batch-file`: every line checked first, then all run by the step-level executor."""
+    from ..runtime.pipeline import register_identity
+    from .batch import read_batch_file, run_batch
+
+    lines = read_batch_file(args, size, request_from)
+    for line in lines:
+        if args.weights and not line.faces:
+            raise InputError(f"{args.batch_file}:{line.number}: no photo ('face' on the line or --face)")
+        if manifest is not None:
+            try:
+                _check_ranges(args, manifest, line.request, max(len(line.faces), 1))
+            except InputError as exc:
+                raise InputError(f"{args.batch_file}:{line.number}: {exc}", exc.field) from exc
+    photos = {line.faces: _read_photos(args, line.faces) for line in lines}  # each photo set decoded once
+    backend, detector = _load_backend(args)
+
+    def identity_of(paths: tuple[Path, ...]):
+        return register_identity(backend, _crops(args, photos[paths], detector, paths))
+
+    return run_batch(args, backend, lines, identity_of)
+
+
+def generate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from ..runtime.outputs import image_paths
@@ -106,21 +141,18 @@ def generate(args: argparse.Namespace) -> None:
     if args.weights:
         check_weights_dir(args.weights)
     manifest = _manifest(args)
-    request = request_from(args, _default_size(args, manifest))
+    size = _default_size(args, manifest)
+    if args.batch_file:
+        return _generate_batch(args, manifest, size)
+    if not args.prompt:
+        raise InputError("give --prompt (or --batch-file with a prompt on every line)", "prompt")
+    request = request_from(args, size)
     if manifest is not None:
-        _check_ranges(args, manifest, request)
+        _check_ranges(args, manifest, request, len(args.face))
     paths = image_paths(args.out, request.num_samples)
-    photos = _read_photos(args)
-    if args.onnx:
-        require_onnxruntime("generate --onnx")
-    elif not args.engines:
-        require_torch("generate")
-
-    if args.engines:
-        backend, detector = _trt_backend(args)
-    else:
-        backend, detector = _ort_backend(args) if args.onnx else _torch_backend(args)
-    faces = _crops(args, photos, detector)
+    photos = _read_photos(args, args.face)
+    backend, detector = _load_backend(args)
+    faces = _crops(args, photos, detector, args.face)
     t0 = time.perf_counter()
     images = run_pipeline(
         backend,
@@ -133,9 +165,12 @@ def generate(args: argparse.Namespace) -> None:
     for path, img in zip(paths, images):
         img.save(path)
         print(path)
+    return 0
 
 
-def _crops(args: argparse.Namespace, photos: list[Image.Image] | None, detector) -> list[Image.Image]:
+def _crops(
+    args: argparse.Namespace, photos: list[Image.Image] | None, detector, paths: Sequence[Path]
+) -> list[Image.Image]:
     """Reference crops: the photos' detected faces, the photos themselves with --cropped, or a drawn face."""
     from ..runtime.images import synthetic_face
     from ..runtime.references import references_from_images
@@ -145,7 +180,7 @@ def _crops(args: argparse.Namespace, photos: list[Image.Image] | None, detector)
         return [synthetic_face()]
     if args.cropped:
         return photos
-    names = [Path(p).name for p in args.face]
+    names = [Path(p).name for p in paths]
     return [r.crop for r in references_from_images(photos, names, detector(), args.largest_face)]
 
 
