@@ -14,7 +14,6 @@ request's time from submission to its images; throughput counts images over the 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -32,7 +31,8 @@ from flashface_trt.runtime.pipeline import prepare_references
 from flashface_trt.runtime.request import GenerationRequest
 
 from .bench_torch import sd15_random
-from .suite import RESULTS, cpu_name, git_commit
+from .records import cpu_name, git_commit, write_record
+from .suite import add_workload_args
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -92,15 +92,7 @@ def run_batched(backend, reqs, idents, max_rows: int) -> tuple[list[float], floa
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", choices=["tiny", "sd15-random"], default="sd15-random")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument(
-        "--precision", choices=["fp32", "fp16"], default="fp16" if torch.cuda.is_available() else "fp32"
-    )
-    p.add_argument("--height", type=int, default=768)
-    p.add_argument("--width", type=int, default=768)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--refs", type=int, default=4)
+    add_workload_args(p)
     p.add_argument("--concurrency", default="1,2,4,8", help="comma-separated numbers of concurrent requests")
     p.add_argument("--max-batch-rows", type=int, help="executor row budget (default: 3 x concurrency)")
     p.add_argument(
@@ -170,11 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "levels": rows,
     }
-    tag = "".join(ch if ch.isalnum() or ch in ".-" else "_" for ch in record["device"]).strip("_")
-    out = args.json or RESULTS / f"{tag}-batching-{record['commit']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1))
-    print(f"record -> {out}")
+    write_record(record, "batching", args.json)
     return 0
 
 

@@ -30,10 +30,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import json
 import logging
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -53,7 +51,8 @@ from flashface_trt.runtime.pipeline import generate, register_identity
 from flashface_trt.runtime.references import load_references
 from flashface_trt.runtime.request import make_request
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from .records import cpu_name, git_commit, write_record
+
 PROMPT = "a handsome young man, with a cowboy hat, in the forest"
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -147,7 +146,7 @@ def wait_ready(client: httpx.Client, timeout: float) -> dict[str, Any]:
 
 def loader(args: argparse.Namespace) -> Callable[[], Any]:
     """The backend the model flags name, loaded as `flashface-trt serve` loads it."""
-    from flashface_trt import commands
+    from flashface_trt.commands.generate import _load_backend
 
     ns = argparse.Namespace(
         preset=args.preset,
@@ -161,9 +160,7 @@ def loader(args: argparse.Namespace) -> Callable[[], Any]:
     )
 
     def load() -> Any:
-        if ns.engines:
-            return commands._trt_backend(ns)
-        return commands._ort_backend(ns) if ns.onnx else commands._torch_backend(ns)
+        return _load_backend(ns)
 
     return load
 
@@ -463,8 +460,6 @@ def _loadavg() -> float | None:
 
 
 def device_name(backend: Any) -> str:
-    from .suite import cpu_name
-
     device = getattr(backend, "device", None)
     if getattr(device, "type", None) == "cuda":
         import torch
@@ -474,8 +469,6 @@ def device_name(backend: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .suite import git_commit
-
     args = parse(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     if args.torch_threads:
@@ -526,11 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "api_key"},
         **result,
     }
-    tag = re.sub(r"[^A-Za-z0-9.-]+", "_", record["device"]).strip("_")
-    out = args.json or RESULTS / f"{tag}-serve-{record['commit']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1))
-    print(f"record -> {out}")
+    write_record(record, "serve", args.json)
     return 0
 
 

@@ -18,11 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
-import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,6 +33,7 @@ from flashface_trt.runtime.identities import Identity, identity_from_crops
 from flashface_trt.runtime.sampler import sample
 
 from .bench_torch import sd15_random
+from .records import cpu_name, git_commit, write_record
 from .workload import (
     PATTERN_FLOPS_NOTE,
     PATTERN_NOTE,
@@ -48,7 +45,6 @@ from .workload import (
     sync,
 )
 
-RESULTS = Path(__file__).resolve().parent / "results"
 NOTES = {
     "official_pattern": PATTERN_NOTE,
     "official_implementation": (
@@ -221,28 +217,8 @@ def time_variant(
     return out
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
-        )
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_workload_args(p: argparse.ArgumentParser) -> None:
+    """The model and workload flags the benchmarks share (defaults: W768 on the best device)."""
     p.add_argument("--preset", choices=["tiny", "sd15-random"], default="sd15-random")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
@@ -252,6 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=768)
     p.add_argument("--refs", type=int, default=4)
     p.add_argument("--steps", type=int, default=30)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_workload_args(p)
     p.add_argument("--samples", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument(
@@ -374,11 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         f"  loop {flops['loop'] / 1e12:.3f} TFLOP, official pattern {flops_base['loop'] / 1e12:.3f} TFLOP "
         f"({NOTES['flops']}); measured matmul peak {peak:.3g} TFLOP/s"
     )
-    device_tag = re.sub(r"[^A-Za-z0-9.-]+", "_", record["device"]).strip("_")
-    out = args.json or RESULTS / f"{device_tag}-{args.preset}-{record['commit']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1))
-    print(f"  record -> {out}")
+    write_record(record, args.preset, args.json, indent="  ")
     return 0
 
 

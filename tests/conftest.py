@@ -60,6 +60,22 @@ def tiny_export(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def fakes():
+    """The CUDA and TensorRT doubles, installed for one test module (tests/fakes)."""
+    from .trt_support import module_fakes
+
+    yield from module_fakes()
+
+
+@pytest.fixture(scope="module")
+def engines(fakes, tiny_export, tmp_path_factory):
+    """Engines of the tiny export built through the doubles, once per test module."""
+    from .trt_support import build
+
+    return build(tiny_export, tmp_path_factory.mktemp("engines"))
+
+
 @pytest.fixture(scope="session")
 def ray_api(tmp_path_factory):
     """The API on a local Ray Serve cluster (2 model replicas, the tiny preset), shared by the tests."""

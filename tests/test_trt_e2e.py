@@ -16,20 +16,10 @@ from flashface_trt.cli import main
 from flashface_trt.runtime.images import synthetic_face
 from flashface_trt.runtime.pipeline import generate, register_identity
 
-from .trt_support import build, max_diff, module_fakes, pixels, request
+from .trt_support import max_diff, pixels, request
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("polygraphy")
-
-
-@pytest.fixture(scope="module")
-def fakes():
-    yield from module_fakes()
-
-
-@pytest.fixture(scope="module")
-def engines(fakes, tiny_export, tmp_path_factory):
-    return build(tiny_export, tmp_path_factory.mktemp("engines"))
 
 
 def test_generate_with_engines_matches_onnx_runtime_across_identities_prompts_and_sizes(

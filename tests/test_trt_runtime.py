@@ -19,22 +19,12 @@ from flashface_trt.runtime.sampler import sample
 
 from .conftest import REPO
 from .fakes import install
-from .trt_support import build, denoise_run, max_diff, module_fakes, pixels, request
+from .trt_support import build, denoise_run, max_diff, pixels, request
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("polygraphy")
 
 EXPORTED = ("text_encoder", "vae_encoder", "vae_decoder", "reference_net", "unet", "step")
-
-
-@pytest.fixture(scope="module")
-def fakes():
-    yield from module_fakes()
-
-
-@pytest.fixture(scope="module")
-def engines(fakes, tiny_export, tmp_path_factory):
-    return build(tiny_export, tmp_path_factory.mktemp("engines"))
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import argparse
 import logging
 
 from ..runtime.errors import FlashFaceError
-from .generate import DEFAULT_SIZE, _ort_backend, _torch_backend, _trt_backend
+from .generate import DEFAULT_SIZE, _load_backend
 
 log = logging.getLogger("flashface_trt")
 
@@ -39,9 +39,7 @@ def _serve_setup(args: argparse.Namespace):
             handler.setFormatter(JsonFormatter())
 
     def load():
-        if args.engines:
-            return _trt_backend(args)
-        return _ort_backend(args) if args.onnx else _torch_backend(args)
+        return _load_backend(args)
 
     size = None
     if args.height or args.width or args.preset:

@@ -62,7 +62,7 @@ class Member:
 
 
 @dataclass(frozen=True)
-class BatchPlan:
+class StepArrays:
     """Index arrays of one batched step (NumPy; every backend gathers with them).
 
     sample_rows [B]: the sample (row of the members' x, concatenated) each UNet row carries;
@@ -70,8 +70,7 @@ class BatchPlan:
     member_rows [B]: the member whose mask and timestep a row takes; t [B]: the row's timestep;
     scale [B_ref], group [B_ref]: λ and K/V group of the reference rows (the first B_ref rows);
     guide [3, S]: the rows of each sample's y_ref, y (cond) and u (uncond) (2-way: y_ref = y);
-    coef [S, len(STEP_COEFFICIENTS)]: each sample's guidance and DDIM coefficients;
-    groups: the K/V cache key of each group; offsets: each member's first sample.
+    coef [S, len(STEP_COEFFICIENTS)]: each sample's guidance and DDIM coefficients.
     """
 
     sample_rows: np.ndarray
@@ -82,6 +81,13 @@ class BatchPlan:
     group: np.ndarray
     guide: np.ndarray
     coef: np.ndarray
+
+
+@dataclass(frozen=True)
+class BatchPlan(StepArrays):
+    """A batched step's arrays, plus groups (the K/V cache key of each group) and offsets (each
+    member's first sample)."""
+
     groups: tuple[Hashable, ...]
     offsets: tuple[int, ...]
 
@@ -165,24 +171,16 @@ def bucket(n: int) -> int:
 
 
 @dataclass(frozen=True)
-class PaddedPlan:
+class PaddedPlan(StepArrays):
     """A plan padded to bucket sizes, so that one captured step serves every batch of the bucket.
 
     Rows are [reference rows | padding | other rows | padding]; padding rows carry sample 0, text 0,
     member 0, timestep 0, λ 0 and group 0; padding samples keep x (alpha = s_cur = 1, the rest 0)
-    and their guidance rows point at row 0. `key` names the bucket; `rows` maps the plan's rows.
+    and their guidance rows point at row 0. `key` names the bucket; `plan` is the unpadded plan.
     """
 
     key: tuple[int, int, int, int, int]  # (ref rows, other rows, samples, groups, members)
     plan: BatchPlan
-    sample_rows: np.ndarray
-    text_rows: np.ndarray
-    member_rows: np.ndarray
-    t: np.ndarray
-    scale: np.ndarray
-    group: np.ndarray
-    guide: np.ndarray
-    coef: np.ndarray
 
 
 def pad_plan(plan: BatchPlan, members: int) -> PaddedPlan:
@@ -206,14 +204,14 @@ def pad_plan(plan: BatchPlan, members: int) -> PaddedPlan:
     scale, group = np.zeros(ref_b, np.float32), np.zeros(ref_b, np.int32)
     scale[:b_ref], group[:b_ref] = plan.scale, plan.group
     return PaddedPlan(
-        key,
-        plan,
-        rows(plan.sample_rows),
-        rows(plan.text_rows),
-        rows(plan.member_rows),
-        rows(plan.t),
-        scale,
-        group,
-        guide,
-        coef,
+        sample_rows=rows(plan.sample_rows),
+        text_rows=rows(plan.text_rows),
+        member_rows=rows(plan.member_rows),
+        t=rows(plan.t),
+        scale=scale,
+        group=group,
+        guide=guide,
+        coef=coef,
+        key=key,
+        plan=plan,
     )

@@ -15,3 +15,6 @@ class InputError(FlashFaceError, ValueError):
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.field = field
+
+    def __reduce__(self):  # pickled whole (Ray sends errors between processes)
+        return self.__class__, (str(self), self.field)

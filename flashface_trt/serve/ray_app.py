@@ -26,7 +26,15 @@ from typing import Any
 from ..runtime.errors import FlashFaceError, InputError
 from .config import ServeSettings
 from .jobs import State, new_job_id, read_record, write_record
-from .service import NotFound, PayloadTooLarge, QueueFull, Service, Unavailable, parse_job
+from .service import (
+    NotFound,
+    PayloadTooLarge,
+    QueueFull,
+    Service,
+    Unavailable,
+    image_file,
+    parse_job,
+)
 from .store import IdentityStore
 from .worker import LoadBackend
 
@@ -165,9 +173,34 @@ def _unwrap(exc: BaseException) -> BaseException:
 
 
 def _replica_died(exc: BaseException) -> bool:
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    """Whether a call failed because its replica (actor, worker process or node) went away.
 
-    return isinstance(exc, (ActorDiedError, ActorUnavailableError, RayActorError))
+    A killed replica shows up as one of several errors, depending on when the call noticed: the
+    actor's death, its worker's crash, its node's loss, or Serve's own unavailable replica or
+    cancelled request (a request still in the dead replica's queue; a client's cancel is told
+    apart by the job's cancel flag before this is asked).
+    """
+    from ray.exceptions import (
+        ActorDiedError,
+        ActorUnavailableError,
+        NodeDiedError,
+        RayActorError,
+        TaskCancelledError,
+        WorkerCrashedError,
+    )
+    from ray.serve.exceptions import ReplicaUnavailableError, RequestCancelledError
+
+    lost = (
+        ActorDiedError,
+        ActorUnavailableError,
+        RayActorError,
+        WorkerCrashedError,
+        NodeDiedError,
+        ReplicaUnavailableError,
+        RequestCancelledError,
+        TaskCancelledError,
+    )
+    return isinstance(exc, lost)
 
 
 class RayAPI:
@@ -315,9 +348,12 @@ class RayAPI:
         return self.job(owner, job_id)
 
     def _follow(self, owner: str, job_id: str, body: dict[str, Any], identity: str, timeout: float) -> None:
-        """Wait for the replica's answer; on a dead replica send the job once more, else fail it."""
+        """Wait for the replica's answer; on a dead replica send the job once more, on a full one
+        wait for room until the job's deadline; anything else fails the job with its kind."""
+        deadline = time.monotonic() + timeout
         try:
-            for attempt in (1, 2):
+            attempt = 1
+            while True:
                 call = self.model.options(multiplexed_model_id=identity).generate
                 try:
                     call.remote(owner, job_id, body, identity).result(timeout_s=timeout + 30)
@@ -329,11 +365,12 @@ class RayAPI:
                         s.value for s in (State.SUCCEEDED, State.FAILED, State.CANCELLED)
                     ]:
                         return  # the replica finished it before the answer was lost
-                    if (
-                        _replica_died(err)
-                        and attempt == 1
-                        and not (self.jobs_dir / job_id / "cancel").exists()
-                    ):
+                    cancelled = (self.jobs_dir / job_id / "cancel").exists()
+                    if isinstance(err, QueueFull) and not cancelled and time.monotonic() < deadline:
+                        time.sleep(0.25)  # accepted here: it waits for room, as a queued job does
+                        continue
+                    if _replica_died(err) and attempt == 1 and not cancelled:
+                        attempt = 2
                         log.warning(
                             "job=%s: its replica died (%s); sending it to another", job_id, type(err).__name__
                         )
@@ -344,8 +381,8 @@ class RayAPI:
                     kind = "replica_died" if _replica_died(err) else "internal"
                     if isinstance(err, FlashFaceError):
                         kind = "input" if isinstance(err, InputError) else "model"
-                    if "GetTimeoutError" in type(err).__name__:
-                        kind = "timeout"
+                    if "GetTimeoutError" in type(err).__name__ or isinstance(err, QueueFull):
+                        kind = "timeout"  # no replica had room for it before its deadline
                     self._fail(job_id, record, f"{type(err).__name__}: {err}".splitlines()[0], kind)
                     return
         finally:
@@ -400,13 +437,7 @@ class RayAPI:
         return self.job(owner, job_id)
 
     def image(self, owner: str, job_id: str, k: int) -> Path:
-        record = self.job(owner, job_id)
-        path = self.jobs_dir / job_id / f"{k}.png"
-        if record["state"] != State.SUCCEEDED.value or not 0 <= k < len(record.get("images", [])):
-            raise NotFound(f"generation {job_id!r} has no image {k}")
-        if not path.is_file():
-            raise NotFound(f"the image {k} of generation {job_id!r} is gone")
-        return path
+        return image_file(self.job(owner, job_id), self.jobs_dir / job_id / f"{k}.png", k)
 
     def wait(self, owner: str, job_id: str, timeout: float) -> dict[str, Any]:
         end = time.monotonic() + timeout

@@ -44,6 +44,16 @@ class NotFound(FlashFaceError):
     """No such identity, job or image for this caller."""
 
 
+def image_file(record: dict[str, Any], path: Path, k: int) -> Path:
+    """`path`, image k of a job `record`, if the job succeeded with that image; else NotFound."""
+    job_id = record["id"]
+    if record["state"] != State.SUCCEEDED.value or not 0 <= k < len(record.get("images", [])):
+        raise NotFound(f"generation {job_id!r} has no image {k}")
+    if not path.is_file():
+        raise NotFound(f"the image {k} of generation {job_id!r} is gone")
+    return path
+
+
 class Unavailable(FlashFaceError):
     """The service is not ready yet, failed to load, or is shutting down."""
 
@@ -252,13 +262,7 @@ class Service:
         return self.job(owner, job_id)
 
     def image(self, owner: str, job_id: str, k: int) -> Path:
-        record = self.job(owner, job_id)
-        path = self.book.image_path(job_id, k)
-        if record["state"] != State.SUCCEEDED.value or not 0 <= k < len(record.get("images", [])):
-            raise NotFound(f"generation {job_id!r} has no image {k}")
-        if not path.is_file():
-            raise NotFound(f"the image {k} of generation {job_id!r} is gone")
-        return path
+        return image_file(self.job(owner, job_id), self.book.image_path(job_id, k), k)
 
     def wait(self, owner: str, job_id: str, timeout: float) -> dict[str, Any]:
         """Block until the job ends (or `timeout`); its record."""
