@@ -8,6 +8,7 @@ from the same model flags, so `--url` needs the flags the service was started wi
 
     python -m benchmarks.serve_load --jobs 40 --rate 1x --rate 2x     # tiny preset, in-process
     python -m benchmarks.serve_load --url http://gpu-box:8000 --api-key KEY --engines engines/ --rate 4
+    python -m benchmarks.serve_load --deployments local,ray:1,ray:2 --rate 1x --rate 2x   # Ray Serve too
 
 Order of a run:
 1. register `--identities` drawn, already-cropped faces;
@@ -129,6 +130,36 @@ def in_process_service(
         sock.close()
 
 
+@contextmanager
+def ray_deployment(
+    load: Callable[[], Any], data_dir: Path, size: tuple[int, int], replicas: int, **settings: Any
+) -> Iterator[tuple[str, Any]]:
+    """The service on a local Ray Serve cluster (127.0.0.1): an ingress and `replicas` model replicas
+    (each loading its own backend with `load`, on the CPU: no GPU asked for); (url, None)."""
+    import socket
+
+    import ray
+    from ray import serve
+
+    from flashface_trt.serve.config import ServeSettings
+    from flashface_trt.serve.ray_app import RayConfig, build_app
+
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        cfg = ServeSettings(host="127.0.0.1", port=port, data_dir=data_dir, **settings)
+        config = RayConfig(replicas, replicas, num_gpus=0, num_cpus=0, app_name="serve-load")
+        serve.run(build_app(cfg, load, size, config), name="serve-load", route_prefix="/")
+        yield f"http://127.0.0.1:{port}", None
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
 def wait_ready(client: httpx.Client, timeout: float) -> dict[str, Any]:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -142,6 +173,14 @@ def wait_ready(client: httpx.Client, timeout: float) -> dict[str, Any]:
             pass
         time.sleep(0.2)
     raise TimeoutError(f"{client.base_url} was not ready within {timeout} s")
+
+
+def _torch_threads() -> int | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.get_num_threads()
 
 
 def loader(args: argparse.Namespace) -> Callable[[], Any]:
@@ -159,7 +198,13 @@ def loader(args: argparse.Namespace) -> Callable[[], Any]:
         provider=args.provider,
     )
 
+    threads = _torch_threads()
+
     def load() -> Any:
+        if threads is not None:  # Ray workers start with one thread; the same count gives the same sums
+            import torch
+
+            torch.set_num_threads(threads)
         return _load_backend(ns)
 
     return load
@@ -439,6 +484,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout-s", type=float, default=600.0, help="longest wait for one job")
     p.add_argument("--max-queue", type=int, help="in-process service's queue (default: room for --jobs)")
     p.add_argument(
+        "--deployments",
+        default="local",
+        help="without --url, what to start and measure in turn, comma-separated: 'local' (the service "
+        "in this process) and 'ray:N' (a local Ray Serve cluster with N model replicas; the `ray` "
+        "extra), e.g. local,ray:1,ray:2 (default local)",
+    )
+    p.add_argument(
         "--json", type=Path, help="record (default benchmarks/results/<device>-serve-<commit>.json)"
     )
     p.add_argument("-v", "--verbose", action="store_true", help="the service's INFO logs")
@@ -446,6 +498,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if not (args.weights or args.onnx or args.engines):
         args.preset = "tiny"
     args.rate = args.rate or ["1x"]
+    args.deployments = [d.strip() for d in args.deployments.split(",") if d.strip()]
+    for d in args.deployments:
+        if d != "local" and not (d.startswith("ray:") and d[4:].isdigit() and int(d[4:]) >= 1):
+            p.error(f"--deployments: {d!r} is neither 'local' nor 'ray:N' with N >= 1")
     for name in ("jobs", "identities", "steps", "samples", "low_load_jobs", "direct_repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -479,26 +535,40 @@ def main(argv: list[str] | None = None) -> int:
     load_before = _loadavg()
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         paths = face_files(args.identities, Path(tmp))
+        results: dict[str, dict[str, Any]] = {}
         if args.url:
             backend = load()[0]
             bench = Bench(args, args.url.rstrip("/"), None, backend)
             status = wait_ready(bench.client, args.timeout_s)
             result = measure(bench, paths)
-        else:
+            bench.client.close()
+            if result is None:
+                return 1
+            results["url"] = result
+        local_backend = None
+        for name in [] if args.url else args.deployments:
             queue = args.max_queue or max(64, args.jobs)
             size = (args.height, args.width)
-            data = Path(tmp) / "data"
-            with in_process_service(load, data, size, max_queue=queue, warmup_steps=args.steps) as (
-                url,
-                service,
-            ):
-                bench = Bench(args, url, service, None)
+            data = Path(tmp) / f"data-{name.replace(':', '')}"
+            opts = {"max_queue": queue, "warmup_steps": args.steps}
+            if name == "local":
+                deployment = in_process_service(load, data, size, **opts)
+            else:
+                deployment = ray_deployment(load, data, size, int(name[4:]), **opts)
+            print(f"-- {name}")
+            with deployment as (url, service):
+                if service is None and local_backend is None:
+                    local_backend = load()[0]  # the direct calls run here, beside the replicas
+                bench = Bench(args, url, service, local_backend)
                 status = wait_ready(bench.client, args.timeout_s)
-                bench.backend = service.worker.backend
+                if service is not None:
+                    bench.backend = service.worker.backend
                 result = measure(bench, paths)
-        bench.client.close()
-    if result is None:
-        return 1
+                bench.client.close()
+            if result is None:
+                return 1
+            results[name] = result
+    result = next(iter(results.values()))
     try:
         import torch
 
@@ -510,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "serve_load",
         "device": device_name(bench.backend),
         "service_backend": status.get("backend"),
-        "in_process": not args.url,
+        "in_process": next(iter(results)) == "local",
         "cpu_count": os.cpu_count(),
         "loadavg_1min": {"before": load_before, "after": _loadavg()},  # other tenants of a shared machine
         "torch": torch_version,
@@ -519,6 +589,17 @@ def main(argv: list[str] | None = None) -> int:
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "api_key"},
         **result,
     }
+    if len(results) > 1:  # each deployment's figures, and Ray's cost per job against the local service
+        record["deployments"] = results
+        if "local" in results:
+            local = results["local"]["low_load"]["latency_median_s"]
+            record["overhead_vs_local_ms"] = {
+                name: (r["low_load"]["latency_median_s"] - local) * 1000
+                for name, r in results.items()
+                if name != "local"
+            }
+            for name, ms in record["overhead_vs_local_ms"].items():
+                print(f"{name}: {ms:.1f} ms per job over the local service at low load")
     write_record(record, "serve", args.json)
     return 0
 

@@ -11,6 +11,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ORACLE = REPO.parent / "shared" / "oracle"
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one of several test processes (pytest-xdist, `-n 2` by default): one math thread each, set
+    # before torch is imported, so that the workers do not wait on each other's threads
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests of the local Ray cluster run on one worker (one cluster per test process)."""
+    for item in items:
+        if item.get_closest_marker("ray") is not None:
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
 
 def oracle_path() -> Path:
     return Path(os.environ.get("FLASHFACE_ORACLE", str(DEFAULT_ORACLE)))
@@ -51,12 +63,20 @@ def tiny_export(tmp_path_factory) -> Path:
     """The tiny preset exported once per test session (every network and the detector, float32)."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
+    from filelock import FileLock
+
     from flashface_trt.export.exporter import ExportSettings, export_models
     from flashface_trt.models.loading import tiny_detector, tiny_models
     from flashface_trt.runtime.spec import TINY_SHAPES
 
-    out = tmp_path_factory.mktemp("onnx_tiny")
-    export_models(tiny_models(), out, ExportSettings(shapes=TINY_SHAPES), detector=tiny_detector())
+    # one export for all test processes (pytest-xdist workers share the parent of their temp dirs):
+    # the first exports, the others wait, then find every graph current (checked, not re-exported)
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    out = root / "onnx_tiny"
+    with FileLock(str(root / "onnx_tiny.lock")):
+        export_models(tiny_models(), out, ExportSettings(shapes=TINY_SHAPES), detector=tiny_detector())
     return out
 
 

@@ -286,7 +286,13 @@ def tie_problems(name, kept, kept_pts, ref, ref_pts, cands: Candidates, cfg: Det
         if ok.any():
             pair[pos] = np.flatnonzero(ok)[0]
             free[pair[pos]] = False
-    problems = [] if np.all(np.diff(pair[pair >= 0]) > 0) else [f"{name}: matched rows out of official order"]
+    # matched rows keep the official order, except near-ties: two rows whose scores are within
+    # tol.score of each other may come in either order (their order is the last bit of the scores)
+    matched = np.flatnonzero(pair >= 0)
+    later = np.triu(np.ones((len(matched), len(matched)), bool), 1)  # [i, j]: j after i officially
+    swapped = later & (pair[matched][:, None] > pair[matched][None, :])
+    apart = np.abs(ref[matched, 4][:, None] - ref[matched, 4][None, :]) > tol.score
+    problems = [f"{name}: matched rows out of official order"] if (swapped & apart).any() else []
     cap, thr = cfg.post_nms_top_k, cfg.nms_iou
 
     def at_threshold(overlap, box, others):

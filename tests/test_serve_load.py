@@ -115,3 +115,11 @@ def test_serve_load_times_nothing_when_the_image_differs(tmp_path, monkeypatch, 
     assert not out.exists()
     said = capsys.readouterr().out
     assert "correctness check failed" in said and "'max_abs_pixel_diff': 1" in said, said
+
+
+def test_deployments_are_checked(capsys):
+    assert serve_load.parse(["--deployments", "local,ray:2"]).deployments == ["local", "ray:2"]
+    for bad in ("ray", "ray:0", "kubernetes"):
+        with pytest.raises(SystemExit):
+            serve_load.parse(["--deployments", bad])
+        assert f"{bad!r} is neither 'local' nor 'ray:N'" in capsys.readouterr().err
