@@ -68,12 +68,23 @@ def percentiles(values: list[float], qs: tuple[int, ...]) -> dict[str, float | N
     return {f"p{q}": float(v) for q, v in zip(qs, np.percentile(values, qs))}
 
 
+def busy_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
 def summarize(jobs: list[dict[str, Any]], samples: int) -> dict[str, Any]:
     """Counts, throughput over the window (first submit to last end), latency and queueing delay."""
     done = [j for j in jobs if j["state"] == "succeeded"]
     ended = [j["completed_s"] for j in jobs if j["completed_s"] is not None]
     window = max(ended) - min(j["submitted_s"] for j in jobs) if ended else None
     images = sum(j["images"] for j in done)
+    busy = busy_seconds([(j["started"], j["finished"]) for j in done])
     return {
         "submitted": len(jobs),
         "succeeded": len(done),
@@ -85,8 +96,11 @@ def summarize(jobs: list[dict[str, Any]], samples: int) -> dict[str, Any]:
         "latency_s": percentiles([j["latency_s"] for j in done], (50, 95, 99)),
         "queue_delay_s": percentiles([j["queue_delay_s"] for j in done], (50, 95)),
         "run_s_median": statistics.median(j["run_s"] for j in done) if done else None,
-        # the share of the window the worker spent running jobs: near 1 means saturated
-        "worker_utilization": sum(j["run_s"] for j in done) / window if window else None,
+        # the share of the window with at least one job running (jobs that share steps overlap, so
+        # their intervals are merged): near 1 means saturated
+        "worker_utilization": busy / window if window else None,
+        # jobs running at once on average while any ran (above 1: jobs shared denoising steps)
+        "jobs_running_mean": sum(j["run_s"] for j in done) / busy if busy else None,
         "submit_lateness_s_max": max(j["submitted_s"] - j["scheduled_s"] for j in jobs),
         "images_per_job": samples,
     }

@@ -273,3 +273,21 @@ def test_suite_names_an_unknown_variant(capsys):
         suite(["--preset", "tiny", "--device", "cpu", "--variants", "auto,fastest"])
     err = capsys.readouterr().err
     assert "'auto,fastest'" in err and "compiled-channels-last" in err
+
+
+def test_batching_benchmark_record(tmp_path):
+    """benchmarks/batching.py on the tiny preset: every request checked, every ratio from its own figures."""
+    from benchmarks.batching import main as batching
+
+    out = tmp_path / "batching.json"
+    args = ["--preset", "tiny", "--device", "cpu", "--precision", "fp32", "--height", "64", "--width", "64"]
+    assert batching([*args, "--steps", "2", "--refs", "1", "--concurrency", "1,2", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert list(r["levels"]) == ["1", "2"] and r["config"]["steps"] == 2
+    for c, level in r["levels"].items():
+        assert level["z0_rel_err_max"] <= 1e-4  # each batched request against itself alone
+        assert level["batch_sizes_max"] == int(c)  # the requests shared their steps
+        seq, bat = level["sequential"], level["batched"]
+        assert level["throughput_ratio"] == pytest.approx(bat["images_per_s"] / seq["images_per_s"], rel=1e-9)
+        assert level["p95_over_solo"] == pytest.approx(bat["p95_s"] / level["solo_latency_s"], rel=1e-9)
+        assert seq["p50_s"] <= seq["p95_s"] and bat["p50_s"] <= bat["p95_s"]

@@ -23,6 +23,12 @@ def _quantiles(values: list[float]) -> list[float]:
     return statistics.quantiles(values, n=100, method="inclusive")
 
 
+def test_busy_seconds_merges_overlapping_jobs():
+    assert serve_load.busy_seconds([]) == 0.0
+    assert serve_load.busy_seconds([(0.0, 1.0), (0.5, 2.0), (3.0, 4.0)]) == pytest.approx(3.0)
+    assert serve_load.busy_seconds([(1.0, 2.0), (0.0, 5.0)]) == pytest.approx(5.0)  # one inside another
+
+
 def test_arrivals_fixed_and_poisson():
     rng = np.random.default_rng(0)
     assert serve_load.arrivals(5, 4.0, "fixed", rng) == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0], abs=1e-12)
@@ -91,8 +97,11 @@ def test_serve_load_record(tmp_path):
         q = _quantiles([j["queue_delay_s"] for j in jobs])
         assert [run["queue_delay_s"][p] for p in ("p50", "p95")] == pytest.approx([q[49], q[94]])
         assert run["run_s_median"] == pytest.approx(statistics.median(j["run_s"] for j in jobs))
-        assert run["worker_utilization"] == pytest.approx(sum(j["run_s"] for j in jobs) / window)
-        assert 0 < run["worker_utilization"] <= 1  # one worker: busy at most the whole window
+        busy = serve_load.busy_seconds([(j["started"], j["finished"]) for j in jobs])
+        assert run["worker_utilization"] == pytest.approx(busy / window)
+        assert 0 < run["worker_utilization"] <= 1 + 1e-3  # busy at most the window (two clocks: 1 ms)
+        assert run["jobs_running_mean"] == pytest.approx(sum(j["run_s"] for j in jobs) / busy)
+        assert run["jobs_running_mean"] >= 1 - 1e-9  # jobs that shared steps count together
         lateness = max(j["submitted_s"] - j["scheduled_s"] for j in jobs)
         assert run["submit_lateness_s_max"] == pytest.approx(lateness)
 
