@@ -122,7 +122,8 @@ def _generate_batch(args: argparse.Namespace, manifest: dict | None, size: tuple
                 _check_ranges(args, manifest, line.request, max(len(line.faces), 1))
             except InputError as exc:
                 raise InputError(f"{args.batch_file}:{line.number}: {exc}", exc.field) from exc
-    photos = {line.faces: _read_photos(args, line.faces) for line in lines}  # each photo set decoded once
+    sets = dict.fromkeys(line.faces for line in lines)  # each photo set decoded once
+    photos = {faces: _read_photos(args, faces) for faces in sets}
     backend, detector = _load_backend(args)
 
     def identity_of(paths: tuple[Path, ...]):

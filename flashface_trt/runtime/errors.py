@@ -1,8 +1,25 @@
 """Exceptions raised by FlashFace-TRT; every message names the offending value."""
 
+from typing import Any
+
 
 class FlashFaceError(Exception):
-    """Base class of every error this package raises on purpose."""
+    """Base class of every error this package raises on purpose.
+
+    Errors pickle whole (Ray carries them between processes): the message and every attribute a
+    subclass sets, whatever its constructor takes (Exception's own pickling would call it with
+    the message alone).
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _rebuild, (self.__class__, self.args, self.__dict__)
+
+
+def _rebuild(cls: type[FlashFaceError], args: tuple, state: dict[str, Any]) -> FlashFaceError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, *args)
+    err.__dict__.update(state)
+    return err
 
 
 class WeightsError(FlashFaceError):
@@ -15,6 +32,3 @@ class InputError(FlashFaceError, ValueError):
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.field = field
-
-    def __reduce__(self):  # pickled whole (Ray sends errors between processes)
-        return self.__class__, (str(self), self.field)

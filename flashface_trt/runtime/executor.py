@@ -36,9 +36,6 @@ class Stopped(FlashFaceError):
         super().__init__(message)
         self.kind = kind
 
-    def __reduce__(self):  # pickled whole (Ray sends errors between processes)
-        return self.__class__, (self.kind, str(self))
-
 
 @dataclass
 class Task:

@@ -45,9 +45,6 @@ class QueueFull(FlashFaceError):
         super().__init__(message)
         self.retry_after = retry_after
 
-    def __reduce__(self):  # pickled whole (Ray sends errors between processes)
-        return self.__class__, (str(self), self.retry_after)
-
 
 @dataclass
 class Job:
