@@ -146,19 +146,25 @@ def in_process_service(
 
 @contextmanager
 def ray_deployment(
-    load: Callable[[], Any], data_dir: Path, size: tuple[int, int], replicas: int, **settings: Any
+    load: Callable[[], Any],
+    data_dir: Path,
+    size: tuple[int, int],
+    config: Any,
+    num_cpus: int | None = None,
+    **settings: Any,
 ) -> Iterator[tuple[str, Any]]:
-    """The service on a local Ray Serve cluster (127.0.0.1): an ingress and `replicas` model replicas
-    (each loading its own backend with `load`, on the CPU: no GPU asked for); (url, None)."""
+    """The service on a local Ray cluster (`num_cpus`: its CPUs, default all) on 127.0.0.1, deployed
+    with `config` (a `serve.ray_app.RayConfig`; each model replica loads its backend with `load`);
+    (url, None). The tests' Ray deployment is this one too."""
     import socket
 
     import ray
     from ray import serve
 
     from flashface_trt.serve.config import ServeSettings
-    from flashface_trt.serve.ray_app import RayConfig, build_app
+    from flashface_trt.serve.ray_app import build_app
 
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
@@ -166,8 +172,7 @@ def ray_deployment(
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         cfg = ServeSettings(host="127.0.0.1", port=port, data_dir=data_dir, **settings)
-        config = RayConfig(replicas, replicas, num_gpus=0, num_cpus=0, app_name="serve-load")
-        serve.run(build_app(cfg, load, size, config), name="serve-load", route_prefix="/")
+        serve.run(build_app(cfg, load, size, config), name=config.app_name, route_prefix="/")
         yield f"http://127.0.0.1:{port}", None
     finally:
         serve.shutdown()
@@ -568,7 +573,11 @@ def main(argv: list[str] | None = None) -> int:
             if name == "local":
                 deployment = in_process_service(load, data, size, **opts)
             else:
-                deployment = ray_deployment(load, data, size, int(name[4:]), **opts)
+                from flashface_trt.serve.ray_app import RayConfig
+
+                n = int(name[4:])
+                config = RayConfig(n, n, num_gpus=0, num_cpus=0, app_name="serve-load")
+                deployment = ray_deployment(load, data, size, config, **opts)
             print(f"-- {name}")
             with deployment as (url, service):
                 if service is None and local_backend is None:

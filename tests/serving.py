@@ -108,36 +108,24 @@ def photo_detector():
 
 
 def start_ray(data_dir: Path, replicas: int = 2, **settings: Any) -> ServerHandle:
-    """The API on a local Ray Serve deployment (127.0.0.1): an ingress and `replicas` model replicas."""
-    import socket
+    """The API on a local Ray Serve deployment (127.0.0.1): an ingress and `replicas` model replicas
+    (the load benchmark's deployment, on 2 CPUs)."""
+    from contextlib import ExitStack
 
-    import ray
-    from ray import serve
-
-    from flashface_trt.serve.config import ServeSettings
-    from flashface_trt.serve.ray_app import RayConfig, build_app
-
-    settings.setdefault("warmup_steps", 1)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    cfg = ServeSettings(host="127.0.0.1", port=port, data_dir=data_dir, **settings)
-    config = RayConfig(replicas, replicas, num_gpus=0, num_cpus=0, identities_per_replica=2, app_name=RAY_APP)
     import torch
 
+    from benchmarks.serve_load import ray_deployment
+    from flashface_trt.serve.config import ServeSettings
+    from flashface_trt.serve.ray_app import RayConfig
+
+    settings.setdefault("warmup_steps", 1)
+    config = RayConfig(replicas, replicas, num_gpus=0, num_cpus=0, identities_per_replica=2, app_name=RAY_APP)
     load = tiny_loader(photo_detector(), threads=torch.get_num_threads())
-    serve.run(build_app(cfg, load, SIZE, config), name=RAY_APP, route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
+    stack = ExitStack()
+    url, _ = stack.enter_context(ray_deployment(load, data_dir, SIZE, config, num_cpus=2, **settings))
     wait_ready(url, 300)
-
-    def stop() -> None:
-        serve.shutdown()
-        ray.shutdown()
-
-    return ServerHandle(url, stop, None, cfg.api_keys)
+    keys = ServeSettings(data_dir=data_dir, **settings).api_keys
+    return ServerHandle(url, stack.close, None, keys)
 
 
 def start_service(data_dir: Path, load=None, **settings: Any) -> ServerHandle:
