@@ -87,9 +87,11 @@ def test_generate_with_engines_matches_onnx_runtime_across_identities_prompts_an
 
 def test_cli_build_generate_and_verify_through_the_doubles(fakes, tiny_export, tmp_path, capsys):
     out = tmp_path / "engines"
+    before = len(fakes.builds)  # the module's engines, if another test of this process built them
     assert main(["build", "--onnx", str(tiny_export), "--out", str(out)]) == 0
+    assert len(fakes.builds) == before + 6  # every network built
     assert main(["build", "--onnx", str(tiny_export), "--out", str(out)]) == 0  # cached: nothing rebuilt
-    assert len(fakes.builds) == 6 * 2  # the module's build and the first one here, not the second
+    assert len(fakes.builds) == before + 6
     common = ["--prompt", "a man", "--steps", "6", "--step-to-launch", "500", "--seed", "3"]
     assert main(["generate", "--engines", str(out), *common, "--out", str(tmp_path / "trt.png")]) == 0
     assert main(["generate", "--onnx", str(tiny_export), *common, "--out", str(tmp_path / "ort.png")]) == 0
