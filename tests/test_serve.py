@@ -257,6 +257,22 @@ def test_restart_keeps_identities_and_jobs(tmp_path):
         assert new["state"] == "succeeded"  # the stored latents serve the new process
 
 
+def test_a_stopped_worker_leaves_no_job_running(tmp_path):
+    """A job the worker holds when its loop stops without the job having been cancelled (one taken
+    from the queue after `shutdown`'s cancellations) ends cancelled, not 'running' on disk."""
+    with service(tmp_path, warmup_steps=0) as api:
+        c = api.client()
+        ident = register(c, 4)["id"]
+        job = c.post("/v1/generations", json=generation(ident, steps=LONG)).json()
+        wait_state(c, job["id"], "running")
+        api.service.worker.stopping.set()
+        api.service.worker.join(60)
+        assert not api.service.worker.is_alive()
+        record = c.get(f"/v1/generations/{job['id']}").json()
+        assert record["state"] == "cancelled" and "shut down" in record["error"], record
+        assert record["step"] < LONG
+
+
 def test_bounded_load(tmp_path):
     """8 clients, 60 jobs of two sizes and three identities, some cancelled: every job ends."""
     import resource

@@ -26,6 +26,8 @@ from ..runtime.request import GenerationRequest
 
 log = logging.getLogger(__name__)
 
+SHUTDOWN_REASON = "cancelled: the service shut down"  # what the jobs a stopping service held say
+
 
 class State(str, Enum):
     QUEUED = "queued"

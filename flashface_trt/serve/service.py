@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from ..runtime.errors import FlashFaceError, InputError
 from ..runtime.request import GenerationRequest, make_request
 from .config import ServeSettings
-from .jobs import Job, JobBook, QueueFull, State, new_job_id
+from .jobs import SHUTDOWN_REASON, Job, JobBook, QueueFull, State, new_job_id
 from .metrics import Metrics
 from .store import IdentityStore, StoredIdentity
 from .worker import LoadBackend, Worker
@@ -284,12 +284,11 @@ class Service:
         if mode == "finish":
             while (self.book.queued or self.book.running) and time.monotonic() < end:
                 time.sleep(0.05)
-        reason = "cancelled: the service shut down"
         for job in self.book.pending():
-            self.book.cancel(job, reason)  # queued: cancelled now
+            self.book.cancel(job, SHUTDOWN_REASON)  # queued: cancelled now
             self.metrics.job_failed(job, "cancelled")
         for running in list(self.book.running.values()):
-            self.book.cancel(running, reason)  # stops at its next step boundary
+            self.book.cancel(running, SHUTDOWN_REASON)  # stops at its next step boundary (or at the stop)
         self.worker.stopping.set()
         self.worker.join(timeout=max(end - time.monotonic(), 0.0) + 30.0)
         log.info("service stopped (%s)", mode)

@@ -25,7 +25,7 @@ from ..runtime.images import synthetic_face
 from ..runtime.pipeline import Backend, generate, prepare_references
 from ..runtime.references import load_references
 from ..runtime.request import GenerationRequest
-from .jobs import Job, JobBook, State
+from .jobs import SHUTDOWN_REASON, Job, JobBook, State
 from .metrics import Metrics
 from .store import IdentityStore, StoredIdentity, identity_id
 
@@ -104,7 +104,21 @@ class Worker(threading.Thread):
             if self.executor.busy:
                 self.executor.run_once()
                 self._collect()
+        self._stop_jobs()
         self._run_tasks()
+
+    def _stop_jobs(self) -> None:
+        """On stop: the jobs this worker still holds end cancelled, none is left 'running' on disk.
+
+        `Service.shutdown` cancels the queued and running jobs before it stops the loop, but a
+        running job ends only at its next step boundary, and a job taken from the queue after
+        the cancellations was never cancelled: both are stopped here, before any further step.
+        """
+        for job, _ in list(self.tasks_by_job.values()):
+            self.book.cancel(job, SHUTDOWN_REASON)
+        while self.executor.busy:
+            self.executor.run_once()  # each task's check stops it before its next step
+            self._collect()
 
     def _admit(self) -> None:
         """Move queued jobs into the running batch while they fit (waiting briefly when idle)."""
