@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     backend = TorchBackend(models)
     bound = args.bound if args.bound is not None else (5e-2 if args.precision == "fp16" else 1e-4)
     crops = [
-        prepare_references([synthetic_face(seed=10 * i + j) for j in range(args.refs)])
+        prepare_references([synthetic_face(seed=10 * i + j) for j in range(args.refs)], args.ref_size)
         for i in range(max(levels))
     ]
     idents = [identity_from_crops(backend.encode_references, c) for c in crops]

@@ -22,28 +22,17 @@ import torch
 
 from flashface_trt.models.backend import TorchBackend, TorchModels
 from flashface_trt.models.config import SD15
-from flashface_trt.models.loading import (
-    build_loaded,
-    component_shapes,
-    load_models,
-    random_state,
-    tiny_models,
-)
+from flashface_trt.models.loading import load_models, random_models, tiny_models
 from flashface_trt.runtime.identities import identity_from_crops
 from flashface_trt.runtime.request import GenerationRequest, face_mask, full_prompts, initial_noise
 from flashface_trt.runtime.sampler import plan, sample
-from flashface_trt.runtime.tokenizer import ClipTokenizer
 
 from .workload import Workload
 
 
 def sd15_random(device: str, dtype: torch.dtype) -> TorchModels:
     """Full-size networks with deterministic random weights: speed needs no real weights."""
-    nets = {
-        n: build_loaded(n, SD15, random_state(component_shapes(n, SD15), i), f"random {n}", device, dtype)
-        for i, n in enumerate(("unet", "text", "vae"))
-    }
-    return TorchModels(SD15, nets["unet"], nets["text"], nets["vae"], ClipTokenizer())  # type: ignore[arg-type]
+    return random_models(SD15, device, dtype)
 
 
 class Clock:

@@ -91,7 +91,8 @@ def time_official(src: Path, cfg: ModelConfig, workload: Workload, device: str, 
     req = workload.request()
     g = req.guidance
     n, h, w = workload.samples, workload.height // 8, workload.width // 8
-    lat = torch.randn(max(workload.refs, 4), 4, 28, 28, device=device)
+    lat_ref = workload.ref_size // 8
+    lat = torch.randn(max(workload.refs, 4), 4, lat_ref, lat_ref, device=device)
     ctx = torch.randn(1, 77, u.context_dim, device=device)
     cache = unet.share_cache
     cache.update(

@@ -30,6 +30,7 @@ from flashface_trt.models.backend import TorchBackend, TorchModels
 from flashface_trt.models.loading import tiny_models
 from flashface_trt.models.settings import TORCH_PRESETS
 from flashface_trt.runtime.identities import Identity, identity_from_crops
+from flashface_trt.runtime.request import REFERENCE_SIZE
 from flashface_trt.runtime.sampler import sample
 
 from .bench_torch import sd15_random
@@ -228,6 +229,9 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=768)
     p.add_argument("--refs", type=int, default=4)
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument(
+        "--ref-size", type=int, default=REFERENCE_SIZE, help="reference crop side (official: 224)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     models = load_models(args, dtype)
     plain = TorchBackend(models, TORCH_PRESETS["eager"])  # the baseline, and the reference loop
     device = plain.device
-    workload = Workload(args.height, args.width, args.refs, args.steps, args.samples)
+    workload = Workload(args.height, args.width, args.refs, args.steps, args.samples, args.ref_size)
     with torch.inference_mode():
         den, x, steps, identity = make_denoiser(plain, workload, official_pattern=False)
         reference_z0 = sample(den, x, steps)

@@ -58,6 +58,7 @@ class Workload:
     refs: int = 4
     steps: int = 30
     samples: int = 1
+    ref_size: int = REFERENCE_SIZE  # reference crop side (the official pipeline's 224)
 
     def request(self) -> GenerationRequest:
         return GenerationRequest(
@@ -69,7 +70,7 @@ class Workload:
         ).validated()
 
     def crops(self) -> np.ndarray:
-        return prepare_references([synthetic_face(seed=i) for i in range(self.refs)])
+        return prepare_references([synthetic_face(seed=i) for i in range(self.refs)], self.ref_size)
 
 
 W768 = Workload()
@@ -218,7 +219,7 @@ def _meta_loop_flops(cfg: ModelConfig, workload: Workload) -> dict[str, dict[str
         unet, vae = FlashFaceUNet(cfg.unet).to(f16), AutoencoderKL(cfg.vae).to(f16)
     n, r = workload.samples, max(workload.refs, 4)  # fewer references are repeated up to 4
     h, w = workload.height // cfg.vae_factor, workload.width // cfg.vae_factor
-    lat_ref = REFERENCE_SIZE // cfg.vae_factor
+    lat_ref = workload.ref_size // cfg.vae_factor
     lat = torch.empty(r, cfg.unet.ref_in_dim, lat_ref, lat_ref, device=dev, dtype=f16)
     ctx = torch.empty(1, cfg.text.text_len, cfg.unet.context_dim, device=dev, dtype=f16)
     feats, features = counted(unet.reference_features, lat, torch.zeros(1, device=dev, dtype=torch.long), ctx)
@@ -236,7 +237,7 @@ def _meta_loop_flops(cfg: ModelConfig, workload: Workload) -> dict[str, dict[str
             unet_counts[rows, ref_rows] = count_flops(unet, x, mask, t, c, refs)
         return unet_counts[rows, ref_rows]
 
-    crops = torch.empty(r, 3, REFERENCE_SIZE, REFERENCE_SIZE, device=dev, dtype=f16)
+    crops = torch.empty(r, 3, workload.ref_size, workload.ref_size, device=dev, dtype=f16)
     vae_counts = {
         "vae_decode": count_flops(vae.decode, torch.empty(n, cfg.vae.z_dim, h, w, device=dev, dtype=f16)),
         "encode_references": count_flops(vae.encode, crops),

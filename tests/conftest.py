@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the groups into node ids
 def pytest_collection_modifyitems(config, items):
     """Tests of the local Ray cluster run on one worker (one cluster per test process)."""
     for item in items:
@@ -63,21 +66,30 @@ def tiny_export(tmp_path_factory) -> Path:
     """The tiny preset exported once per test session (every network and the detector, float32)."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
-    from filelock import FileLock
-
     from flashface_trt.export.exporter import ExportSettings, export_models
     from flashface_trt.models.loading import tiny_detector, tiny_models
     from flashface_trt.runtime.spec import TINY_SHAPES
 
-    # one export for all test processes (pytest-xdist workers share the parent of their temp dirs):
-    # the first exports, the others wait, then find every graph current (checked, not re-exported)
+    with shared_dir(tmp_path_factory, "onnx_tiny") as out:
+        export_models(tiny_models(), out, ExportSettings(shapes=TINY_SHAPES), detector=tiny_detector())
+    return out
+
+
+@contextmanager
+def shared_dir(tmp_path_factory, name: str) -> Iterator[Path]:
+    """A directory that every test process of this run shares, held under a lock while in use.
+
+    pytest-xdist workers share the parent of their temp dirs: the first process to get the lock
+    makes what the directory holds (an export), the others wait, then find it current (exports
+    check every graph against its manifest; nothing is trusted for existing).
+    """
+    from filelock import FileLock
+
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent
-    out = root / "onnx_tiny"
-    with FileLock(str(root / "onnx_tiny.lock")):
-        export_models(tiny_models(), out, ExportSettings(shapes=TINY_SHAPES), detector=tiny_detector())
-    return out
+    with FileLock(str(root / f"{name}.lock")):
+        yield root / name
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,7 +31,7 @@ from flashface_trt.runtime.request import GenerationRequest  # noqa: E402
 from flashface_trt.runtime.sampler import GuidanceParams, plan, single_step  # noqa: E402
 from flashface_trt.runtime.spec import TINY_SHAPES, ExportShapes  # noqa: E402
 
-from .conftest import REPO, rel_err, run_without_torch  # noqa: E402
+from .conftest import REPO, rel_err, run_without_torch, shared_dir  # noqa: E402
 from .test_sampler import oracle_guidance  # noqa: E402
 
 REQUEST = GenerationRequest(prompt="a woman with a hat", steps=4, height=96, width=64, num_samples=2, seed=3)
@@ -176,33 +177,38 @@ def test_float16_export_against_float32(tiny_export, tmp_path):
     assert err <= 2e-2 and pix <= 8
 
 
-@pytest.mark.oracle
-@pytest.mark.parametrize("case", ["two_way", "three_way"])
-def test_exported_unet_matches_official(oracle_dir, oracle_config, tmp_path_factory, case):
-    """The oracle checkpoint exported and run by ONNX Runtime in float32: eps and x0 of one guided step."""
-    out = tmp_path_factory.getbasetemp() / "onnx_oracle"
-    if not (out / "manifest.json").is_file():
-        from .test_loading import OFFICIAL_NAMES
+@pytest.fixture(scope="session")
+def oracle_export(oracle_dir, oracle_config, tmp_path_factory) -> Path:
+    """The oracle checkpoint (official file names) exported once for every test process, float32."""
+    from .test_loading import OFFICIAL_NAMES
 
-        official = tmp_path_factory.mktemp("official_for_onnx")
-        for src, dst in OFFICIAL_NAMES.items():
-            (official / dst).symlink_to(oracle_dir / src)
-        cfg = ModelConfig.from_dict(oracle_config)
-        size, refs = int(oracle_config["image_size"]), int(oracle_config["num_refs"])
-        shapes = ExportShapes(
-            max_samples=2,
-            min_size=64,
-            max_size=max(256, size),
-            opt_height=size,
-            opt_width=size,
-            max_refs=max(refs, 4),
-            opt_refs=refs,
-            ref_size=int(oracle_config["ref_image_size"]),
-        )
-        models = load_models(official)
-        assert models.config == cfg
+    official = tmp_path_factory.mktemp("official_for_onnx")
+    for src, dst in OFFICIAL_NAMES.items():
+        (official / dst).symlink_to(oracle_dir / src)
+    size, refs = int(oracle_config["image_size"]), int(oracle_config["num_refs"])
+    shapes = ExportShapes(
+        max_samples=2,
+        min_size=64,
+        max_size=max(256, size),
+        opt_height=size,
+        opt_width=size,
+        max_refs=max(refs, 4),
+        opt_refs=refs,
+        ref_size=int(oracle_config["ref_image_size"]),
+    )
+    models = load_models(official)
+    assert models.config == ModelConfig.from_dict(oracle_config)
+    with shared_dir(tmp_path_factory, "onnx_oracle") as out:
         export_models(models, out, ExportSettings(shapes=shapes))
-    backend = OrtBackend(out)
+    return out
+
+
+@pytest.mark.oracle
+@pytest.mark.xdist_group("onnx_oracle")  # both cases in one test process: no other waits for its export
+@pytest.mark.parametrize("case", ["two_way", "three_way"])
+def test_exported_unet_matches_official(oracle_dir, oracle_config, oracle_export, case):
+    """The oracle checkpoint exported and run by ONNX Runtime in float32: eps and x0 of one guided step."""
+    backend = OrtBackend(oracle_export)
     d = np.load(oracle_dir / "unet_cases.npz")
     guidance = oracle_guidance(oracle_config)
     den = OrtDenoiser(

@@ -9,6 +9,7 @@ Hugging Face / diffusers layouts of the text encoder and VAE, or what
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -196,6 +197,13 @@ def tiny_detector(device: str | torch.device = "cpu", seed: int = 0, face_bias: 
     set from one pass over a drawn face (train-mode BatchNorm, cumulative average). Its 'faces' are
     still random boxes; it exists to run the detection path without real weights.
     """
+    state = {k: v.clone() for k, v in _tiny_detector_state(seed, face_bias).items()}
+    return build_strict(RetinaFace, state, "tiny preset (detector)", device, torch.float32)
+
+
+@functools.lru_cache(maxsize=2)
+def _tiny_detector_state(seed: int, face_bias: float) -> dict[str, torch.Tensor]:
+    """`tiny_detector`'s calibrated weights, made once per process (2-3 s on a CPU: a ResNet-50 pass)."""
     model = build_strict(
         RetinaFace, random_retinaface_state(seed, face_bias), "tiny preset (detector)", "cpu", torch.float32
     )
@@ -207,7 +215,7 @@ def tiny_detector(device: str | torch.device = "cpu", seed: int = 0, face_bias: 
         bn.momentum = None
     with torch.no_grad():
         model.train()(x)
-    return model.eval().to(device)
+    return {k: v.detach() for k, v in model.state_dict().items()}
 
 
 def random_state(shapes: Mapping[str, tuple[int, ...]], seed: int) -> StateDict:
@@ -227,15 +235,26 @@ def random_state(shapes: Mapping[str, tuple[int, ...]], seed: int) -> StateDict:
     return out
 
 
+def random_models(
+    config: ModelConfig,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    label: str = "random",
+) -> TorchModels:
+    """Every network of `config` with deterministic random weights (`random_state`, one seed each)."""
+    nets = {}
+    for i, name in enumerate(COMPONENTS):
+        state = random_state(component_shapes(name, config), seed + i)
+        nets[name] = build_loaded(name, config, state, f"{label} ({name})", device, dtype)
+    return TorchModels(config, nets["unet"], nets["text"], nets["vae"], ClipTokenizer())  # type: ignore[arg-type]
+
+
 def tiny_models(
     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
 ) -> TorchModels:
     """The embedded default: a deterministic random tiny FlashFace (its images are noise)."""
-    nets = {}
-    for i, name in enumerate(COMPONENTS):
-        state = random_state(component_shapes(name, TINY), seed + i)
-        nets[name] = build_loaded(name, TINY, state, f"tiny preset ({name})", device, dtype)
-    return TorchModels(TINY, nets["unet"], nets["text"], nets["vae"], ClipTokenizer())  # type: ignore[arg-type]
+    return random_models(TINY, device, dtype, seed, "tiny preset")
 
 
 def _summarise(keys: list[str]) -> dict[str, int]:

@@ -78,11 +78,12 @@ class Backend(Protocol):
         """Scaled latents [N, 4, h, w] -> uint8 images [N, H, W, 3]."""
 
 
-def prepare_references(faces: Sequence[Image.Image]) -> np.ndarray:
-    """Face crops -> [R, 3, 224, 224] in [-1, 1]; fewer than 4 are repeated in order, as the demo pads."""
+def prepare_references(faces: Sequence[Image.Image], size: int = REFERENCE_SIZE) -> np.ndarray:
+    """Face crops -> [R, 3, size, size] in [-1, 1] (official: 224); fewer than 4 are repeated in
+    order, as the demo pads."""
     if len(faces) == 0:
         raise InputError("at least one reference face is required")
-    return np.stack([reference_array(f, REFERENCE_SIZE) for f in pad_references(list(faces))])
+    return np.stack([reference_array(f, size) for f in pad_references(list(faces))])
 
 
 def register_identity(backend: Backend, faces: Sequence[Image.Image], photos: Sequence[str] = ()) -> Identity:
