@@ -19,12 +19,31 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+HEAVY_GROUPS = ("ray", "tiny_export", "onnx_oracle")
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the groups into node ids
 def pytest_collection_modifyitems(config, items):
-    """Tests of the local Ray cluster run on one worker (one cluster per test process)."""
+    """Group the tests that share one expensive thing and run the expensive ones first.
+
+    The local Ray cluster's tests run on one worker (one cluster per test process); so do the
+    tests of the tiny export, so that no process waits while another one makes it. Those groups
+    and the tests marked `slow` are handed out first (longest first, the short tests fill in
+    after them), so that neither process is left with a long test at the end.
+    """
     for item in items:
         if item.get_closest_marker("ray") is not None:
             item.add_marker(pytest.mark.xdist_group("ray"))
+        elif "tiny_export" in getattr(item, "fixturenames", ()):
+            if item.get_closest_marker("xdist_group") is None:
+                item.add_marker(pytest.mark.xdist_group("tiny_export"))
+
+    def heavy(item) -> bool:
+        group = item.get_closest_marker("xdist_group")
+        in_heavy_group = group is not None and group.args[0] in HEAVY_GROUPS
+        return in_heavy_group or item.get_closest_marker("slow") is not None
+
+    items.sort(key=lambda item: not heavy(item))  # stable: the order within each part is kept
 
 
 def oracle_path() -> Path:

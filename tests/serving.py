@@ -119,7 +119,10 @@ def start_ray(data_dir: Path, replicas: int = 2, **settings: Any) -> ServerHandl
     from flashface_trt.serve.ray_app import RayConfig
 
     settings.setdefault("warmup_steps", 1)
-    config = RayConfig(replicas, replicas, num_gpus=0, num_cpus=0, identities_per_replica=2, app_name=RAY_APP)
+    config = RayConfig(
+        replicas, replicas, num_gpus=0, num_cpus=0, identities_per_replica=2, app_name=RAY_APP,
+        health_check_period_s=1.0,  # a killed replica is noticed (and replaced) within a second
+    )
     load = tiny_loader(photo_detector(), threads=torch.get_num_threads())
     stack = ExitStack()
     url, _ = stack.enter_context(ray_deployment(load, data_dir, SIZE, config, num_cpus=2, **settings))

@@ -203,6 +203,7 @@ def check_suite_record(
     assert r["loop_percent_of_peak"] == pytest.approx(100 * t["loop"] / loop_s / peak, rel=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_suite_tiny_cpu_record(tmp_path, capsys, record_counts, precision):
     """Variants checked against the plain sampler, fp16 against fp32, every derived figure recomputed.

@@ -243,6 +243,7 @@ def test_mutations_are_reported(mutant, monkeypatch, cases, cfg, flows, official
         assert problems, f"{mutant} passed the {name} check"
 
 
+@pytest.mark.slow
 @pytest.mark.oracle
 def test_onnx_runtime_detector_matches_torch(detector_weights, cases, tmp_path):
     pytest.importorskip("onnxruntime")

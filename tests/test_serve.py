@@ -124,6 +124,10 @@ def test_identities_belong_to_their_key(api):
 def test_cancel_queue_priority_and_429(api):
     a = api.client(KEYS[0])
     ident = register(a, 1)["id"]
+    if api.service is None:  # Ray: one job first, so that the router knows which replica holds the
+        # identity before the queue fills (else a job may go to the idle replica: no queue position)
+        warm = a.post("/v1/generations", json=generation(ident)).json()
+        assert wait_job(a, warm["id"])["state"] == "succeeded"
     long = a.post("/v1/generations", json=generation(ident, steps=LONG)).json()
     wait_state(a, long["id"], "running")
     low = a.post("/v1/generations", json=generation(ident, priority=0)).json()
@@ -257,6 +261,31 @@ def test_restart_keeps_identities_and_jobs(tmp_path):
         assert new["state"] == "succeeded"  # the stored latents serve the new process
 
 
+def test_identities_with_crops_of_another_size_are_refused_by_name(tmp_path):
+    """Identities stored by networks that take 224 px crops, then served by the tiny preset's 64 px
+    ones: a job for one fails naming the identity and both sizes; registering again serves."""
+
+    def load_224():
+        from dataclasses import replace
+
+        from flashface_trt.models.backend import TorchBackend
+        from flashface_trt.models.loading import tiny_models
+
+        return TorchBackend(replace(tiny_models(), ref_size=224)), None
+
+    with service(tmp_path, warmup_steps=0, load=load_224) as first:
+        old = register(first.client(), 4)["id"]
+    with service(tmp_path, warmup_steps=0) as second:
+        c = second.client()
+        failed = wait_job(c, c.post("/v1/generations", json=generation(old)).json()["id"])
+        assert failed["state"] == "failed", failed
+        assert old in failed["error"] and "224 px" in failed["error"] and "64 px" in failed["error"], failed
+        new = register(c, 4)["id"]
+        assert new != old  # crops of another size: another identity
+        again = c.post("/v1/generations", json=generation(new)).json()
+        assert wait_job(c, again["id"])["state"] == "succeeded"
+
+
 def test_a_stopped_worker_leaves_no_job_running(tmp_path):
     """A job the worker holds when its loop stops without the job having been cancelled (one taken
     from the queue after `shutdown`'s cancellations) ends cancelled, not 'running' on disk."""
@@ -273,6 +302,7 @@ def test_a_stopped_worker_leaves_no_job_running(tmp_path):
         assert record["step"] < LONG
 
 
+@pytest.mark.slow
 def test_bounded_load(tmp_path):
     """8 clients, 60 jobs of two sizes and three identities, some cancelled: every job ends."""
     import resource
@@ -323,6 +353,7 @@ def test_bounded_load(tmp_path):
         assert metric(admin, "flashface_queue_depth") == 0 and metric(admin, "flashface_running_jobs") == 0
 
 
+@pytest.mark.slow
 def test_sigterm_drains_then_exits_zero(tmp_path):
     """`flashface-trt serve` as a process: SIGTERM stops admissions (503), finishes the accepted jobs,
     exits 0; a new process serves their results."""

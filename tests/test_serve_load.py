@@ -46,7 +46,7 @@ def test_serve_load_record(tmp_path):
     assert serve_load.main(["--jobs", "6", *rates, *SMALL, "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["benchmark"] == "serve_load" and r["device"] and r["commit"] and r["in_process"]
-    assert r["service_backend"] == "torch/fp32" and r["config"]["steps"] == 1
+    assert r["service_backend"] == "torch/fp32/64px" and r["config"]["steps"] == 1
     assert r["correctness"] == {"first_job_equals_direct": True, "max_abs_pixel_diff": 0, "seed": 0}
 
     # overhead and capacity from the recorded direct calls and low-load jobs

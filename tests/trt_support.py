@@ -34,7 +34,7 @@ def build(onnx_dir: Path, out: Path) -> Path:
 
 
 def request(
-    prompt: str = "a man", size: tuple[int, int] = (128, 128), steps: int = 6, **kw
+    prompt: str = "a man", size: tuple[int, int] = (64, 64), steps: int = 6, **kw
 ) -> GenerationRequest:
     return GenerationRequest(
         prompt=prompt, steps=steps, height=size[0], width=size[1], guidance=GUIDANCE, **kw

@@ -14,6 +14,7 @@ from ..runtime.graphs import StepGraphs
 from ..runtime.guidance import guided_x0
 from ..runtime.identities import Identity, ReferenceKVCache
 from ..runtime.images import to_uint8
+from ..runtime.request import REFERENCE_SIZE
 from ..runtime.sampler import GuidanceParams, StepPlan, single_step
 from ..runtime.tokenizer import ClipTokenizer
 from .batched import group_kv, step_members
@@ -37,6 +38,7 @@ class TorchModels:
     text: TextEncoder
     vae: AutoencoderKL
     tokenizer: ClipTokenizer
+    ref_size: int = REFERENCE_SIZE  # side of the square reference crops the pipeline prepares
 
     @property
     def device(self) -> torch.device:
@@ -109,6 +111,7 @@ class TorchBackend:
         self.models = models
         self.device = models.device
         self.dtype = models.dtype
+        self.ref_size = models.ref_size
         self.kv_cache = ReferenceKVCache(settings.kv_cache_bytes)
         self.static = self.device.type == "cuda" if settings.static_loop is None else settings.static_loop
         capture = TorchCapture() if self.device.type == "cuda" else None

@@ -15,7 +15,7 @@ import json
 import logging
 import shutil
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from ..runtime.artifacts import load_manifest, sha256_file
 from ..runtime.detection import preprocess, to_unit_tensor
 from ..runtime.errors import WeightsError
 from ..runtime.images import synthetic_face
+from ..runtime.spec import TINY_SHAPES
 from ..runtime.tokenizer import ClipTokenizer
 from .backend import TorchModels
 from .config import TINY, ModelConfig
@@ -253,8 +254,10 @@ def random_models(
 def tiny_models(
     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
 ) -> TorchModels:
-    """The embedded default: a deterministic random tiny FlashFace (its images are noise)."""
-    return random_models(TINY, device, dtype, seed, "tiny preset")
+    """The embedded default: a deterministic random tiny FlashFace (its images are noise), which
+    takes the tiny export's reference crops (`TINY_SHAPES.ref_size`)."""
+    models = random_models(TINY, device, dtype, seed, "tiny preset")
+    return replace(models, ref_size=TINY_SHAPES.ref_size)
 
 
 def _summarise(keys: list[str]) -> dict[str, int]:

@@ -55,6 +55,11 @@ def export_specs(manifest: dict) -> dict[str, NetworkSpec]:
     return {name: NetworkSpec.from_dict(e["spec"]) for name, e in manifest["networks"].items()}
 
 
+def reference_size(specs: dict[str, NetworkSpec]) -> int:
+    """The reference crop side the graphs take: the VAE encoder's fixed image size."""
+    return int(specs["vae_encoder"].inputs[0].shape[-1])
+
+
 def manifest_shapes(manifest: dict) -> ExportShapes:
     """The shape ranges an export (or a set of engines) accepts, from its manifest's `shapes`."""
     return ExportShapes(**manifest["shapes"])

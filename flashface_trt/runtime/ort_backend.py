@@ -16,7 +16,7 @@ import numpy as np
 
 from .batch import BatchPlan, Member, RequestContext, plan_batch
 from .errors import FlashFaceError, InputError, WeightsError
-from .exports import UNET_GRAPHS, export_specs, read_export
+from .exports import UNET_GRAPHS, export_specs, read_export, reference_size
 from .guidance import batched_update, guided_x0
 from .identities import DEFAULT_KV_CACHE_BYTES, Identity, ReferenceKVCache
 from .ort_detector import OrtDetector
@@ -162,6 +162,7 @@ class OrtBackend:
         nets = self.manifest["networks"]
         specs = export_specs(self.manifest)
         kv_names = tuple(specs["reference_net"].output_names)
+        self.ref_size = reference_size(specs)  # the reference crop side the graphs take
         self.sessions = {
             name: Session(self.root / nets[name]["file"], specs[name], self.settings, kv_names)
             for name in UNET_GRAPHS

@@ -31,6 +31,7 @@ class Backend(Protocol):
     """What a backend provides; arrays it returns stay on its device until `decode`."""
 
     name: str
+    ref_size: int  # the side of the square reference crops its networks take (official: 224)
 
     @property
     def tokenizer(self) -> Tokenizer: ...
@@ -88,7 +89,8 @@ def prepare_references(faces: Sequence[Image.Image], size: int = REFERENCE_SIZE)
 
 def register_identity(backend: Backend, faces: Sequence[Image.Image], photos: Sequence[str] = ()) -> Identity:
     """Encode face crops once; the identity's latents (and its cached K/V) serve later requests."""
-    return identity_from_crops(backend.encode_references, prepare_references(faces), photos)
+    crops = prepare_references(faces, backend.ref_size)  # [R, 3, S, S]
+    return identity_from_crops(backend.encode_references, crops, photos)
 
 
 def _short(text: str, limit: int = 100) -> str:

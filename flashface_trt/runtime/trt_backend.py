@@ -27,6 +27,7 @@ from .buffers import check_kv_wiring
 from .cuda import DeviceBuffer, Stream, copy_device, copy_to_device, copy_to_host, device_info
 from .engines import GpuIdentity, check_engine
 from .errors import FlashFaceError, WeightsError
+from .exports import reference_size
 from .graphs import StepGraphs
 from .guidance import STEP_COEFFICIENTS
 from .identities import DEFAULT_KV_CACHE_BYTES, Identity, ReferenceKVCache
@@ -96,6 +97,7 @@ class TrtBackend:
         runtime = tensorrt.Runtime(self.trt_logger)
         self.specs = {n: NetworkSpec.from_dict(e["spec"]) for n, e in self.manifest["engines"].items()}
         check_step_rows(self.specs)
+        self.ref_size = reference_size(self.specs)  # the reference crop side the engines take
         self.engines = {}
         for name, entry in self.manifest["engines"].items():
             check_engine(self.root / entry["file"], str(tensorrt.__version__), gpu)  # stale engines refused

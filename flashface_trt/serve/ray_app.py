@@ -51,7 +51,9 @@ class RayConfig:
     min_replicas/max_replicas: model replicas (equal: a fixed count; else autoscaling on
     `target_ongoing_requests` per replica); num_gpus/num_cpus: resources of one model replica
     (1 GPU in production, 0 in CPU tests); identities_per_replica: identities a replica keeps
-    loaded (LRU); ingress_replicas: HTTP replicas; app_name, route_prefix: the Serve application.
+    loaded (LRU); ingress_replicas: HTTP replicas; app_name, route_prefix: the Serve application;
+    health_check_period_s: how often Serve checks each model replica, so how soon a dead one is
+    replaced (not a `serve` option: the tests shorten it).
     """
 
     min_replicas: int = 1
@@ -63,6 +65,7 @@ class RayConfig:
     ingress_replicas: int = 1
     app_name: str = "flashface"
     route_prefix: str = "/"
+    health_check_period_s: float = 5.0
 
     def validated(self) -> RayConfig:
         if not 1 <= self.min_replicas <= self.max_replicas:
@@ -76,6 +79,10 @@ class RayConfig:
             raise InputError(
                 f"target_ongoing_requests={self.target_ongoing_requests} must be > 0",
                 "target_ongoing_requests",
+            )
+        if not self.health_check_period_s > 0:
+            raise InputError(
+                f"health_check_period_s={self.health_check_period_s} must be > 0", "health_check_period_s"
             )
         for name in ("num_gpus", "num_cpus"):
             if not getattr(self, name) >= 0:
@@ -100,7 +107,7 @@ class RayConfig:
             # our own priority queue holds the work: let requests reach it instead of Ray's router queue
             "max_ongoing_requests": max_queue + 4,
             "ray_actor_options": {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus},
-            "health_check_period_s": 5.0,
+            "health_check_period_s": self.health_check_period_s,
         }
 
 

@@ -2,7 +2,8 @@
 
 An identity's id is derived from its owner and the content of its crops, so registering the same
 photos again (with the same key) returns the same id. Latents are kept as float32 arrays with
-the backend that encoded them; a backend of another kind or precision re-encodes the crops.
+the backend that encoded them; a backend of another kind or precision re-encodes the crops
+(crops of another size are refused: the identity is registered again).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class StoredIdentity:
     key: str  # content hash of the crops: the reference K/V cache key (shared across owners)
     num_refs: int
     faces: list[dict[str, Any]]
-    encoder: str  # which backend/precision encoded the stored latents
+    encoder: str  # which backend, precision and crop size encoded the stored latents
     backend_latents: Any = field(default=None, repr=False)  # the latents on the serving backend
 
     def public(self) -> dict[str, Any]:

@@ -88,7 +88,8 @@ class Worker(threading.Thread):
     def run(self) -> None:
         try:
             self.backend, self.detector_factory = self.load()
-            self.encoder = f"{self.backend.name}/{self.backend.precision}"
+            be = self.backend
+            self.encoder = f"{be.name}/{be.precision}/{be.ref_size}px"  # what stored latents came from
             if self.warmup_steps:
                 self._warm_up()
             self.executor = StepExecutor(self.backend, self.max_batch_rows)
@@ -189,7 +190,7 @@ class Worker(threading.Thread):
                 paths.append(path)
             detector = None if cropped else self._detector()
             refs = load_references(paths, detector, largest, max_pixels)
-        crops = prepare_references([r.crop for r in refs])  # [R, 3, 224, 224]
+        crops = prepare_references([r.crop for r in refs], self.backend.ref_size)  # [R, 3, S, S]
         known = self.store.get(identity_id(owner, crops), owner)
         if known is not None:  # the same crops again: nothing to encode
             return known
@@ -221,7 +222,14 @@ class Worker(threading.Thread):
             if item.encoder == self.encoder:
                 item.backend_latents = self.backend.latents_from_host(self.store.latents(item))
             else:  # stored by another backend or precision: encode the crops here
-                item.backend_latents = self.backend.encode_references(self.store.crops(item))
+                crops = self.store.crops(item)  # [R, 3, S, S]
+                if crops.shape[-1] != self.backend.ref_size:
+                    raise InputError(
+                        f"identity {item.id!r} holds {crops.shape[-1]} px face crops, this service's"
+                        f" networks take {self.backend.ref_size} px: register its photos again",
+                        "identity",
+                    )
+                item.backend_latents = self.backend.encode_references(crops)
         return Identity(item.key, item.backend_latents)
 
     # ---------------------------------------------------------------- jobs
