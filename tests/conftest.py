@@ -127,15 +127,30 @@ def engines(fakes, tiny_export, tmp_path_factory):
     return build(tiny_export, tmp_path_factory.mktemp("engines"))
 
 
-@pytest.fixture(scope="session")
-def ray_api(tmp_path_factory):
-    """The API on a local Ray Serve cluster (2 model replicas, the tiny preset), shared by the tests."""
-    pytest.importorskip("ray.serve")
-    from .serving import API_SETTINGS, start_ray
+RAY_DEPLOYMENT = pytest.StashKey[object]()
 
-    handle = start_ray(tmp_path_factory.mktemp("ray_serve"), replicas=2, **API_SETTINGS)
-    yield handle
-    handle.close()
+
+@pytest.fixture(scope="session")
+def ray_api(request, tmp_path_factory):
+    """The API on a local Ray Serve cluster (2 model replicas, the tiny preset), shared by the tests;
+    started by the first that uses it, stopped after this process's last Ray test."""
+    pytest.importorskip("ray.serve")
+    from .serving import RayDeployment
+
+    deployment = RayDeployment(tmp_path_factory.mktemp("ray_serve"))
+    request.config.stash[RAY_DEPLOYMENT] = deployment
+    yield deployment
+    deployment.close()
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """After the last Ray test of a run of them (pytest-xdist hands each process its next test
+    ahead), stop the cluster: the other tests should not share the CPUs with an idle one."""
+    deployment = item.config.stash.get(RAY_DEPLOYMENT, None)
+    if deployment is None or item.get_closest_marker("ray") is None:
+        return
+    if nextitem is None or nextitem.get_closest_marker("ray") is None:
+        deployment.close()  # type: ignore[attr-defined]
 
 
 def rel_err(out, ref) -> float:

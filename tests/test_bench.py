@@ -30,7 +30,7 @@ def test_bench_tiny_cpu(tmp_path):
     assert config.items() <= record["config"].items() and record["config"]["num_samples"] == 1
 
 
-SIZE, STEPS, REPEATS = 64, 2, 1  # the smallest run with a 2-way and a 3-way step; one repeat
+SIZE, STEPS, REPEATS = 32, 2, 1  # a 4x4 latent, a 2-way and a 3-way step; one repeat
 # 64 px reference crops (the oracle's size; the official 224 is counted in the meta-device test):
 # float16 convolutions take CPUs' slow path, and the 4 padded crops at 224 px took 15 s a run
 REF_SIZE = 64
@@ -89,7 +89,7 @@ TOP = {
 
 
 def run_suite(tmp_path, precision: str, *extra: str) -> tuple[dict, list[str]]:
-    """(record, argv) of a tiny CPU suite run: 64x64, 2 steps, 1 reference (64 px crops), 1 repeat, a
+    """(record, argv) of a tiny CPU suite run: 32x32, 2 steps, 1 reference (64 px crops), 1 repeat, a
     128 matmul peak."""
     from benchmarks.suite import main as suite
 

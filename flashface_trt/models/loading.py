@@ -30,7 +30,7 @@ from ..runtime.spec import TINY_SHAPES
 from ..runtime.tokenizer import ClipTokenizer
 from .backend import TorchModels
 from .config import TINY, ModelConfig
-from .retinaface import RetinaFace, random_retinaface_state, retinaface_state
+from .retinaface import TINY_RETINAFACE, RetinaFace, random_retinaface_state, retinaface_state
 from .text_encoder import TextEncoder, text_encoder_state
 from .unet import FlashFaceUNet, unet_state
 from .vae import AutoencoderKL, vae_state
@@ -192,22 +192,28 @@ def load_detector(
 
 
 def tiny_detector(device: str | torch.device = "cpu", seed: int = 0, face_bias: float = 0.0) -> RetinaFace:
-    """The tiny preset's detector: full-size RetinaFace, random weights, BatchNorm calibrated once.
+    """The tiny preset's detector: a narrow RetinaFace (`TINY_RETINAFACE`: the official layout with
+    8-channel stem, one bottleneck per stage, a 32-channel FPN), random weights, BatchNorm
+    calibrated once.
 
-    Random BatchNorm statistics make a 50-layer ResNet's activations explode, so the statistics are
+    Random BatchNorm statistics make a deep ResNet's activations explode, so the statistics are
     set from one pass over a drawn face (train-mode BatchNorm, cumulative average). Its 'faces' are
-    still random boxes; it exists to run the detection path without real weights.
+    random boxes; it exists to run the detection path without real weights. The official file
+    loads into the full size (`load_detector`).
     """
     state = {k: v.clone() for k, v in _tiny_detector_state(seed, face_bias).items()}
-    return build_strict(RetinaFace, state, "tiny preset (detector)", device, torch.float32)
+    return build_strict(_tiny_retinaface, state, "tiny preset (detector)", device, torch.float32)
+
+
+def _tiny_retinaface() -> RetinaFace:
+    return RetinaFace(TINY_RETINAFACE)
 
 
 @functools.lru_cache(maxsize=2)
 def _tiny_detector_state(seed: int, face_bias: float) -> dict[str, torch.Tensor]:
-    """`tiny_detector`'s calibrated weights, made once per process (2-3 s on a CPU: a ResNet-50 pass)."""
-    model = build_strict(
-        RetinaFace, random_retinaface_state(seed, face_bias), "tiny preset (detector)", "cpu", torch.float32
-    )
+    """`tiny_detector`'s calibrated weights, made once per process."""
+    state = random_retinaface_state(seed, face_bias, TINY_RETINAFACE)
+    model = build_strict(_tiny_retinaface, state, "tiny preset (detector)", "cpu", torch.float32)
     calib = synthetic_face(256, seed)
     x = torch.from_numpy(preprocess(to_unit_tensor(calib)[None]))
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]

@@ -4,12 +4,15 @@ Architecture of the official `ldm/models/retinaface.py` (after biubug6/Pytorch_R
 torchvision-layout ResNet-50 (`body.*`, layers 2-4 as features), an FPN, three SSH context modules
 and 1x1 class/box/landmark heads with 2 anchors per position. `forward` returns the raw head
 outputs; softmax, prior decoding and NMS live in the torch-free `runtime/detection.py`.
+`RetinaFaceSize` scales the widths and block counts: the official file is `RESNET50`, the tiny
+preset's random detector a narrow four-block network of the same layout.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +24,26 @@ from .weights import StateDict, build_strict, meta_shapes, read_state
 
 log = logging.getLogger(__name__)
 
-RESNET50_LAYERS = (3, 4, 6, 3)  # Bottleneck blocks per stage (He et al. 2016, torchvision resnet50)
-FEATURE_DIMS = (512, 1024, 2048)  # channels of layer2..layer4, the FPN inputs
-FPN_DIM = 256
 ANCHORS = 2  # min_sizes per level in the official CONFIGS['resnet50']
+
+
+@dataclass(frozen=True)
+class RetinaFaceSize:
+    """Widths and depths: `width` channels of the stem and the first stage's bottlenecks (doubling
+    per stage, 4x expansion: layer2..4 give 8, 16 and 32 x width to the FPN), `blocks` bottlenecks
+    per stage, `fpn_dim` channels of the FPN, SSH modules and heads."""
+
+    width: int = 64
+    blocks: tuple[int, int, int, int] = (3, 4, 6, 3)  # He et al. 2016, torchvision resnet50
+    fpn_dim: int = 256
+
+    @property
+    def feature_dims(self) -> tuple[int, int, int]:
+        return (8 * self.width, 16 * self.width, 32 * self.width)
+
+
+RESNET50 = RetinaFaceSize()  # retinaface_resnet50.pth
+TINY_RETINAFACE = RetinaFaceSize(width=8, blocks=(1, 1, 1, 1), fpn_dim=32)  # the tiny preset's
 
 
 def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, relu: bool = True) -> nn.Sequential:
@@ -65,12 +84,13 @@ class Bottleneck(nn.Module):
 class ResNet50Body(nn.Module):
     """The ResNet-50 trunk up to layer4 (torchvision names, no avgpool/fc): returns layer2..4."""
 
-    def __init__(self) -> None:
+    def __init__(self, size: RetinaFaceSize = RESNET50) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        cin = 64
-        for i, (blocks, width) in enumerate(zip(RESNET50_LAYERS, (64, 128, 256, 512))):
+        w = size.width
+        self.conv1 = nn.Conv2d(3, w, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(w)
+        cin = w
+        for i, (blocks, width) in enumerate(zip(size.blocks, (w, 2 * w, 4 * w, 8 * w))):
             stage = []
             for j in range(blocks):
                 stage.append(Bottleneck(cin, width, 2 if (i > 0 and j == 0) else 1))
@@ -137,14 +157,15 @@ class Head(nn.Module):
 class RetinaFace(nn.Module):
     """RetinaFace-ResNet50 (Deng et al. 2020): BGR mean-subtracted 0..255 images -> raw head outputs."""
 
-    def __init__(self) -> None:
+    def __init__(self, size: RetinaFaceSize = RESNET50) -> None:
         super().__init__()
-        self.body = ResNet50Body()
-        self.fpn = FPN(FEATURE_DIMS, FPN_DIM)
-        self.ssh1, self.ssh2, self.ssh3 = SSH(FPN_DIM), SSH(FPN_DIM), SSH(FPN_DIM)
-        self.class_head = nn.ModuleList([Head(FPN_DIM, 2) for _ in range(3)])
-        self.bbox_head = nn.ModuleList([Head(FPN_DIM, 4) for _ in range(3)])
-        self.landmark_head = nn.ModuleList([Head(FPN_DIM, 10) for _ in range(3)])
+        dim = size.fpn_dim
+        self.body = ResNet50Body(size)
+        self.fpn = FPN(size.feature_dims, dim)
+        self.ssh1, self.ssh2, self.ssh3 = SSH(dim), SSH(dim), SSH(dim)
+        self.class_head = nn.ModuleList([Head(dim, 2) for _ in range(3)])
+        self.bbox_head = nn.ModuleList([Head(dim, 4) for _ in range(3)])
+        self.landmark_head = nn.ModuleList([Head(dim, 10) for _ in range(3)])
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """images [B, 3, H, W] -> logits [B, N, 2], box offsets [B, N, 4], landmark offsets [B, N, 10]."""
@@ -156,9 +177,9 @@ class RetinaFace(nn.Module):
         return scores, boxes, landmarks
 
 
-def retinaface_shapes() -> dict[str, tuple[int, ...]]:
-    """Parameter and buffer shapes of RetinaFace-ResNet50 (as in `retinaface_resnet50.pth`)."""
-    return meta_shapes(RetinaFace)
+def retinaface_shapes(size: RetinaFaceSize = RESNET50) -> dict[str, tuple[int, ...]]:
+    """Parameter and buffer shapes of a RetinaFace (`RESNET50`: as in `retinaface_resnet50.pth`)."""
+    return meta_shapes(lambda: RetinaFace(size))
 
 
 def retinaface_state(raw: Mapping[str, torch.Tensor], source: str) -> StateDict:
@@ -178,14 +199,14 @@ def load_retinaface(
     return build_strict(RetinaFace, state, source, device, dtype)
 
 
-def random_retinaface_state(seed: int = 0, face_bias: float = 0.0) -> StateDict:
+def random_retinaface_state(seed: int = 0, face_bias: float = 0.0, size: RetinaFaceSize = RESNET50) -> StateDict:
     """Deterministic random weights (NumPy) with valid BatchNorm statistics, for the tiny preset.
 
     `face_bias` is added to the face logit of every anchor (negative: a detector that finds nothing).
     """
     rng = np.random.Generator(np.random.PCG64(seed))
     out: StateDict = {}
-    for key, shape in sorted(retinaface_shapes().items()):
+    for key, shape in sorted(retinaface_shapes(size).items()):
         if key.endswith("num_batches_tracked"):
             out[key] = torch.zeros((), dtype=torch.int64)
             continue
