@@ -199,7 +199,9 @@ def load_retinaface(
     return build_strict(RetinaFace, state, source, device, dtype)
 
 
-def random_retinaface_state(seed: int = 0, face_bias: float = 0.0, size: RetinaFaceSize = RESNET50) -> StateDict:
+def random_retinaface_state(
+    seed: int = 0, face_bias: float = 0.0, size: RetinaFaceSize = RESNET50
+) -> StateDict:
     """Deterministic random weights (NumPy) with valid BatchNorm statistics, for the tiny preset.
 
     `face_bias` is added to the face logit of every anchor (negative: a detector that finds nothing).
