@@ -28,8 +28,8 @@ def pytest_collection_modifyitems(config, items):
 
     The local Ray cluster's tests run on one worker (one cluster per test process); so do the
     tests of the tiny export, so that no process waits while another one makes it. Those groups
-    and the tests marked `slow` are handed out first (longest first, the short tests fill in
-    after them), so that neither process is left with a long test at the end.
+    and the tests marked `slow` are handed out first and the short tests fill in after them, so
+    that neither process is left with a long test at the end.
     """
     for item in items:
         if item.get_closest_marker("ray") is not None:

@@ -57,7 +57,8 @@ def export_specs(manifest: dict) -> dict[str, NetworkSpec]:
 
 def reference_size(specs: dict[str, NetworkSpec]) -> int:
     """The reference crop side the graphs take: the VAE encoder's fixed image size."""
-    return int(specs["vae_encoder"].inputs[0].shape[-1])
+    (images,) = (t for t in specs["vae_encoder"].inputs if t.name == "images")  # [R, 3, S, S]
+    return int(images.shape[-1])
 
 
 def manifest_shapes(manifest: dict) -> ExportShapes:
