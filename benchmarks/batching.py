@@ -25,11 +25,11 @@ import torch
 
 from flashface_trt.models.backend import TorchBackend
 from flashface_trt.models.loading import tiny_models
-from flashface_trt.runtime.executor import StepExecutor, Task
-from flashface_trt.runtime.identities import identity_from_crops
-from flashface_trt.runtime.images import synthetic_face
-from flashface_trt.runtime.pipeline import prepare_references
-from flashface_trt.runtime.request import GenerationRequest
+from flashface_trt.runtime.faces.images import synthetic_face
+from flashface_trt.runtime.sampling.executor import StepExecutor, Task
+from flashface_trt.runtime.sampling.identities import identity_from_crops
+from flashface_trt.runtime.sampling.pipeline import prepare_references
+from flashface_trt.runtime.sampling.request import GenerationRequest
 
 from .bench_torch import sd15_random
 from .records import cpu_name, git_commit, write_record

@@ -23,9 +23,9 @@ import torch
 from flashface_trt.models.backend import TorchBackend, TorchModels
 from flashface_trt.models.config import SD15
 from flashface_trt.models.loading import load_models, random_models, tiny_models
-from flashface_trt.runtime.identities import identity_from_crops
-from flashface_trt.runtime.request import GenerationRequest, face_mask, full_prompts, initial_noise
-from flashface_trt.runtime.sampler import plan, sample
+from flashface_trt.runtime.sampling.identities import identity_from_crops
+from flashface_trt.runtime.sampling.request import GenerationRequest, face_mask, full_prompts, initial_noise
+from flashface_trt.runtime.sampling.sampler import plan, sample
 
 from .workload import Workload
 

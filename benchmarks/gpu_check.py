@@ -1,7 +1,7 @@
 """One GPU check that fits one 10-minute device call; writes a JSON record (`$OUT/gpu_check.json`).
 
 Parts, each recorded as ok / failed / skipped (with the reason), in this order:
-  cuda   the project's `runtime/cuda.py` against the real driver: buffers and copies, a captured
+  cuda   the project's `runtime/backends/cuda.py` against the real driver: buffers and copies, a captured
          graph whose replays read a table refilled between them, the error of a failing capture,
          replay latency and copy bandwidth (no torch; CI runs this part through the CUDA double)
   tiny   the PyTorch static step as CUDA graphs on the tiny model (fp32): loop vs plain sampler
@@ -30,8 +30,8 @@ LOOP_BOUND = {"fp32": 1e-3, "fp16": 5e-2}  # static loop vs plain sampler, max|d
 
 
 def cuda_layer(rows: int = 8, row_floats: int = 4096, replays: int = 200, mib: int = 64) -> dict[str, Any]:
-    """runtime/cuda.py on device 0: copies, a graph replaying a refilled table, a capture error."""
-    from flashface_trt.runtime import cuda
+    """runtime/backends/cuda.py on device 0: copies, a graph replaying a refilled table, a capture error."""
+    from flashface_trt.runtime.backends import cuda
 
     if cuda.device_count() == 0:
         return {"status": "skipped", "reason": "no CUDA device or driver (cudaGetDeviceCount)"}
@@ -117,10 +117,10 @@ def torch_static(preset: str, size: int, refs: int, steps: int, precision: str, 
     from flashface_trt.models.backend import TorchBackend
     from flashface_trt.models.loading import tiny_models
     from flashface_trt.models.settings import TORCH_PRESETS
-    from flashface_trt.runtime.identities import identity_from_crops
-    from flashface_trt.runtime.images import synthetic_face
-    from flashface_trt.runtime.pipeline import prepare_references
-    from flashface_trt.runtime.sampler import sample
+    from flashface_trt.runtime.faces.images import synthetic_face
+    from flashface_trt.runtime.sampling.identities import identity_from_crops
+    from flashface_trt.runtime.sampling.pipeline import prepare_references
+    from flashface_trt.runtime.sampling.sampler import sample
 
     from .bench_torch import sd15_random
     from .workload import Workload, encode_prompts, make_denoiser

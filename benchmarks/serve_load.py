@@ -47,10 +47,10 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from flashface_trt.runtime.images import synthetic_face
-from flashface_trt.runtime.pipeline import generate, register_identity
-from flashface_trt.runtime.references import load_references
-from flashface_trt.runtime.request import make_request
+from flashface_trt.runtime.faces.images import synthetic_face
+from flashface_trt.runtime.faces.references import load_references
+from flashface_trt.runtime.sampling.pipeline import generate, register_identity
+from flashface_trt.runtime.sampling.request import make_request
 
 from .records import cpu_name, git_commit, write_record
 

@@ -29,9 +29,9 @@ import torch
 from flashface_trt.models.backend import TorchBackend, TorchModels
 from flashface_trt.models.loading import tiny_models
 from flashface_trt.models.settings import TORCH_PRESETS
-from flashface_trt.runtime.identities import Identity, identity_from_crops
-from flashface_trt.runtime.request import REFERENCE_SIZE
-from flashface_trt.runtime.sampler import sample
+from flashface_trt.runtime.sampling.identities import Identity, identity_from_crops
+from flashface_trt.runtime.sampling.request import REFERENCE_SIZE
+from flashface_trt.runtime.sampling.sampler import sample
 
 from .bench_torch import sd15_random
 from .records import cpu_name, git_commit, write_record

@@ -24,19 +24,19 @@ from flashface_trt.models.config import ModelConfig
 from flashface_trt.models.unet import FlashFaceUNet
 from flashface_trt.models.unet_blocks import RefInputs
 from flashface_trt.models.vae import AutoencoderKL
-from flashface_trt.runtime.guidance import step_update
-from flashface_trt.runtime.identities import Identity, identity_from_crops
-from flashface_trt.runtime.images import synthetic_face
-from flashface_trt.runtime.layout import BatchLayout
-from flashface_trt.runtime.pipeline import prepare_references
-from flashface_trt.runtime.request import (
+from flashface_trt.runtime.faces.images import synthetic_face
+from flashface_trt.runtime.sampling.guidance import step_update
+from flashface_trt.runtime.sampling.identities import Identity, identity_from_crops
+from flashface_trt.runtime.sampling.layout import BatchLayout
+from flashface_trt.runtime.sampling.pipeline import prepare_references
+from flashface_trt.runtime.sampling.request import (
     REFERENCE_SIZE,
     GenerationRequest,
     face_mask,
     full_prompts,
     initial_noise,
 )
-from flashface_trt.runtime.sampler import StepPlan, plan
+from flashface_trt.runtime.sampling.sampler import StepPlan, plan
 
 PATTERN_NOTE = (
     "our re-implementation of the official computation pattern, not the official code: our UNet "

@@ -14,9 +14,9 @@ from pathlib import Path
 from . import commands as cmd
 from .models.settings import TORCH_PRESETS
 from .runtime.errors import FlashFaceError
-from .runtime.images import DEFAULT_MAX_PIXELS
-from .runtime.outputs import COMMON_FORMATS
-from .runtime.request import MAX_SEED, RANGES, RECIPES
+from .runtime.faces.images import DEFAULT_MAX_PIXELS
+from .runtime.faces.outputs import COMMON_FORMATS
+from .runtime.sampling.request import MAX_SEED, RANGES, RECIPES
 
 log = logging.getLogger("flashface_trt")
 

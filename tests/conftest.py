@@ -87,7 +87,7 @@ def tiny_export(tmp_path_factory) -> Path:
     pytest.importorskip("onnx")
     from flashface_trt.export.exporter import ExportSettings, export_models
     from flashface_trt.models.loading import tiny_detector, tiny_models
-    from flashface_trt.runtime.spec import TINY_SHAPES
+    from flashface_trt.runtime.artifacts.spec import TINY_SHAPES
 
     with shared_dir(tmp_path_factory, "onnx_tiny") as out:
         export_models(tiny_models(), out, ExportSettings(shapes=TINY_SHAPES), detector=tiny_detector())

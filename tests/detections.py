@@ -15,9 +15,16 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from flashface_trt.runtime import detection
-from flashface_trt.runtime.detection import DetectorConfig, decode, nms, prior_boxes, softmax_face, to_photo
-from flashface_trt.runtime.faces import crop_face, eye_angle, select_face
+from flashface_trt.runtime.faces import detection
+from flashface_trt.runtime.faces.crop import crop_face, eye_angle, select_face
+from flashface_trt.runtime.faces.detection import (
+    DetectorConfig,
+    decode,
+    nms,
+    prior_boxes,
+    softmax_face,
+    to_photo,
+)
 
 # Raw heads of two CPUs differ by float32 rounding in the convolutions (summation order, FMA,
 # AVX2 vs AVX-512 kernels): measured 2.2e-6 (logits), 3.2e-6 (boxes), 2.1e-6 (landmarks) of

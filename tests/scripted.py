@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from flashface_trt.runtime.detection import prior_boxes
+from flashface_trt.runtime.faces.detection import prior_boxes
 
 
 def scripted_detector(box640: tuple[float, float, float, float], size: int = 640):

@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from flashface_trt.runtime.images import synthetic_face
+from flashface_trt.runtime.faces.images import synthetic_face
 
 SIZE = (64, 64)  # the tiny preset's smallest output: seconds-long jobs on the CPU
 KEYS = ("alpha-key", "beta-key")
@@ -88,7 +88,7 @@ def photo_detector():
 
     one, _ = scripted_detector((180.0, 160.0, 420.0, 460.0))
     other, _ = scripted_detector((40.0, 40.0, 140.0, 150.0))
-    from flashface_trt.runtime.detection import DETECTOR
+    from flashface_trt.runtime.faces.detection import DETECTOR
 
     mean = np.float32(DETECTOR.mean).reshape(3, 1)
 

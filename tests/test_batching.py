@@ -12,13 +12,13 @@ import pytest
 from flashface_trt.models.backend import TorchBackend
 from flashface_trt.models.loading import tiny_models
 from flashface_trt.models.settings import TorchSettings
-from flashface_trt.runtime.batch import Member, RequestContext, pad_plan, plan_batch
-from flashface_trt.runtime.executor import StepExecutor, Stopped, Task
-from flashface_trt.runtime.identities import array_key
-from flashface_trt.runtime.images import synthetic_face
-from flashface_trt.runtime.pipeline import register_identity
-from flashface_trt.runtime.request import GenerationRequest, face_mask, full_prompts, initial_noise
-from flashface_trt.runtime.sampler import GuidanceParams, plan, sample
+from flashface_trt.runtime.faces.images import synthetic_face
+from flashface_trt.runtime.sampling.batch import Member, RequestContext, pad_plan, plan_batch
+from flashface_trt.runtime.sampling.executor import StepExecutor, Stopped, Task
+from flashface_trt.runtime.sampling.identities import array_key
+from flashface_trt.runtime.sampling.pipeline import register_identity
+from flashface_trt.runtime.sampling.request import GenerationRequest, face_mask, full_prompts, initial_noise
+from flashface_trt.runtime.sampling.sampler import GuidanceParams, plan, sample
 
 from .conftest import rel_err
 

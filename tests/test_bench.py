@@ -48,7 +48,7 @@ def backend():
 def real_counts(backend, workload) -> dict[str, dict[str, int]]:
     """FLOPs counted on a real run of `workload` (ours and the official pattern), one face encoding."""
     from benchmarks.workload import loop_flops
-    from flashface_trt.runtime.identities import identity_from_crops
+    from flashface_trt.runtime.sampling.identities import identity_from_crops
 
     identity = identity_from_crops(backend.encode_references, workload.crops())
     return {
@@ -123,7 +123,7 @@ def check_suite_record(
 
     import torch
 
-    from flashface_trt.runtime.sampler import GuidanceParams, plan
+    from flashface_trt.runtime.sampling.sampler import GuidanceParams, plan
 
     headline = baselines[-1]  # the official implementation when it was timed
     assert set(r) == TOP | (
@@ -229,7 +229,7 @@ def test_loop_flops_add_up_to_a_counted_run(backend):
     import torch
 
     from benchmarks.workload import Workload, count_flops, loop_flops, make_denoiser
-    from flashface_trt.runtime.sampler import sample
+    from flashface_trt.runtime.sampling.sampler import sample
 
     w = Workload(height=64, width=48, refs=2, steps=3, samples=2)
     den, x, steps, identity = make_denoiser(backend, w, official_pattern=False)

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from flashface_trt.cli import main
-from flashface_trt.runtime.images import synthetic_face
+from flashface_trt.runtime.faces.images import synthetic_face
 
 
 def _run(tmp_path, *extra) -> np.ndarray:
@@ -190,7 +190,7 @@ def test_detect_writes_the_crops_generate_would_use(tmp_path, capsys):
     # the same crops as the library path that `generate` uses
     from flashface_trt.models.loading import tiny_detector
     from flashface_trt.models.retinaface import detector_runner
-    from flashface_trt.runtime.references import load_references
+    from flashface_trt.runtime.faces.references import load_references
 
     refs = load_references(photos, detector_runner(tiny_detector()), largest=True)
     for ref, crop in zip(refs, crops):

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from flashface_trt.cli import main
-from flashface_trt.runtime.images import synthetic_face
+from flashface_trt.runtime.faces.images import synthetic_face
 
 TINY = ["generate", "--preset", "tiny", "--cropped", "--height", "64", "--width", "64"]
 
@@ -88,7 +88,7 @@ def test_batch_file_gives_each_request_its_solo_images(tmp_path, capsys):
 
 def test_batch_requests_share_steps(tmp_path, monkeypatch):
     """Requests of one size run as one UNet batch per step: fewer batched steps than steps in all."""
-    from flashface_trt.runtime import executor
+    from flashface_trt.runtime.sampling import executor
 
     a, b, c = _faces(tmp_path)
     batch = tmp_path / "r.jsonl"

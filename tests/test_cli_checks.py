@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from flashface_trt.cli import build_parser, main
-from flashface_trt.runtime.images import synthetic_face
+from flashface_trt.runtime.faces.images import synthetic_face
 
 from .conftest import run_without_torch
 from .scripted import wild_detector

@@ -13,8 +13,10 @@ from PIL import Image
 
 from flashface_trt.models.loading import tiny_detector
 from flashface_trt.models.retinaface import detector_runner, load_retinaface
-from flashface_trt.runtime import detection
-from flashface_trt.runtime.detection import (
+from flashface_trt.runtime.errors import InputError
+from flashface_trt.runtime.faces import detection
+from flashface_trt.runtime.faces.crop import crop_face
+from flashface_trt.runtime.faces.detection import (
     DETECTOR,
     DetectorConfig,
     decode,
@@ -27,10 +29,8 @@ from flashface_trt.runtime.detection import (
     softmax_face,
     to_unit_tensor,
 )
-from flashface_trt.runtime.errors import InputError
-from flashface_trt.runtime.faces import crop_face
-from flashface_trt.runtime.images import pad_to_square, synthetic_face
-from flashface_trt.runtime.references import load_references, references_from_images
+from flashface_trt.runtime.faces.images import pad_to_square, synthetic_face
+from flashface_trt.runtime.faces.references import load_references, references_from_images
 
 from .conftest import rel_err, run_without_torch
 from .detections import (
@@ -249,7 +249,7 @@ def test_onnx_runtime_detector_matches_torch(detector_weights, cases, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     from flashface_trt.export.detector import cached_detector
-    from flashface_trt.runtime.ort_detector import OrtDetector
+    from flashface_trt.runtime.faces.ort_detector import OrtDetector
 
     model = load_retinaface(detector_weights)
     path = cached_detector(model, tmp_path)
@@ -388,8 +388,8 @@ def test_detection_runtime_imports_no_torch(tmp_path):
         import sys
         import numpy as np
         from PIL import Image
-        import flashface_trt.runtime.ort_detector
-        from flashface_trt.runtime.references import load_references
+        import flashface_trt.runtime.faces.ort_detector
+        from flashface_trt.runtime.faces.references import load_references
         from tests.scripted import scripted_detector
         run, _ = scripted_detector((100.0, 120.0, 300.0, 360.0))
         Image.new("RGB", (640, 640), (120, 100, 90)).save(sys.argv[1])

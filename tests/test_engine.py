@@ -17,20 +17,27 @@ from flashface_trt.cli import main
 from flashface_trt.engine.profiles import BuildSettings, engine_profile, engine_spec
 from flashface_trt.export.networks import network_specs
 from flashface_trt.models.loading import tiny_models
-from flashface_trt.runtime.axes import AXES, REF_TOKENS, LoopDims, axis, io_shapes, tokens_per_reference
-from flashface_trt.runtime.batch import Member, RequestContext, pad_plan, plan_batch
-from flashface_trt.runtime.buffers import check_kv_wiring
-from flashface_trt.runtime.engines import (
+from flashface_trt.runtime.artifacts.axes import (
+    AXES,
+    REF_TOKENS,
+    LoopDims,
+    axis,
+    io_shapes,
+    tokens_per_reference,
+)
+from flashface_trt.runtime.artifacts.engines import (
     EngineKey,
     GpuIdentity,
     StaleEngineError,
     check_engine,
     write_manifest,
 )
+from flashface_trt.runtime.artifacts.spec import TINY_SHAPES, ExportShapes, NetworkSpec
+from flashface_trt.runtime.backends.buffers import check_kv_wiring
 from flashface_trt.runtime.errors import InputError
-from flashface_trt.runtime.identities import Identity
-from flashface_trt.runtime.sampler import GuidanceParams, plan
-from flashface_trt.runtime.spec import TINY_SHAPES, ExportShapes, NetworkSpec
+from flashface_trt.runtime.sampling.batch import Member, RequestContext, pad_plan, plan_batch
+from flashface_trt.runtime.sampling.identities import Identity
+from flashface_trt.runtime.sampling.sampler import GuidanceParams, plan
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +207,7 @@ def test_buffer_plan_and_kv_wiring(specs):
 
 def test_cuda_errors_name_the_call():
     rt = pytest.importorskip("cuda.bindings.runtime")
-    from flashface_trt.runtime.cuda import CudaError, check, device_count
+    from flashface_trt.runtime.backends.cuda import CudaError, check, device_count
 
     assert check((rt.cudaError_t.cudaSuccess, 7), "cudaGetDeviceCount") == 7
     with pytest.raises(CudaError, match="cudaMalloc failed: cudaErrorMemoryAllocation"):
@@ -235,17 +242,17 @@ def test_tensorrt_end_to_end(tmp_path, tiny_export, monkeypatch, where):
         install(monkeypatch)
     else:
         pytest.importorskip("tensorrt")
-        from flashface_trt.runtime.cuda import device_count
+        from flashface_trt.runtime.backends.cuda import device_count
 
         if device_count() == 0:
             pytest.skip("no CUDA device")
     from flashface_trt.engine.build import build_engines
     from flashface_trt.engine.verify import verify
-    from flashface_trt.runtime.images import synthetic_face
-    from flashface_trt.runtime.ort_backend import OrtBackend
-    from flashface_trt.runtime.pipeline import generate, register_identity
-    from flashface_trt.runtime.request import GenerationRequest
-    from flashface_trt.runtime.trt_backend import TrtBackend
+    from flashface_trt.runtime.backends.ort import OrtBackend
+    from flashface_trt.runtime.backends.trt import TrtBackend
+    from flashface_trt.runtime.faces.images import synthetic_face
+    from flashface_trt.runtime.sampling.pipeline import generate, register_identity
+    from flashface_trt.runtime.sampling.request import GenerationRequest
 
     engines = tmp_path / "engines"
     build_engines(tiny_export, engines, BuildSettings(shapes=TINY_SHAPES, workspace_gib=2.0))
@@ -273,7 +280,7 @@ def test_engine_modules_import_no_torch():
     from .conftest import run_without_torch
 
     script = """
-        import flashface_trt.engine.build, flashface_trt.engine.verify, flashface_trt.runtime.trt_backend
+        import flashface_trt.engine.build, flashface_trt.engine.verify, flashface_trt.runtime.backends.trt
         import flashface_trt.commands
         print("ok")
         """
@@ -282,7 +289,7 @@ def test_engine_modules_import_no_torch():
 
 
 def test_onnxruntime_tensorrt_provider_options(tmp_path, specs):
-    from flashface_trt.runtime.ort_backend import trt_provider_options
+    from flashface_trt.runtime.backends.ort import trt_provider_options
 
     opts = trt_provider_options(specs["reference_net"], tmp_path / "trt_cache")
     assert opts["trt_fp16_enable"] and opts["trt_engine_cache_enable"]
@@ -323,7 +330,7 @@ def test_verify_bounds_fail_naming_the_network():
 def test_build_takes_the_export_shapes(tiny_export):
     """Without build flags, engines accept exactly the export's ranges (not the full-size defaults)."""
     from flashface_trt.engine.build import export_shapes
-    from flashface_trt.runtime.exports import read_export
+    from flashface_trt.runtime.artifacts.exports import read_export
 
     shapes = export_shapes(read_export(tiny_export))
     assert shapes == TINY_SHAPES and BuildSettings(shapes).key()["shapes"][1] == TINY_SHAPES.min_size

@@ -9,8 +9,8 @@ import pytest
 
 from flashface_trt.export.artifacts import arrays_digest, cached_artifact
 from flashface_trt.export.detector import detector_spec
+from flashface_trt.runtime.artifacts.spec import AxisRange
 from flashface_trt.runtime.errors import FlashFaceError, InputError
-from flashface_trt.runtime.spec import AxisRange
 
 
 def test_detector_spec_profiles_and_input_checks():

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from flashface_trt.runtime.errors import InputError
-from flashface_trt.runtime.faces import (
+from flashface_trt.runtime.faces.crop import (
     box_problem,
     crop_face,
     crop_faces,
@@ -20,8 +20,8 @@ from flashface_trt.runtime.faces import (
     face_tensor,
     select_face,
 )
-from flashface_trt.runtime.images import DEFAULT_MAX_PIXELS, load_image
-from flashface_trt.runtime.references import references_from_images
+from flashface_trt.runtime.faces.images import DEFAULT_MAX_PIXELS, load_image
+from flashface_trt.runtime.faces.references import references_from_images
 
 from .conftest import rel_err
 from .scripted import wild_detector

@@ -26,7 +26,7 @@ def test_cuda_part_passes_through_the_cuda_double(monkeypatch):
 
 def test_cuda_part_fails_when_replays_do_not_read_the_refilled_table(monkeypatch):
     install(monkeypatch)
-    from flashface_trt.runtime.cuda import CudaGraph
+    from flashface_trt.runtime.backends.cuda import CudaGraph
 
     monkeypatch.setattr(CudaGraph, "replay", lambda self: None)  # a graph that never runs
     result = cuda_layer(rows=3, row_floats=64, replays=5, mib=1)
@@ -35,7 +35,7 @@ def test_cuda_part_fails_when_replays_do_not_read_the_refilled_table(monkeypatch
 
 def test_gpu_check_skips_cleanly_without_cuda(tmp_path, capsys):
     torch = pytest.importorskip("torch")
-    from flashface_trt.runtime.cuda import device_count
+    from flashface_trt.runtime.backends.cuda import device_count
 
     if torch.cuda.is_available() or device_count() > 0:
         pytest.skip("a GPU is here: the check would run, not skip")

@@ -26,6 +26,8 @@ ALLOWED = {
     "deploy": {"deploy", "cli", "commands", "serve"},
 }
 TORCH_FREE = {"runtime", "engine", "serve"}
+# runtime/'s own rooms, bottom to top: each imports only itself, the rooms below it and runtime/errors.py
+RUNTIME_ROOMS = ("faces", "sampling", "artifacts", "backends")
 
 
 def room(path: Path, package: Path = PACKAGE) -> str:
@@ -67,7 +69,17 @@ def violations(path: Path, root: Path = PACKAGE) -> list[str]:
         target = parts[1]
         if target not in ALLOWED.get(src, set()):
             bad.append(f"{where}:{line} imports {mod} ({src} -> {target} runs upward)")
+        inner = runtime_room(where)
+        if src == target == "runtime" and inner and len(parts) > 3 and parts[2] in RUNTIME_ROOMS:
+            if RUNTIME_ROOMS.index(parts[2]) > RUNTIME_ROOMS.index(inner):
+                upward = f"runtime/{inner} -> runtime/{parts[2]} runs upward"
+                bad.append(f"{where}:{line} imports {mod} ({upward})")
     return bad
+
+
+def runtime_room(where: Path) -> str | None:
+    """The room of a runtime/ module (`faces`, `sampling`, ...), None for runtime/errors.py."""
+    return where.parts[1] if len(where.parts) > 2 and where.parts[0] == "runtime" else None
 
 
 def test_imports_point_down():
@@ -89,7 +101,7 @@ def test_imports_point_down():
         ("from ..engine import build\n", "models/x.py", "models -> engine"),
         ("from .. import commands\n", "runtime/x.py", "runtime -> commands"),
         ("from .guidance import step_update\n", "runtime/x.py", ""),
-        ("from ..runtime.spec import NetworkSpec\n", "engine/x.py", ""),
+        ("from ..runtime.artifacts.spec import NetworkSpec\n", "engine/x.py", ""),
     ],
 )
 def test_the_checker_sees_wrong_imports(tmp_path, source, where, message):

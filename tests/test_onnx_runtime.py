@@ -22,15 +22,15 @@ from flashface_trt.export.networks import NETWORKS  # noqa: E402
 from flashface_trt.models.backend import TorchBackend  # noqa: E402
 from flashface_trt.models.config import ModelConfig  # noqa: E402
 from flashface_trt.models.loading import load_models, random_models, tiny_models  # noqa: E402
-from flashface_trt.runtime.batch import Member, RequestContext, plan_batch  # noqa: E402
-from flashface_trt.runtime.guidance import step_update  # noqa: E402
-from flashface_trt.runtime.identities import Identity, ReferenceKVCache, kv_key  # noqa: E402
-from flashface_trt.runtime.images import synthetic_face  # noqa: E402
-from flashface_trt.runtime.ort_backend import OrtBackend, OrtDenoiser  # noqa: E402
-from flashface_trt.runtime.pipeline import generate, register_identity  # noqa: E402
-from flashface_trt.runtime.request import GenerationRequest  # noqa: E402
-from flashface_trt.runtime.sampler import GuidanceParams, plan, single_step  # noqa: E402
-from flashface_trt.runtime.spec import TINY_SHAPES, ExportShapes  # noqa: E402
+from flashface_trt.runtime.artifacts.spec import TINY_SHAPES, ExportShapes  # noqa: E402
+from flashface_trt.runtime.backends.ort import OrtBackend, OrtDenoiser  # noqa: E402
+from flashface_trt.runtime.faces.images import synthetic_face  # noqa: E402
+from flashface_trt.runtime.sampling.batch import Member, RequestContext, plan_batch  # noqa: E402
+from flashface_trt.runtime.sampling.guidance import step_update  # noqa: E402
+from flashface_trt.runtime.sampling.identities import Identity, ReferenceKVCache, kv_key  # noqa: E402
+from flashface_trt.runtime.sampling.pipeline import generate, register_identity  # noqa: E402
+from flashface_trt.runtime.sampling.request import GenerationRequest  # noqa: E402
+from flashface_trt.runtime.sampling.sampler import GuidanceParams, plan, single_step  # noqa: E402
 
 from .conftest import REPO, rel_err, run_without_torch, shared_dir  # noqa: E402
 from .test_sampler import oracle_guidance  # noqa: E402
@@ -247,8 +247,8 @@ def test_large_graphs_use_external_data(tmp_path, monkeypatch):
     """
     import flashface_trt.export.exporter as exporter
     import flashface_trt.export.onnx_io as onnx_io
-    from flashface_trt.runtime.exports import export_specs
-    from flashface_trt.runtime.ort_backend import OrtSettings, Session
+    from flashface_trt.runtime.artifacts.exports import export_specs
+    from flashface_trt.runtime.backends.ort import OrtSettings, Session
 
     monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_BYTES", 0)
     monkeypatch.setattr(exporter, "EXTERNAL_DATA_BYTES", 0)

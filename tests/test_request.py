@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from flashface_trt.runtime.errors import InputError
-from flashface_trt.runtime.images import pad_to_square, reference_array, to_uint8
-from flashface_trt.runtime.request import (
+from flashface_trt.runtime.faces.images import pad_to_square, reference_array, to_uint8
+from flashface_trt.runtime.sampling.request import (
     DEFAULT_NEGATIVE,
     DEFAULT_POSITIVE_SUFFIX,
     RECIPES,
@@ -20,7 +20,7 @@ from flashface_trt.runtime.request import (
     initial_noise,
     pad_references,
 )
-from flashface_trt.runtime.sampler import GuidanceParams
+from flashface_trt.runtime.sampling.sampler import GuidanceParams
 
 
 @pytest.mark.oracle

@@ -14,10 +14,10 @@ from flashface_trt.models.loading import build_loaded
 from flashface_trt.models.unet import unet_state
 from flashface_trt.models.weights import read_checkpoint
 from flashface_trt.runtime.errors import InputError
-from flashface_trt.runtime.guidance import STEP_COEFFICIENTS, guided_eps, step_update
-from flashface_trt.runtime.identities import Identity
-from flashface_trt.runtime.sampler import GuidanceParams, plan, sample, single_step
-from flashface_trt.runtime.schedule import ddim_steps, scaled_linear_sigmas, trailing_timesteps
+from flashface_trt.runtime.sampling.guidance import STEP_COEFFICIENTS, guided_eps, step_update
+from flashface_trt.runtime.sampling.identities import Identity
+from flashface_trt.runtime.sampling.sampler import GuidanceParams, plan, sample, single_step
+from flashface_trt.runtime.sampling.schedule import ddim_steps, scaled_linear_sigmas, trailing_timesteps
 
 from .conftest import rel_err
 
@@ -146,7 +146,7 @@ def test_constant_x0_ends_on_it():
     g = GuidanceParams()
 
     def denoise(x, step):
-        from flashface_trt.runtime.guidance import ddim_update
+        from flashface_trt.runtime.sampling.guidance import ddim_update
 
         return ddim_update(x, target, step.coefficients(g))
 

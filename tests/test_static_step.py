@@ -14,13 +14,13 @@ from flashface_trt.models.config import TINY
 from flashface_trt.models.loading import tiny_models
 from flashface_trt.models.static_step import StaticSteps
 from flashface_trt.models.unet import FlashFaceUNet
-from flashface_trt.runtime.batch import Member, RequestContext
-from flashface_trt.runtime.graphs import StepGraphs
-from flashface_trt.runtime.identities import Identity, ReferenceKVCache
-from flashface_trt.runtime.images import synthetic_face
-from flashface_trt.runtime.pipeline import generate, register_identity
-from flashface_trt.runtime.request import GenerationRequest
-from flashface_trt.runtime.sampler import GuidanceParams, plan, sample
+from flashface_trt.runtime.backends.graphs import StepGraphs
+from flashface_trt.runtime.faces.images import synthetic_face
+from flashface_trt.runtime.sampling.batch import Member, RequestContext
+from flashface_trt.runtime.sampling.identities import Identity, ReferenceKVCache
+from flashface_trt.runtime.sampling.pipeline import generate, register_identity
+from flashface_trt.runtime.sampling.request import GenerationRequest
+from flashface_trt.runtime.sampling.sampler import GuidanceParams, plan, sample
 
 from .conftest import rel_err
 from .test_sampler import oracle_guidance
@@ -54,8 +54,8 @@ def test_static_step_matches_the_sampler(rescale):
 
 def _z0(backend, req, faces):
     """z0 of a request through the backend's denoiser and the shared loop."""
-    from flashface_trt.runtime.identities import array_key
-    from flashface_trt.runtime.request import face_mask, full_prompts, initial_noise
+    from flashface_trt.runtime.sampling.identities import array_key
+    from flashface_trt.runtime.sampling.request import face_mask, full_prompts, initial_noise
 
     ids = backend.tokenizer.encode(list(full_prompts(req.prompt, req.negative_prompt)))
     text = backend.encode_text(ids)

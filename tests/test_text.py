@@ -20,7 +20,7 @@ from flashface_trt.models.text_encoder import (
 )
 from flashface_trt.models.weights import check_state_dict
 from flashface_trt.runtime.errors import WeightsError
-from flashface_trt.runtime.tokenizer import ClipTokenizer
+from flashface_trt.runtime.sampling.tokenizer import ClipTokenizer
 
 from .conftest import REPO, rel_err
 
@@ -84,7 +84,7 @@ def test_tokenizer_cleaning():
 
 def test_tokenizer_does_not_import_torch():
     code = (
-        "import sys, flashface_trt.runtime.tokenizer as t; t.ClipTokenizer(); "
+        "import sys, flashface_trt.runtime.sampling.tokenizer as t; t.ClipTokenizer(); "
         "assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

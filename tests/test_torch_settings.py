@@ -14,9 +14,9 @@ from flashface_trt.models.loading import random_models, tiny_models
 from flashface_trt.models.settings import TORCH_PRESETS
 from flashface_trt.models.unet_blocks import RefInputs
 from flashface_trt.runtime.errors import InputError
-from flashface_trt.runtime.images import synthetic_face
-from flashface_trt.runtime.pipeline import generate
-from flashface_trt.runtime.request import GenerationRequest
+from flashface_trt.runtime.faces.images import synthetic_face
+from flashface_trt.runtime.sampling.pipeline import generate
+from flashface_trt.runtime.sampling.request import GenerationRequest
 
 
 @pytest.mark.parametrize(

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from flashface_trt.cli import main
-from flashface_trt.runtime.images import synthetic_face
-from flashface_trt.runtime.pipeline import generate, register_identity
+from flashface_trt.runtime.faces.images import synthetic_face
+from flashface_trt.runtime.sampling.pipeline import generate, register_identity
 
 from .trt_support import max_diff, pixels, request
 
@@ -25,8 +25,8 @@ pytest.importorskip("polygraphy")
 def test_generate_with_engines_matches_onnx_runtime_across_identities_prompts_and_sizes(
     fakes, engines, tiny_export
 ):
-    from flashface_trt.runtime.ort_backend import OrtBackend
-    from flashface_trt.runtime.trt_backend import TrtBackend
+    from flashface_trt.runtime.backends.ort import OrtBackend
+    from flashface_trt.runtime.backends.trt import TrtBackend
 
     trt, ort = TrtBackend(engines), OrtBackend(tiny_export)
     faces = {

@@ -12,10 +12,10 @@ import pytest
 import tomllib
 
 from flashface_trt.runtime.errors import FlashFaceError, InputError, WeightsError
-from flashface_trt.runtime.identities import ReferenceKVCache
-from flashface_trt.runtime.images import synthetic_face
-from flashface_trt.runtime.pipeline import generate, register_identity
-from flashface_trt.runtime.sampler import sample
+from flashface_trt.runtime.faces.images import synthetic_face
+from flashface_trt.runtime.sampling.identities import ReferenceKVCache
+from flashface_trt.runtime.sampling.pipeline import generate, register_identity
+from flashface_trt.runtime.sampling.sampler import sample
 
 from .conftest import REPO
 from .fakes import install
@@ -29,7 +29,7 @@ EXPORTED = ("text_encoder", "vae_encoder", "vae_decoder", "reference_net", "unet
 
 @pytest.fixture(scope="module")
 def ort(tiny_export):
-    from flashface_trt.runtime.ort_backend import OrtBackend
+    from flashface_trt.runtime.backends.ort import OrtBackend
 
     return OrtBackend(tiny_export)
 
@@ -43,7 +43,7 @@ def faces():
 
 
 def backend(engines, **kw):
-    from flashface_trt.runtime.trt_backend import TrtBackend
+    from flashface_trt.runtime.backends.trt import TrtBackend
 
     return TrtBackend(engines, **kw)
 
@@ -63,7 +63,7 @@ def test_engines_build_strongly_typed_without_fp16_flag_on_tensorrt_10_and_11(
 
 
 def test_engines_of_another_tensorrt_are_refused_by_the_engine_cache(fakes, engines, monkeypatch):
-    from flashface_trt.runtime.engines import StaleEngineError
+    from flashface_trt.runtime.artifacts.engines import StaleEngineError
 
     install(monkeypatch, "11.0.0.12")  # the engines were built by the fake TensorRT 10.13
     with pytest.raises(StaleEngineError, match="built with TensorRT 10.13.0.35, running 11.0.0.12"):
@@ -119,7 +119,7 @@ def test_engines_from_an_export_with_another_step_row_are_refused(monkeypatch, t
 
 
 def test_output_buffers_must_have_the_engine_output_shape(fakes, engines):
-    from flashface_trt.runtime.trt_engine import EAGER, DeviceTensor
+    from flashface_trt.runtime.backends.trt_engine import EAGER, DeviceTensor
 
     be = backend(engines)
     shapes = {"x": (1, 4, 8, 8), "eps": (2, 4, 8, 8), "coef": (1, 11), "guide": (3, 1)}
@@ -133,8 +133,8 @@ def test_output_buffers_must_have_the_engine_output_shape(fakes, engines):
 
 # 2. every address aligned, every TensorRT result checked ---------------------------------------------
 def test_every_tensorrt_result_is_checked(fakes, engines, monkeypatch):
-    from flashface_trt.runtime.cuda import copy_to_device
-    from flashface_trt.runtime.trt_engine import EAGER, DeviceTensor
+    from flashface_trt.runtime.backends.cuda import copy_to_device
+    from flashface_trt.runtime.backends.trt_engine import EAGER, DeviceTensor
 
     be = backend(engines)
     shapes = {"x": (1, 4, 8, 8), "eps": (2, 4, 8, 8), "coef": (1, 11), "guide": (3, 1)}
@@ -161,7 +161,7 @@ def test_every_tensorrt_result_is_checked(fakes, engines, monkeypatch):
 # 10. an error inside a capture is the one reported ----------------------------------------------------
 def test_capture_reports_the_error_of_its_body(monkeypatch):
     install(monkeypatch)
-    from flashface_trt.runtime.cuda import CudaError, CudaGraph, Stream
+    from flashface_trt.runtime.backends.cuda import CudaError, CudaGraph, Stream
 
     stream = Stream()
     with pytest.raises(CudaError, match="cudaStreamSynchronize failed: cudaErrorStreamCaptureUnsupported"):
@@ -246,7 +246,7 @@ def test_a_request_alone_and_interleaved_give_the_same_latents(fakes, engines, f
 
 # step-level batching: requests of different identities and steps share the engines' steps ---------
 def test_mixed_batches_through_the_engines_equal_onnx_runtime(fakes, engines, ort, faces):
-    from flashface_trt.runtime.executor import StepExecutor, Task
+    from flashface_trt.runtime.sampling.executor import StepExecutor, Task
 
     be = backend(engines)
     ids = {name: register_identity(be, f) for name, f in faces.items()}

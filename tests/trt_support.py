@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flashface_trt.runtime.identities import Identity, array_key
-from flashface_trt.runtime.request import GenerationRequest, face_mask, full_prompts, initial_noise
-from flashface_trt.runtime.sampler import GuidanceParams, plan
+from flashface_trt.runtime.sampling.identities import Identity, array_key
+from flashface_trt.runtime.sampling.request import GenerationRequest, face_mask, full_prompts, initial_noise
+from flashface_trt.runtime.sampling.sampler import GuidanceParams, plan
 
 from .fakes import Fakes, install
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from ..runtime.outputs import missing_dirs, remove_empty
+from ..runtime.faces.outputs import missing_dirs, remove_empty
 from . import detect, generate, model_files, serve
 from .checks import check_output_dirs, output_dirs
 

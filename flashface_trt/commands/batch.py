@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..runtime.errors import FlashFaceError, InputError
-from ..runtime.request import GenerationRequest
+from ..runtime.sampling.request import GenerationRequest
 
 log = logging.getLogger("flashface_trt")
 
@@ -84,7 +84,7 @@ def read_batch_file(
     make_request: Callable[[argparse.Namespace, tuple[int, int]], GenerationRequest],
 ) -> list[Line]:
     """Every line of `args.batch_file`, checked: requests validated, photos present, outputs writable."""
-    from ..runtime.outputs import image_paths
+    from ..runtime.faces.outputs import image_paths
 
     path: Path = args.batch_file
     try:
@@ -140,9 +140,9 @@ def run_batch(
     """
     from tqdm.auto import tqdm
 
-    from ..runtime.executor import StepExecutor, Task
-    from ..runtime.pipeline import warn_truncated
-    from ..runtime.request import full_prompts
+    from ..runtime.sampling.executor import StepExecutor, Task
+    from ..runtime.sampling.pipeline import warn_truncated
+    from ..runtime.sampling.request import full_prompts
 
     identities: dict[tuple[Path, ...], Any] = {}
     tasks = []

@@ -7,8 +7,8 @@ import logging
 from pathlib import Path
 
 from ..runtime.errors import FlashFaceError, InputError, WeightsError
-from ..runtime.images import DEFAULT_MAX_PIXELS
-from ..runtime.outputs import check_output_dir
+from ..runtime.faces.images import DEFAULT_MAX_PIXELS
+from ..runtime.faces.outputs import check_output_dir
 
 log = logging.getLogger("flashface_trt")
 

@@ -14,8 +14,8 @@ from .generate import torch_detector
 def _detector(args: argparse.Namespace):
     """The RunDetector of --onnx DIR (ONNX Runtime), --weights or --preset (PyTorch)."""
     if args.onnx:
-        from ..runtime.exports import detector_graph
-        from ..runtime.ort_detector import OrtDetector
+        from ..runtime.artifacts.exports import detector_graph
+        from ..runtime.faces.ort_detector import OrtDetector
 
         graph = detector_graph(args.onnx)
         require_onnxruntime("detect --onnx")
@@ -27,9 +27,9 @@ def _detector(args: argparse.Namespace):
 
 
 def detect(args: argparse.Namespace) -> int:
-    from ..runtime.detection import detect_faces
-    from ..runtime.images import load_image
-    from ..runtime.references import pick_reference
+    from ..runtime.faces.detection import detect_faces
+    from ..runtime.faces.images import load_image
+    from ..runtime.faces.references import pick_reference
 
     check_count("--show", args.show, 0)
     check_count("--max-pixels", args.max_pixels, 1)

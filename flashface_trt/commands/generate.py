@@ -13,7 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..runtime.errors import InputError
-from ..runtime.request import RECIPES, GenerationRequest, range_problems
+from ..runtime.sampling.request import RECIPES, GenerationRequest
 from .checks import check_generate_flags, check_weights_dir, require_onnxruntime, require_torch
 
 log = logging.getLogger("flashface_trt")
@@ -50,11 +50,11 @@ def request_from(args: argparse.Namespace, size: tuple[int, int]) -> GenerationR
 def _manifest(args: argparse.Namespace) -> dict | None:
     """The export's or the engines' manifest (read, not checked: cheap), or None for PyTorch."""
     if args.onnx:
-        from ..runtime.exports import export_manifest
+        from ..runtime.artifacts.exports import export_manifest
 
         return export_manifest(args.onnx)
     if args.engines:
-        from ..runtime.engines import engines_manifest
+        from ..runtime.artifacts.engines import engines_manifest
 
         return engines_manifest(args.engines)
     return None
@@ -69,7 +69,7 @@ def _default_size(args: argparse.Namespace, manifest: dict | None) -> tuple[int,
 
 def _check_ranges(args: argparse.Namespace, manifest: dict, request: GenerationRequest, refs: int) -> None:
     """A request outside the export's (or the engines') shape ranges is refused, naming the fix."""
-    from ..runtime.exports import manifest_shapes
+    from ..runtime.artifacts.exports import manifest_shapes, range_problems
 
     problems = range_problems(request, refs, manifest_shapes(manifest))
     if not problems:
@@ -88,7 +88,7 @@ def _check_ranges(args: argparse.Namespace, manifest: dict, request: GenerationR
 
 def _read_photos(args: argparse.Namespace, paths: Sequence[Path]) -> list[Image.Image] | None:
     """The decoded photos (None without any, where a drawn face stands in)."""
-    from ..runtime.images import load_image
+    from ..runtime.faces.images import load_image
 
     if paths:
         return [load_image(path, max_pixels=args.max_pixels) for path in paths]
@@ -110,7 +110,7 @@ def _load_backend(args: argparse.Namespace):
 
 def _generate_batch(args: argparse.Namespace, manifest: dict | None, size: tuple[int, int]) -> int:
     """`generate --batch-file`: every line checked first, then all run by the step-level executor."""
-    from ..runtime.pipeline import register_identity
+    from ..runtime.sampling.pipeline import register_identity
     from .batch import read_batch_file, run_batch
 
     lines = read_batch_file(args, size, request_from)
@@ -135,8 +135,8 @@ def _generate_batch(args: argparse.Namespace, manifest: dict | None, size: tuple
 def generate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from ..runtime.outputs import image_paths
-    from ..runtime.pipeline import generate as run_pipeline
+    from ..runtime.faces.outputs import image_paths
+    from ..runtime.sampling.pipeline import generate as run_pipeline
 
     check_generate_flags(args)
     if args.weights:
@@ -173,8 +173,8 @@ def _crops(
     args: argparse.Namespace, photos: list[Image.Image] | None, detector, paths: Sequence[Path]
 ) -> list[Image.Image]:
     """Reference crops: the photos' detected faces, the photos themselves with --cropped, or a drawn face."""
-    from ..runtime.images import synthetic_face
-    from ..runtime.references import references_from_images
+    from ..runtime.faces.images import synthetic_face
+    from ..runtime.faces.references import references_from_images
 
     if photos is None:
         log.info("no --face given: using a drawn stand-in face")
@@ -224,7 +224,7 @@ def _torch_backend(args: argparse.Namespace):
 
 def _ort_backend(args: argparse.Namespace):
     """ONNX Runtime backend over an export directory (imports no torch)."""
-    from ..runtime.ort_backend import OrtBackend, OrtSettings
+    from ..runtime.backends.ort import OrtBackend, OrtSettings
 
     backend = OrtBackend(args.onnx, OrtSettings(provider=args.provider))
     return backend, backend.detector
@@ -232,10 +232,10 @@ def _ort_backend(args: argparse.Namespace):
 
 def _trt_backend(args: argparse.Namespace):
     """TensorRT engines (stale engines are refused with what differs); detection on ONNX Runtime."""
-    from ..runtime.artifacts import check_artifact
+    from ..runtime.artifacts.manifest import check_artifact
+    from ..runtime.backends.trt import TrtBackend
     from ..runtime.errors import FlashFaceError
-    from ..runtime.ort_detector import OrtDetector
-    from ..runtime.trt_backend import TrtBackend
+    from ..runtime.faces.ort_detector import OrtDetector
 
     backend = TrtBackend(args.engines)
     entry = backend.manifest["export"]["networks"].get("detector")

@@ -29,7 +29,7 @@ def shapes_from(args: argparse.Namespace, base):
 def build(args: argparse.Namespace) -> None:
     from ..engine.build import build_engines
     from ..engine.profiles import BuildSettings
-    from ..runtime.exports import export_manifest, manifest_shapes
+    from ..runtime.artifacts.exports import export_manifest, manifest_shapes
 
     shapes = shapes_from(args, manifest_shapes(export_manifest(args.onnx)))  # graphs checked when building
     settings = BuildSettings(
@@ -49,7 +49,7 @@ def verify(args: argparse.Namespace) -> None:
 
 
 def export(args: argparse.Namespace) -> None:
-    from ..runtime.spec import TINY_SHAPES, ExportShapes
+    from ..runtime.artifacts.spec import TINY_SHAPES, ExportShapes
 
     shapes = shapes_from(args, TINY_SHAPES if args.preset else ExportShapes())  # ranges checked first
     if args.weights:

@@ -14,12 +14,12 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ..runtime.artifacts import read_manifest
-from ..runtime.cuda import device_info
-from ..runtime.engines import EngineKey, GpuIdentity, StaleEngineError, check_engine, write_manifest
+from ..runtime.artifacts.engines import EngineKey, GpuIdentity, StaleEngineError, check_engine, write_manifest
+from ..runtime.artifacts.exports import read_export
+from ..runtime.artifacts.manifest import read_manifest
+from ..runtime.artifacts.spec import ExportShapes, NetworkSpec
+from ..runtime.backends.cuda import device_info
 from ..runtime.errors import FlashFaceError
-from ..runtime.exports import read_export
-from ..runtime.spec import ExportShapes, NetworkSpec
 from .profiles import BuildSettings, engine_profile, engine_spec
 
 log = logging.getLogger(__name__)

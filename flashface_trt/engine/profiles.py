@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..runtime.axes import spec_axes
+from ..runtime.artifacts.axes import spec_axes
+from ..runtime.artifacts.spec import ExportShapes, NetworkSpec
 from ..runtime.errors import InputError
-from ..runtime.spec import ExportShapes, NetworkSpec
 
 Profile = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
 

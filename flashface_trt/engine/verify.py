@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..runtime.axes import LoopDims, io_shapes
-from ..runtime.cuda import copy_to_device
+from ..runtime.artifacts.axes import LoopDims, io_shapes
+from ..runtime.artifacts.exports import read_export
+from ..runtime.artifacts.spec import NetworkSpec
+from ..runtime.backends.cuda import copy_to_device
+from ..runtime.backends.ort import OrtSettings, Session
 from ..runtime.errors import FlashFaceError
-from ..runtime.exports import read_export
-from ..runtime.guidance import SAMPLE_STEP_ROW
-from ..runtime.ort_backend import OrtSettings, Session
-from ..runtime.spec import NetworkSpec
+from ..runtime.sampling.guidance import SAMPLE_STEP_ROW
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def random_inputs(
 
 def verify(engines_dir: str | Path, onnx_dir: str | Path, dims: LoopDims | None = None) -> list[dict]:
     """Per network output: max |engine - ONNX Runtime| / max |ONNX Runtime|, its bound, whether it holds."""
-    from ..runtime.trt_backend import EAGER, DeviceTensor, TrtBackend
+    from ..runtime.backends.trt import EAGER, DeviceTensor, TrtBackend
 
     backend = TrtBackend(engines_dir)
     export = read_export(onnx_dir)

@@ -16,7 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..runtime.artifacts import ARTIFACT_FORMAT, content_matches, manifest_path, read_manifest, sha256_file
+from ..runtime.artifacts.manifest import (
+    ARTIFACT_FORMAT,
+    content_matches,
+    manifest_path,
+    read_manifest,
+    sha256_file,
+)
 from ..runtime.errors import FlashFaceError
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """ONNX export of the RetinaFace detector: dynamic batch, fixed 640x640, raw head outputs.
 
-Softmax, decoding and NMS stay outside the graph (`runtime/detection.py`, NumPy) so that every
+Softmax, decoding and NMS stay outside the graph (`runtime/faces/detection.py`, NumPy) so that every
 runtime shares one post-processing and the graph holds only convolutions.
 """
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from ..models.retinaface import RetinaFace
-from ..runtime.detection import DETECTOR, prior_boxes
-from ..runtime.spec import AxisRange, NetworkSpec, TensorSpec
+from ..runtime.artifacts.spec import AxisRange, NetworkSpec, TensorSpec
+from ..runtime.faces.detection import DETECTOR, prior_boxes
 from .artifacts import arrays_digest, cached_artifact
 from .onnx_io import check_graph, export_graph, simplify
 

@@ -19,10 +19,10 @@ from torch import nn
 
 from ..models.backend import TorchModels
 from ..models.retinaface import RetinaFace
+from ..runtime.artifacts.spec import EXPORT_FORMAT, ExportShapes, NetworkSpec
 from ..runtime.errors import InputError
-from ..runtime.guidance import SAMPLE_STEP_ROW
-from ..runtime.spec import EXPORT_FORMAT, ExportShapes, NetworkSpec
-from ..runtime.tokenizer import ClipTokenizer
+from ..runtime.sampling.guidance import SAMPLE_STEP_ROW
+from ..runtime.sampling.tokenizer import ClipTokenizer
 from .artifacts import arrays_digest, cached_artifact
 from .detector import cached_detector, detector_spec
 from .networks import GRAPHS, NETWORKS, network_specs

@@ -14,10 +14,10 @@ from ..models.backend import TorchModels
 from ..models.batched import batch_eps
 from ..models.config import LATENT_SCALE
 from ..models.unet import FlashFaceUNet
-from ..runtime.axes import REF_TOKENS, axis_range, check_axes
-from ..runtime.guidance import STEP_COEFFICIENTS, batched_update
-from ..runtime.request import REFERENCE_SIZE
-from ..runtime.spec import ExportShapes, NetworkSpec, TensorSpec
+from ..runtime.artifacts.axes import REF_TOKENS, axis_range, check_axes
+from ..runtime.artifacts.spec import ExportShapes, NetworkSpec, TensorSpec
+from ..runtime.sampling.guidance import STEP_COEFFICIENTS, batched_update
+from ..runtime.sampling.request import REFERENCE_SIZE
 
 NETWORKS = ("text_encoder", "vae_encoder", "vae_decoder", "reference_net", "unet", "step")
 INDEX = "int32"  # the batch plan's index arrays (TensorRT gathers with int32 indices)

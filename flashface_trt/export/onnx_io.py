@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..runtime.artifacts.spec import NetworkSpec
 from ..runtime.errors import FlashFaceError
-from ..runtime.spec import NetworkSpec
 
 log = logging.getLogger(__name__)
 

@@ -9,14 +9,14 @@ from typing import cast
 import numpy as np
 import torch
 
-from ..runtime.batch import Member, RequestContext, plan_batch
-from ..runtime.graphs import StepGraphs
-from ..runtime.guidance import guided_x0
-from ..runtime.identities import Identity, ReferenceKVCache
-from ..runtime.images import to_uint8
-from ..runtime.request import REFERENCE_SIZE
-from ..runtime.sampler import GuidanceParams, StepPlan, single_step
-from ..runtime.tokenizer import ClipTokenizer
+from ..runtime.backends.graphs import StepGraphs
+from ..runtime.faces.images import to_uint8
+from ..runtime.sampling.batch import Member, RequestContext, plan_batch
+from ..runtime.sampling.guidance import guided_x0
+from ..runtime.sampling.identities import Identity, ReferenceKVCache
+from ..runtime.sampling.request import REFERENCE_SIZE
+from ..runtime.sampling.sampler import GuidanceParams, StepPlan, single_step
+from ..runtime.sampling.tokenizer import ClipTokenizer
 from .batched import group_kv, step_members
 from .config import LATENT_SCALE, ModelConfig
 from .settings import TorchSettings

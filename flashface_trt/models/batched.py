@@ -11,9 +11,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ..runtime.batch import BatchPlan, Member
-from ..runtime.guidance import batched_update
-from ..runtime.identities import ReferenceKVCache
+from ..runtime.sampling.batch import BatchPlan, Member
+from ..runtime.sampling.guidance import batched_update
+from ..runtime.sampling.identities import ReferenceKVCache
 from .unet import FlashFaceUNet
 from .unet_blocks import RefInputs
 

@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..runtime.artifacts import load_manifest, sha256_file
-from ..runtime.detection import preprocess, to_unit_tensor
+from ..runtime.artifacts.manifest import load_manifest, sha256_file
+from ..runtime.artifacts.spec import TINY_SHAPES
 from ..runtime.errors import WeightsError
-from ..runtime.images import synthetic_face
-from ..runtime.spec import TINY_SHAPES
-from ..runtime.tokenizer import ClipTokenizer
+from ..runtime.faces.detection import preprocess, to_unit_tensor
+from ..runtime.faces.images import synthetic_face
+from ..runtime.sampling.tokenizer import ClipTokenizer
 from .backend import TorchModels
 from .config import TINY, ModelConfig
 from .retinaface import TINY_RETINAFACE, RetinaFace, random_retinaface_state, retinaface_state

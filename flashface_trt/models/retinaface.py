@@ -3,7 +3,7 @@
 Architecture of the official `ldm/models/retinaface.py` (after biubug6/Pytorch_Retinaface): a
 torchvision-layout ResNet-50 (`body.*`, layers 2-4 as features), an FPN, three SSH context modules
 and 1x1 class/box/landmark heads with 2 anchors per position. `forward` returns the raw head
-outputs; softmax, prior decoding and NMS live in the torch-free `runtime/detection.py`.
+outputs; softmax, prior decoding and NMS live in the torch-free `runtime/faces/detection.py`.
 `RetinaFaceSize` scales the widths and block counts: the official file is `RESNET50`, the tiny
 preset's random detector a narrow four-block network of the same layout.
 """

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..runtime.errors import InputError
-from ..runtime.identities import DEFAULT_KV_CACHE_BYTES
+from ..runtime.sampling.identities import DEFAULT_KV_CACHE_BYTES
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # the loop is captured by our own CUDA graph
 

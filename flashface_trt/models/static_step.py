@@ -18,10 +18,10 @@ from collections.abc import Sequence
 
 import torch
 
-from ..runtime.batch import Member, PaddedPlan, pad_plan, plan_batch
-from ..runtime.graphs import Body, StepGraphs
-from ..runtime.guidance import batched_update
-from ..runtime.identities import ReferenceKVCache
+from ..runtime.backends.graphs import Body, StepGraphs
+from ..runtime.sampling.batch import Member, PaddedPlan, pad_plan, plan_batch
+from ..runtime.sampling.guidance import batched_update
+from ..runtime.sampling.identities import ReferenceKVCache
 from .batched import KV, batch_eps, group_kv
 
 log = logging.getLogger(__name__)

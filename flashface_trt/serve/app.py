@@ -20,8 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from ..runtime.errors import FlashFaceError, InputError
-from ..runtime.images import ImageTooLarge
-from ..runtime.request import RANGES, RECIPES
+from ..runtime.faces.images import ImageTooLarge
+from ..runtime.sampling.request import RANGES, RECIPES
 from .config import owner_of
 from .jobs import QueueFull
 from .page import PAGE

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..runtime.errors import InputError
-from ..runtime.images import DEFAULT_MAX_PIXELS
+from ..runtime.faces.images import DEFAULT_MAX_PIXELS
 
 SHUTDOWN_MODES = ("finish", "cancel")
 

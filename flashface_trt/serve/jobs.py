@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..runtime.errors import FlashFaceError
-from ..runtime.request import GenerationRequest
+from ..runtime.sampling.request import GenerationRequest
 
 log = logging.getLogger(__name__)
 

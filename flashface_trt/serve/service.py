@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..runtime.errors import FlashFaceError, InputError
-from ..runtime.request import GenerationRequest, make_request
+from ..runtime.sampling.request import GenerationRequest, make_request
 from .config import ServeSettings
 from .jobs import SHUTDOWN_REASON, Job, JobBook, QueueFull, State, new_job_id
 from .metrics import Metrics

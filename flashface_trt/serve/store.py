@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..runtime.identities import array_key
+from ..runtime.sampling.identities import array_key
 
 log = logging.getLogger(__name__)
 

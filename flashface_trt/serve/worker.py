@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from ..runtime.errors import FlashFaceError, InputError
-from ..runtime.executor import StepExecutor, Stopped, Task
-from ..runtime.identities import Identity
-from ..runtime.images import synthetic_face
-from ..runtime.pipeline import Backend, generate, prepare_references
-from ..runtime.references import load_references
-from ..runtime.request import GenerationRequest
+from ..runtime.faces.images import synthetic_face
+from ..runtime.faces.references import load_references
+from ..runtime.sampling.executor import StepExecutor, Stopped, Task
+from ..runtime.sampling.identities import Identity
+from ..runtime.sampling.pipeline import Backend, generate, prepare_references
+from ..runtime.sampling.request import GenerationRequest
 from .jobs import SHUTDOWN_REASON, Job, JobBook, State
 from .metrics import Metrics
 from .store import IdentityStore, StoredIdentity, identity_id

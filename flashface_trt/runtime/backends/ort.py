@@ -14,15 +14,15 @@ from typing import Any
 
 import numpy as np
 
-from .batch import BatchPlan, Member, RequestContext, plan_batch
-from .errors import FlashFaceError, InputError, WeightsError
-from .exports import UNET_GRAPHS, export_specs, read_export, reference_size
-from .guidance import batched_update, guided_x0
-from .identities import DEFAULT_KV_CACHE_BYTES, Identity, ReferenceKVCache
-from .ort_detector import OrtDetector
-from .sampler import GuidanceParams, StepPlan
-from .spec import NetworkSpec
-from .tokenizer import ClipTokenizer
+from ..artifacts.exports import UNET_GRAPHS, export_specs, read_export, reference_size
+from ..artifacts.spec import NetworkSpec
+from ..errors import FlashFaceError, InputError, WeightsError
+from ..faces.ort_detector import OrtDetector
+from ..sampling.batch import BatchPlan, Member, RequestContext, plan_batch
+from ..sampling.guidance import batched_update, guided_x0
+from ..sampling.identities import DEFAULT_KV_CACHE_BYTES, Identity, ReferenceKVCache
+from ..sampling.sampler import GuidanceParams, StepPlan
+from ..sampling.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
 

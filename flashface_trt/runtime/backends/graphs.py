@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Protocol
 
-from .errors import InputError
+from ..errors import InputError
 
 log = logging.getLogger(__name__)
 

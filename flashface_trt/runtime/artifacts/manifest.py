@@ -12,7 +12,7 @@ import json
 import logging
 from pathlib import Path
 
-from .errors import WeightsError
+from ..errors import WeightsError
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import ftfy
 import numpy as np
 import regex
 
-from .errors import InputError, WeightsError
+from ..errors import InputError, WeightsError
 
 log = logging.getLogger(__name__)
 

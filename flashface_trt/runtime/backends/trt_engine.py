@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..artifacts.spec import NetworkSpec
+from ..errors import FlashFaceError, InputError, WeightsError
 from .cuda import CudaGraph, DeviceBuffer, Stream
-from .errors import FlashFaceError, InputError, WeightsError
 from .graphs import Body
-from .spec import NetworkSpec
 
 if TYPE_CHECKING:
     import tensorrt as trt

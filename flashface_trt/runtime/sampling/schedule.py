@@ -15,7 +15,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 NUM_TIMESTEPS = 1000
 BETA_MIN = 0.00085

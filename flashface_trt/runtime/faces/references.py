@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..errors import InputError
+from .crop import box_problem, crop_face, detections, select_face
 from .detection import DETECTOR, DetectorConfig, RunDetector, detect_faces
-from .errors import InputError
-from .faces import box_problem, crop_face, detections, select_face
 from .images import DEFAULT_MAX_PIXELS, load_image
 
 log = logging.getLogger(__name__)

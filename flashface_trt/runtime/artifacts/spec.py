@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .errors import InputError
+from ..errors import InputError
 
 Dim = int | str  # a fixed size, or the name of a dynamic axis
 

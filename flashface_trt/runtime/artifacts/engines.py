@@ -12,8 +12,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .artifacts import content_matches, load_manifest, sha256_file
-from .errors import FlashFaceError, WeightsError
+from ..errors import FlashFaceError, WeightsError
+from .manifest import content_matches, load_manifest, sha256_file
 
 ENGINE_FORMAT = "flashface-trt-engine/1"
 ENGINES_FORMAT = "flashface-trt-engines/1"  # engines.json of a directory written by `flashface-trt build`

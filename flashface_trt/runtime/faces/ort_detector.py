@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FlashFaceError, InputError
+from ..errors import FlashFaceError, InputError
 
 log = logging.getLogger(__name__)
 

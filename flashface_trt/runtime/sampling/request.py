@@ -13,9 +13,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 from .sampler import GuidanceParams
-from .spec import ExportShapes
 
 DEFAULT_POSITIVE_SUFFIX = "best quality, masterpiece,ultra-detailed, UHD 4K, photographic"
 DEFAULT_NEGATIVE = (
@@ -137,31 +136,6 @@ def validate_bbox(bbox: Sequence[float]) -> tuple[float, float, float, float]:
             "face_bbox",
         )
     return (x1, y1, x2, y2)
-
-
-def range_problems(req: GenerationRequest, num_faces: int, shapes: ExportShapes) -> list[tuple[str, str]]:
-    """(problem, export option that fixes it) for each size of `req` outside `shapes`' ranges.
-
-    `num_faces` reference faces are repeated up to `MIN_REFERENCES`, as the pipeline does.
-    """
-    out = []
-    sizes = f"[{shapes.min_size}, {shapes.max_size}]"
-    for name in ("height", "width"):
-        value = getattr(req, name)
-        if not shapes.min_size <= value <= shapes.max_size:
-            fix = f"--min-size {value}" if value < shapes.min_size else f"--max-size {value}"
-            out.append((f"{name} {value} is outside the range {sizes}", fix))
-    if req.num_samples > shapes.max_samples:
-        problem = f"num_samples {req.num_samples} is outside the range [1, {shapes.max_samples}]"
-        out.append((problem, f"--max-samples {req.num_samples}"))
-    refs = max(num_faces, MIN_REFERENCES)
-    if refs > shapes.max_refs:
-        problem = (
-            f"{refs} reference faces (fewer are repeated up to {MIN_REFERENCES}) are outside the range "
-            f"[1, {shapes.max_refs}]"
-        )
-        out.append((problem, f"--max-refs {refs}"))
-    return out
 
 
 def face_mask(bbox: Sequence[float], height: int, width: int) -> np.ndarray:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .errors import InputError
+from ..errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FlashFaceError
+from ..errors import FlashFaceError
 
 log = logging.getLogger(__name__)
 

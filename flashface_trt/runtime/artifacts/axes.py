@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .errors import InputError
-from .layout import BatchLayout
+from ..errors import InputError
+from ..sampling.layout import BatchLayout
 from .spec import AxisRange, ExportShapes, NetworkSpec
 
 REF_TOKENS = "ref_tokens_"  # `ref_tokens_<i>`: tokens of reference layer i over all references

@@ -10,10 +10,10 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from ..errors import InputError
+from ..faces.images import reference_array
 from .batch import Member, RequestContext
-from .errors import InputError
 from .identities import Identity, array_key, identity_from_crops
-from .images import reference_array
 from .request import REFERENCE_SIZE, GenerationRequest, face_mask, full_prompts, initial_noise, pad_references
 from .sampler import GuidanceParams, StepPlan, Wrap, plan, sample
 from .tokenizer import Truncation

@@ -20,8 +20,8 @@ from typing import Any
 
 from PIL import Image
 
+from ..errors import FlashFaceError, InputError
 from .batch import Member, RequestContext
-from .errors import FlashFaceError, InputError
 from .identities import Identity, array_key
 from .request import GenerationRequest, face_mask, full_prompts, initial_noise
 from .sampler import StepPlan, plan

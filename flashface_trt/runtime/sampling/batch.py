@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 from .guidance import STEP_COEFFICIENTS
 from .identities import Identity, kv_key
 from .layout import COND, UNCOND, BatchLayout

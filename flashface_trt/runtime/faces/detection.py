@@ -18,7 +18,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from PIL import Image
 
-from .errors import InputError
+from ..errors import InputError
 from .images import _padding, pad_to_square
 
 log = logging.getLogger(__name__)

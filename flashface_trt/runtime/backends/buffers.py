@@ -7,9 +7,9 @@ with exactly the UNet's K/V input shapes, so that the same device buffers serve 
 
 from __future__ import annotations
 
-from .axes import LoopDims, io_shapes
-from .errors import InputError
-from .spec import NetworkSpec
+from ..artifacts.axes import LoopDims, io_shapes
+from ..artifacts.spec import NetworkSpec
+from ..errors import InputError
 
 
 def check_kv_wiring(reference_net: NetworkSpec, unet: NetworkSpec, dims: LoopDims) -> None:

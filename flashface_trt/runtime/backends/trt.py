@@ -21,19 +21,19 @@ from typing import Any
 
 import numpy as np
 
-from .axes import LoopDims, io_shapes
-from .batch import BatchPlan, Member, PaddedPlan, RequestContext, pad_plan, plan_batch
+from ..artifacts.axes import LoopDims, io_shapes
+from ..artifacts.engines import GpuIdentity, check_engine
+from ..artifacts.exports import reference_size
+from ..artifacts.spec import NetworkSpec
+from ..errors import FlashFaceError, WeightsError
+from ..sampling.batch import BatchPlan, Member, PaddedPlan, RequestContext, pad_plan, plan_batch
+from ..sampling.guidance import STEP_COEFFICIENTS
+from ..sampling.identities import DEFAULT_KV_CACHE_BYTES, Identity, ReferenceKVCache
+from ..sampling.sampler import GuidanceParams, StepPlan
+from ..sampling.tokenizer import ClipTokenizer
 from .buffers import check_kv_wiring
 from .cuda import DeviceBuffer, Stream, copy_device, copy_to_device, copy_to_host, device_info
-from .engines import GpuIdentity, check_engine
-from .errors import FlashFaceError, WeightsError
-from .exports import reference_size
 from .graphs import StepGraphs
-from .guidance import STEP_COEFFICIENTS
-from .identities import DEFAULT_KV_CACHE_BYTES, Identity, ReferenceKVCache
-from .sampler import GuidanceParams, StepPlan
-from .spec import NetworkSpec
-from .tokenizer import ClipTokenizer
 from .trt_engine import EAGER, DeviceTensor, Engine, TrtCapture
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .errors import InputError
+from ..errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from PIL import Image
 
-from .errors import InputError
+from ..errors import InputError
 from .images import reference_array
 
 log = logging.getLogger(__name__)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .artifacts import check_artifact, load_manifest, read_manifest
-from .errors import WeightsError
+from ..errors import WeightsError
+from ..sampling.request import MIN_REFERENCES, GenerationRequest
+from .manifest import check_artifact, load_manifest, read_manifest
 from .spec import EXPORT_FORMAT, ExportShapes, NetworkSpec
 
 MANIFEST = "manifest.json"
@@ -92,3 +93,28 @@ def detector_graph(root: str | Path) -> Path:
         raise WeightsError(f"{str(root)!r} holds several detector graphs ({names}); keep one")
     check_artifact(graphs[0], "flashface-trt export-detector")
     return graphs[0]
+
+
+def range_problems(req: GenerationRequest, num_faces: int, shapes: ExportShapes) -> list[tuple[str, str]]:
+    """(problem, export option that fixes it) for each size of `req` outside `shapes`' ranges.
+
+    `num_faces` reference faces are repeated up to `MIN_REFERENCES`, as the pipeline does.
+    """
+    out = []
+    sizes = f"[{shapes.min_size}, {shapes.max_size}]"
+    for name in ("height", "width"):
+        value = getattr(req, name)
+        if not shapes.min_size <= value <= shapes.max_size:
+            fix = f"--min-size {value}" if value < shapes.min_size else f"--max-size {value}"
+            out.append((f"{name} {value} is outside the range {sizes}", fix))
+    if req.num_samples > shapes.max_samples:
+        problem = f"num_samples {req.num_samples} is outside the range [1, {shapes.max_samples}]"
+        out.append((problem, f"--max-samples {req.num_samples}"))
+    refs = max(num_faces, MIN_REFERENCES)
+    if refs > shapes.max_refs:
+        problem = (
+            f"{refs} reference faces (fewer are repeated up to {MIN_REFERENCES}) are outside the range "
+            f"[1, {shapes.max_refs}]"
+        )
+        out.append((problem, f"--max-refs {refs}"))
+    return out
