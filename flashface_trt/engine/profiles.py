@@ -48,6 +48,7 @@ class BuildSettings:
             "shapes": {f.name: getattr(self.shapes, f.name) for f in fields(ExportShapes)},
         }
 
+
 def engine_spec(spec: NetworkSpec, shapes: ExportShapes) -> NetworkSpec:
     """The spec of an engine built for `shapes`: the export spec, axes recomputed from the axis table."""
     return NetworkSpec(spec.name, spec.inputs, spec.outputs, spec_axes(spec, shapes))
