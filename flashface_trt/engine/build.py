@@ -16,8 +16,14 @@ from pathlib import Path
 
 from ..runtime.artifacts import read_manifest
 from ..runtime.cuda import device_info
-from ..runtime.engines import EngineKey, GpuIdentity, StaleEngineError, check_engine, write_manifest
-from ..runtime.errors import FlashFaceError
+from ..runtime.engines import (
+    EngineKey,
+    GpuIdentity,
+    StaleEngineError,
+    check_engine,
+    tensorrt_version,
+    write_manifest,
+)
 from ..runtime.exports import read_export
 from ..runtime.spec import ExportShapes, NetworkSpec
 from .profiles import BuildSettings, engine_profile, engine_spec
@@ -25,16 +31,6 @@ from .profiles import BuildSettings, engine_profile, engine_spec
 log = logging.getLogger(__name__)
 
 ENGINES_MANIFEST = "engines.json"
-
-
-def tensorrt_version() -> str:
-    try:
-        import tensorrt as trt
-    except ImportError as exc:
-        raise FlashFaceError(
-            "TensorRT is not installed (pip install tensorrt on a machine with an NVIDIA GPU and driver)"
-        ) from exc
-    return str(trt.__version__)
 
 
 def current_gpu() -> GpuIdentity:
