@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import numpy as np
 import pytest
@@ -130,6 +130,28 @@ def test_build_settings_validation_and_key():
         BuildSettings(opt_level=7)
     a, b = BuildSettings(), BuildSettings(shapes=ExportShapes(max_samples=8))
     assert a.key() != b.key() and a.key() == BuildSettings(timing_cache=None).key()
+
+
+def test_every_export_shape_field_changes_the_engine_key():
+    """A build with other ranges on any `ExportShapes` field gets another key and engine file name."""
+    base = BuildSettings()
+    gpu = GpuIdentity("NVIDIA H200", "9.0")
+    name = EngineKey("unet", "ab" * 32, base.key(), "10.13.0", gpu).file_name()
+    for f in fields(ExportShapes):
+        value = getattr(base.shapes, f.name)
+        candidates = (valid_shapes(f.name, value + d) for d in (8, -8, 1, -1))
+        shapes = next(s for s in candidates if s is not None)
+        settings = BuildSettings(shapes)
+        assert settings.key() != base.key(), f"{f.name}={getattr(shapes, f.name)} keeps the key"
+        assert EngineKey("unet", "ab" * 32, settings.key(), "10.13.0", gpu).file_name() != name
+
+
+def valid_shapes(name: str, value: int) -> ExportShapes | None:
+    """The default shapes with `name` set to `value`, or None where that is not a valid range."""
+    try:
+        return replace(ExportShapes(), **{name: value})
+    except InputError:
+        return None
 
 
 def test_engine_keys_and_stale_engines(tmp_path):
@@ -333,4 +355,4 @@ def test_build_takes_the_export_shapes(tiny_export):
     from flashface_trt.runtime.artifacts.exports import read_export
 
     shapes = export_shapes(read_export(tiny_export))
-    assert shapes == TINY_SHAPES and BuildSettings(shapes).key()["shapes"][1] == TINY_SHAPES.min_size
+    assert shapes == TINY_SHAPES and BuildSettings(shapes).key()["shapes"]["min_size"] == TINY_SHAPES.min_size

@@ -6,9 +6,14 @@ run; the runtime's own tests (test_trt_runtime.py) are only as strict as these c
 
 from __future__ import annotations
 
+import ast
+import enum
+import re
+
 import numpy as np
 import pytest
 
+from .conftest import REPO
 from .fakes import install
 from .fakes.cudart import ALIGN, cudaError_t
 
@@ -17,6 +22,7 @@ onnx = pytest.importorskip("onnx")
 
 OK = cudaError_t.cudaSuccess
 H2D, D2H, D2D = 1, 2, 3
+ENUM_MEMBER = re.compile(r"^    (\w+): typing\.ClassVar\[[\w.]+\]  # value = <[\w.]+: (-?\d+)>$")  # stub text
 
 
 @pytest.fixture
@@ -355,16 +361,25 @@ def test_fake_cuda_runtime_has_the_signatures_and_codes_of_cuda_python():
         assert fake == list(inspect.signature(getattr(real, name)).parameters), name
 
 
-def test_fake_tensorrt_has_the_signatures_of_the_tensorrt_stubs(fakes):
-    import ast
-    import inspect
-
-    from .conftest import REPO
-
+def stub_classes() -> tuple[list[str], dict[str, ast.ClassDef]]:
+    """TensorRT 10.13's stub lines and top-level classes; skips where typings/ is absent (CI makes it)."""
     stub = REPO / "typings" / "tensorrt_bindings" / "tensorrt.pyi"
     if not stub.is_file():
-        pytest.skip("no TensorRT stubs: run `bash .ci/trt-stubs.sh`")
-    classes = {c.name: c for c in ast.parse(stub.read_text()).body if isinstance(c, ast.ClassDef)}
+        pytest.skip(f"no TensorRT stubs at {stub}: run `bash .ci/trt-stubs.sh` (CI does before pytest)")
+    text = stub.read_text()
+    return text.splitlines(), {c.name: c for c in ast.parse(text).body if isinstance(c, ast.ClassDef)}
+
+
+def stub_enum(lines: list[str], cls: ast.ClassDef) -> dict[str, int]:
+    """Members of a stub class and their values, which the stubs give only in comments."""
+    body = lines[cls.lineno - 1 : cls.end_lineno]
+    return {m[1]: int(m[2]) for m in map(ENUM_MEMBER.match, body) if m}
+
+
+def test_fake_tensorrt_has_the_signatures_of_the_tensorrt_stubs(fakes):
+    import inspect
+
+    _, classes = stub_classes()
     trt = fakes.trt
     for cls in (trt.Runtime, trt.ICudaEngine, trt.IExecutionContext, trt.Logger):
         stub_cls = classes[cls.__mro__[-2].__name__]  # the fake class's own name (Runtime is subclassed)
@@ -381,12 +396,18 @@ def test_fake_tensorrt_has_the_signatures_of_the_tensorrt_stubs(fakes):
                 assert params in overloads[name], f"{cls.__name__}.{name}{params} vs {overloads[name]}"
     for attr in ("num_io_tensors", "device_memory_size_v2", "num_optimization_profiles", "name"):
         assert attr in {f.name for f in classes["ICudaEngine"].body if isinstance(f, ast.FunctionDef)}
-    for enum_name in ("DataType", "TensorIOMode", "ExecutionContextAllocationStrategy", "MemoryPoolType"):
-        stub_names = {
-            t.id
-            for n in classes[enum_name].body
-            if isinstance(n, ast.AnnAssign | ast.Assign)
-            for t in ([n.target] if isinstance(n, ast.AnnAssign) else n.targets)
-            if isinstance(t, ast.Name)
-        }
-        assert {m.name for m in getattr(trt, enum_name)} <= stub_names, enum_name
+
+
+def test_fake_tensorrt_enums_have_the_names_and_values_of_the_tensorrt_stubs(fakes):
+    """Every member of every enum of the double (and the logger's severities) exists with TensorRT's value."""
+    lines, classes = stub_classes()
+    enums = {n: e for n, e in vars(fakes.trt).items() if isinstance(e, type) and issubclass(e, enum.Enum)}
+    assert {"DataType", "BuilderFlag", "NetworkDefinitionCreationFlag"} <= set(enums)
+    for name, fake in enums.items():
+        real = stub_enum(lines, classes[name])
+        assert real, f"no members of {name} parsed from the stubs"
+        fake_values = {k: m.value for k, m in fake.__members__.items()}
+        assert fake_values == {k: real.get(k) for k in fake_values}, name
+    severities = {n: v for n, v in vars(fakes.trt.Logger).items() if n.isupper() and isinstance(v, int)}
+    real = stub_enum(lines, classes["Logger"])
+    assert len(severities) == 5 and severities == {k: real.get(k) for k in severities}

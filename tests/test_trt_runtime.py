@@ -6,10 +6,11 @@ exported graphs), never TensorRT's.
 from __future__ import annotations
 
 import json
+import sys
+import types
 
 import numpy as np
 import pytest
-import tomllib
 
 from flashface_trt.runtime.errors import FlashFaceError, InputError, WeightsError
 from flashface_trt.runtime.faces.images import synthetic_face
@@ -17,7 +18,6 @@ from flashface_trt.runtime.sampling.identities import ReferenceKVCache
 from flashface_trt.runtime.sampling.pipeline import generate, register_identity
 from flashface_trt.runtime.sampling.sampler import sample
 
-from .conftest import REPO
 from .fakes import install
 from .trt_support import build, denoise_run, max_diff, pixels, request
 
@@ -70,9 +70,16 @@ def test_engines_of_another_tensorrt_are_refused_by_the_engine_cache(fakes, engi
         backend(engines)
 
 
-def test_trt_extra_declares_the_supported_versions():
-    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    assert "tensorrt>=10.1,<12" in extras["trt"] and "cuda-python>=12.6.1" in extras["trt"]
+@pytest.mark.parametrize("module", [None, types.ModuleType("tensorrt")], ids=["absent", "stubs-only"])
+def test_without_tensorrt_the_build_and_the_backend_say_it_is_not_installed(monkeypatch, engines, module):
+    """No `tensorrt`, or one without the library (tensorrt-stubs): "not installed", not AttributeError."""
+    from flashface_trt.runtime.artifacts.engines import tensorrt_version
+
+    monkeypatch.setitem(sys.modules, "tensorrt", module)  # None: `import tensorrt` raises ImportError
+    with pytest.raises(FlashFaceError, match="TensorRT is not installed"):
+        tensorrt_version()
+    with pytest.raises(FlashFaceError, match="TensorRT is not installed"):
+        backend(engines)
 
 
 # 9. the detector is not built -------------------------------------------------------------------------

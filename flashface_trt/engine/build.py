@@ -14,27 +14,23 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ..runtime.artifacts.engines import EngineKey, GpuIdentity, StaleEngineError, check_engine, write_manifest
+from ..runtime.artifacts.engines import (
+    EngineKey,
+    GpuIdentity,
+    StaleEngineError,
+    check_engine,
+    tensorrt_version,
+    write_manifest,
+)
 from ..runtime.artifacts.exports import read_export
 from ..runtime.artifacts.manifest import read_manifest
 from ..runtime.artifacts.spec import ExportShapes, NetworkSpec
 from ..runtime.backends.cuda import device_info
-from ..runtime.errors import FlashFaceError
 from .profiles import BuildSettings, engine_profile, engine_spec
 
 log = logging.getLogger(__name__)
 
 ENGINES_MANIFEST = "engines.json"
-
-
-def tensorrt_version() -> str:
-    try:
-        import tensorrt as trt
-    except ImportError as exc:
-        raise FlashFaceError(
-            "TensorRT is not installed (pip install tensorrt on a machine with an NVIDIA GPU and driver)"
-        ) from exc
-    return str(trt.__version__)
 
 
 def current_gpu() -> GpuIdentity:

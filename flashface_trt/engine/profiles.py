@@ -8,7 +8,7 @@ which says what each axis means.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ..runtime.artifacts.axes import spec_axes
@@ -40,21 +40,12 @@ class BuildSettings:
             raise InputError(f"workspace limit {self.workspace_gib} GiB must be positive")
 
     def key(self) -> dict:
-        """What changes an engine (the timing cache only changes build time, not the engine)."""
-        s = self.shapes
+        """What changes an engine: every `ExportShapes` field (the timing cache only changes build time)."""
         return {
             "strongly_typed": True,
             "opt_level": self.opt_level,
             "workspace_gib": self.workspace_gib,
-            "shapes": [
-                s.max_samples,
-                s.min_size,
-                s.max_size,
-                s.opt_height,
-                s.opt_width,
-                s.max_refs,
-                s.opt_refs,
-            ],
+            "shapes": {f.name: getattr(self.shapes, f.name) for f in fields(ExportShapes)},
         }
 
 

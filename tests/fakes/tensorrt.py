@@ -38,6 +38,7 @@ ORT_TYPES = {
     "tensor(bool)": "BOOL",
 }
 NUMPY = {"FLOAT": np.float32, "HALF": np.float16, "INT32": np.int32, "INT64": np.int64, "UINT8": np.uint8}
+BUILDER_FLAGS = {"FP16": 0, "TF32": 6}  # TensorRT's values of the flags the double has
 _SESSIONS: dict[str, Any] = {}  # ONNX path -> InferenceSession, shared by every fake engine of a run
 
 
@@ -48,7 +49,7 @@ class DataType(enum.Enum):
     INT32 = 3
     BOOL = 4
     UINT8 = 5
-    INT64 = 9
+    INT64 = 8
 
 
 class TensorIOMode(enum.Enum):
@@ -68,7 +69,7 @@ class MemoryPoolType(enum.Enum):
 
 
 class NetworkDefinitionCreationFlag(enum.Enum):
-    STRONGLY_TYPED = 5
+    STRONGLY_TYPED = 1
 
 
 class Dims(tuple):
@@ -332,7 +333,7 @@ def make_module(cuda: FakeCudaRuntime, version: str) -> types.ModuleType:
         ExecutionContextAllocationStrategy=ExecutionContextAllocationStrategy,
         MemoryPoolType=MemoryPoolType,
         NetworkDefinitionCreationFlag=NetworkDefinitionCreationFlag,
-        BuilderFlag=enum.Enum("BuilderFlag", flags),
+        BuilderFlag=enum.Enum("BuilderFlag", {f: BUILDER_FLAGS[f] for f in flags}),
         Dims=Dims,
         ICudaEngine=ICudaEngine,
         IExecutionContext=IExecutionContext,

@@ -20,6 +20,21 @@ ENGINES_FORMAT = "flashface-trt-engines/1"  # engines.json of a directory writte
 ENGINES_MANIFEST = "engines.json"
 
 
+NOT_INSTALLED = "TensorRT is not installed (pip install tensorrt on a machine with an NVIDIA GPU and driver)"
+
+
+def tensorrt_version() -> str:
+    """The installed TensorRT's version; FlashFaceError where there is none (or only its type stubs)."""
+    try:
+        import tensorrt
+    except ImportError as exc:
+        raise FlashFaceError(NOT_INSTALLED) from exc
+    version = getattr(tensorrt, "__version__", None)
+    if version is None:  # an importable `tensorrt` without the library: tensorrt-stubs, for one
+        raise FlashFaceError(f"{NOT_INSTALLED}: the importable `tensorrt` has no __version__ (type stubs?)")
+    return str(version)
+
+
 class StaleEngineError(FlashFaceError):
     """An engine built for another graph, settings, TensorRT version or GPU."""
 

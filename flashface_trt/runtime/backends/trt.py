@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 
 from ..artifacts.axes import LoopDims, io_shapes
-from ..artifacts.engines import GpuIdentity, check_engine
+from ..artifacts.engines import GpuIdentity, check_engine, tensorrt_version
 from ..artifacts.exports import reference_size
 from ..artifacts.spec import NetworkSpec
-from ..errors import FlashFaceError, WeightsError
+from ..errors import WeightsError
 from ..sampling.batch import BatchPlan, Member, PaddedPlan, RequestContext, pad_plan, plan_batch
 from ..sampling.guidance import STEP_COEFFICIENTS
 from ..sampling.identities import DEFAULT_KV_CACHE_BYTES, Identity, ReferenceKVCache
@@ -85,12 +85,9 @@ class TrtBackend:
             raise WeightsError(
                 f"{str(self.root)!r} has no readable engines.json; run `flashface-trt build`"
             ) from exc
-        try:
-            import tensorrt
-        except ImportError as exc:
-            raise FlashFaceError(
-                "TensorRT is not installed: the tensorrt backend needs it and an NVIDIA GPU"
-            ) from exc
+        version = tensorrt_version()  # FlashFaceError without TensorRT (or with only its stubs)
+        import tensorrt
+
         info = device_info(0)
         gpu = GpuIdentity(info.name, info.compute_capability)
         self.trt_logger = tensorrt.Logger(tensorrt.Logger.WARNING)
@@ -100,7 +97,7 @@ class TrtBackend:
         self.ref_size = reference_size(self.specs)  # the reference crop side the engines take
         self.engines = {}
         for name, entry in self.manifest["engines"].items():
-            check_engine(self.root / entry["file"], str(tensorrt.__version__), gpu)  # stale engines refused
+            check_engine(self.root / entry["file"], version, gpu)  # stale engines refused
             self.engines[name] = Engine(runtime, self.root / entry["file"], self.specs[name])
         # one activation memory for every engine: they run one after another on one stream
         self.memory = DeviceBuffer(max(e.memory_size for e in self.engines.values()))
