@@ -154,7 +154,7 @@ def ray_deployment(
     **settings: Any,
 ) -> Iterator[tuple[str, Any]]:
     """The service on a local Ray cluster (`num_cpus`: its CPUs, default all) on 127.0.0.1, deployed
-    with `config` (a `serve.ray_app.RayConfig`; each model replica loads its backend with `load`);
+    with `config` (a `serve.ray_config.RayConfig`; each model replica loads its backend with `load`);
     (url, None). The tests' Ray deployment is this one too."""
     import socket
 
@@ -204,7 +204,7 @@ def _torch_threads() -> int | None:
 
 def loader(args: argparse.Namespace) -> Callable[[], Any]:
     """The backend the model flags name, loaded as `flashface-trt serve` loads it."""
-    from flashface_trt.commands.generate import _load_backend
+    from flashface_trt.backends import load_backend
 
     ns = argparse.Namespace(
         preset=args.preset,
@@ -224,7 +224,7 @@ def loader(args: argparse.Namespace) -> Callable[[], Any]:
             import torch
 
             torch.set_num_threads(threads)
-        return _load_backend(ns)
+        return load_backend(ns)
 
     return load
 
@@ -573,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
             if name == "local":
                 deployment = in_process_service(load, data, size, **opts)
             else:
-                from flashface_trt.serve.ray_app import RayConfig
+                from flashface_trt.serve.ray_config import RayConfig
 
                 n = int(name[4:])
                 config = RayConfig(n, n, num_gpus=0, num_cpus=0, app_name="serve-load")

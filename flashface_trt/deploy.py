@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from .cli import build_parser
-from .commands.serve import _ray_config, _serve_setup
+from .commands.serve import ray_config, serve_setup
 
 
 def ray_options(config: dict) -> argparse.Namespace:
@@ -34,5 +34,5 @@ def ray_app(config: dict):
     from .serve.ray_app import build_app
 
     args = ray_options(config)
-    settings, load, size = _serve_setup(args)
-    return build_app(settings, load, size, _ray_config(args))
+    settings, load, size = serve_setup(args)
+    return build_app(settings, load, size, ray_config(args))

@@ -116,7 +116,7 @@ def start_ray(data_dir: Path, replicas: int = 2, **settings: Any) -> ServerHandl
 
     from benchmarks.serve_load import ray_deployment
     from flashface_trt.serve.config import ServeSettings
-    from flashface_trt.serve.ray_app import RayConfig
+    from flashface_trt.serve.ray_config import RayConfig
 
     settings.setdefault("warmup_steps", 1)
     config = RayConfig(
@@ -252,14 +252,21 @@ def wait_job(client: httpx.Client, job_id: str, timeout: float = 120.0) -> dict:
     raise TimeoutError(f"job {job_id} did not end within {timeout} s")
 
 
-def wait_state(client: httpx.Client, job_id: str, state: str, timeout: float = 60.0) -> dict:
+def wait_record(
+    client: httpx.Client, job_id: str, done: Callable[[dict], bool], what: str, timeout: float = 60.0
+) -> dict:
+    """The job's record once `done(record)` holds, polled until `timeout` seconds have passed."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         record = client.get(f"/v1/generations/{job_id}").json()
-        if record["state"] == state:
+        if done(record):
             return record
         time.sleep(0.02)
-    raise TimeoutError(f"job {job_id} never reached {state}")
+    raise TimeoutError(f"job {job_id}: {what} not seen within {timeout} s (last record {record})")
+
+
+def wait_state(client: httpx.Client, job_id: str, state: str, timeout: float = 60.0) -> dict:
+    return wait_record(client, job_id, lambda r: r["state"] == state, f"state {state!r}", timeout)
 
 
 def events(client: httpx.Client, job_id: str) -> list[tuple[str, dict]]:

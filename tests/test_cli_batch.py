@@ -133,7 +133,7 @@ def test_batch_requests_share_steps(tmp_path, monkeypatch):
 def test_every_line_is_checked_before_loading(tmp_path, capsys, monkeypatch, line, message):
     import flashface_trt.commands.generate as generate
 
-    monkeypatch.setattr(generate, "_load_backend", lambda args: pytest.fail("loaded before the checks"))
+    monkeypatch.setattr(generate, "load_backend", lambda args: pytest.fail("loaded before the checks"))
     batch = tmp_path / "r.jsonl"
     batch.write_text(json.dumps({"out": "first.png"}) + "\n" + line + "\n")
     assert main([*TINY, "--prompt", "x", "--batch-file", str(batch)]) == 2

@@ -23,13 +23,13 @@ TINY = ["generate", "--preset", "tiny", "--prompt", "x", "--steps", "1", "--heig
 @pytest.fixture
 def no_loading(monkeypatch):
     """Loading any backend fails the test: every check must come before it."""
-    import flashface_trt.commands.generate as generate_cmd
+    import flashface_trt.backends as backends
 
     def loaded(*args, **kwargs):
         raise AssertionError("a backend was loaded before the arguments were checked")
 
-    for name in ("_torch_backend", "_ort_backend", "_trt_backend"):
-        monkeypatch.setattr(generate_cmd, name, loaded)
+    for name in ("torch_backend", "ort_backend", "trt_backend"):
+        monkeypatch.setattr(backends, name, loaded)
 
 
 def _face(tmp_path, name="face.png", size=120):
@@ -92,14 +92,14 @@ def test_output_format_follows_the_extension_and_the_help_says_so(tmp_path):
 
 def test_detect_and_generate_survive_wild_detector_boxes(tmp_path, capsys, monkeypatch):
     """Huge, far-away, inf and NaN boxes: ignored or the photo refused by name, never a traceback."""
+    import flashface_trt.backends as backends
     import flashface_trt.commands.detect as detect_cmd
-    import flashface_trt.commands.generate as generate_cmd
 
     photo = _face(tmp_path, "me.png", 300)
     sane = wild_detector((200, 200, 400, 420))
     for i, run in enumerate((sane, wild_detector(), wild_detector(landmarks=np.nan))):
         monkeypatch.setattr(detect_cmd, "torch_detector", lambda args, device="cpu", run=run: run)
-        monkeypatch.setattr(generate_cmd, "torch_detector", lambda args, device="cpu", run=run: run)
+        monkeypatch.setattr(backends, "torch_detector", lambda args, device="cpu", run=run: run)
         out = tmp_path / f"crops{i}"
         rc = main(["detect", photo, "--preset", "tiny", "--largest-face", "--out-dir", str(out)])
         text = capsys.readouterr().out

@@ -21,9 +21,10 @@ ALLOWED = {
     "engine": {"engine", "runtime"},
     "export": {"export", "models", "runtime"},
     "serve": {"serve", "runtime"},
-    "commands": {"commands", "export", "models", "engine", "runtime", "serve"},
-    "cli": {"cli", "commands", "models", "runtime", "serve"},
-    "deploy": {"deploy", "cli", "commands", "serve"},
+    "backends": {"backends", "export", "models", "engine", "runtime"},
+    "commands": {"commands", "backends", "export", "models", "engine", "runtime", "serve"},
+    "cli": {"cli", "backends", "commands", "models", "runtime", "serve"},
+    "deploy": {"deploy", "backends", "cli", "commands", "serve"},
 }
 TORCH_FREE = {"runtime", "engine", "serve"}
 # runtime/'s own rooms, bottom to top: each imports only itself, the rooms below it and runtime/errors.py

@@ -41,7 +41,7 @@ def _replicas(client) -> int:
 def _model_replicas() -> list:
     import ray
 
-    from flashface_trt.serve.ray_app import MODEL
+    from flashface_trt.serve.ray_config import MODEL
 
     found = [a for a in ray.util.list_named_actors(all_namespaces=True) if f"#{MODEL}#" in a["name"]]
     return [ray.get_actor(a["name"], namespace=a["namespace"]) for a in found]
@@ -152,9 +152,9 @@ def test_serve_run_config_builds_the_application(tmp_path):
     import yaml
     from ray.serve.deployment import Application
 
-    from flashface_trt.commands.serve import _ray_config
+    from flashface_trt.commands.serve import ray_config
     from flashface_trt.deploy import ray_app, ray_options
-    from flashface_trt.serve.ray_app import MODEL
+    from flashface_trt.serve.ray_config import MODEL
 
     from .conftest import REPO
 
@@ -174,7 +174,7 @@ def test_serve_run_config_builds_the_application(tmp_path):
     assert isinstance(built, Application)
     model = built._bound_deployment.init_args[0]._bound_deployment  # the model deployment the ingress holds
     assert model.name == MODEL and model.ray_actor_options["num_gpus"] == app["args"]["gpus_per_replica"]
-    config = _ray_config(ray_options(args))
+    config = ray_config(ray_options(args))
     options = config.deployment_options(app["args"]["max_queue"])
     assert options["autoscaling_config"] == {
         "min_replicas": app["args"]["replicas"],

@@ -15,6 +15,9 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+from flashface_trt.runtime.sampling.executor import Stopped  # noqa: E402
+from flashface_trt.serve.records import QueueFull, error_kind  # noqa: E402
+
 from .serving import (  # noqa: E402
     API_SETTINGS,
     KEYS,
@@ -30,6 +33,7 @@ from .serving import (  # noqa: E402
     service,
     tiny_loader,
     wait_job,
+    wait_record,
     wait_state,
 )
 
@@ -139,7 +143,7 @@ def test_cancel_queue_priority_and_429(api):
     cancelled = a.delete(f"/v1/generations/{spare['id']}").json()  # queued: removed at once
     assert cancelled["state"] == "cancelled"
     assert a.get(f"/v1/generations/{spare['id']}").json()["state"] == "cancelled"
-    time.sleep(0.3)
+    wait_record(a, long["id"], lambda r: r["step"] >= 1, "a first step")
     a.delete(f"/v1/generations/{long['id']}")  # running: stops at the next step boundary
     stopped = wait_job(a, long["id"])
     assert stopped["state"] == "cancelled" and 0 < stopped["step"] < LONG, stopped
@@ -413,12 +417,17 @@ def test_jobs_share_denoising_steps(tmp_path):
         c = api.client()
         idents = [register(c, s)["id"] for s in (51, 52, 53)]
         bodies = [generation(idents[i], steps=3 + i, seed=60 + i) for i in range(3)]
-        executor = api.service.worker.executor
-        before = len(executor.batch_sizes)
-        jobs = [c.post("/v1/generations", json=b).json()["id"] for b in bodies]
+        worker = api.service.worker
+        before = len(worker.executor.batch_sizes)
+        held, release = threading.Event(), threading.Event()
+        gate = worker.call(lambda: (held.set(), release.wait(120)))  # the worker waits here...
+        assert held.wait(60)
+        jobs = [c.post("/v1/generations", json=b).json()["id"] for b in bodies]  # ...while all 3 queue
+        release.set()
+        gate.result(60)
         done = [wait_job(c, j) for j in jobs]
         assert all(r["state"] == "succeeded" and r["step"] == r["steps"] for r in done)
-        assert max(executor.batch_sizes[before:]) >= 2  # steps were shared
+        assert max(worker.executor.batch_sizes[before:]) == 3  # every step of the first 3 shared
         together = [c.get(r["images"][0]).content for r in done]
         alone = []
         for body in bodies:  # now one at a time: each alone in its batch
@@ -428,3 +437,34 @@ def test_jobs_share_denoising_steps(tmp_path):
         for a, b in zip(together, alone):
             diff = np.abs(pixels(a).astype(int) - pixels(b))
             assert diff.max() <= 1 and (diff > 0).mean() < 0.01  # float32 sums of a larger batch
+
+
+def _named(name: str, base: type = Exception) -> BaseException:
+    """An exception of a class called `name` (how Ray's errors are told apart without importing Ray)."""
+    return type(name, (base,), {})("lost")
+
+
+@pytest.mark.parametrize(
+    "make, kind",
+    [
+        (lambda: Stopped("cancelled", "by the client"), "cancelled"),
+        (lambda: Stopped("timeout", "past its deadline"), "timeout"),
+        (lambda: ValueError("bug"), "internal"),
+        (lambda: MemoryError(), "out_of_memory"),
+        (lambda: _named("OutOfMemoryError", RuntimeError), "out_of_memory"),
+        (lambda: _named("GetTimeoutError"), "timeout"),
+        (lambda: _named("ActorDiedError", type("RayActorError", (Exception,), {})), "replica_died"),
+        (lambda: _named("ReplicaUnavailableError"), "replica_died"),
+    ],
+)
+def test_one_map_of_error_kinds(make, kind):
+    """The worker and the Ray ingress classify a failure by the same map."""
+    assert error_kind(make()) == kind
+
+
+def test_error_kinds_of_the_package_errors():
+    from flashface_trt.runtime.errors import InputError, WeightsError
+
+    assert error_kind(InputError("bad", "steps")) == "input"
+    assert error_kind(WeightsError("corrupt")) == "model"
+    assert error_kind(QueueFull("full", 3)) == "timeout"  # an accepted job that found no room in time

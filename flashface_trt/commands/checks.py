@@ -6,39 +6,11 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..runtime.errors import FlashFaceError, InputError, WeightsError
+from ..runtime.errors import InputError, WeightsError
 from ..runtime.faces.images import DEFAULT_MAX_PIXELS
 from ..runtime.faces.outputs import check_output_dir
 
 log = logging.getLogger("flashface_trt")
-
-TORCH_FREE_ROUTE = {
-    "generate": "`generate --onnx DIR` (a directory written by `flashface-trt export`) needs no torch",
-    "detect": "`detect --onnx DIR` (a directory written by `export` or `export-detector`) needs no torch",
-}
-
-
-def require_torch(command: str, what: str = "the PyTorch backend (--preset, --weights)") -> None:
-    """Import torch, or say that `what` needs it and which route needs none (FlashFaceError)."""
-    try:
-        import torch  # noqa: F401
-    except (ImportError, OSError) as exc:
-        other = TORCH_FREE_ROUTE.get(command)
-        raise FlashFaceError(
-            f"{what} needs PyTorch, which cannot be imported here ({exc}): pip install torch"
-            + (f"; {other}" if other else "")
-        ) from exc
-
-
-def require_onnxruntime(what: str) -> None:
-    """Import onnxruntime, or say that `what` needs it (FlashFaceError)."""
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError as exc:
-        raise FlashFaceError(
-            f"{what} needs ONNX Runtime, which is not installed: pip install onnxruntime"
-        ) from exc
-
 
 def check_weights_dir(path: Path, flag: str = "--weights") -> None:
     """`path` (given as `flag`) is an existing directory."""

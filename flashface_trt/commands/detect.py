@@ -6,9 +6,9 @@ import argparse
 
 import numpy as np
 
+from ..backends import require_onnxruntime, require_torch, torch_detector
 from ..runtime.errors import FlashFaceError
-from .checks import check_count, check_weights_dir, require_onnxruntime, require_torch
-from .generate import torch_detector
+from .checks import check_count, check_weights_dir
 
 
 def _detector(args: argparse.Namespace):

@@ -12,9 +12,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..backends import load_backend
 from ..runtime.errors import InputError
 from ..runtime.sampling.request import RECIPES, GenerationRequest
-from .checks import check_generate_flags, check_weights_dir, require_onnxruntime, require_torch
+from .checks import check_generate_flags, check_weights_dir
 
 log = logging.getLogger("flashface_trt")
 
@@ -97,17 +98,6 @@ def _read_photos(args: argparse.Namespace, paths: Sequence[Path]) -> list[Image.
     return None
 
 
-def _load_backend(args: argparse.Namespace):
-    """(backend, detector factory) of --engines, --onnx or the PyTorch flags."""
-    if args.onnx:
-        require_onnxruntime("generate --onnx")
-    elif not args.engines:
-        require_torch("generate")
-    if args.engines:
-        return _trt_backend(args)
-    return _ort_backend(args) if args.onnx else _torch_backend(args)
-
-
 def _generate_batch(args: argparse.Namespace, manifest: dict | None, size: tuple[int, int]) -> int:
     """`generate --batch-file`: every line checked first, then all run by the step-level executor."""
     from ..runtime.sampling.pipeline import register_identity
@@ -124,7 +114,7 @@ def _generate_batch(args: argparse.Namespace, manifest: dict | None, size: tuple
                 raise InputError(f"{args.batch_file}:{line.number}: {exc}", exc.field) from exc
     sets = dict.fromkeys(line.faces for line in lines)  # each photo set decoded once
     photos = {faces: _read_photos(args, faces) for faces in sets}
-    backend, detector = _load_backend(args)
+    backend, detector = load_backend(args)
 
     def identity_of(paths: tuple[Path, ...]):
         return register_identity(backend, _crops(args, photos[paths], detector, paths))
@@ -152,7 +142,7 @@ def generate(args: argparse.Namespace) -> int:
         _check_ranges(args, manifest, request, len(args.face))
     paths = image_paths(args.out, request.num_samples)
     photos = _read_photos(args, args.face)
-    backend, detector = _load_backend(args)
+    backend, detector = load_backend(args)
     faces = _crops(args, photos, detector, args.face)
     t0 = time.perf_counter()
     images = run_pipeline(
@@ -183,68 +173,3 @@ def _crops(
         return photos
     names = [Path(p).name for p in paths]
     return [r.crop for r in references_from_images(photos, names, detector(), args.largest_face)]
-
-
-def torch_device(args: argparse.Namespace):
-    """(device, dtype) from --device/--precision; fp16 by default on CUDA."""
-    import torch
-
-    from ..runtime.errors import FlashFaceError
-
-    cuda = torch.cuda.is_available()
-    device = ("cuda" if cuda else "cpu") if args.device == "auto" else args.device
-    if device == "cuda" and not cuda:
-        raise FlashFaceError("--device cuda was asked for but torch sees no CUDA device")
-    precision = args.precision if args.precision != "auto" else ("fp16" if device == "cuda" else "fp32")
-    return device, torch.float16 if precision == "fp16" else torch.float32
-
-
-def torch_detector(args: argparse.Namespace, device: str = "cpu"):
-    """RunDetector over the PyTorch RetinaFace of --weights or the tiny preset (always float32)."""
-    from ..models.loading import load_detector, tiny_detector
-    from ..models.retinaface import detector_runner
-
-    if args.preset:
-        log.warning("the tiny preset's detector has random weights: its 'faces' are random boxes")
-        return detector_runner(tiny_detector(device))
-    return detector_runner(load_detector(args.weights, device))
-
-
-def _torch_backend(args: argparse.Namespace):
-    from ..models.backend import TorchBackend
-    from ..models.loading import load_models, tiny_models
-    from ..models.settings import TORCH_PRESETS
-
-    device, dtype = torch_device(args)
-    t0 = time.perf_counter()
-    models = tiny_models(device, dtype) if args.preset else load_models(args.weights, device, dtype)
-    log.info("models ready in %.1f s (%s, %s)", time.perf_counter() - t0, device, dtype)
-    return TorchBackend(models, TORCH_PRESETS[args.torch_preset]), lambda: torch_detector(args, device)
-
-
-def _ort_backend(args: argparse.Namespace):
-    """ONNX Runtime backend over an export directory (imports no torch)."""
-    from ..runtime.backends.ort import OrtBackend, OrtSettings
-
-    backend = OrtBackend(args.onnx, OrtSettings(provider=args.provider))
-    return backend, backend.detector
-
-
-def _trt_backend(args: argparse.Namespace):
-    """TensorRT engines (stale engines are refused with what differs); detection on ONNX Runtime."""
-    from ..runtime.artifacts.manifest import check_artifact
-    from ..runtime.backends.trt import TrtBackend
-    from ..runtime.errors import FlashFaceError
-    from ..runtime.faces.ort_detector import OrtDetector
-
-    backend = TrtBackend(args.engines)
-    entry = backend.manifest["export"]["networks"].get("detector")
-
-    def detector():
-        if entry is None:
-            raise FlashFaceError("the engines' export has no detector graph; pass --cropped faces")
-        graph = args.engines / entry["file"]
-        check_artifact(graph, "flashface-trt build")
-        return OrtDetector(graph)
-
-    return backend, detector

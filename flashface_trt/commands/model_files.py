@@ -6,8 +6,8 @@ import argparse
 import logging
 from dataclasses import replace
 
-from .checks import check_weights_dir, require_torch
-from .generate import torch_device
+from ..backends import require_torch, torch_device
+from .checks import check_weights_dir
 
 log = logging.getLogger("flashface_trt")
 

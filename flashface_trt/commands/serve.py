@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 
+from ..backends import load_backend
 from ..runtime.errors import FlashFaceError
-from .generate import DEFAULT_SIZE, _load_backend
+from .generate import DEFAULT_SIZE
 
 log = logging.getLogger("flashface_trt")
 
 
-def _serve_setup(args: argparse.Namespace):
+def serve_setup(args: argparse.Namespace):
     """(settings, backend loader, default size) of `serve` from its arguments."""
     from ..serve.config import ServeSettings, read_keys_file
     from ..serve.server import JsonFormatter
@@ -38,18 +39,16 @@ def _serve_setup(args: argparse.Namespace):
         for handler in logging.getLogger().handlers:
             handler.setFormatter(JsonFormatter())
 
-    def load():
-        return _load_backend(args)
-
     size = None
     if args.height or args.width or args.preset:
         default = DEFAULT_SIZE["tiny"] if args.preset else DEFAULT_SIZE["weights"]
         size = (args.height or default, args.width or default)
-    return settings, load, size
+    return settings, lambda: load_backend(args), size
 
 
-def _ray_config(args: argparse.Namespace):
-    from ..serve.ray_app import RayConfig
+def ray_config(args: argparse.Namespace):
+    """The Ray Serve scaling of `serve --ray` (and `serve run`) from its arguments."""
+    from ..serve.ray_config import RayConfig
 
     return RayConfig(
         min_replicas=args.replicas,
@@ -64,7 +63,7 @@ def _ray_config(args: argparse.Namespace):
 def serve(args: argparse.Namespace) -> int:
     """`flashface-trt serve`: the networks load on the service's worker thread (see /readyz)."""
     try:
-        settings, load, size = _serve_setup(args)
+        settings, load, size = serve_setup(args)
         from ..serve.server import serve as run_server
     except ImportError as exc:
         raise FlashFaceError(
@@ -76,4 +75,4 @@ def serve(args: argparse.Namespace) -> int:
         from ..serve.ray_app import run as run_ray
     except ImportError as exc:
         raise FlashFaceError(f"--ray needs Ray Serve: pip install 'flashface-trt[ray]' ({exc})") from exc
-    return run_ray(settings, load, size, _ray_config(args), args.ray_address)
+    return run_ray(settings, load, size, ray_config(args), args.ray_address)

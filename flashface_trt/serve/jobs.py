@@ -9,43 +9,20 @@ unfinished at start-up (the process died) is recorded as failed with that reason
 from __future__ import annotations
 
 import heapq
-import json
 import logging
-import shutil
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from ..runtime.errors import FlashFaceError
 from ..runtime.sampling.request import GenerationRequest
+from .records import TERMINAL, JobRecords, QueueFull, State, ended, failed
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_REASON = "cancelled: the service shut down"  # what the jobs a stopping service held say
-
-
-class State(str, Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-TERMINAL = (State.SUCCEEDED, State.FAILED, State.CANCELLED)
-
-
-class QueueFull(FlashFaceError):
-    """No room in the queue; `retry_after` seconds is a fair wait before trying again."""
-
-    def __init__(self, message: str, retry_after: int) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 @dataclass
@@ -101,6 +78,11 @@ class Job:
             out["error_kind"] = self.error_kind
         return out
 
+    def stored(self, position: int | None = None) -> dict[str, Any]:
+        """The record as stored: the client's view, its owner and request, its place in the queue."""
+        out = {**self.record(), "owner": self.owner, "request": _request_dict(self.request)}
+        return out if position is None else {**out, "position": position}
+
 
 def _request_dict(req: GenerationRequest) -> dict[str, Any]:
     g = req.guidance
@@ -126,8 +108,7 @@ class JobBook:
     def __init__(self, root: Path, max_queue: int, max_jobs: int, recover: bool = True) -> None:
         """`recover`: fail the unfinished records found at start (off where other processes share
         `root`: a Ray replica must not touch another replica's running jobs)."""
-        self.root = root
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.records = JobRecords(root)
         self.max_queue, self.max_jobs = max_queue, max_jobs
         self.lock = threading.Condition()
         self.jobs: dict[str, Job] = {}
@@ -142,22 +123,12 @@ class JobBook:
 
     # ---------------------------------------------------------------- persistence
 
-    def _dir(self, job_id: str) -> Path:
-        return self.root / job_id
-
-    def image_path(self, job_id: str, k: int) -> Path:
-        return self._dir(job_id) / f"{k}.png"
-
     def _write(self, job: Job, position: int | None = None) -> None:
-        record = {**job.record(), "owner": job.owner, "request": _request_dict(job.request)}
-        if position is not None:
-            record["position"] = position
-        write_record(self._dir(job.id), record)
+        self.records.write(job.stored(position))
 
     def _write_positions(self) -> None:
         """Every queued job's record with its place in the queue (readers in other processes)."""
-        order = [self.jobs[i] for _, _, i in sorted(self.heap) if self.jobs[i].state == State.QUEUED]
-        for k, job in enumerate(order):
+        for k, job in enumerate(self.pending()):
             self._write(job, k)
 
     def progress(self, job: Job) -> None:
@@ -168,29 +139,17 @@ class JobBook:
 
     def _recover(self) -> None:
         """Records of earlier runs: finished ones stay readable, unfinished ones are failed now."""
-        records = []
-        for path in self.root.glob("*/record.json"):
-            try:
-                records.append(json.loads(path.read_text()))
-            except (OSError, json.JSONDecodeError) as exc:
-                log.warning("unreadable job record %s: %s", path, exc)
-        for r in sorted(records, key=lambda r: r.get("finished") or r.get("created") or 0):
-            if r.get("state") not in [s.value for s in TERMINAL]:
-                r.update(state=State.FAILED.value, error="the service stopped before the job finished")
-                r.update(error_kind="interrupted", finished=time.time())
-                write_record(self._dir(r["id"]), r)
+        for r in sorted(self.records.all(), key=lambda r: r.get("finished") or r.get("created") or 0):
+            if not ended(r):
+                self.records.write(failed(r, "the service stopped before the job finished", "interrupted"))
             self.finished_order.append(r["id"])
         self._prune()
-
-    def stored(self, job_id: str) -> dict[str, Any] | None:
-        """The persisted record of a finished job (e.g. from before a restart), or None."""
-        return read_record(self._dir(job_id))
 
     def _prune(self) -> None:
         while len(self.finished_order) > self.max_jobs:
             old = self.finished_order.pop(0)
             self.jobs.pop(old, None)
-            shutil.rmtree(self._dir(old), ignore_errors=True)
+            self.records.remove(old)
 
     # ---------------------------------------------------------------- queue
 
@@ -280,21 +239,3 @@ class JobBook:
             ids = [i for _, _, i in sorted(self.heap)]
             return [self.jobs[i] for i in ids if self.jobs[i].state == State.QUEUED]
 
-
-def write_record(folder: Path, record: dict[str, Any]) -> None:
-    """A job record, replaced atomically (readers never see half a file)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f"record.json.{threading.get_ident()}.tmp"
-    tmp.write_text(json.dumps(record))
-    tmp.replace(folder / "record.json")
-
-
-def read_record(folder: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((folder / "record.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def new_job_id() -> str:
-    return uuid.uuid4().hex[:16]

@@ -13,28 +13,34 @@ STAGES = ("identity", "text", "references", "denoise", "decode")
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
 
 
-class _CacheCollector(Collector):
-    """Reference K/V cache hits, misses, bytes and entries, read from the backend when scraped."""
+class CacheCollector(Collector):
+    """Reference K/V cache counters read when scraped: `stats()` maps each cache's replica (''
+    for a single service) to its counters; the totals, and each named replica's with a label."""
 
-    def __init__(self, stats: Callable[[], dict[str, int] | None]) -> None:
+    def __init__(self, stats: Callable[[], dict[str, dict[str, int]]]) -> None:
         self.stats = stats
 
     def collect(self) -> Iterator[Any]:
-        s = self.stats() or {}
-        for name in ("hits", "misses", "evictions"):
-            c = CounterMetricFamily(f"flashface_kv_cache_{name}", f"reference K/V cache {name}")
-            c.add_metric([], float(s.get(name, 0)))
-            yield c
-        for name in ("bytes", "entries", "budget"):
-            g = GaugeMetricFamily(f"flashface_kv_cache_{name}", f"reference K/V cache {name}")
-            g.add_metric([], float(s.get(name, 0)))
-            yield g
+        caches = self.stats()
+        for name in ("hits", "misses", "evictions", "bytes", "entries", "budget"):
+            family = CounterMetricFamily if name in ("hits", "misses", "evictions") else GaugeMetricFamily
+            total = family(f"flashface_kv_cache_{name}", f"reference K/V cache {name}")
+            total.add_metric([], float(sum(s.get(name, 0) for s in caches.values())))
+            yield total
+            named = {tag: s for tag, s in caches.items() if tag}
+            if named:
+                each = family(f"flashface_replica_kv_cache_{name}", f"{name} per replica", labels=["replica"])
+                for tag, s in sorted(named.items()):
+                    each.add_metric([tag], float(s.get(name, 0)))
+                yield each
 
 
 class Metrics:
     """Queue depth, running jobs, stage latencies, images, jobs and errors by kind, K/V cache, identities."""
 
-    def __init__(self, kv_stats: Callable[[], dict[str, int] | None], identities: Callable[[], int]) -> None:
+    def __init__(
+        self, kv_stats: Callable[[], dict[str, dict[str, int]]], identities: Callable[[], int]
+    ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.queue_depth = Gauge("flashface_queue_depth", "jobs waiting in the queue", registry=r)
@@ -57,7 +63,7 @@ class Metrics:
         self.errors = Counter("flashface_errors", "errors by kind (jobs and requests)", ["kind"], registry=r)
         self.identities = Gauge("flashface_identities", "registered identities", registry=r)
         self.identities.set_function(lambda: float(identities()))
-        r.register(_CacheCollector(kv_stats))
+        r.register(CacheCollector(kv_stats))
 
     def job_done(self, job: Any, timings: dict[str, float]) -> None:
         for stage in STAGES:

@@ -16,9 +16,10 @@ from typing import Any, Protocol
 from ..runtime.errors import FlashFaceError, InputError
 from ..runtime.sampling.request import GenerationRequest, make_request
 from .config import ServeSettings
-from .jobs import SHUTDOWN_REASON, Job, JobBook, QueueFull, State, new_job_id
+from .jobs import SHUTDOWN_REASON, Job, JobBook
 from .metrics import Metrics
-from .store import IdentityStore, StoredIdentity
+from .records import NotFound, QueueFull, State, new_job_id, public
+from .store import IdentityStore
 from .worker import LoadBackend, Worker
 
 log = logging.getLogger(__name__)
@@ -38,20 +39,6 @@ JOB_FIELDS = (
     "step_to_launch",
     "guide_rescale",
 )
-
-
-class NotFound(FlashFaceError):
-    """No such identity, job or image for this caller."""
-
-
-def image_file(record: dict[str, Any], path: Path, k: int) -> Path:
-    """`path`, image k of a job `record`, if the job succeeded with that image; else NotFound."""
-    job_id = record["id"]
-    if record["state"] != State.SUCCEEDED.value or not 0 <= k < len(record.get("images", [])):
-        raise NotFound(f"generation {job_id!r} has no image {k}")
-    if not path.is_file():
-        raise NotFound(f"the image {k} of generation {job_id!r} is gone")
-    return path
 
 
 class Unavailable(FlashFaceError):
@@ -112,7 +99,7 @@ class Service:
         root = Path(settings.data_dir)
         self.book = JobBook(root / "jobs", settings.max_queue, settings.max_jobs, recover=not shared)
         self.store = IdentityStore(root / "identities")
-        self.metrics = Metrics(self._kv_stats, lambda: len(self.store))
+        self.metrics = Metrics(lambda: {"": self.kv_stats()}, lambda: len(self.store))
         self.metrics.queue_depth.set_function(lambda: float(self.book.queued))
         self.worker = Worker(
             load, self.book, self.store, self.metrics, settings.warmup_steps, size, settings.max_batch_rows
@@ -123,9 +110,9 @@ class Service:
         self.worker.start()
         return self
 
-    def _kv_stats(self) -> dict[str, int] | None:
+    def kv_stats(self) -> dict[str, int]:
         cache = getattr(self.worker.backend, "kv_cache", None)
-        return None if cache is None else cache.stats()
+        return {} if cache is None else cache.stats()
 
     # ---------------------------------------------------------------- health
 
@@ -182,18 +169,11 @@ class Service:
             raise
         return item.public()
 
-    def identity(self, owner: str, identity: str) -> StoredIdentity:
-        item = self.store.get(identity, owner)
-        if item is None:
-            raise NotFound(f"no identity {identity!r}")
-        return item
-
     def identity_record(self, owner: str, identity: str) -> dict[str, Any]:
-        return self.identity(owner, identity).public()
+        return self.store.owned(identity, owner).public()
 
     def delete_identity(self, owner: str, identity: str) -> None:
-        if not self.store.delete(identity, owner):
-            raise NotFound(f"no identity {identity!r}")
+        self.store.delete(identity, owner)
 
     # ---------------------------------------------------------------- jobs
 
@@ -202,7 +182,7 @@ class Service:
         self._admitting()
         size, timeout_s = self.worker.default_size(), self.settings.timeout_s
         identity, request, priority, timeout = parse_job(body, size, timeout_s)
-        self.identity(owner, identity)  # 404 before anything is queued
+        self.store.owned(identity, owner)  # 404 before anything is queued
         job = Job(job_id or new_job_id(), owner, identity, request, priority, timeout)
         try:
             return self.book.submit(job)
@@ -224,8 +204,9 @@ class Service:
 
     def progress(self, owner: str, job_id: str, seen: int) -> tuple[list[dict[str, Any]], bool]:
         """Progress events after the first `seen`, and whether the job has ended."""
-        job = self.live_job(owner, job_id)
-        if job is None:
+        self.job(owner, job_id)  # NotFound for another owner's job
+        job = self.book.get(job_id)
+        if job is None:  # only on disk: it ended
             return [], True
         done = job.done  # read before the events: the last step's event is in by then
         return job.events[seen:], done
@@ -241,15 +222,7 @@ class Service:
             if position is not None:
                 record["position"] = position
             return record
-        stored = self.book.stored(job_id)
-        if stored is None or stored.get("owner") != owner:
-            raise NotFound(f"no generation {job_id!r}")
-        return {k: v for k, v in stored.items() if k not in ("owner", "request")}
-
-    def live_job(self, owner: str, job_id: str) -> Job | None:
-        """The in-memory job (for progress events), None if it is only on disk; NotFound if none."""
-        self.job(owner, job_id)
-        return self.book.get(job_id)
+        return public(self.book.records.owned(owner, job_id))
 
     def cancel(self, owner: str, job_id: str) -> dict[str, Any]:
         job = self.book.get(job_id)
@@ -262,7 +235,7 @@ class Service:
         return self.job(owner, job_id)
 
     def image(self, owner: str, job_id: str, k: int) -> Path:
-        return image_file(self.job(owner, job_id), self.book.image_path(job_id, k), k)
+        return self.book.records.image(self.job(owner, job_id), k)
 
     def wait(self, owner: str, job_id: str, timeout: float) -> dict[str, Any]:
         """Block until the job ends (or `timeout`); its record."""

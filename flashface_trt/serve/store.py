@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..runtime.sampling.identities import array_key
+from .records import NotFound
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,8 @@ class IdentityStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.lock = threading.Lock()
         self.items: dict[str, StoredIdentity] = {}
-        for meta in sorted(root.glob("*/meta.json")):
-            self._load(meta.parent.name)
+        for identity in sorted(self.ids()):
+            self._load(identity)
         log.info("%d identities in %s", len(self.items), root)
 
     def _load(self, identity: str) -> StoredIdentity | None:
@@ -74,8 +75,12 @@ class IdentityStore:
     def __len__(self) -> int:
         return len(self.items)
 
-    def get(self, identity: str, owner: str) -> StoredIdentity | None:
-        """The identity if it exists and belongs to `owner` (others see nothing); the directory is
+    def ids(self) -> list[str]:
+        """Every identity in the directory, also those other processes stored."""
+        return [meta.parent.name for meta in self.root.glob("*/meta.json")]
+
+    def find(self, identity: str) -> StoredIdentity | None:
+        """An identity of any owner (a replica loads what the ingress authorised); the directory is
         the truth, as other processes (replicas) may store or delete identities in it."""
         if "/" in identity or "\\" in identity:
             return None
@@ -85,17 +90,19 @@ class IdentityStore:
             with self.lock:
                 self.items.pop(identity, None)
             item = None
-        if item is None:
-            item = self._load(identity)
+        return item or self._load(identity)
+
+    def get(self, identity: str, owner: str) -> StoredIdentity | None:
+        """The identity if it exists and belongs to `owner` (others see nothing)."""
+        item = self.find(identity)
         return item if item is not None and item.owner == owner else None
 
-    def find(self, identity: str) -> StoredIdentity | None:
-        """An identity of any owner (for a replica loading what the ingress already authorised)."""
-        if "/" in identity or "\\" in identity:
-            return None
-        with self.lock:
-            item = self.items.get(identity)
-        return item or self._load(identity)
+    def owned(self, identity: str, owner: str) -> StoredIdentity:
+        """`get`, or NotFound."""
+        item = self.get(identity, owner)
+        if item is None:
+            raise NotFound(f"no identity {identity!r}")
+        return item
 
     def put(
         self, owner: str, crops: np.ndarray, latents: np.ndarray, faces: list[dict], encoder: str
@@ -123,14 +130,12 @@ class IdentityStore:
                 shutil.rmtree(tmp, ignore_errors=True)
             return self.items[ident]
 
-    def delete(self, identity: str, owner: str) -> bool:
+    def delete(self, identity: str, owner: str) -> None:
+        """Remove `owner`'s identity (also one another process stored); NotFound if there is none."""
+        self.owned(identity, owner)
         with self.lock:
-            item = self.items.get(identity)
-            if item is None or item.owner != owner:
-                return False
-            del self.items[identity]
+            self.items.pop(identity, None)
         shutil.rmtree(self.root / identity, ignore_errors=True)
-        return True
 
     def crops(self, item: StoredIdentity) -> np.ndarray:
         return np.load(self.root / item.id / "crops.npy")

@@ -18,7 +18,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from ..runtime.errors import FlashFaceError, InputError
+from ..runtime.errors import InputError
 from ..runtime.faces.images import synthetic_face
 from ..runtime.faces.references import load_references
 from ..runtime.sampling.executor import StepExecutor, Stopped, Task
@@ -27,31 +27,13 @@ from ..runtime.sampling.pipeline import Backend, generate, prepare_references
 from ..runtime.sampling.request import GenerationRequest
 from .jobs import SHUTDOWN_REASON, Job, JobBook, State
 from .metrics import Metrics
+from .records import error_kind
 from .store import IdentityStore, StoredIdentity, identity_id
 
 log = logging.getLogger(__name__)
 
 # (backend, detector factory or None): what `flashface-trt serve` loads on the worker thread
 LoadBackend = Callable[[], tuple[Backend, Callable[[], Any] | None]]
-
-
-class JobStopped(Exception):
-    """Raised between steps: the job was cancelled (`kind` 'cancelled') or ran past its deadline."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-
-
-def error_kind(exc: BaseException) -> str:
-    """A short class of failure for the job record and the errors-by-kind metric."""
-    if isinstance(exc, InputError):
-        return "input"
-    if isinstance(exc, MemoryError) or "OutOfMemory" in type(exc).__name__:
-        return "out_of_memory"
-    if isinstance(exc, FlashFaceError):
-        return "model"
-    return "internal"
 
 
 class Worker(threading.Thread):
@@ -237,7 +219,7 @@ class Worker(threading.Thread):
     def _task(self, job: Job) -> Task:
         """The executor's view of a job: its identity loaded, stop checks and progress wired."""
         if time.time() > job.deadline:
-            raise JobStopped("timeout", f"deadline of {job.timeout_s:g} s passed while queued")
+            raise Stopped("timeout", f"deadline of {job.timeout_s:g} s passed while queued")
         item = self.store.get(job.identity, job.owner)
         if item is None:
             raise InputError(f"identity {job.identity!r} was deleted before the job ran", "identity")
@@ -272,7 +254,7 @@ class Worker(threading.Thread):
                 continue
             try:
                 for k, img in enumerate(task.images or []):
-                    img.save(self.book.image_path(job.id, k), format="PNG")
+                    img.save(self.book.records.image_path(job.id, k), format="PNG")
             except Exception as exc:
                 self._failed(job, exc)
                 continue
@@ -292,9 +274,9 @@ class Worker(threading.Thread):
 
     def _failed(self, job: Job, exc: BaseException) -> None:
         """End a job that stopped or failed with its reason; the worker goes on."""
-        kind = exc.kind if isinstance(exc, (JobStopped, Stopped)) else error_kind(exc)
+        kind = error_kind(exc)
         state = State.CANCELLED if kind == "cancelled" else State.FAILED
-        message = str(exc) if isinstance(exc, (JobStopped, Stopped)) else f"{type(exc).__name__}: {exc}"
+        message = str(exc) if isinstance(exc, Stopped) else f"{type(exc).__name__}: {exc}"
         self.book.finish(job, state, message, kind)
         self.metrics.job_failed(job, kind)
         log.log(

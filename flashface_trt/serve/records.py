@@ -1,0 +1,156 @@
+"""Job states, failure kinds and job records: the one form the local service and the Ray ingress
+write, read and show (a JSON file per job in the data directory, beside the job's images).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+import uuid
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from ..runtime.errors import FlashFaceError, InputError
+from ..runtime.sampling.executor import Stopped
+
+log = logging.getLogger(__name__)
+
+PRIVATE = ("owner", "request")  # stored with a job's record, never shown to its client
+
+# Ray's errors for a replica (actor, worker process or node) that went away, or a request still in a
+# dead replica's queue, by class name: classifying them needs no Ray import
+REPLICA_LOST = frozenset(
+    "ActorDiedError ActorUnavailableError RayActorError WorkerCrashedError NodeDiedError"
+    " ReplicaUnavailableError RequestCancelledError TaskCancelledError".split()
+)
+
+
+class State(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = (State.SUCCEEDED, State.FAILED, State.CANCELLED)
+
+
+class QueueFull(FlashFaceError):
+    """No room in the queue; `retry_after` seconds is a fair wait before trying again."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class NotFound(FlashFaceError):
+    """No such identity, job or image for this caller."""
+
+
+def error_kind(exc: BaseException) -> str:
+    """The short class of a job's failure, for its record and the errors-by-kind metric."""
+    if isinstance(exc, Stopped):
+        return exc.kind  # stopped between steps: 'cancelled' or 'timeout'
+    names = {c.__name__ for c in type(exc).__mro__}
+    if isinstance(exc, InputError):
+        return "input"
+    if isinstance(exc, MemoryError) or any("OutOfMemory" in name for name in names):
+        return "out_of_memory"
+    if isinstance(exc, QueueFull) or "GetTimeoutError" in names:
+        return "timeout"  # no replica had room for an accepted job before its deadline
+    if isinstance(exc, FlashFaceError):
+        return "model"
+    if names & REPLICA_LOST:
+        return "replica_died"
+    return "internal"
+
+
+def ended(record: dict[str, Any]) -> bool:
+    return record["state"] in [s.value for s in TERMINAL]
+
+
+def public(record: dict[str, Any]) -> dict[str, Any]:
+    """What a client sees of a stored record: no owner or request, a position only while queued."""
+    out = {k: v for k, v in record.items() if k not in PRIVATE}
+    if out["state"] != State.QUEUED.value:
+        out.pop("position", None)
+    return out
+
+
+def failed(record: dict[str, Any], error: str, kind: str) -> dict[str, Any]:
+    """`record` ended as failed now, with its reason and kind."""
+    now = time.time()
+    return {**record, "state": State.FAILED.value, "error": error, "error_kind": kind, "finished": now}
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+class JobRecords:
+    """Jobs under `root/<id>/`: record.json (replaced atomically), images <k>.png, a `cancel` flag."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def folder(self, job_id: str) -> Path:
+        if "/" in job_id or "\\" in job_id or job_id.startswith("."):
+            raise NotFound(f"no generation {job_id!r}")
+        return self.root / job_id
+
+    def image_path(self, job_id: str, k: int) -> Path:
+        return self.folder(job_id) / f"{k}.png"
+
+    def cancel_flag(self, job_id: str) -> Path:
+        """A file whose presence asks the process running the job to cancel it."""
+        return self.folder(job_id) / "cancel"
+
+    def write(self, record: dict[str, Any]) -> None:
+        """A job's record, replaced atomically (readers in any process never see half a file)."""
+        folder = self.folder(record["id"])
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f"record.json.{threading.get_ident()}.tmp"
+        tmp.write_text(json.dumps(record))
+        tmp.replace(folder / "record.json")
+
+    def read(self, job_id: str) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.folder(job_id) / "record.json").read_text())
+        except (OSError, json.JSONDecodeError, NotFound):
+            return None
+
+    def all(self) -> list[dict[str, Any]]:
+        """Every readable record (an unreadable one is logged and skipped)."""
+        records = []
+        for path in self.root.glob("*/record.json"):
+            try:
+                records.append(json.loads(path.read_text()))
+            except (OSError, json.JSONDecodeError) as exc:
+                log.warning("unreadable job record %s: %s", path, exc)
+        return records
+
+    def owned(self, owner: str, job_id: str) -> dict[str, Any]:
+        """The stored record of `owner`'s job; NotFound for anyone else's or none."""
+        record = self.read(job_id)
+        if record is None or record.get("owner") != owner:
+            raise NotFound(f"no generation {job_id!r}")
+        return record
+
+    def image(self, record: dict[str, Any], k: int) -> Path:
+        """The file of image k of a job (its client's `record`) if the job succeeded with it."""
+        job_id = record["id"]
+        if record["state"] != State.SUCCEEDED.value or not 0 <= k < len(record.get("images", [])):
+            raise NotFound(f"generation {job_id!r} has no image {k}")
+        path = self.image_path(job_id, k)
+        if not path.is_file():
+            raise NotFound(f"the image {k} of generation {job_id!r} is gone")
+        return path
+
+    def remove(self, job_id: str) -> None:
+        shutil.rmtree(self.folder(job_id), ignore_errors=True)
