@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import InputError
-from ..sampling.layout import BatchLayout
 from .spec import AxisRange, ExportShapes, NetworkSpec
 
 REF_TOKENS = "ref_tokens_"  # `ref_tokens_<i>`: tokens of reference layer i over all references
@@ -45,14 +44,6 @@ class LoopDims:
             raise InputError(f"ref_rows={self.ref_rows} must be in [0, rows={self.rows}]")
 
     @classmethod
-    def single(
-        cls, samples: int, latent_h: int, latent_w: int, num_refs: int, three_way: bool = True
-    ) -> LoopDims:
-        """One request's k-way step (the batch of one)."""
-        layout = BatchLayout(samples, three_way)
-        return cls(samples, latent_h, latent_w, num_refs, layout.rows, layout.ref_rows)
-
-    @classmethod
     def of(cls, key: tuple[int, int, int, int, int], latent_h: int, latent_w: int, num_refs: int) -> LoopDims:
         """A padded batch (`runtime.batch.PaddedPlan.key`: ref rows, other rows, samples, groups, members)."""
         ref_b, rest_b, s_b, g_b, m_b = key
@@ -79,12 +70,12 @@ def _batched(s: ExportShapes, per_request: int, opt: int) -> AxisRange:
 
 AXES: dict[str, Axis] = {
     "batch": Axis(
-        "UNet rows of a batched step: k x samples per request (k = 2 or 3, see BatchLayout)",
+        "UNet rows of a batched step: k x samples per request (k = 2 or 3, `BatchLayout`)",
         lambda d, p: d.rows,
         lambda s, p: _batched(s, 3 * s.max_samples, 2 * s.opt_samples),
     ),
     "b_ref": Axis(
-        "leading UNet rows that attend to the references (each request's BatchLayout.ref_rows)",
+        "leading UNet rows that attend to the references (each request's `BatchLayout.ref_rows`)",
         lambda d, p: d.ref_rows,
         lambda s, p: _batched(s, 2 * s.max_samples, s.opt_samples),
     ),
