@@ -17,7 +17,7 @@ from PIL import Image
 
 from flashface_trt.runtime import detection
 from flashface_trt.runtime.detection import DetectorConfig, decode, nms, prior_boxes, softmax_face, to_photo
-from flashface_trt.runtime.faces import crop_face, eye_angle, select_face
+from flashface_trt.runtime.faces import box_problem, crop_face, eye_angle, select_face
 
 # Raw heads of two CPUs differ by float32 rounding in the convolutions (summation order, FMA,
 # AVX2 vs AVX-512 kernels): measured 2.2e-6 (logits), 3.2e-6 (boxes), 2.1e-6 (landmarks) of
@@ -344,13 +344,16 @@ def crop_problems(
 ) -> list[str]:
     """The --largest-face crop of our detections vs crop_face of the official largest box.
 
+    The official largest box is taken among those that can be faces of the photo (`box_problem`),
+    as ours is: the official code would also crop a box outside the photo or many times its size.
     Same face (box and landmarks within `tol`) and rounded box; the eye vector (length c) turns by
     at most 2 sqrt(2) tol / c radians, as the landmark tolerance allows, and pixels differ only where
     the two eye angles make Pillow's rotate copy different source pixels (found by rotating an
     image of pixel numbers). The angle itself is not compared: `eye_angle` takes an arccos of
     float32 lengths, ill-conditioned near level or upright eyes.
     """
-    j = select_face(ref, ref_pts, "official", largest=True)
+    faces = np.flatnonzero([box_problem(b, p, photo.size) is None for b, p in zip(ref, ref_pts)])
+    j = faces[select_face(ref[faces], ref_pts[faces], "official", largest=True)]
     official = crop_face(photo, ref[j], ref_pts[j])
     problems = row_problems("largest face", box[None], pts[None], ref[j : j + 1], ref_pts[j : j + 1], tol)
     if problems:
