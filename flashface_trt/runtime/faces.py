@@ -1,4 +1,4 @@
-"""Face crops in NumPy and Pillow: crop and level by the eyes, reference tensors, one face per photo."""
+"""Face crops in NumPy and Pillow: plausible boxes, crop and level by the eyes, one face per photo."""
 
 from __future__ import annotations
 
@@ -10,11 +10,9 @@ from numpy.typing import ArrayLike
 from PIL import Image
 
 from .errors import InputError
-from .images import reference_array
 
 log = logging.getLogger(__name__)
 
-FACE_SIZE = 224  # the official `padding_to_square = PadToSquare(224)` of demo_gradio.py
 MAX_BOX_SIDE = 2.0  # a face box side may be at most this many times the photo's longer side
 
 
@@ -105,27 +103,6 @@ def crop_face(img: Image.Image, box: ArrayLike, landmarks: ArrayLike) -> Image.I
     if angle is not None:
         crop = crop.rotate(angle)
     return crop
-
-
-def crop_faces(img: Image.Image, boxes: ArrayLike, landmarks: ArrayLike) -> list[Image.Image]:
-    """`crop_face` for every face: boxes [K, 4 or 5], landmarks [K, 5, 2] -> K crops."""
-    b = np.asarray(boxes, dtype=np.float32)
-    lm = np.asarray(landmarks, dtype=np.float32)
-    if b.size == 0 and lm.size == 0:
-        return []
-    if b.ndim != 2 or lm.ndim != 3 or len(b) != len(lm):
-        raise InputError(
-            f"boxes [K, 4 or 5] and landmarks [K, 5, 2] must agree, got {list(b.shape)} and {list(lm.shape)}"
-        )
-    return [crop_face(img, bi, li) for bi, li in zip(b, lm)]
-
-
-def face_tensor(crop: Image.Image, size: int = FACE_SIZE) -> np.ndarray:
-    """A crop as the model's reference: official `PadToSquare(224)`, `ToTensor`, `Normalize(0.5, 0.5)`.
-
-    Returns [3, size, size] float32 in [-1, 1].
-    """
-    return reference_array(crop, size)
 
 
 def detections(boxes: ArrayLike, landmarks: ArrayLike, photo_name: str) -> tuple[np.ndarray, np.ndarray]:
