@@ -141,6 +141,8 @@ def test_crop_face_keeps_overhang_black_and_refuses_boxes_that_are_no_face_of_th
             crop_face(img, box, lm)
     with pytest.raises(InputError, match="finite"):
         crop_face(img, [0, 0, np.inf, 10], lm)
+    with pytest.raises(InputError, match=r"3 numbers, not \[x1"):
+        crop_face(img, [0, 0, 10], lm)
     assert box_problem([0, 0, 10, 10], np.full((5, 2), np.nan), img.size) == "not finite"
 
 

@@ -16,17 +16,6 @@ log = logging.getLogger(__name__)
 MAX_BOX_SIDE = 2.0  # a face box side may be at most this many times the photo's longer side
 
 
-def _box(box: ArrayLike) -> tuple[int, int, int, int]:
-    """[4 or 5] box -> integer (x1, y1, x2, y2), rounded half to even like the official `bbox.round()`."""
-    b = np.asarray(box, dtype=np.float32).reshape(-1)  # the official boxes are float32 tensors
-    if b.shape[0] not in (4, 5) or not np.isfinite(b[:4]).all():
-        raise InputError(f"a face box must be 4 or 5 finite numbers [x1, y1, x2, y2(, score)]: {b.tolist()}")
-    x1, y1, x2, y2 = (int(v) for v in np.round(b[:4]))
-    if x2 <= x1 or y2 <= y1:
-        raise InputError(f"face box {b[:4].tolist()} is empty after rounding to ({x1}, {y1}, {x2}, {y2})")
-    return x1, y1, x2, y2
-
-
 def box_problem(box: ArrayLike, landmarks: ArrayLike, photo_size: tuple[int, int]) -> str | None:
     """Why a detection cannot be a face of a photo of `photo_size` (width, height), or None if it can.
 
@@ -34,9 +23,10 @@ def box_problem(box: ArrayLike, landmarks: ArrayLike, photo_size: tuple[int, int
     does), but it must be finite, non-empty after rounding, overlap the photo, and have no side
     longer than `MAX_BOX_SIDE` times the photo's longer side; that also bounds the crop's size.
     """
-    b = np.asarray(box, dtype=np.float32).reshape(-1)
-    lm = np.asarray(landmarks, dtype=np.float32)
-    if b.shape[0] not in (4, 5) or not np.isfinite(b[:4]).all() or not np.isfinite(lm).all():
+    b = np.asarray(box, dtype=np.float32).reshape(-1)  # the official boxes are float32 tensors
+    if b.shape[0] not in (4, 5):
+        return f"{b.shape[0]} numbers, not [x1, y1, x2, y2(, score)]"
+    if not np.isfinite(b[:4]).all() or not np.isfinite(np.asarray(landmarks, dtype=np.float32)).all():
         return "not finite"
     x1, y1, x2, y2 = (int(v) for v in np.round(b[:4]))
     width, height = photo_size
@@ -89,16 +79,17 @@ def crop_face(img: Image.Image, box: ArrayLike, landmarks: ArrayLike) -> Image.I
     (nearest neighbour, same size, black corners). A box that cannot be a face of `img`
     (`box_problem`) raises InputError.
     """
-    rounded = _box(box)
-    problem = box_problem(box, landmarks, img.size)
+    b = np.asarray(box, dtype=np.float32).reshape(-1)
+    problem = box_problem(b, landmarks, img.size)
     if problem is not None:
         raise InputError(
-            f"face box {list(rounded)} cannot be cropped from a {img.width}x{img.height} photo: {problem}"
+            f"face box {b[:4].tolist()} cannot be cropped from a {img.width}x{img.height} photo: {problem}"
         )
+    x1, y1, x2, y2 = (int(v) for v in np.round(b[:4]))  # half to even, as the official `bbox.round()`
     try:
-        crop = img.crop(rounded)
+        crop = img.crop((x1, y1, x2, y2))
     except Image.DecompressionBombError as exc:
-        raise InputError(f"the crop of face box {list(rounded)} is too large: {exc}") from exc
+        raise InputError(f"the crop of face box {[x1, y1, x2, y2]} is too large: {exc}") from exc
     angle = eye_angle(landmarks)
     if angle is not None:
         crop = crop.rotate(angle)
