@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from flashface_trt.runtime.faces import detection
-from flashface_trt.runtime.faces.crop import crop_face, eye_angle, select_face
+from flashface_trt.runtime.faces.crop import box_problem, crop_face, eye_angle, select_face
 from flashface_trt.runtime.faces.detection import (
     DetectorConfig,
     decode,
@@ -351,13 +351,16 @@ def crop_problems(
 ) -> list[str]:
     """The --largest-face crop of our detections vs crop_face of the official largest box.
 
+    The official largest box is taken among those that can be faces of the photo (`box_problem`),
+    as ours is: the official code would also crop a box outside the photo or many times its size.
     Same face (box and landmarks within `tol`) and rounded box; the eye vector (length c) turns by
     at most 2 sqrt(2) tol / c radians, as the landmark tolerance allows, and pixels differ only where
     the two eye angles make Pillow's rotate copy different source pixels (found by rotating an
     image of pixel numbers). The angle itself is not compared: `eye_angle` takes an arccos of
     float32 lengths, ill-conditioned near level or upright eyes.
     """
-    j = select_face(ref, ref_pts, "official", largest=True)
+    faces = np.flatnonzero([box_problem(b, p, photo.size) is None for b, p in zip(ref, ref_pts)])
+    j = faces[select_face(ref[faces], ref_pts[faces], "official", largest=True)]
     official = crop_face(photo, ref[j], ref_pts[j])
     problems = row_problems("largest face", box[None], pts[None], ref[j : j + 1], ref_pts[j : j + 1], tol)
     if problems:
@@ -418,7 +421,7 @@ def _shifted_half_pixel(boxes, pts, photo_size, size):
 
 
 CHECKS = ("exact", "detect", "demo flow", "production detect", "production demo flow")
-# name: (attribute of runtime.detection, replacement, the checks of test_detection.py that must report it)
+# name: (attribute of the detection module, replacement, the checks of test_detection.py that must report it)
 MUTANTS = {
     "nms iou +0.05": ("nms", lambda dets, iou: nms(dets, iou + 0.05), CHECKS),
     "nms iou -0.05": ("nms", lambda dets, iou: nms(dets, iou - 0.05), CHECKS),

@@ -15,7 +15,7 @@ from flashface_trt.models.loading import tiny_detector
 from flashface_trt.models.retinaface import detector_runner, load_retinaface
 from flashface_trt.runtime.errors import InputError
 from flashface_trt.runtime.faces import detection
-from flashface_trt.runtime.faces.crop import crop_face
+from flashface_trt.runtime.faces.crop import crop_face, select_face
 from flashface_trt.runtime.faces.detection import (
     DETECTOR,
     DetectorConfig,
@@ -222,6 +222,22 @@ def test_detect_default_tie_order_matches_official(cfg, flows, official_run, pho
 @pytest.mark.oracle
 def test_demo_flow_default_tie_order_and_largest_face_match_official(cfg, flows, official_run, photo):
     _assert_none(_production_problems(flows["demo flow"], cfg, official_run, photo))
+
+
+@pytest.mark.oracle
+def test_largest_face_check_skips_official_boxes_that_cannot_be_faces(cfg, flows, official_run, photo):
+    """An official largest box outside the photo, huge or not finite is passed over; a real face is not."""
+    flow, (w, h) = flows["demo flow"], photo.size
+    shipped = replace(DETECTOR, post_nms_top_k=cfg.post_nms_top_k, input_size=cfg.input_size)
+    (face,) = references_from_images([photo], ["face_input.png"], official_run, largest=True, cfg=shipped)
+    tol, side = flow.photo_tol(), 2 * max(w, h)  # the longest side a face box may have
+    for wild in ([w + 1, 0, w + 1 + side, side], [-side, -side, side, side], [0, 0, np.inf, h]):
+        ref = np.concatenate([flow.ref, np.float32([[*wild, 0.99]])])
+        pts = np.concatenate([flow.ref_pts, flow.ref_pts[:1]])
+        assert select_face(ref, pts, "official", largest=True) == len(ref) - 1  # the official choice
+        _assert_none(crop_problems(photo, face.crop, face.box, face.landmarks, ref, pts, tol))
+        ref[-1, :4] = (0, 0, side, side)  # now a box that can be a face, the largest: reported
+        assert crop_problems(photo, face.crop, face.box, face.landmarks, ref, pts, tol), wild
 
 
 @pytest.mark.oracle

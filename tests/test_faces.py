@@ -12,15 +12,8 @@ import pytest
 from PIL import Image
 
 from flashface_trt.runtime.errors import InputError
-from flashface_trt.runtime.faces.crop import (
-    box_problem,
-    crop_face,
-    crop_faces,
-    eye_angle,
-    face_tensor,
-    select_face,
-)
-from flashface_trt.runtime.faces.images import DEFAULT_MAX_PIXELS, load_image
+from flashface_trt.runtime.faces.crop import box_problem, crop_face, eye_angle, select_face
+from flashface_trt.runtime.faces.images import DEFAULT_MAX_PIXELS, load_image, reference_array
 from flashface_trt.runtime.faces.references import references_from_images
 
 from .conftest import rel_err
@@ -36,7 +29,7 @@ def _oracle_crops(face_dir: Path) -> tuple[list[Image.Image], list[Image.Image],
     n = len(sorted(face_dir.glob("face_crop*.png")))
     assert n == len(boxes) == len(landmarks) == len(cases["face_tensors"]) and n > 0
     img = load_image(face_dir / "face_input.png")
-    ours = crop_faces(img, boxes, landmarks)
+    ours = [crop_face(img, box, lm) for box, lm in zip(boxes, landmarks)]
     refs = [Image.open(face_dir / f"face_crop{i}.png").convert("RGB") for i in range(n)]
     return ours, refs, cases["face_tensors"]
 
@@ -59,19 +52,21 @@ def test_crop_face_matches_official(face_dir: Path) -> None:
 
 
 @pytest.mark.oracle
-def test_face_tensor_matches_official(face_dir: Path) -> None:
-    """Within one uint8 level (2/255 in [-1, 1]); no CPU changes a bit (measured: 0).
+def test_reference_array_matches_official(face_dir: Path) -> None:
+    """Official `PadToSquare`, `ToTensor`, `Normalize` of the crops: within one uint8 level (2/255).
 
+    No CPU changes a bit (measured: 0).
     Pillow's bicubic resize to 224 is fixed-point integer arithmetic, and x / 255, (x - 0.5) / 0.5
     are correctly rounded float32 operations; the one level allows for a Pillow release that
     rounds the resize differently.
     """
     ours, refs, tensors = _oracle_crops(face_dir)
+    size = tensors.shape[-1]
     for i, (crop, ref) in enumerate(zip(ours, refs)):
-        x = face_tensor(crop)  # [3, 224, 224]
+        x = reference_array(crop, size)  # [3, S, S]
         assert x.shape == tensors[i].shape and x.dtype == np.float32
         err, abs_err = rel_err(x, tensors[i]), float(np.abs(x - tensors[i]).max())
-        ref_err = float(np.abs(face_tensor(ref) - tensors[i]).max())
+        ref_err = float(np.abs(reference_array(ref, size) - tensors[i]).max())
         print(f"\nface tensor {i}: rel_err {err:.3e}, max |diff| {abs_err:.3e} (official crop {ref_err:.2e})")
         assert abs_err <= 2 / 255 + 1e-6  # one level, plus the float32 rounding of the two values
 
@@ -110,17 +105,14 @@ def test_crop_face_rounding_and_level_eyes() -> None:
     assert out.size == (20, 20) and np.asarray(out)[15:, 15:].max() == 0
     with pytest.raises(InputError, match="empty"):
         crop_face(img, [10, 10, 10.2, 30], lm)
-    assert crop_faces(img, np.zeros((0, 5)), np.zeros((0, 5, 2))) == []
-    assert len(crop_faces(img, [[0, 0, 20, 20, 1]] * 2, [lm, lm])) == 2
-    with pytest.raises(InputError, match="agree"):
-        crop_faces(img, [[0, 0, 20, 20, 1]] * 2, [lm])
 
 
-def test_face_tensor_shape_and_range() -> None:
-    x = face_tensor(Image.new("RGB", (50, 100), (255, 0, 128)))
+def test_reference_array_pads_a_portrait_on_both_sides() -> None:
+    x = reference_array(Image.new("RGB", (50, 100), (255, 0, 128)), 224)
     assert x.shape == (3, 224, 224) and x.dtype == np.float32
     assert x.min() == -1.0 and x.max() == 1.0
-    assert np.all(x[:, :, :56] == -1.0)  # the 56-pixel black pad on the left
+    assert np.all(x[:, :, :56] == -1.0) and np.all(x[:, :, 168:] == -1.0)  # 56 black pixels each side
+    assert np.all(x[0, :, 56:168] == 1.0)
 
 
 # ---------------------------------------------------------------- one face per photo
@@ -149,6 +141,8 @@ def test_crop_face_keeps_overhang_black_and_refuses_boxes_that_are_no_face_of_th
             crop_face(img, box, lm)
     with pytest.raises(InputError, match="finite"):
         crop_face(img, [0, 0, np.inf, 10], lm)
+    with pytest.raises(InputError, match=r"3 numbers, not \[x1"):
+        crop_face(img, [0, 0, 10], lm)
     assert box_problem([0, 0, 10, 10], np.full((5, 2), np.nan), img.size) == "not finite"
 
 

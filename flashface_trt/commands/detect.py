@@ -27,27 +27,32 @@ def _detector(args: argparse.Namespace):
 
 
 def detect(args: argparse.Namespace) -> int:
-    from ..runtime.faces.detection import detect_faces
+    from ..runtime.errors import InputError
     from ..runtime.faces.images import load_image
-    from ..runtime.faces.references import pick_reference
+    from ..runtime.faces.references import find_references
 
     check_count("--show", args.show, 0)
     check_count("--max-pixels", args.max_pixels, 1)
     detector = _detector(args)
-    refused = 0
+    loaded, refused = [], 0
     for path in args.photos:
         try:
-            image = load_image(path, max_pixels=args.max_pixels)
-            ((boxes, landmarks),) = detect_faces([image], detector)
-            print(f"{path}: {len(boxes)} face(s)")
-            for box in boxes[: args.show]:
-                x1, y1, x2, y2 = (int(v) for v in np.round(box[:4]))
-                print(f"  box ({x1}, {y1}, {x2}, {y2})  score {box[4]:.6f}")
-            if len(boxes) > args.show:
-                print(f"  ... {len(boxes) - args.show} more")
-            ref = pick_reference(image, path.name, boxes, landmarks, args.largest_face)
+            loaded.append((path, load_image(path, max_pixels=args.max_pixels)))
         except FlashFaceError as exc:
-            print(f"  refused: {exc}")
+            print(f"{path}: refused: {exc}")
+            refused += 1
+    # one batch through the library path of `generate`, so that the crops are the ones it would use
+    names = [path.name for path, _ in loaded]
+    found = find_references([image for _, image in loaded], names, detector, args.largest_face)
+    for (path, _), (boxes, ref) in zip(loaded, found):
+        print(f"{path}: {len(boxes)} face(s)")
+        for box in boxes[: args.show]:
+            x1, y1, x2, y2 = (int(v) for v in np.round(box[:4]))
+            print(f"  box ({x1}, {y1}, {x2}, {y2})  score {box[4]:.6f}")
+        if len(boxes) > args.show:
+            print(f"  ... {len(boxes) - args.show} more")
+        if isinstance(ref, InputError):
+            print(f"  refused: {ref}")
             refused += 1
             continue
         args.out_dir.mkdir(parents=True, exist_ok=True)  # only once there is a crop to write

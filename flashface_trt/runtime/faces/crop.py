@@ -1,4 +1,4 @@
-"""Face crops in NumPy and Pillow: crop and level by the eyes, reference tensors, one face per photo."""
+"""Face crops in NumPy and Pillow: plausible boxes, crop and level by the eyes, one face per photo."""
 
 from __future__ import annotations
 
@@ -10,23 +10,10 @@ from numpy.typing import ArrayLike
 from PIL import Image
 
 from ..errors import InputError
-from .images import reference_array
 
 log = logging.getLogger(__name__)
 
-FACE_SIZE = 224  # the official `padding_to_square = PadToSquare(224)` of demo_gradio.py
 MAX_BOX_SIDE = 2.0  # a face box side may be at most this many times the photo's longer side
-
-
-def _box(box: ArrayLike) -> tuple[int, int, int, int]:
-    """[4 or 5] box -> integer (x1, y1, x2, y2), rounded half to even like the official `bbox.round()`."""
-    b = np.asarray(box, dtype=np.float32).reshape(-1)  # the official boxes are float32 tensors
-    if b.shape[0] not in (4, 5) or not np.isfinite(b[:4]).all():
-        raise InputError(f"a face box must be 4 or 5 finite numbers [x1, y1, x2, y2(, score)]: {b.tolist()}")
-    x1, y1, x2, y2 = (int(v) for v in np.round(b[:4]))
-    if x2 <= x1 or y2 <= y1:
-        raise InputError(f"face box {b[:4].tolist()} is empty after rounding to ({x1}, {y1}, {x2}, {y2})")
-    return x1, y1, x2, y2
 
 
 def box_problem(box: ArrayLike, landmarks: ArrayLike, photo_size: tuple[int, int]) -> str | None:
@@ -36,9 +23,10 @@ def box_problem(box: ArrayLike, landmarks: ArrayLike, photo_size: tuple[int, int
     does), but it must be finite, non-empty after rounding, overlap the photo, and have no side
     longer than `MAX_BOX_SIDE` times the photo's longer side; that also bounds the crop's size.
     """
-    b = np.asarray(box, dtype=np.float32).reshape(-1)
-    lm = np.asarray(landmarks, dtype=np.float32)
-    if b.shape[0] not in (4, 5) or not np.isfinite(b[:4]).all() or not np.isfinite(lm).all():
+    b = np.asarray(box, dtype=np.float32).reshape(-1)  # the official boxes are float32 tensors
+    if b.shape[0] not in (4, 5):
+        return f"{b.shape[0]} numbers, not [x1, y1, x2, y2(, score)]"
+    if not np.isfinite(b[:4]).all() or not np.isfinite(np.asarray(landmarks, dtype=np.float32)).all():
         return "not finite"
     x1, y1, x2, y2 = (int(v) for v in np.round(b[:4]))
     width, height = photo_size
@@ -91,41 +79,21 @@ def crop_face(img: Image.Image, box: ArrayLike, landmarks: ArrayLike) -> Image.I
     (nearest neighbour, same size, black corners). A box that cannot be a face of `img`
     (`box_problem`) raises InputError.
     """
-    rounded = _box(box)
-    problem = box_problem(box, landmarks, img.size)
+    b = np.asarray(box, dtype=np.float32).reshape(-1)
+    problem = box_problem(b, landmarks, img.size)
     if problem is not None:
         raise InputError(
-            f"face box {list(rounded)} cannot be cropped from a {img.width}x{img.height} photo: {problem}"
+            f"face box {b[:4].tolist()} cannot be cropped from a {img.width}x{img.height} photo: {problem}"
         )
+    x1, y1, x2, y2 = (int(v) for v in np.round(b[:4]))  # half to even, as the official `bbox.round()`
     try:
-        crop = img.crop(rounded)
+        crop = img.crop((x1, y1, x2, y2))
     except Image.DecompressionBombError as exc:
-        raise InputError(f"the crop of face box {list(rounded)} is too large: {exc}") from exc
+        raise InputError(f"the crop of face box {[x1, y1, x2, y2]} is too large: {exc}") from exc
     angle = eye_angle(landmarks)
     if angle is not None:
         crop = crop.rotate(angle)
     return crop
-
-
-def crop_faces(img: Image.Image, boxes: ArrayLike, landmarks: ArrayLike) -> list[Image.Image]:
-    """`crop_face` for every face: boxes [K, 4 or 5], landmarks [K, 5, 2] -> K crops."""
-    b = np.asarray(boxes, dtype=np.float32)
-    lm = np.asarray(landmarks, dtype=np.float32)
-    if b.size == 0 and lm.size == 0:
-        return []
-    if b.ndim != 2 or lm.ndim != 3 or len(b) != len(lm):
-        raise InputError(
-            f"boxes [K, 4 or 5] and landmarks [K, 5, 2] must agree, got {list(b.shape)} and {list(lm.shape)}"
-        )
-    return [crop_face(img, bi, li) for bi, li in zip(b, lm)]
-
-
-def face_tensor(crop: Image.Image, size: int = FACE_SIZE) -> np.ndarray:
-    """A crop as the model's reference: official `PadToSquare(224)`, `ToTensor`, `Normalize(0.5, 0.5)`.
-
-    Returns [3, size, size] float32 in [-1, 1].
-    """
-    return reference_array(crop, size)
 
 
 def detections(boxes: ArrayLike, landmarks: ArrayLike, photo_name: str) -> tuple[np.ndarray, np.ndarray]:

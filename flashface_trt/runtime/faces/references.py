@@ -39,6 +39,23 @@ class ReferenceFace:
     faces_found: int = 1
 
 
+def find_references(
+    images: Sequence[Image.Image],
+    names: Sequence[str],
+    detector: RunDetector,
+    largest: bool = False,
+    cfg: DetectorConfig = DETECTOR,
+) -> list[tuple[np.ndarray, ReferenceFace | InputError]]:
+    """Detect in all photos in one batch; per photo its boxes [K, 5] and its reference or refusal."""
+    found: list[tuple[np.ndarray, ReferenceFace | InputError]] = []
+    for image, name, (boxes, landmarks) in zip(images, names, detect_faces(list(images), detector, cfg)):
+        try:
+            found.append((boxes, pick_reference(image, name, boxes, landmarks, largest)))
+        except InputError as exc:
+            found.append((boxes, exc))
+    return found
+
+
 def references_from_images(
     images: Sequence[Image.Image],
     names: Sequence[str],
@@ -46,9 +63,13 @@ def references_from_images(
     largest: bool = False,
     cfg: DetectorConfig = DETECTOR,
 ) -> list[ReferenceFace]:
-    """Detect in all photos at once, keep each photo's one face (or its largest), crop and level it."""
-    found = detect_faces(list(images), detector, cfg)
-    return [pick_reference(im, name, b, lm, largest) for im, name, (b, lm) in zip(images, names, found)]
+    """`find_references`, raising the first refusal: each photo's one face (or its largest), cropped."""
+    refs = []
+    for _, ref in find_references(images, names, detector, largest, cfg):
+        if isinstance(ref, InputError):
+            raise ref
+        refs.append(ref)
+    return refs
 
 
 def pick_reference(
