@@ -102,21 +102,6 @@ class Job:
         return out
 
 
-def _request_dict(req: GenerationRequest) -> dict[str, Any]:
-    g = req.guidance
-    return {
-        "prompt": req.prompt,
-        "negative_prompt": req.negative_prompt,
-        "steps": req.steps,
-        "seed": req.seed,
-        "num_samples": req.num_samples,
-        "height": req.height,
-        "width": req.width,
-        "face_bbox": list(req.face_bbox),
-        **{k: getattr(g, k) for k in g.__dataclass_fields__},
-    }
-
-
 class JobBook:
     """The queue (highest priority first, FIFO within a priority) and every job accepted.
 
@@ -149,7 +134,7 @@ class JobBook:
         return self._dir(job_id) / f"{k}.png"
 
     def _write(self, job: Job, position: int | None = None) -> None:
-        record = {**job.record(), "owner": job.owner, "request": _request_dict(job.request)}
+        record = {**job.record(), "owner": job.owner, "request": job.request.values()}
         if position is not None:
             record["position"] = position
         write_record(self._dir(job.id), record)
