@@ -9,14 +9,17 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from . import commands as cmd
 from .models.settings import TORCH_PRESETS
 from .runtime.errors import FlashFaceError
 from .runtime.faces.images import DEFAULT_MAX_PIXELS
 from .runtime.faces.outputs import COMMON_FORMATS
-from .runtime.sampling.request import MAX_SEED, RANGES, RECIPES
+from .runtime.sampling.params import BATCH_ROWS, DEFAULT_SIZE, GENERATE_PARAMS, GUIDANCE, RECIPES, REQUIRED
+from .serve.config import SETTINGS
 
 log = logging.getLogger("flashface_trt")
 
@@ -30,14 +33,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _range(name: str) -> str:
-    r = RANGES[name]
-    return f"[{int(r.lo)}, {int(r.hi)}]" if r.integer else f"[{r.lo:g}, {r.hi:g}]"
-
-
 def _recipes(name: str) -> str:
-    """Each recipe's value of a guidance parameter, for the help."""
-    values = {k: f"{getattr(r.guidance, name):g}" for k, r in sorted(RECIPES.items())}
+    """Each recipe's value of a guidance parameter or the face position, for the help."""
+    values = {
+        k: ",".join(f"{v:g}" for v in r.face_bbox) if name == "face_bbox"
+        else f"{getattr(r.guidance, name):g}"
+        for k, r in sorted(RECIPES.items())
+    }
     if len(set(values.values())) == 1:
         return f"{next(iter(values.values()))} with every --recipe"
     return ", ".join(f"{v} with --recipe {k}" for k, v in values.items())
@@ -53,6 +55,30 @@ def _bbox(text: str) -> tuple[float, ...]:
     if len(values) != 4:
         raise argparse.ArgumentTypeError(f"--face-bbox {text!r} must be four comma-separated numbers")
     return values
+
+
+FLAG_TYPES: dict[str, Callable[[str], Any]] = {
+    "int": int, "float": float, "str": str, "path": Path, "bbox": _bbox
+}  # fmt: skip
+
+
+def _add_params(p: argparse.ArgumentParser, params, notes: dict[str, str] | None = None) -> None:
+    """One positive flag per schema parameter: its type, default, choices, and range in the help."""
+    for param in params:
+        rule = "" if param.choices else param.rule()
+        text = param.help + (f" ({rule})" if rule.startswith(">") else f" {rule}" if rule else "")
+        if param.group == GUIDANCE or param.name == "face_bbox":
+            text += f" (default: {_recipes(param.name)})"
+        elif param.name == "recipe":
+            text += ": " + "; ".join(f"{k}: {r.description}" for k, r in RECIPES.items())
+        p.add_argument(
+            f"--{param.name.replace('_', '-')}",
+            type=FLAG_TYPES[param.kind],
+            default=None if param.default is REQUIRED else param.default,
+            choices=param.choices or None,
+            metavar="X1,Y1,X2,Y2" if param.kind == "bbox" else None,
+            help=text + (notes or {}).get(param.name, ""),
+        )
 
 
 def _sub(sub, name: str, help: str) -> argparse.ArgumentParser:
@@ -141,57 +167,12 @@ def _add_generate(sub) -> None:
         help="a reference photo with one face (repeat for more); without it --preset/--onnx use a drawn face",
     )
     _add_face_args(gen)
-    gen.add_argument(
-        "--prompt", help="what to draw (needed without --batch-file); the official quality suffix is added"
+    size = (
+        f" (default: {DEFAULT_SIZE['weights']}; {DEFAULT_SIZE['tiny']} with --preset tiny;"
+        " the export's typical size with --onnx/--engines)"
     )
-    gen.add_argument(
-        "--negative-prompt",
-        default="",
-        help="what to avoid; put before the official default negative prompt",
-    )
-    gen.add_argument(
-        "--recipe",
-        choices=sorted(RECIPES),
-        default="identity",
-        help="; ".join(f"{k}: {r.description}" for k, r in RECIPES.items()),
-    )
-    gen.add_argument("--steps", type=int, default=30, help=f"DDIM steps in {_range('steps')}")
-    gen.add_argument("--seed", type=int, default=0, help=f"seed of the initial noise in [0, {MAX_SEED}]")
-    gen.add_argument(
-        "--num-samples", type=int, default=1, help=f"images to generate in {_range('num_samples')}"
-    )
-    for side in ("height", "width"):
-        gen.add_argument(
-            f"--{side}",
-            type=int,
-            help=f"image {side} in pixels, a multiple of 8 in {_range(side)} (default: 768; 128 with "
-            "--preset tiny; the export's typical size with --onnx/--engines)",
-        )
-    gen.add_argument(
-        "--face-bbox",
-        type=_bbox,
-        metavar="X1,Y1,X2,Y2",
-        help="where the face goes, in [0, 1] of the image; 0,0,0,0 = anywhere (default: "
-        f"{','.join(f'{v:g}' for v in RECIPES['identity'].face_bbox)} with every --recipe)",
-    )
-    for flag, what in (
-        ("text-guidance", "text guidance scale"),
-        ("face-guidance", "reference guidance scale"),
-        ("ref-strength", "reference strength λ once references are launched"),
-        ("ref-strength-before", "reference strength λ before the launch"),
-        ("guide-rescale", "CFG rescale"),
-    ):
-        gen.add_argument(
-            f"--{flag}",
-            type=float,
-            help=f"{what} in {_range(flag.replace('-', '_'))} (default: {_recipes(flag.replace('-', '_'))})",
-        )
-    gen.add_argument(
-        "--step-to-launch",
-        type=int,
-        help=f"3-way guidance for timesteps t <= this, in {_range('step_to_launch')} "
-        f"(default: {_recipes('step_to_launch')})",
-    )
+    notes = {"prompt": " (needed without --batch-file)", "height": size, "width": size}
+    _add_params(gen, GENERATE_PARAMS, notes)
     gen.add_argument(
         "--out",
         type=Path,
@@ -206,12 +187,7 @@ def _add_generate(sub) -> None:
         help="many requests in one call, run together step by step: one JSON object of generate options "
         "per line (prompt, face, seed, steps, out, ...; missing keys take these flags' values)",
     )
-    gen.add_argument(
-        "--max-batch-rows",
-        type=int,
-        default=12,
-        help="with --batch-file: UNet rows shared by running requests per step (>= 3: one 3-way sample)",
-    )
+    _add_params(gen, [BATCH_ROWS], {"max_batch_rows": " with --batch-file"})
 
 
 def _add_detect(sub) -> None:
@@ -261,7 +237,8 @@ def _add_exports(sub) -> None:
         ex.add_argument(
             f"--{side}",
             type=int,
-            help=f"typical image {side}, a multiple of 8 in [min-size, max-size] (default: 768; 128 tiny)",
+            help=f"typical image {side}, a multiple of 8 in [min-size, max-size] "
+            f"(default: {DEFAULT_SIZE['weights']}; {DEFAULT_SIZE['tiny']} tiny)",
         )
     ex.add_argument("--dynamo", action="store_true", help="use the torch.export-based ONNX exporter")
 
@@ -311,45 +288,11 @@ def _add_serve(sub) -> None:
     srv = _sub(sub, "serve", "HTTP service: identities, generation jobs, progress, metrics")
     _add_source(srv, onnx="a directory written by `flashface-trt export` (ONNX Runtime)", engines=True)
     _add_backend_args(srv)
-    srv.add_argument("--host", default="127.0.0.1", help="listen address")
-    srv.add_argument("--port", type=int, default=8000, help="listen port in [0, 65535]; 0 picks a free one")
-    srv.add_argument(
-        "--data-dir", type=Path, default=Path("flashface-data"), help="identities and job results"
-    )
-    srv.add_argument("--max-queue", type=int, default=64, help="queued jobs before 429 (>= 1)")
-    srv.add_argument("--max-upload-mb", type=float, default=20.0, help="request body limit in MiB (> 0)")
-    srv.add_argument(
-        "--max-pixels",
-        type=int,
-        default=DEFAULT_MAX_PIXELS,
-        help="pixels per uploaded photo (>= 1; decompression-bomb guard)",
-    )
-    srv.add_argument(
-        "--timeout-s", type=float, default=600.0, help="default per-job deadline in seconds (> 0)"
-    )
+    _add_params(srv, SETTINGS)
     srv.add_argument(
         "--api-key", action="append", default=[], help="a bearer key clients must send (repeat for more)"
     )
     srv.add_argument("--api-keys-file", type=Path, help="bearer keys, one per line")
-    srv.add_argument(
-        "--shutdown", choices=["finish", "cancel"], default="finish", help="on SIGTERM: finish or cancel jobs"
-    )
-    srv.add_argument(
-        "--drain-s", type=float, default=60.0, help="longest wait for jobs on SIGTERM, seconds (>= 0)"
-    )
-    srv.add_argument("--max-jobs", type=int, default=1000, help="finished job records kept (>= 1)")
-    srv.add_argument(
-        "--max-batch-rows",
-        type=int,
-        default=12,
-        help="UNet rows shared by running jobs per step (>= 3: one 3-way guided sample)",
-    )
-    srv.add_argument(
-        "--warmup-steps",
-        type=int,
-        default=2,
-        help="steps of the warm-up generation before ready, in [0, 1000] (0: none)",
-    )
     srv.add_argument(
         "--height", type=int, help="height of requests that give none, a multiple of 8 (default: the model's)"
     )

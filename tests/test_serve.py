@@ -162,6 +162,9 @@ def test_cancel_queue_priority_and_429(api):
         ({"face_bbox": [0.6, 0.2, 0.3, 0.5]}, 422, "face_bbox"),
         ({"recipe": "fastest"}, 422, "recipe"),
         ({"priority": 1000}, 422, "priority"),
+        ({"steps": True}, 422, "steps"),  # strict types: no bool for an integer, no string for a number
+        ({"priority": "1"}, 422, "priority"),
+        ({"timeout_s": "10"}, 422, "timeout_s"),
         ({"sampler": "euler"}, 422, "sampler"),
         ({"identity": "no-such-identity"}, 404, None),
     ],

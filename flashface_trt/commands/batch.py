@@ -1,13 +1,12 @@
 """`generate --batch-file`: many requests in one call, run together by the step-level executor.
 
 The file holds one JSON object per line (blank lines and lines starting with `#` are skipped).
-Each object's keys are `generate` options by name (`prompt`, `negative_prompt`, `recipe`, `steps`,
-`seed`, `num_samples`, `height`, `width`, `face_bbox`, `text_guidance`, `face_guidance`,
-`ref_strength`, `ref_strength_before`, `step_to_launch`, `guide_rescale`) plus `face` (a photo or
-a list of photos) and `out` (the output image); a key a line leaves out takes the command line's
-value. Relative paths are read from the batch file's directory. A line without `out` writes
-`<--out stem>_<line><suffix>`. Every line is checked (keys, values, ranges, photos, outputs)
-before anything loads; photo sets shared by several lines are detected and encoded once.
+Each object's keys are `generate` options by name (the schema's `GENERATE_PARAMS`: `prompt`,
+`recipe`, `steps`, `seed`, ...) plus `face` (a photo or a list of photos) and `out` (the output
+image); a key a line leaves out takes the command line's value. Relative paths are read from
+the batch file's directory. A line without `out` writes `<--out stem>_<line><suffix>`. Every line
+is checked (keys, values, ranges, photos, outputs) before anything loads; photo sets shared by
+several lines are detected and encoded once.
 """
 
 from __future__ import annotations
@@ -23,15 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from ..runtime.errors import FlashFaceError, InputError
+from ..runtime.sampling.params import GENERATE_PARAMS, KINDS
 from ..runtime.sampling.request import GenerationRequest
 
 log = logging.getLogger("flashface_trt")
 
-INTS = ("steps", "seed", "num_samples", "height", "width", "step_to_launch")
-FLOATS = ("text_guidance", "face_guidance", "ref_strength", "ref_strength_before", "guide_rescale")
-STRINGS = ("prompt", "negative_prompt", "recipe")
-PATHS = ("face", "out")
-KEYS = (*STRINGS, *INTS, *FLOATS, "face_bbox", *PATHS)
+PARAMS = {p.name: p for p in GENERATE_PARAMS}
+KEYS = (*PARAMS, "face", "out")  # the request parameters, the line's photos and its output
 
 
 @dataclass
@@ -50,31 +47,18 @@ def _value(where: str, key: str, value: Any, base: Path) -> Any:
     def bad(kind: str) -> InputError:
         return InputError(f"{where}: {key!r} must be {kind}, got {value!r}", key)
 
-    if key in INTS:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("an integer")
-        return value
-    if key in FLOATS:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad("a number")
-        return float(value)
-    if key in STRINGS:
-        if not isinstance(value, str):
-            raise bad("a string")
-        return value
-    if key == "face_bbox":
-        if not isinstance(value, list) or len(value) != 4:
-            raise bad("a list of 4 numbers [x1, y1, x2, y2]")
-        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
-            raise bad("a list of 4 numbers [x1, y1, x2, y2]")
-        return tuple(float(v) for v in value)
+    if key in PARAMS:
+        p = PARAMS[key]
+        if not p.typed(value):
+            raise bad(KINDS[p.kind])
+        return float(value) if p.kind == "float" else tuple(map(float, value)) if p.kind == "bbox" else value
     if key == "face":
         photos = [value] if isinstance(value, str) else value
         if not isinstance(photos, list) or not photos or not all(isinstance(p, str) for p in photos):
             raise bad("a photo path or a non-empty list of photo paths")
         return [base / p for p in photos]
     if not isinstance(value, str) or not value:
-        raise bad("a file path")
+        raise bad(KINDS["path"])
     return base / value
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from ..runtime.errors import InputError, WeightsError
 from ..runtime.faces.images import DEFAULT_MAX_PIXELS
 from ..runtime.faces.outputs import check_output_dir
+from ..runtime.sampling.params import BATCH_ROWS
 
 log = logging.getLogger("flashface_trt")
 
@@ -37,7 +38,7 @@ def refuse(args: argparse.Namespace, rules: list[tuple[str, object, bool, str]])
 def check_generate_flags(args: argparse.Namespace) -> None:
     """Every `generate` option either works with the others given or is refused, saying why."""
     check_count("--max-pixels", args.max_pixels, 1)
-    check_count("--max-batch-rows", args.max_batch_rows, 3)
+    check_count("--max-batch-rows", args.max_batch_rows, int(BATCH_ROWS.lo or 1))
     torch = bool(args.weights or args.preset)
     backend = "--onnx" if args.onnx else "--engines"
     torch_only = f"it sets up the PyTorch backend (--weights, --preset), not {backend}"
@@ -64,7 +65,12 @@ def check_generate_flags(args: argparse.Namespace) -> None:
                 f"it picks a detected face; {skip}",
             ),
             ("--max-pixels", DEFAULT_MAX_PIXELS, faces, f"it limits the --face photos; {no_face}"),
-            ("--max-batch-rows", 12, bool(args.batch_file), "it sizes the steps --batch-file requests share"),
+            (
+                "--max-batch-rows",
+                BATCH_ROWS.default,
+                bool(args.batch_file),
+                "it sizes the steps --batch-file requests share",
+            ),
         ],
     )
 

@@ -7,45 +7,24 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 from PIL import Image
 
 from ..backends import load_backend
 from ..runtime.errors import InputError
-from ..runtime.sampling.request import RECIPES, GenerationRequest
+from ..runtime.sampling.params import DEFAULT_SIZE, GENERATE_PARAMS
+from ..runtime.sampling.request import GenerationRequest, make_request
 from .checks import check_generate_flags, check_weights_dir
 
 log = logging.getLogger("flashface_trt")
 
-# sizes used when --height/--width are not given: the tiny preset is a seconds-long CPU demo
-DEFAULT_SIZE = {"weights": 768, "tiny": 128}
-
 
 def request_from(args: argparse.Namespace, size: tuple[int, int]) -> GenerationRequest:
-    """The validated request of `generate`'s arguments; `size` (height, width) unless given."""
-    req = RECIPES[args.recipe].apply(GenerationRequest(prompt=args.prompt))
-    overrides = {
-        "text_guidance": args.text_guidance,
-        "face_guidance": args.face_guidance,
-        "ref_strength": args.ref_strength,
-        "ref_strength_before": args.ref_strength_before,
-        "step_to_launch": args.step_to_launch,
-        "guide_rescale": args.guide_rescale,
-    }
-    guidance = replace(req.guidance, **{k: v for k, v in overrides.items() if v is not None})
-    return replace(
-        req,
-        negative_prompt=args.negative_prompt,
-        steps=args.steps,
-        seed=args.seed,
-        num_samples=args.num_samples,
-        height=args.height or size[0],
-        width=args.width or size[1],
-        face_bbox=args.face_bbox if args.face_bbox is not None else req.face_bbox,
-        guidance=guidance,
-    ).validated()
+    """The validated request of `generate`'s flags (GENERATE_PARAMS); `size` (height, width) unless given."""
+    given = {p.name: getattr(args, p.name) for p in GENERATE_PARAMS if p.name not in ("prompt", "recipe")}
+    given.update(height=args.height or size[0], width=args.width or size[1])
+    return make_request(args.prompt, args.recipe, **given)
 
 
 def _manifest(args: argparse.Namespace) -> dict | None:

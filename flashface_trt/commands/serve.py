@@ -7,32 +7,18 @@ import logging
 
 from ..backends import load_backend
 from ..runtime.errors import FlashFaceError
-from .generate import DEFAULT_SIZE
+from ..runtime.sampling.params import DEFAULT_SIZE
 
 log = logging.getLogger("flashface_trt")
 
 
 def serve_setup(args: argparse.Namespace):
     """(settings, backend loader, default size) of `serve` from its arguments."""
-    from ..serve.config import ServeSettings, read_keys_file
+    from ..serve.config import SETTINGS, ServeSettings, read_keys_file
     from ..serve.server import JsonFormatter
 
     keys = tuple(args.api_key) + (read_keys_file(args.api_keys_file) if args.api_keys_file else ())
-    settings = ServeSettings(
-        host=args.host,
-        port=args.port,
-        data_dir=args.data_dir,
-        max_queue=args.max_queue,
-        max_upload_mb=args.max_upload_mb,
-        max_pixels=args.max_pixels,
-        timeout_s=args.timeout_s,
-        api_keys=keys,
-        shutdown=args.shutdown,
-        drain_s=args.drain_s,
-        max_jobs=args.max_jobs,
-        max_batch_rows=args.max_batch_rows,
-        warmup_steps=args.warmup_steps,
-    ).validated()
+    settings = ServeSettings(**{p.name: getattr(args, p.name) for p in SETTINGS}, api_keys=keys).validated()
     if not keys and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without API keys: anyone who reaches it can use it", args.host)
     if args.log_json:
@@ -41,7 +27,7 @@ def serve_setup(args: argparse.Namespace):
 
     size = None
     if args.height or args.width or args.preset:
-        default = DEFAULT_SIZE["tiny"] if args.preset else DEFAULT_SIZE["weights"]
+        default = DEFAULT_SIZE["tiny" if args.preset else "weights"]
         size = (args.height or default, args.width or default)
     return settings, lambda: load_backend(args), size
 

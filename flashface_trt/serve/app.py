@@ -16,12 +16,12 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field, create_model
 from starlette.concurrency import run_in_threadpool
 
 from ..runtime.errors import FlashFaceError, InputError
 from ..runtime.faces.images import ImageTooLarge
-from ..runtime.sampling.request import RANGES, RECIPES
+from ..runtime.sampling.params import PARAMS, REQUEST_PARAMS, REQUIRED, Param
 from .config import owner_of
 from .jobs import QueueFull
 from .page import PAGE
@@ -30,37 +30,26 @@ from .service import API, NotFound, PayloadTooLarge, Unavailable
 log = logging.getLogger(__name__)
 
 
-def _doc(name: str) -> str:
-    return RANGES[name].describe()
+TYPES: dict[str, Any] = {"int": int, "float": float, "str": str, "bbox": list[float]}
 
 
-class GenerationBody(BaseModel):
-    """A generation request: the CLI's `GenerationRequest` names and ranges, checked by the same code."""
+def _field(p: Param) -> tuple[Any, Any]:
+    """The body model's (type, Field) of one schema parameter: optional unless REQUIRED."""
+    decided = {"height": "the backend's", "width": "the backend's", "timeout_s": "the service's"}
+    default = decided.get(p.name, "the recipe's") if p.default is None else repr(p.default)
+    doc = f"{p.help.rstrip(',;')}: {p.describe()}"
+    if p.default is REQUIRED:
+        return TYPES[p.kind], Field(description=doc)
+    return TYPES[p.kind] | None, Field(p.default, description=f"{doc} (default: {default})")
 
-    model_config = ConfigDict(extra="forbid")
 
-    identity: str = Field(description="id returned by POST /v1/identities")
-    prompt: str
-    negative_prompt: str | None = None
-    steps: int | None = Field(None, description=_doc("steps"))
-    seed: int | None = Field(None, description=_doc("seed"))
-    num_samples: int | None = Field(None, description=_doc("num_samples"))
-    height: int | None = Field(None, description=_doc("height") + ", multiple of 8 (default: the backend's)")
-    width: int | None = Field(None, description=_doc("width") + ", multiple of 8 (default: the backend's)")
-    recipe: str | None = Field(None, description=f"one of {sorted(RECIPES)} (default identity)")
-    face_bbox: list[float] | None = Field(
-        None, description="normalised [x1, y1, x2, y2]; [0,0,0,0]: anywhere"
-    )
-    text_guidance: float | None = Field(None, description=_doc("text_guidance"))
-    face_guidance: float | None = Field(None, description=_doc("face_guidance"))
-    ref_strength: float | None = Field(None, description=_doc("ref_strength"))
-    ref_strength_before: float | None = Field(None, description=_doc("ref_strength_before"))
-    step_to_launch: int | None = Field(None, description=_doc("step_to_launch"))
-    guide_rescale: float | None = Field(None, description=_doc("guide_rescale"))
-    priority: int = Field(0, description="higher runs first, FIFO within a priority; in [-100, 100]")
-    timeout_s: float | None = Field(
-        None, description="deadline in seconds from acceptance (default: the service's)"
-    )
+# a generation request: every field of the schema, strictly typed (`steps: true` and
+# `priority: "1"` are refused), its ranges checked by the same code as the CLI's
+GenerationBody = create_model(  # type: ignore[call-overload]
+    "GenerationBody",
+    __config__=ConfigDict(extra="forbid", strict=True),
+    **{p.name: _field(p) for p in REQUEST_PARAMS},
+)
 
 
 def _error(status: int, message: str, field: str | None = None, headers: dict | None = None) -> JSONResponse:
@@ -173,8 +162,8 @@ def create_app(service: API) -> FastAPI:
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
         field = ".".join(loc) or None
         message = f"{field or 'request'}: {first.get('msg', 'invalid request')}"
-        if field in RANGES:
-            value, rule = first.get("input"), RANGES[field].describe()
+        if field in PARAMS:
+            value, rule = first.get("input"), PARAMS[field].describe()
             message = f"{field}={value!r} must be {rule} ({first.get('msg')})"
         return _error(422, message, field)
 
@@ -231,13 +220,14 @@ def create_app(service: API) -> FastAPI:
 
     @app.post("/v1/generations", status_code=202)
     async def submit(
-        body: GenerationBody,
+        body: GenerationBody,  # type: ignore[valid-type]
         wait: bool = Query(False, description="answer with the finished job instead of 202"),
         who: str = Depends(owner),
     ) -> JSONResponse:
-        record = await run_in_threadpool(service.submit_record, who, body.model_dump(exclude_none=True))
+        fields: dict[str, Any] = body.model_dump(exclude_none=True)  # type: ignore[attr-defined]
+        record = await run_in_threadpool(service.submit_record, who, fields)
         if wait:
-            timeout = float(body.timeout_s or settings.timeout_s) + 5
+            timeout = float(fields.get("timeout_s", settings.timeout_s)) + 5
             record = await run_in_threadpool(service.wait, who, record["id"], timeout)
             return JSONResponse(record, status_code=200)
         return JSONResponse(record, status_code=202)

@@ -8,13 +8,32 @@ from pathlib import Path
 
 from ..runtime.errors import InputError
 from ..runtime.faces.images import DEFAULT_MAX_PIXELS
+from ..runtime.sampling.params import BATCH_ROWS, Param
 
 SHUTDOWN_MODES = ("finish", "cancel")
 
 
+# every setting of the service, by the name `ServeSettings` and the `serve` command's flags use
+SETTINGS = (
+    Param("host", "str", "listen address", default="127.0.0.1"),
+    Param("port", "int", "listen port (0 picks a free one)", 0, 65535, 8000),
+    Param("data_dir", "path", "identities and job results", default=Path("flashface-data")),
+    Param("max_queue", "int", "queued jobs before 429", 1, None, 64),
+    Param("max_upload_mb", "float", "request body limit in MiB", 0, None, 20.0, lo_open=True),
+    Param("max_pixels", "int", "pixels per uploaded photo (bomb guard)", 1, None, DEFAULT_MAX_PIXELS),
+    Param("timeout_s", "float", "default per-job deadline in seconds", 0, None, 600.0, lo_open=True),
+    Param("shutdown", "str", "on SIGTERM: finish or cancel jobs", default="finish", choices=SHUTDOWN_MODES),
+    Param("drain_s", "float", "longest wait for jobs on SIGTERM, seconds", 0, None, 60.0),
+    Param("max_jobs", "int", "finished job records kept", 1, None, 1000),
+    BATCH_ROWS,
+    Param("warmup_steps", "int", "steps of the warm-up generation before ready (0: none)", 0, 1000, 2),
+)
+DEFAULTS = {p.name: p.default for p in SETTINGS}
+
+
 @dataclass(frozen=True)
 class ServeSettings:
-    """How `flashface-trt serve` runs.
+    """How `flashface-trt serve` runs (each setting's type, range, default and help: `SETTINGS`).
 
     host/port: where to listen (127.0.0.1 unless told otherwise; port 0 picks a free one).
     data_dir: identities (crops, latents) and finished jobs (records, PNGs) persist here.
@@ -31,37 +50,24 @@ class ServeSettings:
         0: none).
     """
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    data_dir: Path = Path("flashface-data")
-    max_queue: int = 64
-    max_upload_mb: float = 20.0
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    timeout_s: float = 600.0
+    host: str = DEFAULTS["host"]
+    port: int = DEFAULTS["port"]
+    data_dir: Path = DEFAULTS["data_dir"]
+    max_queue: int = DEFAULTS["max_queue"]
+    max_upload_mb: float = DEFAULTS["max_upload_mb"]
+    max_pixels: int = DEFAULTS["max_pixels"]
+    timeout_s: float = DEFAULTS["timeout_s"]
     api_keys: tuple[str, ...] = field(default=(), repr=False)
-    shutdown: str = "finish"
-    drain_s: float = 60.0
-    max_jobs: int = 1000
-    max_batch_rows: int = 12
-    warmup_steps: int = 2
+    shutdown: str = DEFAULTS["shutdown"]
+    drain_s: float = DEFAULTS["drain_s"]
+    max_jobs: int = DEFAULTS["max_jobs"]
+    max_batch_rows: int = DEFAULTS["max_batch_rows"]
+    warmup_steps: int = DEFAULTS["warmup_steps"]
 
     def validated(self) -> ServeSettings:
-        if not 0 <= self.port <= 65535:
-            raise InputError(f"port={self.port} must be in [0, 65535]", "port")
-        if self.max_batch_rows < 3:
-            raise InputError(f"max_batch_rows={self.max_batch_rows} must be at least 3", "max_batch_rows")
-        for name in ("max_queue", "max_jobs", "max_pixels"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name}={getattr(self, name)} must be at least 1", name)
-        for name in ("max_upload_mb", "timeout_s"):
-            if not getattr(self, name) > 0:
-                raise InputError(f"{name}={getattr(self, name)} must be positive", name)
-        if not 0 <= self.warmup_steps <= 1000:
-            raise InputError(f"warmup_steps={self.warmup_steps} must be in [0, 1000]", "warmup_steps")
-        if self.drain_s < 0:
-            raise InputError(f"drain_s={self.drain_s} must be >= 0", "drain_s")
-        if self.shutdown not in SHUTDOWN_MODES:
-            raise InputError(f"shutdown={self.shutdown!r} must be one of {SHUTDOWN_MODES}", "shutdown")
+        """Return self after checking every setting by `SETTINGS`; InputError names value and range."""
+        for p in SETTINGS:
+            p.check(getattr(self, p.name))
         if any(not k or k != k.strip() for k in self.api_keys):
             raise InputError("API keys must be non-empty and have no surrounding spaces", "api_keys")
         return self

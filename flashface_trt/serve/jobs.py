@@ -80,23 +80,8 @@ class Job:
 
     def stored(self, position: int | None = None) -> dict[str, Any]:
         """The record as stored: the client's view, its owner and request, its place in the queue."""
-        out = {**self.record(), "owner": self.owner, "request": _request_dict(self.request)}
+        out = {**self.record(), "owner": self.owner, "request": self.request.values()}
         return out if position is None else {**out, "position": position}
-
-
-def _request_dict(req: GenerationRequest) -> dict[str, Any]:
-    g = req.guidance
-    return {
-        "prompt": req.prompt,
-        "negative_prompt": req.negative_prompt,
-        "steps": req.steps,
-        "seed": req.seed,
-        "num_samples": req.num_samples,
-        "height": req.height,
-        "width": req.width,
-        "face_bbox": list(req.face_bbox),
-        **{k: getattr(g, k) for k in g.__dataclass_fields__},
-    }
 
 
 class JobBook:

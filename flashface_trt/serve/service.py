@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..runtime.errors import FlashFaceError, InputError
+from ..runtime.sampling.params import REQUEST_PARAMS, SERVICE
 from ..runtime.sampling.request import GenerationRequest, make_request
 from .config import ServeSettings
 from .jobs import SHUTDOWN_REASON, Job, JobBook
@@ -24,21 +25,6 @@ from .worker import LoadBackend, Worker
 
 log = logging.getLogger(__name__)
 
-JOB_FIELDS = (
-    "negative_prompt",
-    "steps",
-    "seed",
-    "num_samples",
-    "height",
-    "width",
-    "face_bbox",
-    "text_guidance",
-    "face_guidance",
-    "ref_strength",
-    "ref_strength_before",
-    "step_to_launch",
-    "guide_rescale",
-)
 
 
 class Unavailable(FlashFaceError):
@@ -273,26 +259,15 @@ def parse_job(
     """(identity, validated request, priority, timeout) of a JSON generation body; InputError naming
     the field otherwise. Height and width default to `size` (the backend's typical size)."""
     body = dict(body)
-    identity = body.pop("identity", None)
-    if not isinstance(identity, str):
-        raise InputError("identity must be the id of a registered identity", "identity")
-    priority = body.pop("priority", 0)
-    if isinstance(priority, bool) or not isinstance(priority, int) or not -100 <= priority <= 100:
-        raise InputError(f"priority={priority!r} must be an integer in [-100, 100]", "priority")
-    timeout = body.pop("timeout_s", None)
-    timeout = default_timeout if timeout is None else timeout
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 86400:
-        raise InputError(f"timeout_s={timeout!r} must be a number in (0, 86400]", "timeout_s")
-    prompt = body.pop("prompt", None)
-    if not isinstance(prompt, str):
-        raise InputError("prompt must be a string", "prompt")
-    recipe = body.pop("recipe", None) or "identity"
-    unknown = sorted(set(body) - set(JOB_FIELDS))
-    if unknown:
-        raise InputError(f"unknown fields {unknown}", unknown[0])
+    job = {p.name: body.pop(p.name, p.default) for p in REQUEST_PARAMS if p.group == SERVICE}
+    job["timeout_s"] = default_timeout if job["timeout_s"] is None else job["timeout_s"]
+    for p in REQUEST_PARAMS:
+        if p.group == SERVICE:
+            p.check(job[p.name])
     body.setdefault("height", size[0])
     body.setdefault("width", size[1])
-    return identity, make_request(prompt, recipe, **body), priority, float(timeout)
+    request = make_request(body.pop("prompt", None), body.pop("recipe", None), **body)
+    return job["identity"], request, job["priority"], float(job["timeout_s"])
 
 
 def _safe_name(name: str | None, i: int) -> str:

@@ -23,6 +23,7 @@ from ..runtime.faces.images import synthetic_face
 from ..runtime.faces.references import load_references
 from ..runtime.sampling.executor import StepExecutor, Stopped, Task
 from ..runtime.sampling.identities import Identity
+from ..runtime.sampling.params import BATCH_ROWS, DEFAULT_SIZE
 from ..runtime.sampling.pipeline import Backend, generate, prepare_references
 from ..runtime.sampling.request import GenerationRequest
 from .jobs import SHUTDOWN_REASON, Job, JobBook, State
@@ -47,7 +48,7 @@ class Worker(threading.Thread):
         metrics: Metrics,
         warmup_steps: int,
         size: tuple[int, int] | None = None,
-        max_batch_rows: int = 12,
+        max_batch_rows: int = BATCH_ROWS.default,
     ) -> None:
         super().__init__(name="flashface-worker", daemon=True)
         self.load, self.book, self.store, self.metrics = load, book, store, metrics
@@ -145,7 +146,7 @@ class Worker(threading.Thread):
 
     def default_size(self) -> tuple[int, int]:
         """Height and width of requests that give none: the configured size, else the typical size
-        of the backend's export or engines, else 768 x 768."""
+        of the backend's export or engines, else DEFAULT_SIZE's."""
         if self.size is not None:
             return self.size
         manifest = getattr(self.backend, "manifest", None) or {}
@@ -154,7 +155,7 @@ class Worker(threading.Thread):
         )
         if shapes:
             return int(shapes["opt_height"]), int(shapes["opt_width"])
-        return 768, 768
+        return DEFAULT_SIZE["weights"], DEFAULT_SIZE["weights"]
 
     # ---------------------------------------------------------------- identities
 

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..errors import InputError
+from ..sampling.params import DEFAULT_SIZE
+from ..sampling.request import REFERENCE_SIZE
 
 Dim = int | str  # a fixed size, or the name of a dynamic axis
 
@@ -148,12 +150,12 @@ class ExportShapes:
     max_samples: int = 4
     min_size: int = 256
     max_size: int = 1024
-    opt_height: int = 768
-    opt_width: int = 768
+    opt_height: int = DEFAULT_SIZE["weights"]
+    opt_width: int = DEFAULT_SIZE["weights"]
     max_refs: int = 4
     opt_refs: int = 4
     opt_samples: int = 1
-    ref_size: int = 224  # reference crops are padded to this square (official PadToSquare(224))
+    ref_size: int = REFERENCE_SIZE  # reference crops are padded to this square
     max_requests: int = 4
 
     def __post_init__(self) -> None:
@@ -173,5 +175,6 @@ class ExportShapes:
 # the tiny preset's ranges; its reference crops are 64 px (the oracle fixtures' size), not the
 # official 224: the ReferenceNet and the VAE encoder then cost a twelfth as much on a CPU
 TINY_SHAPES = ExportShapes(
-    max_samples=2, min_size=64, max_size=256, opt_height=128, opt_width=128, ref_size=64
+    max_samples=2, min_size=64, max_size=256, ref_size=64,
+    opt_height=DEFAULT_SIZE["tiny"], opt_width=DEFAULT_SIZE["tiny"],
 )

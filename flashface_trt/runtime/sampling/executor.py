@@ -20,9 +20,10 @@ from typing import Any
 
 from PIL import Image
 
-from ..errors import FlashFaceError, InputError
+from ..errors import FlashFaceError
 from .batch import Member, RequestContext
 from .identities import Identity, array_key
+from .params import BATCH_ROWS
 from .request import GenerationRequest, face_mask, full_prompts, initial_noise
 from .sampler import StepPlan, plan
 
@@ -76,10 +77,8 @@ class Task:
 class StepExecutor:
     """Runs many requests on one backend, one batched step at a time (not thread-safe but `submit`)."""
 
-    def __init__(self, backend: Any, max_batch_rows: int = 12) -> None:
-        if max_batch_rows < 2:
-            raise InputError(f"max_batch_rows={max_batch_rows} must be at least 2", "max_batch_rows")
-        self.backend, self.max_batch_rows = backend, max_batch_rows
+    def __init__(self, backend: Any, max_batch_rows: int = BATCH_ROWS.default) -> None:
+        self.backend, self.max_batch_rows = backend, BATCH_ROWS.check(max_batch_rows)
         self.waiting: list[Task] = []
         self.active: list[Task] = []
         self.lock = threading.Lock()

@@ -1,12 +1,11 @@
-"""What a user asks for: parameters, named recipes, validation, prompts, face mask, references.
+"""What a user asks for: the request (its parameters in `params`), prompts, face mask, references.
 
-Torch-free so that every backend shares it. Prompt suffixes, the face-mask rule and the
-recipes follow the official demo (`flashface/all_finetune/demo_gradio.py`) and README.
+Torch-free so that every backend shares it. Prompt suffixes and the face-mask rule follow the
+official demo (`flashface/all_finetune/demo_gradio.py`).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -14,6 +13,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ..errors import InputError
+from .params import DEFAULT_SIZE, DEFAULTS, GUIDANCE, PARAMS, RECIPES, REQUEST, REQUEST_PARAMS, validate_bbox
 from .sampler import GuidanceParams
 
 DEFAULT_POSITIVE_SUFFIX = "best quality, masterpiece,ultra-detailed, UHD 4K, photographic"
@@ -24,8 +24,6 @@ DEFAULT_NEGATIVE = (
 )
 REFERENCE_SIZE = 224  # reference crops are padded to this square (official PadToSquare(224))
 MIN_REFERENCES = 4  # the demo pads fewer reference faces to this many
-MAX_SEED = 2**32 - 1
-MAX_SIDE = 4096
 
 
 @dataclass(frozen=True)
@@ -40,102 +38,25 @@ class GenerationRequest:
     """
 
     prompt: str
-    negative_prompt: str = ""
-    steps: int = 30
-    seed: int = 0
-    num_samples: int = 1
-    height: int = 768
-    width: int = 768
-    face_bbox: tuple[float, float, float, float] = (0.3, 0.2, 0.6, 0.5)
+    negative_prompt: str = DEFAULTS["negative_prompt"]
+    steps: int = DEFAULTS["steps"]
+    seed: int = DEFAULTS["seed"]
+    num_samples: int = DEFAULTS["num_samples"]
+    height: int = DEFAULT_SIZE["weights"]
+    width: int = DEFAULT_SIZE["weights"]
+    face_bbox: tuple[float, float, float, float] = RECIPES["identity"].face_bbox
     guidance: GuidanceParams = field(default_factory=GuidanceParams)
 
     def validated(self) -> GenerationRequest:
-        """Return self after checking every field; raises InputError naming the bad value and range."""
-        for name in ("steps", "seed", "num_samples", "height", "width"):
-            check_range(name, getattr(self, name))
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if value % 8:
-                raise InputError(f"{name}={value} must be a multiple of 8", name)
-        for name in ("prompt", "negative_prompt"):
-            if not isinstance(getattr(self, name), str):
-                raise InputError(f"{name} must be a string, got {type(getattr(self, name)).__name__}", name)
-        validate_bbox(self.face_bbox)
-        validate_guidance(self.guidance)
+        """Return self after checking every field by `REQUEST_PARAMS`; InputError names value and range."""
+        for name, value in self.values().items():
+            PARAMS[name].check(value)
         return self
 
-
-@dataclass(frozen=True)
-class Range:
-    """The accepted values of one request parameter: integers or finite numbers in [lo, hi]."""
-
-    lo: float
-    hi: float
-    integer: bool
-
-    def describe(self) -> str:
-        kind = "an integer" if self.integer else "a number"
-        lo, hi = (int(self.lo), int(self.hi)) if self.integer else (self.lo, self.hi)
-        return f"{kind} in [{lo}, {hi}]"
-
-
-# every numeric request parameter, by the name the CLI, the API and `GenerationRequest` use
-RANGES: dict[str, Range] = {
-    "steps": Range(1, 1000, True),
-    "seed": Range(0, MAX_SEED, True),
-    "num_samples": Range(1, 64, True),
-    "height": Range(8, MAX_SIDE, True),
-    "width": Range(8, MAX_SIDE, True),
-    # guidance: the official demo's sliders, widened where the model stays well defined
-    "text_guidance": Range(0.0, 30.0, False),
-    "face_guidance": Range(0.0, 10.0, False),
-    "ref_strength": Range(0.0, 3.0, False),
-    "ref_strength_before": Range(0.0, 3.0, False),
-    "step_to_launch": Range(0, 1000, True),
-    "guide_rescale": Range(0.0, 1.0, False),
-}
-
-
-def check_range(name: str, value: object) -> None:
-    """InputError naming `name`, `value` and the range unless `value` is in RANGES[name]."""
-    r = RANGES[name]
-    if r.integer:
-        ok = not isinstance(value, bool) and isinstance(value, (int, np.integer)) and r.lo <= value <= r.hi
-        if not ok:
-            raise InputError(f"{name}={value!r} must be {r.describe()}", name)
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InputError(f"{name}={value!r} must be a finite number in [{r.lo}, {r.hi}]", name)
-    if not r.lo <= value <= r.hi:
-        raise InputError(f"{name}={value!r} is out of range [{r.lo}, {r.hi}]", name)
-
-
-def validate_guidance(g: GuidanceParams) -> None:
-    """Every guidance value within its range in `RANGES`."""
-    for name in ("text_guidance", "face_guidance", "ref_strength", "ref_strength_before"):
-        check_range(name, getattr(g, name))
-    check_range("step_to_launch", g.step_to_launch)
-    check_range("guide_rescale", g.guide_rescale)
-
-
-def validate_bbox(bbox: Sequence[float]) -> tuple[float, float, float, float]:
-    """A normalised [x1, y1, x2, y2] with 0 <= x1 < x2 <= 1, 0 <= y1 < y2 <= 1, or all zeros."""
-    try:
-        values = tuple(float(v) for v in bbox)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"face_bbox={bbox!r} must be four numbers [x1, y1, x2, y2]", "face_bbox") from exc
-    if len(values) != 4 or not all(math.isfinite(v) for v in values):
-        raise InputError(f"face_bbox={bbox!r} must be four finite numbers [x1, y1, x2, y2]", "face_bbox")
-    if values == (0.0, 0.0, 0.0, 0.0):
-        return values
-    x1, y1, x2, y2 = values
-    if not (0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1):
-        raise InputError(
-            f"face_bbox={list(values)} must satisfy 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1 "
-            "(normalised coordinates), or be [0, 0, 0, 0] for no face position",
-            "face_bbox",
-        )
-    return (x1, y1, x2, y2)
+    def values(self) -> dict[str, Any]:
+        """Every field by its schema name, the guidance flattened (as validated and job records keep it)."""
+        fields = (p for p in REQUEST_PARAMS if p.group in (REQUEST, GUIDANCE))
+        return {p.name: getattr(self if p.group == REQUEST else self.guidance, p.name) for p in fields}
 
 
 def face_mask(bbox: Sequence[float], height: int, width: int) -> np.ndarray:
@@ -183,51 +104,21 @@ def initial_noise(
     return rng.standard_normal((num_samples, channels, height // factor, width // factor), dtype=np.float32)
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """A named set of parameters recommended by the official README."""
+def make_request(prompt: str, recipe: str | None = "identity", **given: Any) -> GenerationRequest:
+    """A validated request from flat parameters (the CLI's flags, batch-file keys, the API's JSON fields).
 
-    description: str
-    face_bbox: tuple[float, float, float, float]
-    guidance: GuidanceParams
-
-    def apply(self, request: GenerationRequest) -> GenerationRequest:
-        return replace(request, face_bbox=self.face_bbox, guidance=self.guidance)
-
-
-RECIPES: dict[str, Recipe] = {
-    "identity": Recipe(
-        "stable identity fidelity (official README; the default)",
-        (0.3, 0.2, 0.6, 0.5),
-        GuidanceParams(text_guidance=7.5, face_guidance=3.2, ref_strength=1.2, step_to_launch=750),
-    ),
-    "age": Recipe(
-        "changing the age: put the age words in the prompt, e.g. 'a very old woman' (official README)",
-        (0.3, 0.2, 0.6, 0.5),
-        GuidanceParams(text_guidance=8.5, face_guidance=2.5, ref_strength=0.9, step_to_launch=750),
-    ),
-}
-
-
-GUIDANCE_FIELDS = tuple(GuidanceParams.__dataclass_fields__)
-
-
-def make_request(prompt: str, recipe: str = "identity", **given: Any) -> GenerationRequest:
-    """A validated request from flat parameters (the CLI's flags, the API's JSON fields).
-
-    `given` holds any of GenerationRequest's fields and GuidanceParams' fields by name; None
-    means "the recipe's value / the default". Unknown names raise InputError.
+    `given` holds any REQUEST or GUIDANCE parameter of `REQUEST_PARAMS` by name; None means "the
+    recipe's value / the default". Unknown names raise InputError.
     """
-    if recipe not in RECIPES:
-        raise InputError(f"recipe={recipe!r} is not one of {sorted(RECIPES)}", "recipe")
-    known = set(GenerationRequest.__dataclass_fields__) - {"prompt", "guidance"}
-    unknown = sorted(set(given) - known - set(GUIDANCE_FIELDS))
+    recipe = PARAMS["recipe"].check(recipe or DEFAULTS["recipe"])
+    known = {p.name for p in REQUEST_PARAMS if p.group in (REQUEST, GUIDANCE)} - {"prompt"}
+    unknown = sorted(set(given) - known)
     if unknown:
         raise InputError(f"unknown request parameters {unknown}", unknown[0])
     values = {k: v for k, v in given.items() if v is not None}
     req = RECIPES[recipe].apply(GenerationRequest(prompt=prompt))
-    guidance = replace(req.guidance, **{k: v for k, v in values.items() if k in GUIDANCE_FIELDS})
-    fields = {k: v for k, v in values.items() if k in known}
+    guidance = replace(req.guidance, **{k: v for k, v in values.items() if PARAMS[k].group == GUIDANCE})
+    fields = {k: v for k, v in values.items() if PARAMS[k].group == REQUEST}
     if "face_bbox" in fields:
         fields["face_bbox"] = validate_bbox(fields["face_bbox"])
     return replace(req, guidance=guidance, **fields).validated()
