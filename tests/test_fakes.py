@@ -186,6 +186,31 @@ def test_events_time_stream_work(fakes):
     assert err == OK and ms >= 0
 
 
+def test_pinned_copies_read_the_host_when_they_execute_and_an_event_waits_for_its_stream_prefix(fakes):
+    rt = fakes.cuda
+    _, stream = rt.cudaStreamCreate()
+    _, event = rt.cudaEventCreate()
+    err, pinned = rt.cudaMallocHost(16)
+    assert err == OK and not rt.is_device(pinned)
+    staging = rt.pinned_view(pinned, 16).view(np.float32)
+    first, second = malloc(rt, 16), malloc(rt, 16)
+    staging[:] = 1.0
+    assert rt.cudaMemcpyAsync(first, pinned, 16, H2D, stream) == (OK,)
+    assert rt.cudaEventRecord(event, stream) == (OK,)
+    assert rt.cudaMemcpyAsync(second, pinned, 16, H2D, stream) == (OK,)
+    assert rt.cudaEventSynchronize(event) == (OK,)  # the first copy ran; the second is still queued
+    staging[:] = 2.0  # rewritten before the second copy executes: that copy reads 2
+    np.testing.assert_array_equal(download(rt, stream, first, 4), [1.0] * 4)
+    np.testing.assert_array_equal(download(rt, stream, second, 4), [2.0] * 4)
+    assert rt.cudaStreamBeginCapture(stream, 1) == (OK,)  # a copy from pinned memory may be captured
+    assert rt.cudaMemcpyAsync(first, pinned, 16, H2D, stream) == (OK,)
+    assert rt.cudaStreamEndCapture(stream)[0] == OK
+    assert rt.cudaMemcpyAsync(second, pinned, 16, H2D, stream) == (OK,)
+    assert rt.cudaFreeHost(pinned) == (OK,)  # it waits for the queued copy first
+    assert rt.cudaMemcpyAsync(second, pinned, 16, H2D, stream) == (OK,)  # now pageable: staged at the call
+    assert rt.cudaFreeHost(pinned) == (cudaError_t.cudaErrorInvalidValue,)
+
+
 # -- TensorRT -------------------------------------------------------------------------------------
 
 

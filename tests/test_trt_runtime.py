@@ -251,6 +251,30 @@ def test_a_request_alone_and_interleaved_give_the_same_latents(fakes, engines, f
     assert pixels(be.decode(x)).std() > 0
 
 
+# 11. no host sync per step: pinned staging buffers, rewritten once the event after their copies passed --
+def test_steps_never_wait_for_the_host_and_staging_is_rewritten_only_after_its_copies_ran(
+    fakes, engines, faces, monkeypatch
+):
+    from flashface_trt.runtime.backends.cuda import Event
+
+    be = backend(engines)
+    ida = register_identity(be, faces["a"])
+    den, x, steps = denoise_run(be, request(), ida)
+    first = be.to_host(sample(den, x, steps)).copy()  # captures the graphs, caches every step's K/V
+    den, x, _ = denoise_run(be, request(), ida)
+    syncs = []
+    sync = fakes.cuda.cudaStreamSynchronize
+    monkeypatch.setattr(fakes.cuda, "cudaStreamSynchronize", lambda s: syncs.append(s) or sync(s))
+    z = sample(den, x, steps)
+    assert not syncs and any(s.queue for s in fakes.cuda.streams.values())  # every step still queued
+    np.testing.assert_array_equal(be.to_host(z), first)
+    monkeypatch.setattr(Event, "synchronize", lambda self: None)  # broken: staging rewritten too early
+    den, x, _ = denoise_run(be, request(), ida)
+    broken = be.to_host(sample(den, x, steps))
+    assert np.abs(broken - first).max() > 0.1  # every step read the last step's timesteps and coefficients
+    assert not fakes.cuda.faults
+
+
 # step-level batching: requests of different identities and steps share the engines' steps ---------
 def test_mixed_batches_through_the_engines_equal_onnx_runtime(fakes, engines, ort, faces):
     from flashface_trt.runtime.sampling.executor import StepExecutor, Task

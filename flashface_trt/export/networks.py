@@ -16,6 +16,7 @@ from ..models.config import LATENT_SCALE
 from ..models.unet import FlashFaceUNet
 from ..runtime.artifacts.axes import REF_TOKENS, axis_range, check_axes
 from ..runtime.artifacts.spec import ExportShapes, NetworkSpec, TensorSpec
+from ..runtime.sampling.batch import STEP_INPUTS
 from ..runtime.sampling.guidance import STEP_COEFFICIENTS, batched_update
 from ..runtime.sampling.request import REFERENCE_SIZE
 
@@ -88,14 +89,7 @@ class UNetGraph(nn.Module):
     ):
         """eps [B, 4, h, w] float32 of every row; rows [:B_ref] attend to their group's references."""
         pairs = [(kv[2 * i], kv[2 * i + 1]) for i in range(len(kv) // 2)]
-        ix = {
-            "sample_rows": sample_rows,
-            "member_rows": member_rows,
-            "text_rows": text_rows,
-            "t": timestep,
-            "scale": ref_scale,
-            "group": ref_group,
-        }
+        ix = dict(zip(STEP_INPUTS, (sample_rows, member_rows, text_rows, timestep, ref_scale, ref_group)))
         return batch_eps(self.unet, x, texts.to(self.dtype), masks.to(self.dtype), ix, pairs).float()
 
 

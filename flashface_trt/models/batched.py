@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..runtime.sampling.batch import BatchPlan, Member
+from ..runtime.sampling.batch import BatchPlan, Member, cached_kv
 from ..runtime.sampling.guidance import batched_update
 from ..runtime.sampling.identities import ReferenceKVCache
 from .unet import FlashFaceUNet
@@ -22,20 +22,15 @@ KV = list[tuple[torch.Tensor, torch.Tensor]]
 
 def group_kv(unet: FlashFaceUNet, members: Sequence[Member], plan: BatchPlan, cache: ReferenceKVCache) -> KV:
     """Every group's reference K/V, stacked per layer as [G, R*L, C]: cached, or computed now."""
-    by_key = {m.kv_key: m for m in members}
-    found = {key: cache.get(key) for key in plan.groups}
-    missing = [key for key in plan.groups if found[key] is None]
-    if missing:
-        ms = [by_key[key] for key in missing]
+
+    def compute(ms: list[Member]) -> list[KV]:
         lat = torch.cat([m.ctx.identity.latents for m in ms])  # [G*R, 4, hr, wr], group after group
         t = torch.tensor([m.step.t for m in ms], device=lat.device, dtype=torch.long)  # [G]
         ctx = torch.cat([m.ctx.texts[1:2] for m in ms])  # [G, 77, C]: each group's negative prompt
         fresh = unet.reference_kv(unet.reference_features(lat, t, ctx), len(ms))
-        for g, key in enumerate(missing):
-            kv = [(k[g : g + 1].clone(), v[g : g + 1].clone()) for k, v in fresh]  # [1, R*L, C] each
-            cache.put(key, kv)
-            found[key] = kv
-    per_group: list[KV] = [found[key] for key in plan.groups]  # type: ignore[misc]  # all filled above
+        return [[(k[g : g + 1].clone(), v[g : g + 1].clone()) for k, v in fresh] for g in range(len(ms))]
+
+    per_group: list[KV] = cached_kv(members, plan, cache, compute)  # [1, R*L, C] each
     if len(per_group) == 1:
         return per_group[0]
     return [
@@ -45,17 +40,8 @@ def group_kv(unet: FlashFaceUNet, members: Sequence[Member], plan: BatchPlan, ca
 
 
 def indices(plan: BatchPlan, device: torch.device) -> dict[str, torch.Tensor]:
-    """The plan's index arrays and per-row values as tensors on `device`."""
-    return {
-        "sample_rows": torch.from_numpy(plan.sample_rows).to(device),
-        "text_rows": torch.from_numpy(plan.text_rows).to(device),
-        "member_rows": torch.from_numpy(plan.member_rows).to(device),
-        "t": torch.from_numpy(plan.t).to(device),
-        "scale": torch.from_numpy(plan.scale).to(device),
-        "group": torch.from_numpy(plan.group).to(device),
-        "guide": torch.from_numpy(plan.guide).to(device),
-        "coef": torch.from_numpy(plan.coef).to(device),
-    }
+    """The plan's index arrays and per-row values as tensors on `device`, by graph input name."""
+    return {name: torch.from_numpy(values).to(device) for name, values in plan.inputs().items()}
 
 
 def batch_eps(
@@ -67,8 +53,8 @@ def batch_eps(
     xb = x.to(dtype).index_select(0, ix["sample_rows"])  # [B, 4, h, w]
     mask = masks.index_select(0, ix["member_rows"])  # [B, 1, h, w]
     context = texts.index_select(0, ix["text_rows"])  # [B, 77, C]
-    ref = RefInputs(kv, ix["scale"].to(dtype), ix["group"])
-    return unet(xb, mask, ix["t"], context, ref)
+    ref = RefInputs(kv, ix["ref_scale"].to(dtype), ix["ref_group"])
+    return unet(xb, mask, ix["timestep"], context, ref)
 
 
 def step_members(

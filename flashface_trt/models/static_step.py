@@ -13,7 +13,6 @@ cancellation work between steps.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import torch
@@ -23,8 +22,6 @@ from ..runtime.sampling.batch import Member, PaddedPlan, pad_plan, plan_batch
 from ..runtime.sampling.guidance import batched_update
 from ..runtime.sampling.identities import ReferenceKVCache
 from .batched import KV, batch_eps, group_kv
-
-log = logging.getLogger(__name__)
 
 
 class TorchGraph:
@@ -72,7 +69,7 @@ class StaticBatch:
 
     def __init__(self, unet, padded: PaddedPlan, members: Sequence[Member], kv: KV) -> None:
         self.unet = unet
-        ref_b, rest_b, s_b, g_b, m_b = padded.key
+        _, _, s_b, g_b, m_b = padded.key
         first = members[0]
         dev, dtype = first.ctx.texts.device, first.ctx.texts.dtype
         h, w = first.x.shape[2:]
@@ -88,16 +85,8 @@ class StaticBatch:
                 )
                 for k, v in kv
             ]
-            rows = ref_b + rest_b
             self.ix = {
-                "sample_rows": torch.zeros(rows, device=dev, dtype=torch.long),
-                "text_rows": torch.zeros(rows, device=dev, dtype=torch.long),
-                "member_rows": torch.zeros(rows, device=dev, dtype=torch.long),
-                "t": torch.zeros(rows, device=dev),
-                "scale": torch.zeros(ref_b, device=dev),
-                "group": torch.zeros(ref_b, device=dev, dtype=torch.int32),
-                "guide": torch.zeros(3, s_b, device=dev, dtype=torch.long),
-                "coef": torch.zeros(s_b, padded.coef.shape[1], device=dev),
+                n: torch.zeros_like(torch.from_numpy(v), device=dev) for n, v in padded.inputs().items()
             }
 
     def load(self, padded: PaddedPlan, members: Sequence[Member], kv: KV) -> None:
@@ -110,11 +99,11 @@ class StaticBatch:
             k[: k_new.shape[0]].copy_(k_new)  # a cached identity: a copy; a new one: its ReferenceNet ran
             v[: v_new.shape[0]].copy_(v_new)
         pinned = self.x.device.type == "cuda"
-        for name, tensor in self.ix.items():
-            host = torch.from_numpy(getattr(padded, name))
+        for name, values in padded.inputs().items():
+            host = torch.from_numpy(values)
             if pinned:  # async: the caching host allocator keeps the block until the copy is done
                 host = host.pin_memory()
-            tensor.copy_(host, non_blocking=pinned)
+            self.ix[name].copy_(host, non_blocking=pinned)
 
     def body(self) -> None:
         """One batched step on the static tensors (no host values): what a CUDA graph records."""
@@ -141,5 +130,5 @@ class StaticSteps:
             old = next(iter(self.batches))
             self.graphs.discard(self.batches.pop(old).key)  # they read its tensors
         batch.load(padded, members, kv)
-        self.graphs.run((batch.key, None), batch.body)
+        self.graphs.run(batch.key, batch.body)
         return plan.split(batch.x[: plan.samples].clone())

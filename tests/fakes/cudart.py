@@ -1,10 +1,12 @@
 """A fake `cuda.bindings.runtime`: host memory with real addresses, ordered streams, captured graphs.
 
 Calls have cuda-python's signatures and return `(err, value...)` tuples. Work enqueued on a stream
-is recorded and executed in order when the host waits for it (stream/event/device sync, a
-synchronous copy, `cudaFree`); a copy from pageable host memory reads its source at the call, as
-CUDA stages it then. A stream under capture records work into a graph instead; `cudaGraphLaunch`
-replays the recorded work, which reads whatever the captured addresses hold at launch time.
+is recorded and executed in order when the host waits for it (stream/device sync, a synchronous
+copy, `cudaFree`, `cudaFreeHost`; an event sync runs its stream's work up to the event); a copy
+from pageable host memory reads its source at the call, as CUDA stages it then, while a copy from
+pinned memory (`cudaMallocHost`) reads it when it executes, and one to pinned memory returns at
+once. A stream under capture records work into a graph instead; `cudaGraphLaunch` replays the
+recorded work, which reads whatever the captured addresses hold at launch time.
 
 What a GPU refuses is refused: a synchronising call, an allocation or free, or a copy to or from
 pageable host memory while a stream captures (the capture is invalidated, `cudaStreamEndCapture`
@@ -16,12 +18,12 @@ then fails); a copy whose range leaves its allocation, touches freed memory or g
 from __future__ import annotations
 
 import bisect
-import ctypes
 import time
 from typing import Any
 
 import numpy as np
 
+from .cuda_memory import FakeMemory
 from .cuda_types import (
     ALIGN,
     GARBAGE,
@@ -43,7 +45,7 @@ from .cuda_types import (
 __all__ = ["ALIGN", "FakeCudaRuntime", "Fault", "Op", "cudaError_t"]
 
 
-class FakeCudaRuntime:
+class FakeCudaRuntime(FakeMemory):
     """The module object installed as `cuda.bindings.runtime` (one per test)."""
 
     cudaError_t = cudaError_t
@@ -53,59 +55,17 @@ class FakeCudaRuntime:
     cudaStream_t = cudaStream_t
 
     def __init__(self) -> None:
+        super().__init__()
         self.__name__ = "cuda.bindings.runtime"
-        self.allocs: dict[int, np.ndarray] = {}  # base address -> its bytes
-        self.bases: list[int] = []  # sorted live bases
-        self.freed: list[tuple[int, int]] = []  # (base, size) of freed allocations
-        self._graveyard: list[np.ndarray] = []  # freed bytes stay reserved: no host array reuses them
         self.streams: dict[int, StreamState] = {}
         self.graphs: dict[int, list[Op]] = {}
         self.execs: dict[int, list[Op]] = {}
         self.events: dict[int, float | None] = {}
+        self.recorded: dict[int, Op] = {}  # event -> its last record op
         self.sticky = cudaError_t.cudaSuccess
         self.faults: list[str] = []  # what went wrong, in words (tests read them)
         self.launches = 0  # cudaGraphLaunch calls that succeeded
         self.device_count = 1
-
-    # -- memory -------------------------------------------------------------------------------
-    def _alloc_of(self, ptr: int) -> tuple[int, np.ndarray] | None:
-        i = bisect.bisect_right(self.bases, ptr) - 1
-        if i < 0:
-            return None
-        base = self.bases[i]
-        buf = self.allocs[base]
-        return (base, buf) if ptr < base + buf.size else None
-
-    def is_device(self, ptr: int) -> bool:
-        return self._alloc_of(ptr) is not None or any(b <= ptr < b + n for b, n in self.freed)
-
-    def device_view(self, ptr: int, nbytes: int) -> np.ndarray:
-        """Bytes [ptr, ptr + nbytes) of one live allocation; Fault if freed, unallocated, out of bounds."""
-        found = self._alloc_of(ptr)
-        if found is None:
-            was_freed = any(b <= ptr < b + n for b, n in self.freed)
-            what = "freed" if was_freed else "unallocated"
-            raise Fault(cudaError_t.cudaErrorIllegalAddress, f"access to {what} device memory at {ptr:#x}")
-        base, buf = found
-        off = ptr - base
-        if off + nbytes > buf.size:
-            raise Fault(
-                cudaError_t.cudaErrorIllegalAddress,
-                f"{nbytes} bytes at {ptr:#x} run {off + nbytes - buf.size} bytes past an allocation of "
-                f"{buf.size} bytes",
-            )
-        return buf[off : off + nbytes]
-
-    @staticmethod
-    def host_view(ptr: int, nbytes: int) -> np.ndarray:
-        return np.ctypeslib.as_array((ctypes.c_uint8 * max(nbytes, 1)).from_address(ptr))[:nbytes]
-
-    def read(self, ptr: int, nbytes: int) -> bytes:
-        return self.device_view(ptr, nbytes).tobytes()
-
-    def write(self, ptr: int, data: bytes | np.ndarray) -> None:
-        raw = np.frombuffer(bytes(data) if not isinstance(data, np.ndarray) else data.tobytes(), np.uint8)
-        self.device_view(ptr, raw.size)[:] = raw
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def _fail(self, code: cudaError_t, message: str) -> cudaError_t:
@@ -209,6 +169,29 @@ class FakeCudaRuntime:
         self._graveyard.append(buf)
         return (cudaError_t.cudaSuccess,)
 
+    def cudaMallocHost(self, size: int):
+        if self.sticky:
+            return (self.sticky, None)
+        err = self._unsafe("cudaMallocHost")
+        if err:
+            return (err, None)
+        raw = np.full(size + ALIGN, GARBAGE, np.uint8)
+        base = (raw.ctypes.data + ALIGN - 1) // ALIGN * ALIGN
+        self.pinned[base] = raw[base - raw.ctypes.data : base - raw.ctypes.data + size]
+        return (cudaError_t.cudaSuccess, base)
+
+    def cudaFreeHost(self, ptr: int):
+        if self.sticky:
+            return (self.sticky,)
+        err = self._unsafe("cudaFreeHost") or self._flush_all()  # it synchronises the device first
+        if err:
+            return (err,)
+        buf = self.pinned.pop(int(ptr), None)
+        if buf is None:
+            return (self._fail(cudaError_t.cudaErrorInvalidValue, f"cudaFreeHost of {int(ptr):#x}"),)
+        self._graveyard.append(buf)
+        return (cudaError_t.cudaSuccess,)
+
     def _copy_op(self, dst: int, src: int, count: int, kind: cudaMemcpyKind) -> Op | cudaError_t:
         """Check a copy now (pointer kinds, bounds, liveness); the op performs it later."""
         h2d, d2h = cudaMemcpyKind.cudaMemcpyHostToDevice, cudaMemcpyKind.cudaMemcpyDeviceToHost
@@ -224,15 +207,16 @@ class FakeCudaRuntime:
                 return self._fail(
                     cudaError_t.cudaErrorInvalidValue, f"{kind.name}: {role} {ptr:#x} is device memory"
                 )
+        if kind == h2d and self.pinned_view(src, count) is not None:  # read when the copy executes
+            return Op(f"{kind.name} {count} B", lambda replay: self.write(dst, self._pinned(src, count)))
         if kind == h2d:  # pageable host memory is staged at the call
             staged = self.host_view(src, count).copy()
             return Op(f"{kind.name} {count} B", lambda replay: self.write(dst, staged))
+        if kind == d2h and self.pinned_view(dst, count) is not None:
+            return Op(f"{kind.name} {count} B", lambda replay: self._to_pinned(dst, src, count))
         if kind == d2h:
             return Op(f"{kind.name} {count} B", lambda replay: self._to_host(dst, src, count))
         return Op(f"{kind.name} {count} B", lambda replay: self.write(dst, self.read(src, count)))
-
-    def _to_host(self, dst: int, src: int, count: int) -> None:
-        self.host_view(dst, count)[:] = self.device_view(src, count)
 
     def cudaMemcpyAsync(self, dst: int, src: int, count: int, kind: cudaMemcpyKind, stream: Any):
         if self.sticky:
@@ -243,13 +227,15 @@ class FakeCudaRuntime:
             return (
                 self._fail(cudaError_t.cudaErrorInvalidResourceHandle, "cudaMemcpyAsync: unknown stream"),
             )
-        if s.capture is not None and kind != cudaMemcpyKind.cudaMemcpyDeviceToDevice:
+        d2d = kind == cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        if s.capture is not None and not d2d and not self._host_side_pinned(int(dst), int(src), count, kind):
             s.capture.invalidated = s.capture.invalidated or f"{kind.name} copy (pageable host memory)"
             return (self._fail(cudaError_t.cudaErrorStreamCaptureUnsupported, f"{kind.name} during capture"),)
         op = self._copy_op(int(dst), int(src), int(count), kind)
         if not isinstance(op, Op):
             return (op,)
-        if kind == cudaMemcpyKind.cudaMemcpyDeviceToHost:  # to pageable memory: returns when done
+        if kind == cudaMemcpyKind.cudaMemcpyDeviceToHost and self.pinned_view(int(dst), count) is None:
+            # to pageable memory: returns when done
             s.queue.append(op)
             return (self._flush(s),)
         return (self.enqueue(stream, op),)
@@ -370,13 +356,23 @@ class FakeCudaRuntime:
         def stamp(replay: bool) -> None:
             self.events[int(event)] = time.perf_counter()
 
-        return (self.enqueue(stream, Op("event record", stamp)),)
+        self.recorded[int(event)] = op = Op("event record", stamp)
+        return (self.enqueue(stream, op),)
 
     def cudaEventSynchronize(self, event: Any):
+        """Run the work of the event's stream up to its record (work after it stays queued)."""
         if self.sticky:
             return (self.sticky,)
         err = self._unsafe("cudaEventSynchronize")
-        return (err or self._flush_all(),)
+        if err:
+            return (err,)
+        op = self.recorded.get(int(event))
+        for s in self.streams.values():
+            i = next((i for i, queued in enumerate(s.queue) if queued is op), None)
+            if i is not None:
+                ops, s.queue = s.queue[: i + 1], s.queue[i + 1 :]
+                return (self._execute(ops, replay=False),)
+        return (cudaError_t.cudaSuccess,)  # done already, or never recorded
 
     def cudaEventElapsedTime(self, start: Any, end: Any):
         t0, t1 = self.events.get(int(start)), self.events.get(int(end))

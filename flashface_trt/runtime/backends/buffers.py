@@ -1,8 +1,8 @@
-"""Buffer plans of the engine runtime: K/V wiring between the ReferenceNet and UNet engines (pure).
+"""K/V wiring between the ReferenceNet and UNet engines (pure).
 
-The engine runtime allocates its buffers from the axis table (`axes.io_shapes`) once per request
-shape: the UNet's at the 3-way batch (2-way steps use a prefix), the ReferenceNet's K/V outputs
-with exactly the UNet's K/V input shapes, so that the same device buffers serve both engines.
+The engine runtime allocates static buffers per padded batch (`axes.io_shapes` of its `LoopDims`)
+and copies each group's ReferenceNet K/V into the UNet's K/V inputs, row `group` of each: the
+ReferenceNet's outputs must have exactly those inputs' names, shapes and dtypes.
 """
 
 from __future__ import annotations

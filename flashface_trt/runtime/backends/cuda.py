@@ -6,6 +6,7 @@ functions, which check every returned error code and raise `CudaError` naming th
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -64,15 +65,26 @@ def device_info(device: int = 0) -> DeviceInfo:
 
 
 class DeviceBuffer:
-    """`nbytes` of device memory (cudaMalloc), freed by `free()` or when collected."""
+    """`nbytes` of device memory (cudaMalloc) or, `pinned`, of page-locked host memory (cudaMallocHost:
+    async copies read it when they execute), freed by `free()` or when collected."""
 
-    def __init__(self, nbytes: int) -> None:
+    def __init__(self, nbytes: int, pinned: bool = False) -> None:
         self.nbytes = max(int(nbytes), 1)
-        self.ptr: int = int(check(_rt().cudaMalloc(self.nbytes), f"cudaMalloc({self.nbytes})"))
+        self.pinned = pinned
+        call = "cudaMallocHost" if pinned else "cudaMalloc"
+        self.ptr: int = int(check(getattr(_rt(), call)(self.nbytes), f"{call}({self.nbytes})"))
+
+    def host_array(self, offset: int, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        """A NumPy view of pinned bytes from `offset` (what the host fills before an async copy)."""
+        count = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if not self.pinned or offset + count > self.nbytes:
+            raise CudaError(f"{count} bytes at {offset} are outside pinned memory of {self.nbytes} bytes")
+        return np.frombuffer((ctypes.c_uint8 * count).from_address(self.ptr + offset), dtype).reshape(shape)
 
     def free(self) -> None:
         if self.ptr:
-            check(_rt().cudaFree(self.ptr), "cudaFree")
+            call = "cudaFreeHost" if self.pinned else "cudaFree"
+            check(getattr(_rt(), call)(self.ptr), call)
             self.ptr = 0
 
     def __del__(self) -> None:
@@ -93,8 +105,22 @@ class Stream:
         check(_rt().cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
 
 
+class Event:
+    """A CUDA event: `record(stream)` marks the work queued so far, `synchronize()` waits for it."""
+
+    def __init__(self) -> None:
+        self.event = check(_rt().cudaEventCreate(), "cudaEventCreate")
+
+    def record(self, stream: Stream) -> None:
+        check(_rt().cudaEventRecord(self.event, stream.stream), "cudaEventRecord")
+
+    def synchronize(self) -> None:
+        """Wait for the recorded work (at once if nothing was recorded)."""
+        check(_rt().cudaEventSynchronize(self.event), "cudaEventSynchronize")
+
+
 def copy_to_device(dst: int, src: np.ndarray, stream: Stream) -> None:
-    """Host array -> device pointer (async on `stream`; keep `src` alive until the stream syncs)."""
+    """Host array -> device pointer (async on `stream`; a pinned `src` is read when the copy executes)."""
     rt = _rt()
     src = np.ascontiguousarray(src)
     kind = rt.cudaMemcpyKind.cudaMemcpyHostToDevice

@@ -4,7 +4,7 @@ A graphed backend runs the same per-step body on static buffers for every reques
 `StepGraphs.run(key, body)` runs it eagerly the first time a key is seen (the warm-up: lazy
 initialisation and workspaces happen outside any capture), captures it the second time and
 replays the captured graph from then on. Graphs are kept per key in a bounded LRU and destroyed
-when evicted or when the buffers they read are replaced (`clear`). Without a capturer (the CPU)
+when evicted or when the buffers they read are freed (`discard`). Without a capturer (the CPU)
 the body simply runs. Pattern of gpt-fast / stable-fast: capture per static shape, replay after.
 """
 
@@ -37,7 +37,7 @@ class Capturer(Protocol):
 
 
 class StepGraphs:
-    """Captured step bodies by key (shapes and batch layout): eager once, then capture, then replay."""
+    """Captured step bodies by key (the static buffers' shapes): eager once, then capture, then replay."""
 
     def __init__(self, capturer: Capturer | None, max_graphs: int = 8) -> None:
         if max_graphs < 1:
@@ -69,14 +69,8 @@ class StepGraphs:
             self.warm.discard(old)
         graph.replay()
 
-    def discard(self, shape: Hashable) -> None:
-        """Destroy the graphs of one shape (keys `(shape, layout)`): the buffers they read are going."""
-        for key in [k for k in self.graphs if isinstance(k, tuple) and k[0] == shape]:
+    def discard(self, key: Hashable) -> None:
+        """Destroy the graph of `key` and forget its warm-up: the static buffers it reads are going."""
+        if key in self.graphs:
             self.graphs.pop(key).destroy()
-        self.warm = {k for k in self.warm if not (isinstance(k, tuple) and k[0] == shape)}
-
-    def clear(self) -> None:
-        for graph in self.graphs.values():
-            graph.destroy()
-        self.graphs.clear()
-        self.warm.clear()
+        self.warm.discard(key)

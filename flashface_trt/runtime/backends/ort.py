@@ -18,7 +18,7 @@ from ..artifacts.exports import UNET_GRAPHS, export_specs, read_export, referenc
 from ..artifacts.spec import NetworkSpec
 from ..errors import FlashFaceError, InputError, WeightsError
 from ..faces.ort_detector import OrtDetector
-from ..sampling.batch import BatchPlan, Member, RequestContext, plan_batch
+from ..sampling.batch import BatchPlan, Member, RequestContext, cached_kv, plan_batch
 from ..sampling.guidance import batched_update, guided_x0
 from ..sampling.identities import DEFAULT_KV_CACHE_BYTES, Identity, ReferenceKVCache
 from ..sampling.sampler import GuidanceParams, StepPlan
@@ -37,10 +37,10 @@ PROVIDERS = {
 class OrtSettings:
     """ONNX Runtime options.
 
-    provider: 'cpu', 'cuda' (with I/O binding: reference K/V stay on the device between the
-    ReferenceNet and UNet sessions) or 'tensorrt' (ONNX Runtime's TensorRT provider, fp16, engine
-    cache and profiles from the export's specs); threads: intra-op threads (0 = ONNX Runtime's
-    choice); kv_cache_bytes: budget of the reference K/V cache.
+    provider: 'cpu', 'cuda' (I/O binding: one group's reference K/V stay on the device between the
+    ReferenceNet and UNet sessions, unverified: `OrtBackend.group_kv`) or 'tensorrt' (ONNX Runtime's
+    TensorRT provider, fp16, engine cache and profiles from the export's specs); threads: intra-op
+    threads (0 = ONNX Runtime's choice); kv_cache_bytes: budget of the reference K/V cache.
     """
 
     provider: str = "cpu"
@@ -220,38 +220,36 @@ class OrtBackend:
 
     def group_kv(self, members: Sequence[Member], plan: BatchPlan) -> dict[str, Any]:
         """Every group's reference K/V stacked per tensor [G, R*L, C]: cached, or one ReferenceNet call
-        for all the groups that are not (each with its own timestep and negative prompt)."""
-        by_key = {m.kv_key: m for m in members}
-        found = {key: self.kv_cache.get(key) for key in plan.groups}
-        missing = [key for key in plan.groups if found[key] is None]
-        if missing:
-            ms = [by_key[key] for key in missing]
+        for all the groups that are not (each with its own timestep and negative prompt).
+
+        On a GPU provider one group's K/V stay on the device from the ReferenceNet's output to the
+        UNet's input (I/O binding); several groups are split and stacked on the host. (onnxruntime-gpu
+        cannot be installed where this is tested: the device path is unverified.)
+        """
+
+        def compute(ms: list[Member]) -> list[dict[str, Any]]:
             fresh = self.sessions["reference_net"].run(
-                ref_latents=np.concatenate([_host(m.ctx.identity.latents) for m in ms]),
+                ref_latents=np.concatenate([m.ctx.identity.latents for m in ms]),
                 timestep=np.asarray([m.step.t for m in ms], np.float32),
-                context=np.concatenate([_host(m.ctx.texts)[1:2] for m in ms]),
+                context=np.concatenate([m.ctx.texts[1:2] for m in ms]),
             )
-            for g, key in enumerate(missing):
-                kv = {name: _host(v)[g : g + 1].copy() for name, v in fresh.items()}
-                self.kv_cache.put(key, kv)
-                found[key] = kv
-        groups: list[dict[str, Any]] = [found[key] for key in plan.groups]  # type: ignore[misc]  # all filled
+            if len(ms) == 1:
+                return [fresh]  # [1, R*L, C] each, device OrtValues on a GPU provider
+            return [{name: _host(v)[g : g + 1].copy() for name, v in fresh.items()} for g in range(len(ms))]
+
+        groups = cached_kv(members, plan, self.kv_cache, compute)
         if len(groups) == 1:
             return groups[0]
         return {name: np.concatenate([_host(g[name]) for g in groups]) for name in groups[0]}
 
     def batch_eps(self, members: Sequence[Member], plan: BatchPlan) -> np.ndarray:
         """Raw model output of every row of a batched step [B, 4, h, w]."""
-        out = self.sessions["unet"].run(
+        unet = self.sessions["unet"]
+        out = unet.run(
             x=np.concatenate([m.x for m in members]),
             masks=np.concatenate([m.ctx.mask for m in members]),
-            texts=np.concatenate([_host(m.ctx.texts) for m in members]),
-            sample_rows=plan.sample_rows.astype(np.int32),
-            member_rows=plan.member_rows.astype(np.int32),
-            text_rows=plan.text_rows.astype(np.int32),
-            timestep=plan.t,
-            ref_scale=plan.scale,
-            ref_group=plan.group,
+            texts=np.concatenate([m.ctx.texts for m in members]),
+            **{name: v for name, v in plan.inputs().items() if name in unet.spec.input_names},
             **self.group_kv(members, plan),
         )
         return out["eps"]

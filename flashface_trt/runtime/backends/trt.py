@@ -3,17 +3,19 @@
 A step is one body over static device buffers of a padded batch (`runtime.batch.pad_plan`): the
 UNet engine gathers every row from the requests' latents, masks and prompt embeddings (the plan's
 index arrays), attends each reference row to its group's K/V, and the update engine (`step`, the
-exported `runtime.guidance.batched_update`) moves every sample to its next step; x_next is copied
-back into x. Before the body runs, the batch's values (latents, masks, texts, index arrays, per-row
-timesteps and λ, per-sample coefficients, each group's K/V) are copied into the static buffers,
-so one captured graph per (bucket, image size, references) serves every step of every batch
-(`graphs.StepGraphs`, one execution context per captured graph). No torch.
+exported `runtime.guidance.batched_update`) moves every sample to its next step; each request's
+x_next is copied from there into its own buffer. Before the body runs, the batch's values
+(latents, masks, texts, each group's K/V; the host index arrays, per-row timesteps and λ and
+per-sample coefficients through pinned staging buffers) are copied into the static buffers, so
+one captured graph per (bucket, image size, references) serves every step of every batch
+(`graphs.StepGraphs`, one execution context per captured graph). The host does not wait for a
+step: the stream orders the work, and a step waits only for the event recorded after the previous
+step's copies before it rewrites staging buffers. No torch.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,23 +28,29 @@ from ..artifacts.engines import GpuIdentity, check_engine, tensorrt_version
 from ..artifacts.exports import reference_size
 from ..artifacts.spec import NetworkSpec
 from ..errors import WeightsError
-from ..sampling.batch import BatchPlan, Member, PaddedPlan, RequestContext, pad_plan, plan_batch
+from ..sampling.batch import (
+    STEP_INPUTS,
+    BatchPlan,
+    Member,
+    PaddedPlan,
+    RequestContext,
+    cached_kv,
+    pad_plan,
+    plan_batch,
+)
 from ..sampling.guidance import STEP_COEFFICIENTS
 from ..sampling.identities import DEFAULT_KV_CACHE_BYTES, Identity, ReferenceKVCache
 from ..sampling.sampler import GuidanceParams, StepPlan
 from ..sampling.tokenizer import ClipTokenizer
 from .buffers import check_kv_wiring
-from .cuda import DeviceBuffer, Stream, copy_device, copy_to_device, copy_to_host, device_info
+from .cuda import DeviceBuffer, Event, Stream, copy_device, copy_to_device, copy_to_host, device_info
 from .graphs import StepGraphs
-from .trt_engine import EAGER, DeviceTensor, Engine, TrtCapture
-
-log = logging.getLogger(__name__)
-
-INDEX_INPUTS = ("sample_rows", "member_rows", "text_rows", "ref_group", "guide")
+from .trt_engine import ALIGN, EAGER, DeviceTensor, Engine, TrtCapture
 
 
 class BatchState:
-    """Static buffers of one padded batch: every input and output of the UNet and update engines."""
+    """Static buffers of one padded batch: every input and output of the UNet and update engines,
+    and pinned staging (`host`) of its host inputs and x."""
 
     def __init__(self, backend: TrtBackend, dims: LoopDims) -> None:
         self.dims = dims
@@ -53,6 +61,13 @@ class BatchState:
                 if t.name not in self.buf:  # x and eps are shared by the two engines
                     self.buf[t.name] = DeviceTensor.empty(shapes[t.name], t.dtype)
         self.kv_names = [t.name for t in backend.specs["reference_net"].outputs]
+        staged = {name: self.buf[name] for name in (*STEP_INPUTS, "x")}
+        sizes = [-(-t.nbytes // ALIGN) * ALIGN for t in staged.values()]
+        self.pinned = DeviceBuffer(sum(sizes), pinned=True)
+        starts = np.cumsum([0, *sizes[:-1]]).tolist()
+        self.host = {
+            n: self.pinned.host_array(o, t.shape, t.dtype) for (n, t), o in zip(staged.items(), starts)
+        }
 
 
 def _slot(t: DeviceTensor, index: int) -> int:
@@ -107,6 +122,7 @@ class TrtBackend:
         self.max_shapes = max_shapes
         self.states: OrderedDict[LoopDims, BatchState] = OrderedDict()
         self.graphs = StepGraphs(TrtCapture(self.stream), max_shapes)
+        self.copied = Event()  # recorded after a step's copies from its staging buffers
 
     @property
     def tokenizer(self) -> ClipTokenizer:
@@ -132,94 +148,84 @@ class TrtBackend:
             old, _ = self.states.popitem(last=False)
             self.graphs.discard(old)  # they read its buffers
             for engine in self.engines.values():
-                for ctx_key in [c for c in engine.contexts if c != EAGER and c[0] == old]:
-                    del engine.contexts[ctx_key]
+                engine.contexts.pop(old, None)
         return st
 
     def group_kv(self, members: Sequence[Member], plan: BatchPlan) -> list[dict[str, DeviceTensor]]:
         """Every group's K/V ({name: [1, R*L, C]}): cached, or one ReferenceNet call for the rest."""
-        by_key = {m.kv_key: m for m in members}
-        found = {key: self.kv_cache.get(key) for key in plan.groups}
-        missing = [key for key in plan.groups if found[key] is None]
-        if missing:
-            ms = [by_key[key] for key in missing]
-            first = ms[0].ctx.identity.latents
-            r = first.shape[0]
-            lat = DeviceTensor.empty((len(ms) * r, *first.shape[1:]), first.dtype)
-            ctx = DeviceTensor.empty((len(ms), *ms[0].ctx.texts.shape[1:]), "float32")
-            for g, m in enumerate(ms):
-                copy_device(
-                    _slot(lat, g * r), m.ctx.identity.latents.ptr, m.ctx.identity.latents.nbytes, self.stream
-                )
-                copy_device(_slot(ctx, g), _slot(m.ctx.texts, 1), ctx.nbytes // len(ms), self.stream)
-            t = np.asarray([m.step.t for m in ms], np.float32)
-            dims = LoopDims(1, 8, 8, r, groups=len(ms))
-            fresh = self._run_host("reference_net", dims, ref_latents=lat, timestep=t, context=ctx)
-            for g, key in enumerate(missing):
-                kv = {}
-                for name, value in fresh.items():
-                    kv[name] = DeviceTensor.empty((1, *value.shape[1:]), value.dtype)
-                    copy_device(kv[name].ptr, _slot(value, g), kv[name].nbytes, self.stream)
-                self.stream.synchronize()
-                self.kv_cache.put(key, kv)
-                found[key] = kv
-        return [found[key] for key in plan.groups]  # type: ignore[misc]
+        return cached_kv(members, plan, self.kv_cache, self._reference_kv)
+
+    def _reference_kv(self, ms: list[Member]) -> list[dict[str, DeviceTensor]]:
+        """One ReferenceNet call for the groups of `ms` (one member each): each group's K/V."""
+        first = ms[0].ctx.identity.latents
+        r = first.shape[0]
+        lat = DeviceTensor.empty((len(ms) * r, *first.shape[1:]), first.dtype)  # [G*R, 4, hr, wr]
+        ctx = DeviceTensor.empty((len(ms), *ms[0].ctx.texts.shape[1:]), "float32")  # [G, 77, C]
+        for g, m in enumerate(ms):
+            src = m.ctx.identity.latents
+            copy_device(_slot(lat, g * r), src.ptr, src.nbytes, self.stream)
+            copy_device(_slot(ctx, g), _slot(m.ctx.texts, 1), ctx.nbytes // len(ms), self.stream)
+        t = np.asarray([m.step.t for m in ms], np.float32)
+        dims = LoopDims(1, 8, 8, r, groups=len(ms))
+        fresh = self._run_host("reference_net", dims, ref_latents=lat, timestep=t, context=ctx)
+        if len(ms) == 1:
+            return [fresh]  # [1, R*L, C] already
+        per_group = [
+            {n: DeviceTensor.empty((1, *v.shape[1:]), v.dtype) for n, v in fresh.items()} for _ in ms
+        ]
+        for g, kv in enumerate(per_group):
+            for name, value in kv.items():
+                copy_device(value.ptr, _slot(fresh[name], g), value.nbytes, self.stream)
+        return per_group
 
     def _load(self, st: BatchState, members: Sequence[Member], padded: PaddedPlan) -> None:
-        """Copy a batch's values into the static buffers (device copies; host index arrays)."""
+        """Copy a batch's values into the static buffers: device copies, and host values through the
+        pinned staging buffers once the previous step's copies from them have run (no host sync)."""
         b, plan = st.buf, padded.plan
+        self.copied.synchronize()  # the stream is in order: every earlier copy has run too
         for i, (m, first) in enumerate(zip(members, plan.offsets)):
             if isinstance(m.x, DeviceTensor):
                 copy_device(_slot(b["x"], first), m.x.ptr, m.x.nbytes, self.stream)
-            else:
-                copy_to_device(_slot(b["x"], first), np.ascontiguousarray(m.x, np.float32), self.stream)
+            else:  # noise from the host: the first step
+                staged = st.host["x"][first : first + m.samples]
+                staged[...] = m.x
+                copy_to_device(_slot(b["x"], first), staged, self.stream)
             copy_device(_slot(b["masks"], i), m.ctx.mask.ptr, m.ctx.mask.nbytes, self.stream)
             copy_device(_slot(b["texts"], 2 * i), m.ctx.texts.ptr, m.ctx.texts.nbytes, self.stream)
         for g, kv in enumerate(self.group_kv(members, plan)):
             for name in st.kv_names:
                 copy_device(_slot(b[name], g), kv[name].ptr, kv[name].nbytes, self.stream)
-        host = {
-            "sample_rows": padded.sample_rows,
-            "member_rows": padded.member_rows,
-            "text_rows": padded.text_rows,
-            "timestep": padded.t,
-            "ref_scale": padded.scale,
-            "ref_group": padded.group,
-            "guide": padded.guide,
-            "coef": padded.coef,
-        }
-        for name, values in host.items():
-            copy_to_device(b[name].ptr, np.ascontiguousarray(values, b[name].dtype), self.stream)
-        self.stream.synchronize()  # the host arrays above (and the noise) must outlive their copies
+        for name, values in padded.inputs().items():
+            st.host[name][...] = values
+            copy_to_device(b[name].ptr, st.host[name], self.stream)
+        self.copied.record(self.stream)
 
     def step_body(self, st: BatchState) -> None:
         """One batched step on the static buffers: what a CUDA graph records."""
-        key = (st.dims, None)
         for name in ("unet", "step"):
             spec = self.specs[name]
             self.run(
                 name,
-                key,
+                st.dims,
                 io_shapes(spec, st.dims),
                 {t.name: st.buf[t.name].ptr for t in (*spec.inputs, *spec.outputs)},
             )
-        copy_device(st.buf["x"].ptr, st.buf["x_next"].ptr, st.buf["x"].nbytes, self.stream)
 
     def step(self, members: Sequence[Member]) -> list[DeviceTensor]:
-        """One batched step: every member's next x, in a buffer of its request."""
+        """One batched step: every member's next x, copied from the step's output into its own buffer."""
         plan = plan_batch(members)
         padded = pad_plan(plan, len(members))
         _, _, h, w = members[0].x.shape
         dims = LoopDims.of(padded.key, h, w, members[0].ctx.identity.num_refs)
         st = self.state(dims)
         self._load(st, members, padded)
-        self.graphs.run((dims, None), lambda: self.step_body(st))
+        self.graphs.run(dims, lambda: self.step_body(st))
         outs = []
         for m, first in zip(members, plan.offsets):
             out = m.ctx.scratch.get("x")
             if out is None or out.shape != tuple(m.x.shape):
                 out = m.ctx.scratch["x"] = DeviceTensor.empty(tuple(m.x.shape), "float32")
-            copy_device(out.ptr, _slot(st.buf["x"], first), out.nbytes, self.stream)
+            copy_device(out.ptr, _slot(st.buf["x_next"], first), out.nbytes, self.stream)
             outs.append(out)
         return outs
 
@@ -237,17 +243,12 @@ class TrtBackend:
         shapes = io_shapes(spec, dims)
         shapes.update({k: tuple(v.shape) for k, v in inputs.items()})
         spec.check_shapes({t.name: shapes[t.name] for t in spec.inputs})
-        ptrs = {}
-        for t in spec.inputs:
-            value = inputs[t.name]
-            if isinstance(value, DeviceTensor):
-                ptrs[t.name] = value.ptr
-                continue
-            dev = DeviceTensor.empty(shapes[t.name], t.dtype)
-            copy_to_device(dev.ptr, value.astype(t.dtype), self.stream)
-            ptrs[t.name], inputs[t.name] = dev.ptr, dev  # keep the device copy alive until the sync
+        dev = {
+            t.name: v if isinstance(v := inputs[t.name], DeviceTensor) else self.upload(v, t.dtype)
+            for t in spec.inputs
+        }
         outs = {t.name: DeviceTensor.empty(shapes[t.name], t.dtype) for t in spec.outputs}
-        self.run(name, EAGER, shapes, {**ptrs, **{k: v.ptr for k, v in outs.items()}})
+        self.run(name, EAGER, shapes, {k: v.ptr for k, v in {**dev, **outs}.items()})
         self.stream.synchronize()
         return outs
 
@@ -262,10 +263,12 @@ class TrtBackend:
 
     def latents_from_host(self, latents: np.ndarray) -> DeviceTensor:
         """Stored reference latents [R, 4, hr, wr] onto the device (the VAE encoder's dtype)."""
-        dtype = next(t.dtype for t in self.specs["vae_encoder"].outputs)
-        out = DeviceTensor.empty(tuple(latents.shape), dtype)
-        copy_to_device(out.ptr, np.ascontiguousarray(latents, dtype), self.stream)
-        self.stream.synchronize()
+        return self.upload(latents, next(t.dtype for t in self.specs["vae_encoder"].outputs))
+
+    def upload(self, values: np.ndarray, dtype: str) -> DeviceTensor:
+        """A host array in a new device tensor (a pageable source is staged at the call: it may go)."""
+        out = DeviceTensor.empty(tuple(values.shape), dtype)
+        copy_to_device(out.ptr, np.ascontiguousarray(values, dtype), self.stream)
         return out
 
     def encode_text(self, ids: np.ndarray) -> DeviceTensor:
@@ -305,11 +308,7 @@ class TrtBackend:
     def decode(self, z: np.ndarray | DeviceTensor) -> np.ndarray:
         """Latents [N, 4, h, w] (host or device) -> uint8 images [N, 8h, 8w, 3]."""
         n, _, h, w = z.shape
-        images = self._run_host("vae_decoder", LoopDims(n, h, w, 1), latents=z)["images"]
-        out = np.empty(images.shape, np.uint8)
-        copy_to_host(out, images.ptr, self.stream)
-        self.stream.synchronize()
-        return out
+        return self.to_host(self._run_host("vae_decoder", LoopDims(n, h, w, 1), latents=z)["images"])
 
 
 def check_step_rows(specs: dict[str, NetworkSpec]) -> None:

@@ -13,7 +13,7 @@ references); that is all: identities, prompts, guidance, steps and sample counts
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import InputError
 from .guidance import STEP_COEFFICIENTS
-from .identities import Identity, kv_key
+from .identities import Identity, ReferenceKVCache, kv_key
 from .layout import COND, UNCOND, BatchLayout
 from .sampler import GuidanceParams, StepPlan
 
@@ -61,6 +61,10 @@ class Member:
         return tuple(int(d) for d in self.x.shape[2:]), self.ctx.identity.num_refs
 
 
+# the host values of a batched step by the names of the exported graphs' inputs (`artifacts.axes`)
+STEP_INPUTS = "sample_rows member_rows text_rows timestep ref_scale ref_group guide coef".split()
+
+
 @dataclass(frozen=True)
 class StepArrays:
     """Index arrays of one batched step (NumPy; every backend gathers with them).
@@ -81,6 +85,11 @@ class StepArrays:
     group: np.ndarray
     guide: np.ndarray
     coef: np.ndarray
+
+    def inputs(self) -> dict[str, np.ndarray]:
+        """The arrays by the names the exported UNet and step graphs take (`STEP_INPUTS`)."""
+        values = self.sample_rows, self.member_rows, self.text_rows, self.t, self.scale, self.group
+        return dict(zip(STEP_INPUTS, (*values, self.guide, self.coef)))
 
 
 @dataclass(frozen=True)
@@ -162,7 +171,20 @@ def plan_batch(members: Sequence[Member]) -> BatchPlan:
     )
 
 
-__all__ = ["COND", "UNCOND", "BatchLayout", "BatchPlan", "Member", "plan_batch"]
+def cached_kv(members: Sequence[Member], plan: BatchPlan, cache: ReferenceKVCache, compute: Callable) -> list:
+    """Each group's reference K/V in `plan.groups` order: cached, or `compute(one member per missing
+    group)` (a backend's one ReferenceNet call, its values per group in that order), then cached."""
+    by_key = {m.kv_key: m for m in members}
+    found = {key: cache.get(key) for key in plan.groups}
+    missing = [key for key in plan.groups if found[key] is None]
+    if missing:
+        for key, kv in zip(missing, compute([by_key[key] for key in missing]), strict=True):
+            cache.put(key, kv)
+            found[key] = kv
+    return [found[key] for key in plan.groups]
+
+
+__all__ = ["COND", "UNCOND", "BatchLayout", "BatchPlan", "Member", "cached_kv", "plan_batch"]
 
 
 def bucket(n: int) -> int:
@@ -175,8 +197,9 @@ class PaddedPlan(StepArrays):
     """A plan padded to bucket sizes, so that one captured step serves every batch of the bucket.
 
     Rows are [reference rows | padding | other rows | padding]; padding rows carry sample 0, text 0,
-    member 0, timestep 0, λ 0 and group 0; padding samples keep x (alpha = s_cur = 1, the rest 0)
-    and their guidance rows point at row 0. `key` names the bucket; `plan` is the unpadded plan.
+    member 0, timestep 0, λ 0 and group 0; padding samples' guidance rows point at row 0, their
+    coefficients are 0 but alpha = s_cur = 1 (no division by zero): their next x is 0 (x finite),
+    never read. `key` names the bucket; `plan` is the unpadded plan.
     """
 
     key: tuple[int, int, int, int, int]  # (ref rows, other rows, samples, groups, members)
