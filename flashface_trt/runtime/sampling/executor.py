@@ -141,12 +141,15 @@ class StepExecutor:
     # ---------------------------------------------------------------- internals
 
     def _admit(self) -> None:
-        with self.lock:
-            self.waiting.sort(key=lambda t: (-t.priority, t.seq))
-            while self.waiting and (not self.active or self.waiting[0].rows <= self.room()):
+        """Admit waiting requests while their rows fit; each prepared outside the lock (`_end` takes it)."""
+        while True:
+            with self.lock:
+                self.waiting.sort(key=lambda t: (-t.priority, t.seq))
+                if not self.waiting or (self.active and self.waiting[0].rows > self.room()):
+                    return
                 task = self.waiting.pop(0)
                 self.active.append(task)
-                self._start(task)
+            self._start(task)
 
     def _start(self, task: Task) -> None:
         """`prepare` a newly admitted request (its failures end only it)."""
