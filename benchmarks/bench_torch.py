@@ -24,10 +24,11 @@ from flashface_trt.models.backend import TorchBackend, TorchModels
 from flashface_trt.models.config import SD15
 from flashface_trt.models.loading import load_models, random_models, tiny_models
 from flashface_trt.runtime.sampling.identities import identity_from_crops
-from flashface_trt.runtime.sampling.request import GenerationRequest, face_mask, full_prompts, initial_noise
-from flashface_trt.runtime.sampling.sampler import plan, sample
+from flashface_trt.runtime.sampling.prepare import prepare, stepper
+from flashface_trt.runtime.sampling.request import GenerationRequest
+from flashface_trt.runtime.sampling.sampler import sample
 
-from .workload import Workload
+from .workload import Workload, reference_kv
 
 
 def sd15_random(device: str, dtype: torch.dtype) -> TorchModels:
@@ -56,18 +57,12 @@ class Clock:
 
 
 def run_once(backend: TorchBackend, req: GenerationRequest, refs: np.ndarray, clock: Clock):
-    pos, neg = full_prompts(req.prompt, req.negative_prompt)
-    ids = backend.tokenizer.encode([pos, neg])
-    text = clock("text", backend.encode_text, ids)
     identity = clock("references", identity_from_crops, backend.encode_references, refs)
     backend.kv_cache.clear()  # every run pays for the ReferenceNet
-    steps = plan(req.steps, req.guidance)
-    mask = face_mask(req.face_bbox, req.height, req.width)
-    den = backend.denoiser(text, identity, mask, req.guidance, steps)
-    for s in steps:  # ReferenceNet K/V for every timestep (what the loop would compute on the fly)
-        clock("reference_kv", den.reference_kv, s.t)
-    x = backend.from_numpy(initial_noise(req.seed, req.num_samples, req.height, req.width))
-    z0 = clock("unet_loop", sample, den, x, steps)
+    p = clock("text", prepare, backend, req, identity)
+    for s in p.steps:  # ReferenceNet K/V for every timestep (what the loop would compute on the fly)
+        clock("reference_kv", reference_kv, backend, p.ctx, s.t)
+    z0 = clock("unet_loop", sample, stepper(backend, p.ctx), p.x, p.steps)
     clock("decode", backend.decode, z0)
     return z0
 

@@ -123,7 +123,7 @@ def torch_static(preset: str, size: int, refs: int, steps: int, precision: str, 
     from flashface_trt.runtime.sampling.sampler import sample
 
     from .bench_torch import sd15_random
-    from .workload import Workload, encode_prompts, make_denoiser
+    from .workload import Workload, make_denoiser
 
     dtype = torch.float16 if precision == "fp16" else torch.float32
     t0 = time.perf_counter()
@@ -137,13 +137,12 @@ def torch_static(preset: str, size: int, refs: int, steps: int, precision: str, 
     other = prepare_references([synthetic_face(seed=100 + i) for i in range(refs)])
 
     def loop(backend: TorchBackend, second: bool) -> tuple[Any, float]:
-        text = encode_prompts(backend, workload)
         ident = identity_from_crops(backend.encode_references, other) if second else None
-        den, x, plan, _ = make_denoiser(backend, workload, False, ident, text)
+        den, _, prepared = make_denoiser(backend, workload, False, ident)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.inference_mode():
             start.record()
-            z = sample(den, x, plan)
+            z = sample(den, prepared.x, prepared.steps)
             end.record()
         end.synchronize()
         return z.float(), start.elapsed_time(end) / 1e3

@@ -6,7 +6,7 @@ device's measured dense matmul rate, the baselines' numbers, and a repeated requ
 identity. The headline is the loop against the official implementation itself (ali-vilab/FlashFace,
 `--official-src`) when it is given, else against the official pattern: our own modules run in the
 official computation pattern (a re-implementation, more work by construction). Numerics are
-checked before any timing: our denoiser and the official pattern must agree, and with
+checked before any timing: our step and the official pattern must agree, and with
 `--precision fp16` the float16 eps is compared with float32 on the same inputs.
 
     python -m benchmarks.suite --preset tiny --device cpu --height 128 --width 128 --steps 10
@@ -39,10 +39,10 @@ from .workload import (
     PATTERN_FLOPS_NOTE,
     PATTERN_NOTE,
     Workload,
-    encode_prompts,
     make_denoiser,
     matmul_peak_tflops,
     meta_loop_flops,
+    reference_kv,
     sync,
 )
 
@@ -88,15 +88,15 @@ def run(
     t0 = time.perf_counter()
     if not official and identity is None:
         backend.kv_cache.clear()
-    text, t_text = timed(device, encode_prompts, backend, workload)
     ident, t_faces = identity, 0.0
     if ident is None:
         ident, t_faces = timed(device, identity_from_crops, backend.encode_references, workload.crops())
-    den, x, steps, ident = make_denoiser(backend, workload, official, ident, text)
+    (den, _, prepared), t_text = timed(device, make_denoiser, backend, workload, official, ident)
+    x, steps = prepared.x, prepared.steps
     t_ref = 0.0
     if not official:  # ours: K/V of every step up front (cache hits for a registered identity)
-        _, t_ref = timed(device, lambda: [den.reference_kv(s.t) for s in steps])
-    # ours: the backend's denoiser (static step buffers, a CUDA-graph replay per step on a GPU)
+        _, t_ref = timed(device, lambda: [reference_kv(backend, prepared.ctx, s.t) for s in steps])
+    # ours: the backend's step (static step buffers, a CUDA-graph replay per step on a GPU)
     z0, t_loop = timed(device, lambda: torch.inference_mode()(sample)(den, x, steps))
     _, t_dec = timed(device, backend.decode, z0)
     sync(device)
@@ -125,18 +125,19 @@ def check_numerics(
     These official-pattern calls are also its warm-up, at the shapes that its timed runs use.
     """
     with torch.inference_mode():
-        ours, x, steps, _ = make_denoiser(backend, workload, False, identity)
-        base, _, _, _ = make_denoiser(backend, workload, True, identity)
+        _, ours, prepared = make_denoiser(backend, workload, False, identity)
+        _, base, _ = make_denoiser(backend, workload, True, identity)
+        x, steps = prepared.x, prepared.steps
         kinds = list({s.three_way: s for s in reversed(steps)}.values())  # the first step of each kind
-        eps = [ours.eps(x, s) for s in kinds]
-        err = max(rel_err(e, base.eps(x, s)) for e, s in zip(eps, kinds))
+        eps = [ours(x, s) for s in kinds]
+        err = max(rel_err(e, base(x, s)) for e, s in zip(eps, kinds))
     out = {"ours_vs_official_pattern_eps_rel_err": err}
     if backend.dtype == torch.float16:
         ref = TorchBackend(load_models(args, torch.float32), TORCH_PRESETS["eager"])
         with torch.inference_mode():
-            d32, x32, _, _ = make_denoiser(ref, workload, official_pattern=False)
-            out["fp16_vs_fp32_eps_rel_err"] = max(rel_err(e, d32.eps(x32, s)) for e, s in zip(eps, kinds))
-            z32 = sample(d32, x32, steps)
+            d32, eps32, p32 = make_denoiser(ref, workload, official_pattern=False)
+            out["fp16_vs_fp32_eps_rel_err"] = max(rel_err(e, eps32(p32.x, s)) for e, s in zip(eps, kinds))
+            z32 = sample(d32, p32.x, steps)
         i16, i32 = image.astype(np.float64), ref.decode(z32).astype(np.float64)
         mse = float(((i16 - i32) ** 2).mean())
         out["fp16_vs_fp32_image_psnr_db"] = float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
@@ -265,8 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     device = plain.device
     workload = Workload(args.height, args.width, args.refs, args.steps, args.samples, args.ref_size)
     with torch.inference_mode():
-        den, x, steps, identity = make_denoiser(plain, workload, official_pattern=False)
-        reference_z0 = sample(den, x, steps)
+        den, _, prepared = make_denoiser(plain, workload, official_pattern=False)
+        reference_z0, identity = sample(den, prepared.x, prepared.steps), prepared.ctx.identity
     numerics = check_numerics(plain, workload, args, plain.decode(reference_z0), identity)
     fp16 = dtype == torch.float16
     if not numerics["ours_vs_official_pattern_eps_rel_err"] <= (1e-2 if fp16 else 1e-4):

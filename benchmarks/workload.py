@@ -19,24 +19,20 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from flashface_trt.models.backend import TorchBackend, TorchDenoiser
+from flashface_trt.models.backend import TorchBackend
+from flashface_trt.models.batched import group_kv
 from flashface_trt.models.config import ModelConfig
 from flashface_trt.models.unet import FlashFaceUNet
 from flashface_trt.models.unet_blocks import RefInputs
 from flashface_trt.models.vae import AutoencoderKL
 from flashface_trt.runtime.faces.images import synthetic_face
+from flashface_trt.runtime.sampling.batch import Member, RequestContext, plan_batch
 from flashface_trt.runtime.sampling.guidance import step_update
 from flashface_trt.runtime.sampling.identities import Identity, identity_from_crops
 from flashface_trt.runtime.sampling.layout import BatchLayout
-from flashface_trt.runtime.sampling.pipeline import prepare_references
-from flashface_trt.runtime.sampling.request import (
-    REFERENCE_SIZE,
-    GenerationRequest,
-    face_mask,
-    full_prompts,
-    initial_noise,
-)
-from flashface_trt.runtime.sampling.sampler import StepPlan, plan
+from flashface_trt.runtime.sampling.prepare import prepare, prepare_references, step_eps, stepper
+from flashface_trt.runtime.sampling.request import REFERENCE_SIZE, GenerationRequest
+from flashface_trt.runtime.sampling.sampler import StepPlan, plan, single_step
 
 PATTERN_NOTE = (
     "our re-implementation of the official computation pattern, not the official code: our UNet "
@@ -76,68 +72,56 @@ class Workload:
 W768 = Workload()
 
 
-class OfficialPatternDenoiser(TorchDenoiser):
-    """The official computation pattern on our modules (same result, more work).
+@dataclass
+class OfficialPatternDenoiser:
+    """The official computation pattern on our modules (same result, more work), for one request.
 
     Per step: ReferenceNet features recomputed (no cache), the reference keys/values projected once
     per row of the batch (the official projects `[y; refs]` row by row), and the reference branch
     run for every row (rows without references get λ = 0, which leaves them unchanged).
     """
 
-    def reference_kv(self, t: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        lat = self.identity.latents
-        tt = torch.full((1,), t, device=lat.device, dtype=torch.long)
-        return self.unet.reference_kv(self.unet.reference_features(lat, tt, self.uncond))
+    unet: FlashFaceUNet
+    ctx: RequestContext  # the request's prompts [2, 77, C], identity, mask [1, 1, h, w] and guidance
 
     def eps(self, x: torch.Tensor, step: StepPlan) -> torch.Tensor:
-        n = x.shape[0]
+        n, texts, lat = x.shape[0], self.ctx.texts, self.ctx.identity.latents
         layout = step.layout(n)
-        text = (self.cond, self.uncond)
-        context = torch.cat([text[b].expand(n, -1, -1) for b in layout.text_blocks])
-        xb = x.to(self.cond.dtype).repeat(layout.k, 1, 1, 1)
+        context = torch.cat([texts[b : b + 1].expand(n, -1, -1) for b in layout.text_blocks])
+        xb = x.to(texts.dtype).repeat(layout.k, 1, 1, 1)
         t = torch.full((layout.rows,), step.t, device=x.device, dtype=torch.long)
-        feats = self.unet.reference_features(self.identity.latents, t[:1], self.uncond)
+        feats = self.unet.reference_features(lat, t[:1], texts[1:2])
         kv = [self.unet.reference_kv(feats) for _ in range(layout.rows)][0]  # projected for every row
-        scale = torch.zeros(layout.rows, device=x.device, dtype=self.cond.dtype)
+        scale = torch.zeros(layout.rows, device=x.device, dtype=texts.dtype)
         scale[: layout.ref_rows] = step.ref_strength
         with torch.autocast(x.device.type, dtype=torch.float16, enabled=x.device.type == "cuda"):
-            return self.unet(xb, self.mask, t, context, RefInputs(kv, scale))
+            return self.unet(xb, self.ctx.mask, t, context, RefInputs(kv, scale))
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor, step: StepPlan) -> torch.Tensor:
         """One step the official way: this class's `eps`, then the guided DDIM update."""
-        return step_update(x, self.eps(x, step).float(), step.three_way, step.coefficients(self.guidance))
+        c = step.coefficients(self.ctx.guidance)
+        return step_update(x, self.eps(x, step).float(), step.three_way, c)
 
 
-def encode_prompts(backend: TorchBackend, workload: Workload):
-    """Text stage: [positive; negative] hidden states [2, 77, C]."""
-    req = workload.request()
-    return backend.encode_text(backend.tokenizer.encode(list(full_prompts(req.prompt, req.negative_prompt))))
+def make_denoiser(backend: TorchBackend, workload: Workload, official_pattern: bool, identity=None):
+    """(denoise, eps, prepared) of one run of `workload` (`identity` reused if given, else encoded).
 
-
-def make_denoiser(
-    backend: TorchBackend, workload: Workload, official_pattern: bool, identity=None, text=None
-):
-    """(denoiser, initial noise, plan, identity) for one run of `workload` (text/identity reused if given).
-
-    Ours is what the backend's settings give (the plain or the static denoiser); the official
-    pattern is always the plain loop over `OfficialPatternDenoiser`.
+    Ours is the backend's step of the request alone (its settings: the plain or the static step) and
+    the shared `step_eps` probe; the official pattern is `OfficialPatternDenoiser`.
     """
-    req = workload.request()
-    text = encode_prompts(backend, workload) if text is None else text
     identity = identity or identity_from_crops(backend.encode_references, workload.crops())
-    mask = face_mask(req.face_bbox, req.height, req.width)
-    steps = plan(req.steps, req.guidance)
-    x = backend.from_numpy(initial_noise(req.seed, req.num_samples, req.height, req.width))
-    if not official_pattern:
-        den = backend.denoiser(text, identity, mask, req.guidance, steps, "neg")
-        return den, x, steps, identity
-    m = backend.from_numpy(mask.astype(np.float32))[None, None].to(backend.dtype)
-    unet = backend.models.unet
-    den = OfficialPatternDenoiser(
-        unet, text[:1], text[1:2], identity, m, req.guidance, backend.kv_cache, "neg"
-    )
-    return den, x, steps, identity
+    prepared = prepare(backend, workload.request(), identity)
+    if official_pattern:
+        den = OfficialPatternDenoiser(backend.models.unet, prepared.ctx)
+        return den, den.eps, prepared
+    return stepper(backend, prepared.ctx), functools.partial(step_eps, backend, prepared.ctx), prepared
+
+
+def reference_kv(backend: TorchBackend, ctx: RequestContext, t: int):
+    """Our ReferenceNet stage at timestep t: the request's reference K/V ([1, R*L, C] per layer; cached)."""
+    member = Member(ctx, torch.zeros(1, 4, 8, 8, device=backend.device), single_step(t, ctx.guidance))
+    return group_kv(backend.unet, [member], plan_batch([member]), backend.kv_cache)
 
 
 def counted(fn, *args) -> tuple[object, int]:
@@ -175,7 +159,8 @@ def loop_flops(
 
     Counted on a real run of `backend` (`identity`: its encoded references, else encoded here).
     """
-    den, x, steps, identity = make_denoiser(backend, workload, official_pattern, identity)
+    den, _, prepared = make_denoiser(backend, workload, official_pattern, identity)
+    x, steps, ctx = prepared.x, prepared.steps, prepared.ctx
     two = next((s for s in steps if not s.three_way), None)
     three = next((s for s in steps if s.three_way), None)
     out: dict[str, int] = {}
@@ -187,10 +172,10 @@ def loop_flops(
             out["reference_net_step"] = 0  # inside every step above
         else:
             backend.kv_cache.clear()
-            out["reference_net_step"] = count_flops(den.reference_kv, steps[0].t)
+            out["reference_net_step"] = count_flops(reference_kv, backend, ctx, steps[0].t)
             for s in (two, three):  # the UNet counts below must not include the ReferenceNet
                 if s is not None:
-                    den.reference_kv(s.t)
+                    reference_kv(backend, ctx, s.t)
             out["unet_2way_step"] = count_flops(den, x, two) if two else 0
             out["unet_3way_step"] = count_flops(den, x, three) if three else 0
         z = torch.zeros_like(x)

@@ -12,12 +12,13 @@ import pytest
 from flashface_trt.models.backend import TorchBackend
 from flashface_trt.models.loading import tiny_models
 from flashface_trt.models.settings import TorchSettings
+from flashface_trt.runtime.errors import InputError
 from flashface_trt.runtime.faces.images import synthetic_face
 from flashface_trt.runtime.sampling.batch import Member, RequestContext, pad_plan, plan_batch
 from flashface_trt.runtime.sampling.executor import StepExecutor, Stopped, Task
-from flashface_trt.runtime.sampling.identities import array_key
-from flashface_trt.runtime.sampling.pipeline import register_identity
-from flashface_trt.runtime.sampling.request import GenerationRequest, face_mask, full_prompts, initial_noise
+from flashface_trt.runtime.sampling.pipeline import generate, register_identity
+from flashface_trt.runtime.sampling.prepare import prepare, stepper
+from flashface_trt.runtime.sampling.request import GenerationRequest
 from flashface_trt.runtime.sampling.sampler import GuidanceParams, plan, sample
 
 from .conftest import rel_err
@@ -31,14 +32,9 @@ def backend():
 
 
 def solo_z0(backend, req: GenerationRequest, identity) -> np.ndarray:
-    """The request alone: the single-request path (the sampler over the backend's denoiser)."""
-    ids = backend.tokenizer.encode(list(full_prompts(req.prompt, req.negative_prompt)))
-    text = backend.encode_text(ids)
-    steps = plan(req.steps, req.guidance)
-    mask = face_mask(req.face_bbox, req.height, req.width)
-    den = backend.denoiser(text, identity, mask, req.guidance, steps, array_key(ids[1]))
-    x = backend.from_numpy(initial_noise(req.seed, req.num_samples, req.height, req.width))
-    return backend.to_host(sample(den, x, steps))
+    """The request alone: `prepare`, then the sampler loop over the backend's step of it alone."""
+    p = prepare(backend, req, identity)
+    return backend.to_host(sample(stepper(backend, p.ctx), p.x, p.steps))
 
 
 def _identities(backend, sizes=(4, 4, 5)):
@@ -215,3 +211,20 @@ def test_mixed_batch_on_the_fixture_model(oracle_dir, oracle_config, tmp_path):
         err = rel_err(backend.to_host(task.z0), solo_z0(backend, task.request, task.identity))
         print(f"\nfixture model: z0 rel err vs alone {err:.1e}")
         assert task.error is None and err <= BOUND
+
+
+def test_a_bad_request_fails_alone_before_any_network(backend, monkeypatch):
+    """`prepare` validates first: a bad request ends with InputError naming the value before its
+    text is encoded; the request beside it runs, and a single `generate` raises the same error."""
+    ident = _identities(backend, (4,))[0]
+    encoded = []
+    encode = backend.encode_text
+    monkeypatch.setattr(backend, "encode_text", lambda ids: encoded.append(len(ids)) or encode(ids))
+    bad = Task(GenerationRequest("a man", steps=0, height=64, width=64), ident)
+    good = Task(GenerationRequest("a man", steps=2, height=64, width=64), ident)
+    StepExecutor(backend).run([bad, good])
+    assert isinstance(bad.error, InputError) and "steps=0" in str(bad.error)
+    assert good.error is None and len(good.images or []) == 1 and encoded == [2]
+    with pytest.raises(InputError, match="face_bbox"):
+        generate(backend, replace(good.request, face_bbox=(0.5, 0.5, 0.2, 0.2)), ident)
+    assert encoded == [2]

@@ -232,11 +232,12 @@ def test_loop_flops_add_up_to_a_counted_run(backend):
     from flashface_trt.runtime.sampling.sampler import sample
 
     w = Workload(height=64, width=48, refs=2, steps=3, samples=2)
-    den, x, steps, identity = make_denoiser(backend, w, official_pattern=False)
-    parts = loop_flops(backend, w, identity=identity)
+    den, _, prepared = make_denoiser(backend, w, official_pattern=False)
+    steps = prepared.steps
+    parts = loop_flops(backend, w, identity=prepared.ctx.identity)
     backend.kv_cache.clear()  # cold: the whole run computes every step's reference K/V
     with torch.inference_mode():
-        whole = count_flops(sample, den, x, steps)
+        whole = count_flops(sample, den, prepared.x, steps)
     assert [s.three_way for s in steps] == [False, True, True]
     assert parts["unet_2way_step"] != parts["unet_3way_step"]
     assert whole == parts["loop"], (whole, parts)

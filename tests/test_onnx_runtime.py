@@ -23,12 +23,13 @@ from flashface_trt.models.backend import TorchBackend  # noqa: E402
 from flashface_trt.models.config import ModelConfig  # noqa: E402
 from flashface_trt.models.loading import load_models, random_models, tiny_models  # noqa: E402
 from flashface_trt.runtime.artifacts.spec import TINY_SHAPES, ExportShapes  # noqa: E402
-from flashface_trt.runtime.backends.ort import OrtBackend, OrtDenoiser  # noqa: E402
+from flashface_trt.runtime.backends.ort import OrtBackend  # noqa: E402
 from flashface_trt.runtime.faces.images import synthetic_face  # noqa: E402
 from flashface_trt.runtime.sampling.batch import Member, RequestContext, plan_batch  # noqa: E402
 from flashface_trt.runtime.sampling.guidance import step_update  # noqa: E402
 from flashface_trt.runtime.sampling.identities import Identity, ReferenceKVCache, kv_key  # noqa: E402
 from flashface_trt.runtime.sampling.pipeline import generate, register_identity  # noqa: E402
+from flashface_trt.runtime.sampling.prepare import step_eps, step_x0  # noqa: E402
 from flashface_trt.runtime.sampling.request import GenerationRequest  # noqa: E402
 from flashface_trt.runtime.sampling.sampler import GuidanceParams, plan, single_step  # noqa: E402
 
@@ -177,11 +178,11 @@ def test_float16_export_against_float32(tmp_path):
     step = next(s for s in plan(10, g) if s.three_way)  # reference, text and unconditional rows
     mask = np.ones((16, 12), np.float32)
     ident = Identity("fp16", latents)
-    e16 = b16.denoiser(texts, ident, mask, g).eps(x, step)
+    e16 = step_eps(b16, b16.context(texts, ident, mask, g, ""), x, step)
     with torch.inference_mode():
         ident32 = Identity("fp16", b32.latents_from_host(latents))
-        den32 = b32.denoiser(torch.from_numpy(texts), ident32, mask, g)
-        e32 = den32.eps(torch.from_numpy(x), step).numpy()
+        ctx32 = b32.context(torch.from_numpy(texts), ident32, mask, g, "")
+        e32 = step_eps(b32, ctx32, torch.from_numpy(x), step).numpy()
     assert next(iter(b16.kv_cache.get(kv_key(ident, step.t, "")).values())).dtype == np.float16
     err = rel_err(e16, e32)
     img16 = generate(b16, REQUEST, _faces())[0]
@@ -225,17 +226,12 @@ def test_exported_unet_matches_official(oracle_dir, oracle_config, oracle_export
     backend = OrtBackend(oracle_export)
     d = np.load(oracle_dir / "unet_cases.npz")
     guidance = oracle_guidance(oracle_config)
-    den = OrtDenoiser(
-        backend,
-        d["pos_context"],
-        d["neg_context"],
-        Identity("oracle", d["ref_latents"]),
-        d["mask"][None, None].astype(np.float32),
-        guidance,
-    )
+    texts = np.concatenate([d["pos_context"], d["neg_context"]])  # [2, 77, C]
+    ctx = backend.context(texts, Identity("oracle", d["ref_latents"]), d["mask"], guidance, "")
     step = single_step(int(d[f"{case}/t"][0]), guidance)
     x = d[f"{case}/x"]
-    e1, e2 = rel_err(den.eps(x, step), d[f"{case}/eps"]), rel_err(den.x0(x, step), d[f"{case}/x0"])
+    e1 = rel_err(step_eps(backend, ctx, x, step), d[f"{case}/eps"])
+    e2 = rel_err(step_x0(backend, ctx, x, step), d[f"{case}/x0"])
     print(f"\nONNX Runtime {case}: eps rel err {e1:.2e}, x0 rel err {e2:.2e}")
     assert e1 <= 1e-4 and e2 <= 1e-4
 

@@ -46,7 +46,7 @@ def test_face_mask_rule():
 )
 def test_bad_bbox_is_named(bbox):
     with pytest.raises(InputError, match="face_bbox"):
-        face_mask(bbox, 64, 64)
+        replace(GenerationRequest(prompt="x"), face_bbox=bbox).validated()
 
 
 @pytest.mark.parametrize(

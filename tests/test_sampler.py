@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from flashface_trt.models.backend import TorchDenoiser
+from flashface_trt.models.backend import TorchBackend
 from flashface_trt.models.config import ModelConfig
-from flashface_trt.models.loading import build_loaded
+from flashface_trt.models.loading import build_loaded, tiny_models
+from flashface_trt.models.settings import TorchSettings
 from flashface_trt.models.unet import unet_state
 from flashface_trt.models.weights import read_checkpoint
 from flashface_trt.runtime.errors import InputError
 from flashface_trt.runtime.sampling.guidance import STEP_COEFFICIENTS, guided_eps, step_update
 from flashface_trt.runtime.sampling.identities import Identity
+from flashface_trt.runtime.sampling.prepare import step_eps, step_x0, stepper
 from flashface_trt.runtime.sampling.sampler import GuidanceParams, plan, sample, single_step
 from flashface_trt.runtime.sampling.schedule import ddim_steps, scaled_linear_sigmas, trailing_timesteps
 
@@ -154,52 +157,51 @@ def test_constant_x0_ends_on_it():
     np.testing.assert_array_equal(z, target)
 
 
-@pytest.fixture(scope="module")
-def oracle_denoiser(oracle_dir, oracle_config):
+def oracle_request(oracle_dir, oracle_config, settings: TorchSettings | None = None):
+    """(backend, context, cases) of the oracle UNet and its fixture's prompts, references and mask."""
     cfg = ModelConfig.from_dict(oracle_config)
     path = oracle_dir / "flashface_unet.ckpt"
     unet = build_loaded(
         "unet", cfg, unet_state(read_checkpoint(path), str(path)), str(path), "cpu", torch.float32
     )
+    backend = TorchBackend(replace(tiny_models(), config=cfg, unet=unet), settings)  # only its UNet runs
     d = np.load(oracle_dir / "unet_cases.npz")
-    mask = torch.from_numpy(d["mask"])[None, None]
-    return TorchDenoiser(
-        unet,
-        torch.from_numpy(d["pos_context"]),
-        torch.from_numpy(d["neg_context"]),
-        Identity("oracle", torch.from_numpy(d["ref_latents"])),
-        mask,
-        oracle_guidance(oracle_config),
-    ), d
+    texts = torch.from_numpy(np.concatenate([d["pos_context"], d["neg_context"]]))  # [2, 77, C]
+    ident = Identity("oracle", torch.from_numpy(d["ref_latents"]))
+    return backend, backend.context(texts, ident, d["mask"], oracle_guidance(oracle_config), ""), d
+
+
+@pytest.fixture(scope="module")
+def oracle_step(oracle_dir, oracle_config):
+    return oracle_request(oracle_dir, oracle_config)
 
 
 @pytest.mark.oracle
 @pytest.mark.parametrize("case", ["two_way", "three_way"])
-def test_one_guided_step_matches_official(oracle_denoiser, oracle_config, case):
-    den, d = oracle_denoiser
+def test_one_guided_step_matches_official(oracle_step, oracle_config, case):
+    backend, ctx, d = oracle_step
     step = single_step(int(d[f"{case}/t"][0]), oracle_guidance(oracle_config))
     assert step.three_way == (case == "three_way")
     assert step.ref_strength == pytest.approx(float(d[f"{case}/similarity"]))
     x = torch.from_numpy(d[f"{case}/x"])
-    eps = den.eps(x, step)
-    x0 = den.x0(x, step)
+    eps = step_eps(backend, ctx, x, step)
+    x0 = step_x0(backend, ctx, x, step)
     e1, e2 = rel_err(eps.numpy(), d[f"{case}/eps"]), rel_err(x0.numpy(), d[f"{case}/x0"])
     print(f"{case}: eps rel err {e1:.2e}, x0 rel err {e2:.2e}")
     assert e1 <= 1e-4 and e2 <= 1e-4
 
 
 @pytest.mark.oracle
-def test_whole_sampling_runs_match_official(oracle_denoiser, oracle_config):
+def test_whole_sampling_runs_match_official(oracle_step, oracle_config):
     """Every `sampleN/*` case of the fixture: the official DDIM run from its noise."""
-    den, d = oracle_denoiser
+    backend, ctx, d = oracle_step
     runs = sorted(
         int(k[len("sample") : -len("/z0")]) for k in d.files if k.startswith("sample") and k.endswith("/z0")
     )
     assert runs, "fixture has no sampling runs"
     for steps in runs:
-        z0 = sample(
-            den, torch.from_numpy(d[f"sample{steps}/noise"]), plan(steps, oracle_guidance(oracle_config))
-        )
+        noise = torch.from_numpy(d[f"sample{steps}/noise"])
+        z0 = sample(stepper(backend, ctx), noise, plan(steps, oracle_guidance(oracle_config)))
         err = rel_err(z0.numpy(), d[f"sample{steps}/z0"])
         print(f"sample{steps}: z0 rel err {err:.2e}")
         assert err <= 1e-3, steps

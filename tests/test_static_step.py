@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from flashface_trt.models.backend import TorchBackend, TorchDenoiser, TorchSettings
+from flashface_trt.models.backend import TorchBackend, TorchSettings
 from flashface_trt.models.config import TINY
 from flashface_trt.models.loading import tiny_models
 from flashface_trt.models.static_step import StaticSteps
@@ -19,11 +19,12 @@ from flashface_trt.runtime.faces.images import synthetic_face
 from flashface_trt.runtime.sampling.batch import Member, RequestContext
 from flashface_trt.runtime.sampling.identities import Identity, ReferenceKVCache
 from flashface_trt.runtime.sampling.pipeline import generate, register_identity
+from flashface_trt.runtime.sampling.prepare import prepare, stepper
 from flashface_trt.runtime.sampling.request import GenerationRequest
 from flashface_trt.runtime.sampling.sampler import GuidanceParams, plan, sample
 
 from .conftest import rel_err
-from .test_sampler import oracle_guidance
+from .test_sampler import oracle_request
 
 
 @pytest.mark.parametrize("rescale", [0.5, 0.0])
@@ -53,18 +54,9 @@ def test_static_step_matches_the_sampler(rescale):
 
 
 def _z0(backend, req, faces):
-    """z0 of a request through the backend's denoiser and the shared loop."""
-    from flashface_trt.runtime.sampling.identities import array_key
-    from flashface_trt.runtime.sampling.request import face_mask, full_prompts, initial_noise
-
-    ids = backend.tokenizer.encode(list(full_prompts(req.prompt, req.negative_prompt)))
-    text = backend.encode_text(ids)
-    identity = register_identity(backend, faces)
-    steps = plan(req.steps, req.guidance)
-    mask = face_mask(req.face_bbox, req.height, req.width)
-    den = backend.denoiser(text, identity, mask, req.guidance, steps, array_key(ids[1]))
-    x = backend.from_numpy(initial_noise(req.seed, req.num_samples, req.height, req.width))
-    return sample(den, x, steps)
+    """z0 of a request through `prepare`, the backend's step of it alone and the shared loop."""
+    p = prepare(backend, req, faces)
+    return sample(stepper(backend, p.ctx), p.x, p.steps)
 
 
 def test_interleaved_requests_keep_their_own_values():
@@ -77,47 +69,29 @@ def test_interleaved_requests_keep_their_own_values():
     ids = backend.tokenizer.encode(["a man", "a woman", "blurry"])
     text = backend.encode_text(ids)
     mask_a, mask_b = np.zeros((8, 8), np.float32), np.ones((8, 8), np.float32)
-    a = backend.denoiser(text[[0, 2]], identity, mask_a, g, steps)
-    b = backend.denoiser(text[[1, 2]], identity, mask_b, g, steps)
+    a = stepper(backend, backend.context(text[[0, 2]], identity, mask_a, g, ""))
+    b = stepper(backend, backend.context(text[[1, 2]], identity, mask_b, g, ""))
     xa = xb = backend.from_numpy(np.ones((1, 4, 8, 8), np.float32))
     for step in steps:
         xa, xb = a(xa, step), b(xb, step)
     plain = TorchBackend(models, TorchSettings(static_loop=False))
-    ref_a = sample(plain.denoiser(text[[0, 2]], identity, mask_a, g), torch.ones(1, 4, 8, 8), steps)
-    ref_b = sample(plain.denoiser(text[[1, 2]], identity, mask_b, g), torch.ones(1, 4, 8, 8), steps)
+    ones = torch.ones(1, 4, 8, 8)
+    ref_a = sample(stepper(plain, plain.context(text[[0, 2]], identity, mask_a, g, "")), ones, steps)
+    ref_b = sample(stepper(plain, plain.context(text[[1, 2]], identity, mask_b, g, "")), ones, steps)
     torch.testing.assert_close(xa, ref_a, rtol=0, atol=0)
     torch.testing.assert_close(xb, ref_b, rtol=0, atol=0)
 
 
 @pytest.mark.oracle
 def test_static_step_reproduces_the_official_runs(oracle_dir, oracle_config):
-    d = np.load(oracle_dir / "unet_cases.npz")
-    from flashface_trt.models.config import ModelConfig
-    from flashface_trt.models.loading import build_loaded
-    from flashface_trt.models.unet import unet_state
-    from flashface_trt.models.weights import read_checkpoint
-
-    cfg = ModelConfig.from_dict(oracle_config)
-    path = oracle_dir / "flashface_unet.ckpt"
-    unet = build_loaded(
-        "unet", cfg, unet_state(read_checkpoint(path), str(path)), str(path), "cpu", torch.float32
-    )
-    g = oracle_guidance(oracle_config)
-    den = TorchDenoiser(
-        unet,
-        torch.from_numpy(d["pos_context"]),
-        torch.from_numpy(d["neg_context"]),
-        Identity("oracle", torch.from_numpy(d["ref_latents"])),
-        torch.from_numpy(d["mask"])[None, None],
-        g,
-    )
+    static, ctx, d = oracle_request(oracle_dir, oracle_config, TorchSettings(static_loop=True))
+    plain = TorchBackend(static.models, TorchSettings(static_loop=False))
+    g = ctx.guidance
     runs = sorted(int(k[6:-3]) for k in d.files if k.startswith("sample") and k.endswith("/z0"))
-    static = StaticSteps(unet, den.cache, StepGraphs(None), 4)
     for steps in runs:
         noise = torch.from_numpy(d[f"sample{steps}/noise"])
-        z0 = sample(replace(den, step=static), noise, plan(steps, g))
-        with torch.inference_mode():
-            z_plain = sample(den, noise, plan(steps, g))
+        z0 = sample(stepper(static, ctx), noise, plan(steps, g))
+        z_plain = sample(stepper(plain, ctx), noise, plan(steps, g))
         err = rel_err(z0.numpy(), d[f"sample{steps}/z0"])
         print(f"\nstatic step sample{steps}: rel err vs official {err:.2e}, vs plain: bitwise")
         assert err <= 1e-3
@@ -133,7 +107,7 @@ def test_static_step_cuda_graph_replay():
     backend = TorchBackend(models, TorchSettings(static_loop=True))
     identity = register_identity(backend, faces)
     steps_seen = []
-    first = generate(backend, req, identity, wrap=lambda s: (steps_seen.append(x) or x for x in s))
+    first = generate(backend, req, identity, on_step=lambda k, n: steps_seen.append(k))
     second = generate(backend, req, identity)  # replays only
     eager = generate(TorchBackend(models, TorchSettings(static_loop=False)), req, faces)
     np.testing.assert_array_equal(np.asarray(first[0]), np.asarray(second[0]))

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flashface_trt.runtime.sampling.identities import Identity, array_key
-from flashface_trt.runtime.sampling.request import GenerationRequest, face_mask, full_prompts, initial_noise
-from flashface_trt.runtime.sampling.sampler import GuidanceParams, plan
+from flashface_trt.runtime.sampling.identities import Identity
+from flashface_trt.runtime.sampling.prepare import prepare, stepper
+from flashface_trt.runtime.sampling.request import GenerationRequest
+from flashface_trt.runtime.sampling.sampler import GuidanceParams
 
 from .fakes import Fakes, install
 
@@ -50,11 +51,6 @@ def max_diff(a, b) -> int:
 
 
 def denoise_run(backend, req: GenerationRequest, identity: Identity):
-    """What `pipeline.generate` does before its loop: (denoise, x, steps) of one request."""
-    req = req.validated()
-    ids = backend.tokenizer.encode(list(full_prompts(req.prompt, req.negative_prompt)))
-    text = backend.encode_text(ids)
-    mask = face_mask(req.face_bbox, req.height, req.width)
-    steps = plan(req.steps, req.guidance)
-    den = backend.denoiser(text, identity, mask, req.guidance, steps, array_key(ids[1]))
-    return den, backend.from_numpy(initial_noise(req.seed, req.num_samples, req.height, req.width)), steps
+    """What the executor admits: (denoise, x, steps) of one request (`prepare`, the step alone)."""
+    p = prepare(backend, req, identity)
+    return stepper(backend, p.ctx), p.x, p.steps

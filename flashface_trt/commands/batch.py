@@ -125,13 +125,10 @@ def run_batch(
     from tqdm.auto import tqdm
 
     from ..runtime.sampling.executor import StepExecutor, Task
-    from ..runtime.sampling.pipeline import warn_truncated
-    from ..runtime.sampling.request import full_prompts
 
     identities: dict[tuple[Path, ...], Any] = {}
     tasks = []
     for line in lines:
-        warn_truncated(backend.tokenizer, *full_prompts(line.request.prompt, line.request.negative_prompt))
         if line.faces not in identities:
             identities[line.faces] = identity_of(line.faces)
         tasks.append(Task(line.request, identities[line.faces], name=f"line {line.number}"))

@@ -124,12 +124,8 @@ def generate(args: argparse.Namespace) -> int:
     backend, detector = load_backend(args)
     faces = _crops(args, photos, detector, args.face)
     t0 = time.perf_counter()
-    images = run_pipeline(
-        backend,
-        request,
-        faces,
-        wrap=lambda steps: tqdm(steps, desc="denoising", unit="step", file=sys.stderr),
-    )
+    with tqdm(total=request.steps, desc="denoising", unit="step", file=sys.stderr) as bar:
+        images = run_pipeline(backend, request, faces, on_step=lambda k, n: bar.update(1))
     log.info("generated %d image(s) in %.1f s on %s", len(images), time.perf_counter() - t0, backend.name)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for path, img in zip(paths, images):

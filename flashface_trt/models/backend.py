@@ -1,9 +1,9 @@
-"""The PyTorch backend: text, reference and decode calls plus a `denoise` for the shared sampler."""
+"""The PyTorch backend: text, reference and decode calls plus the batched step (`batched.py`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import cast
 
 import numpy as np
@@ -11,13 +11,12 @@ import torch
 
 from ..runtime.backends.graphs import StepGraphs
 from ..runtime.faces.images import to_uint8
-from ..runtime.sampling.batch import Member, RequestContext, plan_batch
-from ..runtime.sampling.guidance import guided_x0
+from ..runtime.sampling.batch import BatchPlan, Member, RequestContext, plan_batch
 from ..runtime.sampling.identities import Identity, ReferenceKVCache
 from ..runtime.sampling.request import REFERENCE_SIZE
-from ..runtime.sampling.sampler import GuidanceParams, StepPlan, single_step
+from ..runtime.sampling.sampler import GuidanceParams
 from ..runtime.sampling.tokenizer import ClipTokenizer
-from .batched import group_kv, step_members
+from .batched import step_members
 from .config import LATENT_SCALE, ModelConfig
 from .settings import TorchSettings
 from .static_step import StaticSteps, TorchCapture
@@ -49,58 +48,6 @@ class TorchModels:
         return next(self.unet.parameters()).dtype
 
 
-@dataclass
-class TorchDenoiser:
-    """`denoise(x, step) -> x_next` of one request on a UNet: the batch of one (`batched.py`).
-
-    cond / uncond: [1, 77, C] text embeddings; identity: reference latents [R, 4, hr, wr] and
-    their key; mask: [1, 1, h, w]. Reference K/V are computed once per timestep and kept in
-    `cache` (keyed by identity, timestep, negative prompt and reference size) so that later
-    requests for the same identity skip the ReferenceNet. `step` runs the batched step (a
-    backend's static, graph-replayed one; default: the plain one).
-    """
-
-    unet: FlashFaceUNet
-    cond: torch.Tensor
-    uncond: torch.Tensor
-    identity: Identity
-    mask: torch.Tensor
-    guidance: GuidanceParams
-    cache: ReferenceKVCache = field(default_factory=ReferenceKVCache)
-    uncond_key: str = ""
-    step: Callable[[Sequence[Member]], list[torch.Tensor]] | None = None
-
-    def member(self, x: torch.Tensor, step: StepPlan) -> Member:
-        texts = torch.cat([self.cond, self.uncond])  # [2, 77, C]
-        return Member(
-            RequestContext(texts, self.identity, self.mask, self.guidance, self.uncond_key), x, step
-        )
-
-    @torch.inference_mode()
-    def reference_kv(self, t: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """This request's reference K/V at timestep t ([1, R*L, C] per layer; cached)."""
-        member = self.member(torch.zeros(1, 4, 8, 8, device=self.cond.device), single_step(t, self.guidance))
-        return group_kv(self.unet, [member], plan_batch([member]), self.cache)
-
-    @torch.inference_mode()
-    def eps(self, x: torch.Tensor, step: StepPlan) -> torch.Tensor:
-        """Raw model output for the whole batch [k*N, 4, h, w] (k = 3 or 2), as the official model call."""
-        member = self.member(x, step)
-        return step_members(self.unet, [member], plan_batch([member]), self.cache)[1]
-
-    @torch.inference_mode()
-    def x0(self, x: torch.Tensor, step: StepPlan) -> torch.Tensor:
-        """Guided x0 prediction of one step."""
-        return guided_x0(x, self.eps(x, step).float(), step.three_way, step.coefficients(self.guidance))
-
-    @torch.inference_mode()
-    def __call__(self, x: torch.Tensor, step: StepPlan) -> torch.Tensor:
-        member = self.member(x, step)
-        if self.step is not None:
-            return self.step([member])[0]
-        return step_members(self.unet, [member], plan_batch([member]), self.cache)[0][0]
-
-
 class TorchBackend:
     """Runs FlashFace with PyTorch modules (float32 on CPU, float16 weights on CUDA)."""
 
@@ -118,7 +65,7 @@ class TorchBackend:
         self.graphs = StepGraphs(capture, settings.max_shapes)  # one graph per bucket and image size
         if settings.channels_last:
             models.unet.to_channels_last()
-        self.unet = models.unet  # what the denoisers call: the module, or its compiled forward
+        self.unet = models.unet  # what the steps call: the module, or its compiled forward
         if settings.compile:  # one specialisation per batch shape: raise dynamo's limit of 8 per function
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_SHAPES)
             compiled = torch.compile(models.unet, dynamic=False, mode=settings.compile_mode)
@@ -143,6 +90,11 @@ class TorchBackend:
         if self.static:
             return self.static_steps(members)
         return step_members(self.unet, members, plan_batch(members), self.kv_cache)[0]
+
+    @torch.inference_mode()
+    def batch_eps(self, members: Sequence[Member], plan: BatchPlan) -> torch.Tensor:
+        """Raw model output of every row of a batched step [B, 4, h, w], in float32 (the plain step's)."""
+        return step_members(self.unet, members, plan, self.kv_cache)[1].float()
 
     @property
     def tokenizer(self) -> ClipTokenizer:
@@ -173,25 +125,6 @@ class TorchBackend:
         """Reference crops [R, 3, S, S] in [-1, 1] -> scaled latents [R, 4, S/8, S/8] (posterior mean)."""
         x = self.from_numpy(images.astype(np.float32)).to(self.dtype)
         return torch.cat([LATENT_SCALE * self.models.vae.encode(chunk) for chunk in x.split(VAE_BATCH)])
-
-    def denoiser(
-        self,
-        texts: torch.Tensor,
-        identity: Identity,
-        mask: np.ndarray,
-        guidance: GuidanceParams,
-        steps: Sequence[StepPlan] = (),
-        uncond_key: str = "",
-    ) -> TorchDenoiser:
-        """One request's `denoise(x, step)`: the batch of one, through this backend's `step`.
-
-        texts: [2, 77, C] ([positive; negative] prompt embeddings); mask: [h, w]."""
-        m = self.from_numpy(mask.astype(np.float32))[None, None].to(self.dtype)  # [1, 1, h, w]
-        den = TorchDenoiser(
-            self.unet, texts[0:1], texts[1:2], identity, m, guidance, self.kv_cache, uncond_key
-        )
-        den.step = self.step
-        return den
 
     def decode(self, z: torch.Tensor) -> np.ndarray:
         """Scaled latents [N, 4, h, w] -> uint8 images [N, 8h, 8w, 3]."""

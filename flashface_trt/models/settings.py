@@ -16,7 +16,7 @@ class TorchSettings:
 
     static_loop: run each step over static tensors, replayed as a CUDA graph on a GPU (one graph
         per request shape and batch layout; None: on for CUDA, off for the CPU, where the plain
-        denoiser is as fast).
+        step is as fast).
     compile: torch.compile the main UNet's forward (one specialisation per batch shape); the
         ReferenceNet, run once per step per new identity, stays eager.
     compile_mode: a torch.compile mode without inductor's own CUDA graphs (ours capture the loop).

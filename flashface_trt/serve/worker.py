@@ -24,7 +24,7 @@ from ..runtime.faces.references import load_references
 from ..runtime.sampling.executor import StepExecutor, Stopped, Task
 from ..runtime.sampling.identities import Identity
 from ..runtime.sampling.params import BATCH_ROWS, DEFAULT_SIZE
-from ..runtime.sampling.pipeline import Backend, generate, prepare_references
+from ..runtime.sampling.prepare import Backend, prepare_references
 from ..runtime.sampling.request import GenerationRequest
 from .jobs import SHUTDOWN_REASON, Job, JobBook, State
 from .metrics import Metrics
@@ -73,9 +73,9 @@ class Worker(threading.Thread):
             self.backend, self.detector_factory = self.load()
             be = self.backend
             self.encoder = f"{be.name}/{be.precision}/{be.ref_size}px"  # what stored latents came from
+            self.executor = StepExecutor(self.backend, self.max_batch_rows)
             if self.warmup_steps:
                 self._warm_up()
-            self.executor = StepExecutor(self.backend, self.max_batch_rows)
         except BaseException as exc:  # reported by /readyz and every request from now on
             log.exception("the backend failed to load")
             self.load_error = exc
@@ -136,12 +136,15 @@ class Worker(threading.Thread):
         return future
 
     def _warm_up(self) -> None:
-        """One short generation (both batch layouts) so that the first client pays no capture."""
-        assert self.backend is not None
+        """One short generation (both batch layouts) through the executor that serves, so that the
+        first client pays no capture."""
         t0 = time.perf_counter()
         size = self.default_size()
         req = GenerationRequest(prompt="warm-up", steps=self.warmup_steps, height=size[0], width=size[1])
-        generate(self.backend, req, [synthetic_face()])
+        task = Task(req, [synthetic_face()], name="warm-up")
+        self.executor.run([task])
+        if task.error is not None:
+            raise task.error
         log.info("warm-up generation in %.1f s", time.perf_counter() - t0)
 
     def default_size(self) -> tuple[int, int]:

@@ -1,7 +1,7 @@
 """The ONNX Runtime backend: FlashFace from an exported directory, without torch.
 
 It implements the same small backend interface as the PyTorch backend (tokenizer, text, reference
-encoding, `denoiser`, decode), so the pipeline and the sampler loop never ask which one they have.
+encoding, the batched `step`, decode), so the pipeline and the sampler loop never ask which one they have.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from ..artifacts.spec import NetworkSpec
 from ..errors import FlashFaceError, InputError, WeightsError
 from ..faces.ort_detector import OrtDetector
 from ..sampling.batch import BatchPlan, Member, RequestContext, cached_kv, plan_batch
-from ..sampling.guidance import batched_update, guided_x0
+from ..sampling.guidance import batched_update
 from ..sampling.identities import DEFAULT_KV_CACHE_BYTES, Identity, ReferenceKVCache
-from ..sampling.sampler import GuidanceParams, StepPlan
+from ..sampling.sampler import GuidanceParams
 from ..sampling.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
@@ -117,37 +117,6 @@ class Session:
         return {
             n: v if n in self.keep_on_device else v.numpy() for n, v in zip(self.spec.output_names, values)
         }
-
-
-@dataclass
-class OrtDenoiser:
-    """One request's `denoise(x, step) -> x_next` on ONNX Runtime: the batch of one (`runtime.batch`)."""
-
-    backend: OrtBackend
-    cond: np.ndarray  # [1, 77, C]
-    uncond: np.ndarray  # [1, 77, C]
-    identity: Identity
-    mask: np.ndarray  # [1, 1, h, w]
-    guidance: GuidanceParams
-    uncond_key: str = ""
-
-    def member(self, x: np.ndarray, step: StepPlan) -> Member:
-        texts = np.concatenate([self.cond, self.uncond])  # [2, 77, C]
-        return Member(
-            RequestContext(texts, self.identity, self.mask, self.guidance, self.uncond_key), x, step
-        )
-
-    def eps(self, x: np.ndarray, step: StepPlan) -> np.ndarray:
-        """Raw model output for the whole batch [k*N, 4, h, w] (k = 3 or 2)."""
-        member = self.member(x, step)
-        return self.backend.batch_eps([member], plan_batch([member]))
-
-    def x0(self, x: np.ndarray, step: StepPlan) -> np.ndarray:
-        """Guided x0 prediction of one step."""
-        return guided_x0(x, self.eps(x, step), step.three_way, step.coefficients(self.guidance))
-
-    def __call__(self, x: np.ndarray, step: StepPlan) -> np.ndarray:
-        return self.backend.step([self.member(x, step)])[0]
 
 
 class OrtBackend:
@@ -260,19 +229,6 @@ class OrtBackend:
         eps = self.batch_eps(members, plan)
         x = np.concatenate([m.x for m in members]).astype(np.float32)
         return plan.split(batched_update(x, eps, plan.guide, plan.coef))
-
-    def denoiser(
-        self,
-        texts: np.ndarray,
-        identity: Identity,
-        mask: np.ndarray,
-        guidance: GuidanceParams,
-        steps: Sequence[StepPlan] = (),
-        uncond_key: str = "",
-    ) -> OrtDenoiser:
-        """One request's `denoise(x, step)`: texts [2, 77, C] ([positive; negative]), mask [h, w]."""
-        m = mask.astype(np.float32)[None, None]  # [1, 1, h, w]
-        return OrtDenoiser(self, texts[0:1], texts[1:2], identity, m, guidance, uncond_key)
 
     def decode(self, z: np.ndarray) -> np.ndarray:
         """Scaled latents [N, 4, h, w] -> uint8 images [N, 8h, 8w, 3]."""

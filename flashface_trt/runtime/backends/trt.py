@@ -40,7 +40,7 @@ from ..sampling.batch import (
 )
 from ..sampling.guidance import STEP_COEFFICIENTS
 from ..sampling.identities import DEFAULT_KV_CACHE_BYTES, Identity, ReferenceKVCache
-from ..sampling.sampler import GuidanceParams, StepPlan
+from ..sampling.sampler import GuidanceParams
 from ..sampling.tokenizer import ClipTokenizer
 from .buffers import check_kv_wiring
 from .cuda import DeviceBuffer, Event, Stream, copy_device, copy_to_device, copy_to_host, device_info
@@ -73,16 +73,6 @@ class BatchState:
 def _slot(t: DeviceTensor, index: int) -> int:
     """Address of row `index` of a device tensor (first axis)."""
     return t.ptr + index * (t.nbytes // t.shape[0])
-
-
-class BatchDenoiser:
-    """One request's `denoise(x, step) -> x_next`: the batch of one, through `backend.step`."""
-
-    def __init__(self, backend: Any, ctx: RequestContext) -> None:
-        self.backend, self.ctx = backend, ctx
-
-    def __call__(self, x: Any, step: StepPlan) -> Any:
-        return self.backend.step([Member(self.ctx, x, step)])[0]
 
 
 class TrtBackend:
@@ -293,17 +283,6 @@ class TrtBackend:
         copy_to_device(m.ptr, np.ascontiguousarray(mask[None, None], np.float32), self.stream)
         self.stream.synchronize()
         return RequestContext(texts, identity, m, guidance, uncond_key)
-
-    def denoiser(
-        self,
-        texts: DeviceTensor,
-        identity: Identity,
-        mask: np.ndarray,
-        guidance: GuidanceParams,
-        steps: Sequence[StepPlan] = (),
-        uncond_key: str = "",
-    ) -> BatchDenoiser:
-        return BatchDenoiser(self, self.context(texts, identity, mask, guidance, uncond_key))
 
     def decode(self, z: np.ndarray | DeviceTensor) -> np.ndarray:
         """Latents [N, 4, h, w] (host or device) -> uint8 images [N, 8h, 8w, 3]."""

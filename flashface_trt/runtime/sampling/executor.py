@@ -21,11 +21,11 @@ from typing import Any
 from PIL import Image
 
 from ..errors import FlashFaceError
-from .batch import Member, RequestContext
-from .identities import Identity, array_key
+from .batch import Member
+from .identities import Identity
 from .params import BATCH_ROWS
-from .request import GenerationRequest, face_mask, full_prompts, initial_noise
-from .sampler import StepPlan, plan
+from .prepare import Prepared, prepare
+from .request import GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -42,20 +42,21 @@ class Stopped(FlashFaceError):
 class Task:
     """One request in the executor and what becomes of it.
 
+    identity: a registered identity, or face crops (registered when the task is admitted).
     check: called between steps; returns a reason to stop ('cancelled: ...', 'timeout: ...') or None.
-    on_step(k, n): after each step. z0 (the final latents) and images are set when it succeeds;
-    error when it fails or stops; `done` is set either way.
+    on_step(k, n): after each step. prepared: set on admission (`prepare.prepare`); x: its latents.
+    z0 (the final latents) and images are set when it succeeds; error when it fails or stops;
+    `done` is set either way.
     """
 
     request: GenerationRequest
-    identity: Identity
+    identity: Identity | Sequence[Image.Image]
     priority: int = 0
     check: Callable[[], str | None] | None = None
     on_step: Callable[[int, int], None] | None = None
     name: str = ""
     seq: int = 0
-    ctx: RequestContext | None = None
-    steps: list[StepPlan] = field(default_factory=list)
+    prepared: Prepared | None = None
     index: int = 0
     x: Any = None
     z0: Any = None
@@ -66,12 +67,21 @@ class Task:
 
     @property
     def rows(self) -> int:
-        """UNet rows this request needs at most (3-way steps: 3 per sample)."""
-        return 3 * self.request.num_samples
+        """UNet rows this request needs at most (3-way steps: 3 per sample; `prepare` rejects a bad count)."""
+        try:
+            return 3 * int(self.request.num_samples)
+        except (TypeError, ValueError):
+            return 3
+
+    @property
+    def steps(self) -> int:
+        """Steps of its plan (0 before admission)."""
+        return len(self.prepared.steps) if self.prepared else 0
 
     def kind(self) -> tuple:
         """Requests of one kind can share a batch: output size and references."""
-        return self.request.height, self.request.width, self.identity.num_refs
+        assert self.prepared is not None  # only admitted tasks are batched
+        return self.request.height, self.request.width, self.prepared.ctx.identity.num_refs
 
 
 class StepExecutor:
@@ -87,7 +97,7 @@ class StepExecutor:
         self.batch_sizes: list[int] = []  # requests per batched step (the benchmark reads it)
 
     def submit(self, task: Task) -> Task:
-        task.request = task.request.validated()
+        """Queue `task`; it is validated and prepared when admitted (its errors end only it)."""
         with self.lock:
             task.seq = next(self.counter)
             self.waiting.append(task)
@@ -116,7 +126,7 @@ class StepExecutor:
             if reason is not None:
                 kind, _, message = reason.partition(": ")
                 self._end(
-                    task, Stopped(kind, f"{message or reason} after {task.index} of {len(task.steps)} steps")
+                    task, Stopped(kind, f"{message or reason} after {task.index} of {task.steps} steps")
                 )
         if not self.active:
             return
@@ -124,31 +134,27 @@ class StepExecutor:
         batch = [t for t in self.active if t.kind() == lead.kind()]
         self._step(batch)
         for task in batch:
-            if task.index == len(task.steps) and not task.done.is_set():
+            if task.index == task.steps and not task.done.is_set():
                 self._finish(task)
 
     # ---------------------------------------------------------------- internals
 
     def _admit(self) -> None:
-        with self.lock:
-            self.waiting.sort(key=lambda t: (-t.priority, t.seq))
-            while self.waiting and (self.waiting[0].rows <= self.room() or not self.active):
+        """Admit waiting requests while their rows fit; each prepared outside the lock (`_end` takes it)."""
+        while True:
+            with self.lock:
+                self.waiting.sort(key=lambda t: (-t.priority, t.seq))
+                if not self.waiting or (self.active and self.waiting[0].rows > self.room()):
+                    return
                 task = self.waiting.pop(0)
                 self.active.append(task)
-                self._start(task)
+            self._start(task)
 
     def _start(self, task: Task) -> None:
-        """Text, mask, plan and noise of a newly admitted request (its failures end only it)."""
+        """`prepare` a newly admitted request (its failures end only it)."""
         try:
-            t0 = time.perf_counter()
-            req, b = task.request, self.backend
-            ids = b.tokenizer.encode(list(full_prompts(req.prompt, req.negative_prompt)))  # [2, 77]
-            texts = b.encode_text(ids)  # [2, 77, C]
-            mask = face_mask(req.face_bbox, req.height, req.width)
-            task.ctx = b.context(texts, task.identity, mask, req.guidance, array_key(ids[1]))
-            task.steps = plan(req.steps, req.guidance)
-            task.x = b.from_numpy(initial_noise(req.seed, req.num_samples, req.height, req.width))
-            task.timings["text"] = time.perf_counter() - t0
+            task.prepared = p = prepare(self.backend, task.request, task.identity, task.timings)
+            task.request, task.identity, task.x = p.request, p.ctx.identity, p.x
             task.timings["denoise"] = 0.0
         except Exception as exc:
             self._end(task, exc)
@@ -175,7 +181,8 @@ class StepExecutor:
             task.timings["denoise"] = task.timings.get("denoise", 0.0) + dt
 
     def _advance(self, batch: list[Task]) -> None:
-        members = [Member(t.ctx, t.x, t.steps[t.index]) for t in batch]  # type: ignore[arg-type]
+        states = [(t, t.prepared) for t in batch]
+        members = [Member(p.ctx, t.x, p.steps[t.index]) for t, p in states if p is not None]
         xs = self.backend.step(members)
         self.batches += 1
         self.batch_sizes.append(len(batch))
@@ -183,7 +190,7 @@ class StepExecutor:
             task.x = x
             task.index += 1
             if task.on_step is not None:
-                task.on_step(task.index, len(task.steps))
+                task.on_step(task.index, task.steps)
 
     def _finish(self, task: Task) -> None:
         try:

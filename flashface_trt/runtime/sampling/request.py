@@ -60,12 +60,12 @@ class GenerationRequest:
 
 
 def face_mask(bbox: Sequence[float], height: int, width: int) -> np.ndarray:
-    """Latent face mask [height/8, width/8] as the demo builds it.
+    """Latent face mask [height/8, width/8] as the demo builds it, of a validated bbox (`validate_bbox`).
 
     Pixel box (int(x1*W), int(y1*H), int(x2*W), int(y2*H)); a square of side max(w, h) anchored at
     (x1, y1) is set to 1 (clipped at the image border), then every 8th pixel is kept.
     """
-    x1, y1, x2, y2 = validate_bbox(bbox)
+    x1, y1, x2, y2 = (float(v) for v in bbox)
     mask = np.zeros((height, width), dtype=np.float32)
     if (x1, y1, x2, y2) != (0.0, 0.0, 0.0, 0.0):
         px1, py1, px2, py2 = int(x1 * width), int(y1 * height), int(x2 * width), int(y2 * height)

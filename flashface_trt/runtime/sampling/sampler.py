@@ -1,8 +1,8 @@
 """Guidance settings, the per-step plan and the one denoising loop every backend shares.
 
 The loop is a plain function over one `denoise(x, step)` call that returns the next step's x
-(k-diffusion style); backends (PyTorch, ONNX Runtime, TensorRT, graph replay) provide `denoise`
-and the loop never asks which one it has. The step arithmetic is `guidance.py`. The launch rule
+(k-diffusion style), e.g. `prepare.stepper`: any backend's batched step over one request, and
+the loop never asks which backend it has. The step arithmetic is `guidance.py`. The launch rule
 follows the official `ContextGaussianDiffusion` (flashface/all_finetune/ops/context_diffusion.py).
 """
 
