@@ -99,8 +99,12 @@ def test_plan_of_a_mixed_batch():
     assert p.group.tolist() == [0, 0, 1, 1] and len(p.groups) == 2
     assert p.guide.tolist() == [[0, 2, 3], [0, 4, 5], [1, 6, 7]]  # y_ref, y, u per sample
     assert p.coef[0, -1] == 0 and p.coef[1, -1] == p.coef[2, -1] == 1  # three_way
+    # one encoder per (sample, text): b's cond+ref and cond rows share theirs; one stem per sample
+    assert p.enc_rows.tolist() == [0, 1, 2, 6, 3, 7] and p.enc_index.tolist() == [0, 1, 2, 4, 2, 4, 3, 5]
+    assert p.stem_rows.tolist() == [0, 2, 3]
     padded = pad_plan(p, 2)
     assert padded.key == (4, 4, 4, 2, 2) and padded.guide[:, :3].tolist() == p.guide.tolist()
+    assert padded.enc_rows.tolist() == [0, 1, 2, 6, 3, 7] and padded.stem_rows.tolist() == [0, 2, 3, 0]
     c = replace(b, x=np.zeros((1, 4, 8, 8)))
     with pytest.raises(Exception, match="share size"):
         plan_batch([a, replace(c, x=np.zeros((1, 4, 16, 8)))])

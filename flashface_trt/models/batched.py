@@ -15,7 +15,7 @@ from ..runtime.sampling.batch import BatchPlan, Member
 from ..runtime.sampling.guidance import batched_update
 from ..runtime.sampling.identities import ReferenceKVCache
 from .unet import FlashFaceUNet
-from .unet_blocks import RefInputs
+from .unet_blocks import RefInputs, SharedRows
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -55,6 +55,7 @@ def indices(plan: BatchPlan, device: torch.device) -> dict[str, torch.Tensor]:
         "group": torch.from_numpy(plan.group).to(device),
         "guide": torch.from_numpy(plan.guide).to(device),
         "coef": torch.from_numpy(plan.coef).to(device),
+        **{n: torch.from_numpy(getattr(plan, n)).to(device) for n in ("enc_rows", "enc_index", "stem_rows")},
     }
 
 
@@ -68,7 +69,9 @@ def batch_eps(
     mask = masks.index_select(0, ix["member_rows"])  # [B, 1, h, w]
     context = texts.index_select(0, ix["text_rows"])  # [B, 77, C]
     ref = RefInputs(kv, ix["scale"].to(dtype), ix["group"])
-    return unet(xb, mask, ix["t"], context, ref)
+    enc = ix["enc_rows"]
+    share = SharedRows(enc, ix["enc_index"], ix["stem_rows"], ix["sample_rows"].index_select(0, enc))
+    return unet(xb, mask, ix["t"], context, ref, share)
 
 
 def step_members(

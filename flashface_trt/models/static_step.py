@@ -98,6 +98,9 @@ class StaticBatch:
                 "group": torch.zeros(ref_b, device=dev, dtype=torch.int32),
                 "guide": torch.zeros(3, s_b, device=dev, dtype=torch.long),
                 "coef": torch.zeros(s_b, padded.coef.shape[1], device=dev),
+                "enc_rows": torch.zeros(ref_b + rest_b // 2, device=dev, dtype=torch.long),
+                "enc_index": torch.zeros(rows, device=dev, dtype=torch.long),
+                "stem_rows": torch.zeros(s_b, device=dev, dtype=torch.long),
             }
 
     def load(self, padded: PaddedPlan, members: Sequence[Member], kv: KV) -> None:

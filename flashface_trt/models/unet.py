@@ -9,19 +9,20 @@ and decoder, so `ref_middle` is never used) and both use the main `time_embeddin
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 
-from ..runtime.errors import WeightsError
-from .config import UNetConfig
+from ..runtime.errors import InputError, WeightsError
+from .config import CUTS, UNetConfig
 from .unet_blocks import (
     AttentionBlock,
     GroupNorm32,
     RefInputs,
     RefSelfAttention,
     ResidualBlock,
+    SharedRows,
     StackedAttention,
     Upsample,
     is_attention_scale,
@@ -118,6 +119,18 @@ class FlashFaceUNet(nn.Module):
             for name, m in self.named_modules()
             if isinstance(m, AttentionBlock) and m.ref_index >= 0 and not name.startswith("ref_")
         ]
+        self.cuts = frozenset(CUTS)
+
+    def set_cuts(self, cuts: Iterable[str]) -> FlashFaceUNet:
+        """Switch the exact FLOP cuts (`config.CUTS`) named in `cuts` on, the others off."""
+        unknown = sorted(set(cuts) - set(CUTS))
+        if unknown:
+            raise InputError(f"unknown UNet cuts {unknown}; known: {list(CUTS)}")
+        self.cuts = frozenset(cuts)
+        for m in self.modules():
+            if isinstance(m, AttentionBlock):
+                m.merge = "lse" in self.cuts
+        return self
 
     def _attention_blocks(self, decoder: nn.ModuleList) -> list[AttentionBlock]:
         """Reference layers in traversal order: the middle's blocks, then the decoder's."""
@@ -139,27 +152,58 @@ class FlashFaceUNet(nn.Module):
         dtype = next(self.time_embedding.parameters()).dtype
         return self.time_embedding(sinusoidal_embedding(t, self.cfg.dim).to(dtype))  # [B, 4*dim]
 
-    def _block(self, block: nn.Module, x, e, context, ref, collect, size) -> torch.Tensor:
+    def _block(self, block: nn.Module, x, e, context, ref, collect, size, widen=None) -> torch.Tensor:
         if isinstance(block, ResidualBlock):
             return block(x, e)
         if isinstance(block, StackedAttention):
-            return block(x, context, ref, collect, self.num_reference_layers - 1)
+            return block(x, context, ref, collect, self.num_reference_layers - 1, widen)
         if isinstance(block, Upsample):
             return block(x, size)
         if isinstance(block, nn.ModuleList):
             for sub in block:
-                x = self._block(sub, x, e, context, ref, collect, size)
+                x = self._block(sub, x, e, context, ref, collect, size, widen)
                 if collect is not None and len(collect) == self.num_reference_layers:
                     return x
             return x
         return block(x)
 
-    def _run(self, x, e, context, encoder, decoder, ref=None, collect=None) -> torch.Tensor | None:
-        """UNet traversal of the official `encode`/`decode`; stops early once `collect` is full."""
+    def _run(
+        self, x, e, context, encoder, decoder, ref=None, collect=None, share=None
+    ) -> torch.Tensor | None:
+        """UNet traversal of the official `encode`/`decode`; stops early once `collect` is full.
+
+        `share` (`SharedRows`): the encoder runs on the distinct encoder rows (cut "encoder"), its
+        layers before the first cross-attention on one row per sample (cut "stem"); the middle and
+        decoder take every row's skips by index."""
+        h, e_enc, c_enc, widen, expand = x, e, context, None, None  # widen: stem -> encoder rows
+        if share is not None:
+            stem_index = share.stem_index
+            if "encoder" in self.cuts:
+                e_enc, c_enc, expand = e[share.enc_rows], context[share.enc_rows], share.enc_index
+                h = x[share.enc_rows]
+            else:
+                stem_index = stem_index[share.enc_index]
+            if "stem" in self.cuts and isinstance(encoder[1][-1], StackedAttention):
+                h, widen = x[share.stem_rows], stem_index
         skips = []
-        for block in encoder:
-            x = self._block(block, x, e, context, None, collect, None)
-            skips.append(x)
+        for i, block in enumerate(encoder):
+            stem = widen is not None and i < 2
+            h = self._block(
+                block,
+                h,
+                e[share.stem_rows] if stem else e_enc,
+                c_enc,
+                None,
+                collect,
+                None,
+                widen if i == 1 else None,
+            )
+            skips.append(h)
+        if widen is not None:
+            skips[0] = skips[0][widen]
+        if expand is not None:
+            skips = [s[expand] for s in skips]
+        x = skips[-1]
         for block in self.middle:
             x = self._block(block, x, e, context, ref, collect, None)
             if collect is not None and len(collect) == self.num_reference_layers:
@@ -179,15 +223,17 @@ class FlashFaceUNet(nn.Module):
         t: torch.Tensor,
         context: torch.Tensor,
         ref: RefInputs | None = None,
+        share: SharedRows | None = None,
     ) -> torch.Tensor:
         """eps for latents x [B,4,h,w], face mask [B|1,1,h,w], t [B], context [B,77,C].
 
         Rows [:B_ref] (B_ref = len(ref.scale)) attend to the reference tokens; the rest do not.
+        `share`: which rows have the same encoder input and latents (cuts "encoder", "stem").
         """
         b, _, h, w = x.shape
         x = torch.cat([x, mask.to(x.dtype).expand(b, 1, h, w)], dim=1)  # [B, 5, h, w]
         x = x.contiguous(memory_format=self.memory_format)
-        out = self._run(x, self._embed(t), context.to(x.dtype), self.encoder, self.decoder, ref=ref)
+        out = self._run(x, self._embed(t), context.to(x.dtype), self.encoder, self.decoder, ref, None, share)
         assert out is not None
         return out  # [B, 4, h, w]
 

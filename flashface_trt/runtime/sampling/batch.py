@@ -70,7 +70,8 @@ class StepArrays:
     member_rows [B]: the member whose mask and timestep a row takes; t [B]: the row's timestep;
     scale [B_ref], group [B_ref]: λ and K/V group of the reference rows (the first B_ref rows);
     guide [3, S]: the rows of each sample's y_ref, y (cond) and u (uncond) (2-way: y_ref = y);
-    coef [S, len(STEP_COEFFICIENTS)]: each sample's guidance and DDIM coefficients.
+    coef [S, len(STEP_COEFFICIENTS)]: each sample's guidance and DDIM coefficients;
+    enc_rows [E], enc_index [B], stem_rows [S]: rows that share UNet work (`shared_rows`).
     """
 
     sample_rows: np.ndarray
@@ -81,6 +82,19 @@ class StepArrays:
     group: np.ndarray
     guide: np.ndarray
     coef: np.ndarray
+    enc_rows: np.ndarray
+    enc_index: np.ndarray
+    stem_rows: np.ndarray
+
+
+def shared_rows(sample_rows: np.ndarray, text_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(enc_rows [E], enc_index [B], stem_rows [S]): the first row of each distinct (sample, text), each
+    row's position among them, the first row of each sample. A sample fixes its member (mask and
+    timestep), so such rows have one encoder input, and one sample's rows the same latents."""
+    keys = sample_rows.astype(np.int64) * (int(text_rows.max(initial=0)) + 1) + text_rows
+    _, enc_rows, enc_index = np.unique(keys, return_index=True, return_inverse=True)
+    stem_rows = np.unique(sample_rows, return_index=True)[1]
+    return enc_rows.astype(np.int64), enc_index.reshape(-1).astype(np.int64), stem_rows.astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -139,6 +153,10 @@ def plan_batch(members: Sequence[Member]) -> BatchPlan:
         start += n
     b_ref = len(ref)
     rows = [r[:3] for r in ref] + rest
+    sample_rows, text_rows = (
+        np.asarray([r[0] for r in rows], np.int64),
+        np.asarray([r[1] for r in rows], np.int64),
+    )
     guide = np.zeros((3, start), np.int64)
     coef = np.zeros((start, len(STEP_COEFFICIENTS)), np.float32)
     for m, first, mine in zip(members, offsets, blocks):
@@ -148,15 +166,19 @@ def plan_batch(members: Sequence[Member]) -> BatchPlan:
         for s in range(n):
             guide[:, first + s] = (y_ref + s, y + s, u + s)
         coef[first : first + n] = np.asarray(m.step.coefficients(m.ctx.guidance), np.float32)
+    enc_rows, enc_index, stem_rows = shared_rows(sample_rows, text_rows)
     return BatchPlan(
-        sample_rows=np.asarray([r[0] for r in rows], np.int64),
-        text_rows=np.asarray([r[1] for r in rows], np.int64),
+        sample_rows=sample_rows,
+        text_rows=text_rows,
         member_rows=np.asarray([r[2] for r in rows], np.int64),
         t=np.asarray([float(members[r[2]].step.t) for r in rows], np.float32),
         scale=np.asarray([r[3] for r in ref], np.float32),
         group=np.asarray([r[4] for r in ref], np.int32),
         guide=guide,
         coef=coef,
+        enc_rows=enc_rows,
+        enc_index=enc_index,
+        stem_rows=stem_rows,
         groups=tuple(groups),
         offsets=tuple(offsets),
     )
@@ -176,7 +198,10 @@ class PaddedPlan(StepArrays):
 
     Rows are [reference rows | padding | other rows | padding]; padding rows carry sample 0, text 0,
     member 0, timestep 0, λ 0 and group 0; padding samples keep x (alpha = s_cur = 1, the rest 0)
-    and their guidance rows point at row 0. `key` names the bucket; `plan` is the unpadded plan.
+    and their guidance rows point at row 0. Encoder rows are padded to ref rows + other rows / 2
+    (every other row is a 3-way cond or uncond row, the cond row sharing its reference row's
+    encoder input); padding encoder and stem rows are row 0. `key` names the bucket; `plan` is the
+    unpadded plan.
     """
 
     key: tuple[int, int, int, int, int]  # (ref rows, other rows, samples, groups, members)
@@ -195,14 +220,20 @@ def pad_plan(plan: BatchPlan, members: int) -> PaddedPlan:
         out[ref_b : ref_b + rest] = values[b_ref:]
         return out
 
+    def moved(row: np.ndarray) -> np.ndarray:
+        """Row numbers in the padded rows."""
+        return np.where(row >= b_ref, row + (ref_b - b_ref), row)
+
     guide = np.zeros((3, s_b), np.int64)
-    guide[:, : plan.samples] = np.where(plan.guide >= b_ref, plan.guide + (ref_b - b_ref), plan.guide)
+    guide[:, : plan.samples] = moved(plan.guide)
     coef = np.zeros((s_b, plan.coef.shape[1]), np.float32)
     coef[: plan.samples] = plan.coef
     coef[plan.samples :, STEP_COEFFICIENTS.index("alpha")] = 1.0
     coef[plan.samples :, STEP_COEFFICIENTS.index("s_cur")] = 1.0
     scale, group = np.zeros(ref_b, np.float32), np.zeros(ref_b, np.int32)
     scale[:b_ref], group[:b_ref] = plan.scale, plan.group
+    enc_rows, stem_rows = np.zeros(ref_b + rest_b // 2, np.int64), np.zeros(s_b, np.int64)
+    enc_rows[: len(plan.enc_rows)], stem_rows[: plan.samples] = moved(plan.enc_rows), moved(plan.stem_rows)
     return PaddedPlan(
         sample_rows=rows(plan.sample_rows),
         text_rows=rows(plan.text_rows),
@@ -212,6 +243,9 @@ def pad_plan(plan: BatchPlan, members: int) -> PaddedPlan:
         group=group,
         guide=guide,
         coef=coef,
+        enc_rows=enc_rows,
+        enc_index=rows(plan.enc_index),
+        stem_rows=stem_rows,
         key=key,
         plan=plan,
     )
