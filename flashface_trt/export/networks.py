@@ -12,10 +12,11 @@ from torch import nn
 
 from ..models.backend import TorchModels
 from ..models.batched import batch_eps
-from ..models.config import LATENT_SCALE
+from ..models.config import EXPORT_CUTS, LATENT_SCALE
 from ..models.unet import FlashFaceUNet
 from ..runtime.artifacts.axes import REF_TOKENS, axis_range, check_axes
 from ..runtime.artifacts.spec import ExportShapes, NetworkSpec, TensorSpec
+from ..runtime.sampling.batch import SHARED_ROWS
 from ..runtime.sampling.guidance import STEP_COEFFICIENTS, batched_update
 from ..runtime.sampling.request import REFERENCE_SIZE
 
@@ -86,9 +87,13 @@ class UNetGraph(nn.Module):
     def forward(
         self, x, masks, texts, sample_rows, member_rows, text_rows, timestep, ref_scale, ref_group, *kv
     ):
-        """eps [B, 4, h, w] float32 of every row; rows [:B_ref] attend to their group's references."""
+        """eps [B, 4, h, w] float32 of every row; rows [:B_ref] attend to their group's references.
+
+        `kv` ends with the shared-row arrays of the UNet's cuts (`SHARED_ROWS`, in that order)."""
+        shared = [n for n, cut in SHARED_ROWS.items() if cut in self.unet.cuts]
+        kv, ix = kv[: len(kv) - len(shared)], dict(zip(shared, kv[len(kv) - len(shared) :]))
         pairs = [(kv[2 * i], kv[2 * i + 1]) for i in range(len(kv) // 2)]
-        ix = {
+        ix |= {
             "sample_rows": sample_rows,
             "member_rows": member_rows,
             "text_rows": text_rows,
@@ -132,8 +137,11 @@ def reference_layer_shapes(models: TorchModels, ref_size: int = REFERENCE_SIZE) 
     return [(name, f.shape[1], f.shape[2]) for name, f in zip(unet.reference_layers, feats)]
 
 
-def network_specs(models: TorchModels, shapes: ExportShapes) -> dict[str, NetworkSpec]:
-    """The spec of every exported network for these models and shape ranges (axes from `runtime.axes`)."""
+def network_specs(
+    models: TorchModels, shapes: ExportShapes, cuts: tuple[str, ...] = EXPORT_CUTS
+) -> dict[str, NetworkSpec]:
+    """The spec of every exported network for these models, shape ranges (axes from `runtime.axes`) and
+    UNet cuts (the shared-row arrays they take)."""
     cfg = models.config
     kv_dtype = "float16" if models.dtype == torch.float16 else "float32"
     ctx, z, lat_ref = cfg.unet.context_dim, cfg.vae.z_dim, shapes.ref_size // cfg.vae_factor
@@ -149,6 +157,12 @@ def network_specs(models: TorchModels, shapes: ExportShapes) -> dict[str, Networ
         for name in kv_names(layer)
     ]
     f32 = "float32"
+    enc_axis = ("encoders",) if "encoder" in cuts else ()
+    shared = (
+        TensorSpec("enc_rows", INDEX, ("encoders",)),
+        TensorSpec("enc_index", INDEX, ("batch",)),
+        TensorSpec("stem_rows", INDEX, ("samples",)),
+    )
     lat = ("latent_h", "latent_w")
     specs = {
         "text_encoder": NetworkSpec(
@@ -205,10 +219,19 @@ def network_specs(models: TorchModels, shapes: ExportShapes) -> dict[str, Networ
                 TensorSpec("ref_scale", f32, ("b_ref",)),
                 TensorSpec("ref_group", INDEX, ("b_ref",)),
                 *kv,
+                *(t for t in shared if SHARED_ROWS[t.name] in cuts),
             ),
             (TensorSpec("eps", f32, ("batch", cfg.unet.out_dim, *lat)),),
-            axes("samples", "members", "texts", "batch", "b_ref", "groups", *tokens, *lat),
-            samples={"samples": 2, "members": 2, "texts": 4, "batch": 5, "b_ref": 3, "groups": 2},
+            axes("samples", "members", "texts", "batch", "b_ref", "groups", *tokens, *lat, *enc_axis),
+            samples={
+                "samples": 2,
+                "members": 2,
+                "texts": 4,
+                "batch": 5,
+                "b_ref": 3,
+                "encoders": 4,
+                "groups": 2,
+            },
         ),
     }
     for spec in specs.values():

@@ -69,8 +69,7 @@ def batch_eps(
     mask = masks.index_select(0, ix["member_rows"])  # [B, 1, h, w]
     context = texts.index_select(0, ix["text_rows"])  # [B, 77, C]
     ref = RefInputs(kv, ix["scale"].to(dtype), ix["group"])
-    enc = ix["enc_rows"]
-    share = SharedRows(enc, ix["enc_index"], ix["stem_rows"], ix["sample_rows"].index_select(0, enc))
+    share = SharedRows(ix.get("enc_rows"), ix.get("enc_index"), ix.get("stem_rows"), ix["sample_rows"])
     return unet(xb, mask, ix["t"], context, ref, share)
 
 

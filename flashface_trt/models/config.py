@@ -12,6 +12,7 @@ LATENT_SCALE = 0.18215  # SD 1.x VAE latent scale (official cfg.ae_scale)
 # encoder input, the layers before the first cross-attention once per sample, reference attention
 # by log-sum-exp merge
 CUTS = ("encoder", "stem", "lse")
+EXPORT_CUTS = ("encoder", "stem")  # the ONNX export's default (`export.exporter.ExportSettings`)
 
 
 @dataclass(frozen=True)

@@ -177,13 +177,12 @@ class FlashFaceUNet(nn.Module):
         decoder take every row's skips by index."""
         h, e_enc, c_enc, widen, expand = x, e, context, None, None  # widen: stem -> encoder rows
         if share is not None:
-            stem_index = share.stem_index
-            if "encoder" in self.cuts:
+            stem_index = share.sample_rows  # [B]: each row's position in stem_rows
+            if "encoder" in self.cuts and share.enc_rows is not None:
                 e_enc, c_enc, expand = e[share.enc_rows], context[share.enc_rows], share.enc_index
-                h = x[share.enc_rows]
-            else:
-                stem_index = stem_index[share.enc_index]
-            if "stem" in self.cuts and isinstance(encoder[1][-1], StackedAttention):
+                h, stem_index = x[share.enc_rows], stem_index[share.enc_rows]
+            stem = "stem" in self.cuts and share.stem_rows is not None
+            if stem and isinstance(encoder[1][-1], StackedAttention):
                 h, widen = x[share.stem_rows], stem_index
         skips = []
         for i, block in enumerate(encoder):

@@ -82,9 +82,9 @@ def attend_lse(
     elif q.device.type == "cuda":
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
     else:
-        s = (q @ k.transpose(-1, -2)) * d**-0.5  # [B, n, Lq, Lk]
-        lse = torch.logsumexp(s.float(), dim=-1)
-        out = torch.exp(s.float() - lse.unsqueeze(-1)).to(v.dtype) @ v
+        s = (q @ k.transpose(2, 3)) * d**-0.5  # [B, n, Lq, Lk]; positive dims: traced ranks may be unknown
+        lse = torch.logsumexp(s.float(), dim=3)
+        out = torch.exp(s.float() - lse.unsqueeze(3)).to(v.dtype) @ v
     return out.transpose(1, 2).reshape(b, lq, c), lse[..., :lq].transpose(1, 2).float()
 
 
@@ -149,17 +149,17 @@ class RefInputs:
 
 @dataclass
 class SharedRows:
-    """Rows of one main-UNet call that share work (`runtime.sampling.batch.StepArrays`).
+    """Rows of one main-UNet call that share work (`runtime.sampling.batch.StepArrays`; None: not shared).
 
     enc_rows [E]: the first row of each distinct encoder input (latents, timestep, mask, text);
-    enc_index [B]: each row's position in enc_rows; stem_rows [S]: the first row of each sample;
-    stem_index [E]: each encoder row's sample (the layers before the first cross-attention).
+    enc_index [B]: each row's position in enc_rows; stem_rows [S]: the first row of each sample
+    (the layers before the first cross-attention); sample_rows [B]: each row's sample.
     """
 
-    enc_rows: torch.Tensor
-    enc_index: torch.Tensor
-    stem_rows: torch.Tensor
-    stem_index: torch.Tensor
+    enc_rows: torch.Tensor | None
+    enc_index: torch.Tensor | None
+    stem_rows: torch.Tensor | None
+    sample_rows: torch.Tensor
 
 
 class AttentionBlock(nn.Module):
@@ -194,11 +194,7 @@ class AttentionBlock(nn.Module):
         if self.merge:
             img, lse_img = attend_lse(q, k, v, sa1.heads)  # [B, L, C], [B, L, n]
             refs, lse_ref = attend_lse(q[:n], k_ref.to(k.dtype), v_ref.to(v.dtype), sa1.heads)
-            w = (
-                torch.sigmoid(lse_ref - lse_img[:n])
-                .to(y.dtype)
-                .repeat_interleave(y.shape[-1] // sa1.heads, -1)
-            )
+            w = torch.sigmoid(lse_ref - lse_img[:n]).to(y.dtype).repeat_interleave(y.shape[2] // sa1.heads, 2)
             return sa1.o(torch.cat([img[:n] + lam * w * (refs - img[:n]), img[n:]]))
         plain = sa1.o(attend(q, k, v, sa1.heads))
         k_cat = torch.cat([k[:n], k_ref.to(k.dtype)], dim=1)  # [B_ref, L + R*L, C]
@@ -263,7 +259,8 @@ class StackedAttention(nn.Module):
                 return identity  # the ReferenceNet has every feature it needs
         if widen is not None:
             identity = identity.index_select(0, widen)
-        x = x.reshape(-1, h, w, c).permute(0, 3, 1, 2).contiguous(memory_format=layout)  # [B', C, H, W]
+        x = x.reshape(x.shape[0], h, w, c).permute(0, 3, 1, 2)  # [B', C, H, W]
+        x = x.contiguous(memory_format=layout)
         return self.conv2(x) + identity
 
 

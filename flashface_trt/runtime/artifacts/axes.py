@@ -21,7 +21,8 @@ REF_TOKENS = "ref_tokens_"  # `ref_tokens_<i>`: tokens of reference layer i over
 class LoopDims:
     """The sizes of one engine call: a (padded) batched step, or a text/VAE call.
 
-    rows / ref_rows: UNet rows and how many of them attend to references; samples: latents of
+    rows / ref_rows: UNet rows and how many of them attend to references (`encoders`: the distinct
+    encoder inputs, padded as `runtime.sampling.batch.PaddedPlan`); samples: latents of
     every request; members: requests (2 prompt rows each); groups: reference K/V groups;
     latent_h/latent_w: latent size; num_refs: references of one identity; prompts: text rows.
     """
@@ -42,6 +43,10 @@ class LoopDims:
                 raise InputError(f"{name}={getattr(self, name)} must be at least 1")
         if not 0 <= self.ref_rows <= self.rows:
             raise InputError(f"ref_rows={self.ref_rows} must be in [0, rows={self.rows}]")
+
+    @property
+    def encoders(self) -> int:
+        return self.ref_rows + (self.rows - self.ref_rows) // 2
 
     @classmethod
     def of(cls, key: tuple[int, int, int, int, int], latent_h: int, latent_w: int, num_refs: int) -> LoopDims:
@@ -78,6 +83,11 @@ AXES: dict[str, Axis] = {
         "leading UNet rows that attend to the references (each request's `BatchLayout.ref_rows`)",
         lambda d, p: d.ref_rows,
         lambda s, p: _batched(s, 2 * s.max_samples, s.opt_samples),
+    ),
+    "encoders": Axis(
+        "UNet rows with distinct encoder inputs: reference rows + half the others (`SharedRows`)",
+        lambda d, p: d.encoders,
+        lambda s, p: _batched(s, 2 * s.max_samples, 2 * s.opt_samples),
     ),
     "samples": Axis(
         "latents of a call (all requests of a batched step)",

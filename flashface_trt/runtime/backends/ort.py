@@ -18,7 +18,7 @@ from ..artifacts.exports import UNET_GRAPHS, export_specs, read_export, referenc
 from ..artifacts.spec import NetworkSpec
 from ..errors import FlashFaceError, InputError, WeightsError
 from ..faces.ort_detector import OrtDetector
-from ..sampling.batch import BatchPlan, Member, RequestContext, plan_batch
+from ..sampling.batch import SHARED_ROWS, BatchPlan, Member, RequestContext, plan_batch
 from ..sampling.guidance import batched_update, guided_x0
 from ..sampling.identities import DEFAULT_KV_CACHE_BYTES, Identity, ReferenceKVCache
 from ..sampling.sampler import GuidanceParams, StepPlan
@@ -252,6 +252,7 @@ class OrtBackend:
             timestep=plan.t,
             ref_scale=plan.scale,
             ref_group=plan.group,
+            **{n: getattr(plan, n) for n in SHARED_ROWS if n in self.sessions["unet"].spec.input_names},
             **self.group_kv(members, plan),
         )
         return out["eps"]

@@ -26,7 +26,7 @@ from ..artifacts.engines import GpuIdentity, check_engine, tensorrt_version
 from ..artifacts.exports import reference_size
 from ..artifacts.spec import NetworkSpec
 from ..errors import WeightsError
-from ..sampling.batch import BatchPlan, Member, PaddedPlan, RequestContext, pad_plan, plan_batch
+from ..sampling.batch import SHARED_ROWS, BatchPlan, Member, PaddedPlan, RequestContext, pad_plan, plan_batch
 from ..sampling.guidance import STEP_COEFFICIENTS
 from ..sampling.identities import DEFAULT_KV_CACHE_BYTES, Identity, ReferenceKVCache
 from ..sampling.sampler import GuidanceParams, StepPlan
@@ -187,6 +187,7 @@ class TrtBackend:
             "ref_group": padded.group,
             "guide": padded.guide,
             "coef": padded.coef,
+            **{n: getattr(padded, n) for n in SHARED_ROWS if n in b},
         }
         for name, values in host.items():
             copy_to_device(b[name].ptr, np.ascontiguousarray(values, b[name].dtype), self.stream)

@@ -87,6 +87,9 @@ class StepArrays:
     stem_rows: np.ndarray
 
 
+SHARED_ROWS = {"enc_rows": "encoder", "enc_index": "encoder", "stem_rows": "stem"}  # the UNet cut each serves
+
+
 def shared_rows(sample_rows: np.ndarray, text_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(enc_rows [E], enc_index [B], stem_rows [S]): the first row of each distinct (sample, text), each
     row's position among them, the first row of each sample. A sample fixes its member (mask and
