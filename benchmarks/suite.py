@@ -324,7 +324,6 @@ def main(argv: list[str] | None = None) -> int:
         },
         "tflop": {
             "ours": {k: v / 1e12 for k, v in flops.items()},
-            "ours_uncut": {k: v / 1e12 for k, v in counts["ours_uncut"].items()},
             "official_pattern": {k: v / 1e12 for k, v in flops_base.items()},
         },
         "loop_tflops_per_s": first["loop_tflops_per_s"],

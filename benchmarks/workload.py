@@ -149,11 +149,17 @@ def counted(fn, *args) -> tuple[object, int]:
     """(result, FLOPs) of one call, as torch's FlopCounterMode counts them (matmuls, convolutions, attention).
 
     Attention runs through the math kernel while counting: the CPU's fused SDPA kernel is not
-    registered with the counter (it would count 0), the decomposed one is counted on every device.
+    registered with the counter (it would count 0), the decomposed one is counted on every device;
+    the fused kernel the log-sum-exp merge calls directly is counted as SDPA.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import sdpa_flop_count
 
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+    def fused_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(q, k, v)
+
+    fused = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: fused_flops}
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False, custom_mapping=fused) as counter:
         out = fn(*args)
     return out, int(counter.get_total_flops())
 
@@ -243,11 +249,9 @@ def _meta_loop_flops(cfg: ModelConfig, workload: Workload) -> dict[str, dict[str
             t = torch.zeros(rows, device=dev, dtype=torch.long)
             c = torch.empty(rows, cfg.text.text_len, cfg.unet.context_dim, device=dev, dtype=f16)
             refs = RefInputs(kv, torch.ones(ref_rows, device=dev, dtype=f16))
-            arrays = shared_rows(np.asarray(layout.sample_rows), np.asarray(layout.text_rows))
-            enc, index, stem = (torch.from_numpy(a).to(dev) for a in arrays)
-            share = SharedRows(
-                enc, index, stem, torch.from_numpy(np.asarray(layout.sample_rows)[arrays[0]]).to(dev)
-            )
+            samples = np.asarray(layout.sample_rows)
+            arrays = (*shared_rows(samples, np.asarray(layout.text_rows)).values(), samples)
+            share = SharedRows(*(torch.from_numpy(a).to(dev) for a in arrays))
             unet_counts[key] = count_flops(unet.set_cuts(cuts), x, mask, t, c, refs, share)
         return unet_counts[key]
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from flashface_trt.models.backend import TorchBackend
+from flashface_trt.models.config import CUTS
 from flashface_trt.models.loading import tiny_models
 from flashface_trt.models.settings import TorchSettings
 from flashface_trt.runtime.faces.images import synthetic_face
@@ -219,3 +220,15 @@ def test_mixed_batch_on_the_fixture_model(oracle_dir, oracle_config, tmp_path):
         err = rel_err(backend.to_host(task.z0), solo_z0(backend, task.request, task.identity))
         print(f"\nfixture model: z0 rel err vs alone {err:.1e}")
         assert task.error is None and err <= BOUND
+
+
+def test_cuts_keep_each_request_z0(backend):
+    """The UNet's FLOP cuts (issue 23) against the uncut UNet (same weights), over whole 2-/3-way
+    sampling loops of two samples: z0 within 1e-5."""
+    uncut = TorchBackend(tiny_models(), TorchSettings(static_loop=False, cuts=()))
+    assert backend.models.unet.cuts == set(CUTS) and not uncut.models.unet.cuts
+    ident = _identities(backend, sizes=(4,))[0]
+    req = replace(_requests()[1], steps=5)
+    assert {s.three_way for s in plan(req.steps, req.guidance)} == {False, True} and req.num_samples == 2
+    err = rel_err(solo_z0(backend, req, ident), solo_z0(uncut, req, ident))  # equal weights: equal latents
+    assert err <= BOUND

@@ -139,7 +139,7 @@ def test_reference_net_stops_after_last_feature(tiny_unet):
     x, mask, t, ctx, ref_lat = _random_inputs(tiny_unet, batch=1, refs=3)
     feats = tiny_unet.reference_features(ref_lat, t[:1], ctx[:1])
     assert len(feats) == tiny_unet.num_reference_layers
-    widths = [b.norm1.normalized_shape[0] for _, b in tiny_unet.reference_layer_modules()]
+    widths = [b.norm1.normalized_shape[0] for b in tiny_unet._attention_blocks(tiny_unet.decoder)]
     assert [f.shape[-1] for f in feats] == widths
     assert all(f.shape[0] == 3 for f in feats)
     kv = tiny_unet.reference_kv(feats)

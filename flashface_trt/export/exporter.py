@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..models.backend import TorchModels
-from ..models.config import CUTS, EXPORT_CUTS
+from ..models.config import EXPORT_CUTS
 from ..models.retinaface import RetinaFace
 from ..runtime.artifacts.spec import EXPORT_FORMAT, ExportShapes, NetworkSpec
 from ..runtime.errors import InputError
@@ -53,8 +53,6 @@ class ExportSettings:
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "fp16"):
             raise InputError(f"export precision must be 'fp32' or 'fp16', got {self.precision!r}")
-        if not set(self.cuts) <= set(CUTS):
-            raise InputError(f"export cuts {self.cuts!r}: each must be one of {CUTS}")
 
     @property
     def dtype(self) -> torch.dtype:

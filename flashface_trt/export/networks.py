@@ -157,12 +157,7 @@ def network_specs(
         for name in kv_names(layer)
     ]
     f32 = "float32"
-    enc_axis = ("encoders",) if "encoder" in cuts else ()
-    shared = (
-        TensorSpec("enc_rows", INDEX, ("encoders",)),
-        TensorSpec("enc_index", INDEX, ("batch",)),
-        TensorSpec("stem_rows", INDEX, ("samples",)),
-    )
+    shared = {"enc_rows": "encoders", "enc_index": "batch", "stem_rows": "samples"}  # each one's axis
     lat = ("latent_h", "latent_w")
     specs = {
         "text_encoder": NetworkSpec(
@@ -219,19 +214,11 @@ def network_specs(
                 TensorSpec("ref_scale", f32, ("b_ref",)),
                 TensorSpec("ref_group", INDEX, ("b_ref",)),
                 *kv,
-                *(t for t in shared if SHARED_ROWS[t.name] in cuts),
+                *(TensorSpec(n, INDEX, (shared[n],)) for n, cut in SHARED_ROWS.items() if cut in cuts),
             ),
             (TensorSpec("eps", f32, ("batch", cfg.unet.out_dim, *lat)),),
-            axes("samples", "members", "texts", "batch", "b_ref", "groups", *tokens, *lat, *enc_axis),
-            samples={
-                "samples": 2,
-                "members": 2,
-                "texts": 4,
-                "batch": 5,
-                "b_ref": 3,
-                "encoders": 4,
-                "groups": 2,
-            },
+            axes("samples", "members", "texts", "batch", "b_ref", "encoders", "groups", *tokens, *lat),
+            samples={"samples": 2, "members": 2, "texts": 4, "batch": 5, "b_ref": 3, "groups": 2},
         ),
     }
     for spec in specs.values():

@@ -8,10 +8,11 @@ request computes exactly the single request's official 2-/3-way batch.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import fields
 
 import torch
 
-from ..runtime.sampling.batch import BatchPlan, Member
+from ..runtime.sampling.batch import BatchPlan, Member, StepArrays
 from ..runtime.sampling.guidance import batched_update
 from ..runtime.sampling.identities import ReferenceKVCache
 from .unet import FlashFaceUNet
@@ -44,19 +45,9 @@ def group_kv(unet: FlashFaceUNet, members: Sequence[Member], plan: BatchPlan, ca
     ]
 
 
-def indices(plan: BatchPlan, device: torch.device) -> dict[str, torch.Tensor]:
-    """The plan's index arrays and per-row values as tensors on `device`."""
-    return {
-        "sample_rows": torch.from_numpy(plan.sample_rows).to(device),
-        "text_rows": torch.from_numpy(plan.text_rows).to(device),
-        "member_rows": torch.from_numpy(plan.member_rows).to(device),
-        "t": torch.from_numpy(plan.t).to(device),
-        "scale": torch.from_numpy(plan.scale).to(device),
-        "group": torch.from_numpy(plan.group).to(device),
-        "guide": torch.from_numpy(plan.guide).to(device),
-        "coef": torch.from_numpy(plan.coef).to(device),
-        **{n: torch.from_numpy(getattr(plan, n)).to(device) for n in ("enc_rows", "enc_index", "stem_rows")},
-    }
+def indices(plan: StepArrays, device: torch.device) -> dict[str, torch.Tensor]:
+    """The plan's index arrays and per-row values (`StepArrays`) as tensors on `device`."""
+    return {f.name: torch.from_numpy(getattr(plan, f.name)).to(device) for f in fields(StepArrays)}
 
 
 def batch_eps(

@@ -41,8 +41,6 @@ class TorchSettings:
             raise InputError(f"compile_mode {self.compile_mode!r} is not one of {COMPILE_MODES}")
         if self.kv_cache_bytes < 0:
             raise InputError(f"kv_cache_bytes must be >= 0, got {self.kv_cache_bytes}")
-        if not set(self.cuts) <= set(CUTS):
-            raise InputError(f"cuts {self.cuts!r}: each must be one of {CUTS}")
         if self.max_shapes < 1:
             raise InputError(f"max_shapes must be >= 1, got {self.max_shapes}")
         return self

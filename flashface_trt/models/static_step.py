@@ -22,7 +22,7 @@ from ..runtime.backends.graphs import Body, StepGraphs
 from ..runtime.sampling.batch import Member, PaddedPlan, pad_plan, plan_batch
 from ..runtime.sampling.guidance import batched_update
 from ..runtime.sampling.identities import ReferenceKVCache
-from .batched import KV, batch_eps, group_kv
+from .batched import KV, batch_eps, group_kv, indices
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class StaticBatch:
 
     def __init__(self, unet, padded: PaddedPlan, members: Sequence[Member], kv: KV) -> None:
         self.unet = unet
-        ref_b, rest_b, s_b, g_b, m_b = padded.key
+        s_b, g_b, m_b = padded.key[2:]
         first = members[0]
         dev, dtype = first.ctx.texts.device, first.ctx.texts.dtype
         h, w = first.x.shape[2:]
@@ -88,19 +88,8 @@ class StaticBatch:
                 )
                 for k, v in kv
             ]
-            rows = ref_b + rest_b
             self.ix = {
-                "sample_rows": torch.zeros(rows, device=dev, dtype=torch.long),
-                "text_rows": torch.zeros(rows, device=dev, dtype=torch.long),
-                "member_rows": torch.zeros(rows, device=dev, dtype=torch.long),
-                "t": torch.zeros(rows, device=dev),
-                "scale": torch.zeros(ref_b, device=dev),
-                "group": torch.zeros(ref_b, device=dev, dtype=torch.int32),
-                "guide": torch.zeros(3, s_b, device=dev, dtype=torch.long),
-                "coef": torch.zeros(s_b, padded.coef.shape[1], device=dev),
-                "enc_rows": torch.zeros(ref_b + rest_b // 2, device=dev, dtype=torch.long),
-                "enc_index": torch.zeros(rows, device=dev, dtype=torch.long),
-                "stem_rows": torch.zeros(s_b, device=dev, dtype=torch.long),
+                n: torch.zeros_like(t, device=dev) for n, t in indices(padded, torch.device("cpu")).items()
             }
 
     def load(self, padded: PaddedPlan, members: Sequence[Member], kv: KV) -> None:

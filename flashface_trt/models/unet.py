@@ -9,7 +9,7 @@ and decoder, so `ref_middle` is never used) and both use the main `time_embeddin
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -175,33 +175,22 @@ class FlashFaceUNet(nn.Module):
         `share` (`SharedRows`): the encoder runs on the distinct encoder rows (cut "encoder"), its
         layers before the first cross-attention on one row per sample (cut "stem"); the middle and
         decoder take every row's skips by index."""
-        h, e_enc, c_enc, widen, expand = x, e, context, None, None  # widen: stem -> encoder rows
-        if share is not None:
-            stem_index = share.sample_rows  # [B]: each row's position in stem_rows
-            if "encoder" in self.cuts and share.enc_rows is not None:
-                e_enc, c_enc, expand = e[share.enc_rows], context[share.enc_rows], share.enc_index
-                h, stem_index = x[share.enc_rows], stem_index[share.enc_rows]
-            stem = "stem" in self.cuts and share.stem_rows is not None
-            if stem and isinstance(encoder[1][-1], StackedAttention):
-                h, widen = x[share.stem_rows], stem_index
+        enc = share.enc_rows if share is not None and "encoder" in self.cuts else None  # [E]
+        stem = share.stem_rows if share is not None and "stem" in self.cuts else None  # [S]
+        e_in = e_enc = e if enc is None else e[enc]
+        h, c_enc, widen = (x, context, None) if enc is None else (x[enc], context[enc], None)
+        if share is not None and stem is not None and isinstance(encoder[1][-1], StackedAttention):
+            h, e_in, widen = x[stem], e[stem], share.sample_rows if enc is None else share.sample_rows[enc]
         skips = []
         for i, block in enumerate(encoder):
-            stem = widen is not None and i < 2
             h = self._block(
-                block,
-                h,
-                e[share.stem_rows] if stem else e_enc,
-                c_enc,
-                None,
-                collect,
-                None,
-                widen if i == 1 else None,
+                block, h, e_in if i < 2 else e_enc, c_enc, None, collect, None, widen if i == 1 else None
             )
             skips.append(h)
-        if widen is not None:
+        if widen is not None:  # the stem's skip, then every skip, to the rows of the batch
             skips[0] = skips[0][widen]
-        if expand is not None:
-            skips = [s[expand] for s in skips]
+        if share is not None and enc is not None:
+            skips = [s[share.enc_index] for s in skips]
         x = skips[-1]
         for block in self.middle:
             x = self._block(block, x, e, context, ref, collect, None)
@@ -267,13 +256,6 @@ class FlashFaceUNet(nn.Module):
             tokens = f.reshape(groups, -1, f.shape[-1])  # reference after reference, as the official reshape
             out.append((sa1.self_attn_first.k(tokens), sa1.self_attn_first.v(tokens)))
         return out
-
-    def reference_layer_modules(self) -> Iterator[tuple[str, AttentionBlock]]:
-        modules = dict(self.named_modules())
-        for name in self.reference_layers:
-            block = modules[name]
-            assert isinstance(block, AttentionBlock)
-            yield name, block
 
 
 def unet_state(state: Mapping[str, torch.Tensor], source: str) -> StateDict:

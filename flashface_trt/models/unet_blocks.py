@@ -187,7 +187,7 @@ class AttentionBlock(nn.Module):
         sa1: Attention = self.self_attn.self_attn_first
         q, k, v = sa1.q(y), sa1.k(y), sa1.v(y)  # [B, L, C]
         n = 0 if ref is None else ref.scale.shape[0]
-        if n == 0 or ref is None:
+        if ref is None or n == 0:
             return sa1.o(attend(q, k, v, sa1.heads))  # SA1(y), once per row
         k_ref, v_ref = ref.rows(self.ref_index, n)  # [B_ref, R*L, C]: each row its group's
         lam = ref.scale.to(y.dtype).view(n, 1, 1)
@@ -212,7 +212,6 @@ class AttentionBlock(nn.Module):
         stop_after_collect: bool = False,
         widen: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`widen` [B']: the rows to continue with after the self-attention (shared rows, `SharedRows`)."""
         y = self.norm1(x)  # [B, L, C]
         if collect is not None and self.ref_index >= 0:
             collect.append(y)  # ReferenceNet: the input of this self-attention is the feature
@@ -259,8 +258,9 @@ class StackedAttention(nn.Module):
                 return identity  # the ReferenceNet has every feature it needs
         if widen is not None:
             identity = identity.index_select(0, widen)
-        x = x.reshape(x.shape[0], h, w, c).permute(0, 3, 1, 2)  # [B', C, H, W]
-        x = x.contiguous(memory_format=layout)
+        x = (
+            x.reshape(x.shape[0], h, w, c).permute(0, 3, 1, 2).contiguous(memory_format=layout)
+        )  # [B', C, H, W]
         return self.conv2(x) + identity
 
 

@@ -90,14 +90,14 @@ class StepArrays:
 SHARED_ROWS = {"enc_rows": "encoder", "enc_index": "encoder", "stem_rows": "stem"}  # the UNet cut each serves
 
 
-def shared_rows(sample_rows: np.ndarray, text_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(enc_rows [E], enc_index [B], stem_rows [S]): the first row of each distinct (sample, text), each
+def shared_rows(sample_rows: np.ndarray, text_rows: np.ndarray) -> dict[str, np.ndarray]:
+    """enc_rows [E], enc_index [B], stem_rows [S]: the first row of each distinct (sample, text), each
     row's position among them, the first row of each sample. A sample fixes its member (mask and
     timestep), so such rows have one encoder input, and one sample's rows the same latents."""
     keys = sample_rows.astype(np.int64) * (int(text_rows.max(initial=0)) + 1) + text_rows
     _, enc_rows, enc_index = np.unique(keys, return_index=True, return_inverse=True)
     stem_rows = np.unique(sample_rows, return_index=True)[1]
-    return enc_rows.astype(np.int64), enc_index.reshape(-1).astype(np.int64), stem_rows.astype(np.int64)
+    return dict(zip(SHARED_ROWS, (a.reshape(-1).astype(np.int64) for a in (enc_rows, enc_index, stem_rows))))
 
 
 @dataclass(frozen=True)
@@ -155,11 +155,7 @@ def plan_batch(members: Sequence[Member]) -> BatchPlan:
         blocks.append(mine)
         start += n
     b_ref = len(ref)
-    rows = [r[:3] for r in ref] + rest
-    sample_rows, text_rows = (
-        np.asarray([r[0] for r in rows], np.int64),
-        np.asarray([r[1] for r in rows], np.int64),
-    )
+    rows = np.asarray([r[:3] for r in ref] + rest, np.int64).reshape(-1, 3)  # (sample, text, member) per row
     guide = np.zeros((3, start), np.int64)
     coef = np.zeros((start, len(STEP_COEFFICIENTS)), np.float32)
     for m, first, mine in zip(members, offsets, blocks):
@@ -169,19 +165,16 @@ def plan_batch(members: Sequence[Member]) -> BatchPlan:
         for s in range(n):
             guide[:, first + s] = (y_ref + s, y + s, u + s)
         coef[first : first + n] = np.asarray(m.step.coefficients(m.ctx.guidance), np.float32)
-    enc_rows, enc_index, stem_rows = shared_rows(sample_rows, text_rows)
     return BatchPlan(
-        sample_rows=sample_rows,
-        text_rows=text_rows,
-        member_rows=np.asarray([r[2] for r in rows], np.int64),
+        sample_rows=rows[:, 0],
+        text_rows=rows[:, 1],
+        member_rows=rows[:, 2],
         t=np.asarray([float(members[r[2]].step.t) for r in rows], np.float32),
         scale=np.asarray([r[3] for r in ref], np.float32),
         group=np.asarray([r[4] for r in ref], np.int32),
         guide=guide,
         coef=coef,
-        enc_rows=enc_rows,
-        enc_index=enc_index,
-        stem_rows=stem_rows,
+        **shared_rows(rows[:, 0], rows[:, 1]),
         groups=tuple(groups),
         offsets=tuple(offsets),
     )
