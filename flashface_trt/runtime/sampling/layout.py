@@ -19,9 +19,7 @@ class BatchLayout:
 
     Rows are blocks of `samples` rows: 3-way `[cond+ref, cond, uncond]`, 2-way `[cond, uncond]`.
     The first `ref_rows` rows attend to the reference K/V (the `cond+ref` block, or the whole 2-way
-    batch, which the official code runs with references at λ_before). A static 3-way context table
-    `[cond x N, cond x N, uncond x N]` serves both: the 2-way context is its rows from
-    `context_offset` on.
+    batch, which the official code runs with references at λ_before).
     """
 
     samples: int
@@ -42,11 +40,6 @@ class BatchLayout:
         return self.samples if self.three_way else 2 * self.samples
 
     @property
-    def context_offset(self) -> int:
-        """First row of the 3-way context table that this batch uses."""
-        return 0 if self.three_way else self.samples
-
-    @property
     def sample_rows(self) -> list[int]:
         """Per batch row, the sample whose latent it carries (x repeated k times)."""
         return list(range(self.samples)) * self.k
@@ -60,8 +53,3 @@ class BatchLayout:
     def text_rows(self) -> list[int]:
         """Per batch row, COND or UNCOND."""
         return [b for b in self.text_blocks for _ in range(self.samples)]
-
-
-def context_table_rows(samples: int) -> list[int]:
-    """Text rows of the static 3-way context table (every layout's context is a suffix of it)."""
-    return BatchLayout(samples, True).text_rows
