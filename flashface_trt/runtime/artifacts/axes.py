@@ -73,6 +73,12 @@ def _batched(s: ExportShapes, per_request: int, opt: int) -> AxisRange:
     return AxisRange(1, min(opt, hi), hi)
 
 
+def _encoders(s: ExportShapes) -> AxisRange:
+    """Padded encoder rows: a reference rows' bucket plus half an other rows' bucket (`PaddedPlan`)."""
+    hi = _batched(s, 2 * s.max_samples, 1).max
+    return AxisRange(1, min(2 * s.opt_samples, hi), hi + hi // 2)
+
+
 AXES: dict[str, Axis] = {
     "batch": Axis(
         "UNet rows of a batched step: k x samples per request (k = 2 or 3, `BatchLayout`)",
@@ -87,7 +93,7 @@ AXES: dict[str, Axis] = {
     "encoders": Axis(
         "UNet rows with distinct encoder inputs: reference rows + half the others (`SharedRows`)",
         lambda d, p: d.encoders,
-        lambda s, p: _batched(s, 2 * s.max_samples, 2 * s.opt_samples),
+        lambda s, p: _encoders(s),
     ),
     "samples": Axis(
         "latents of a call (all requests of a batched step)",
