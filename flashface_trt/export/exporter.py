@@ -39,9 +39,8 @@ VOCAB = "bpe_simple_vocab_16e6.txt.gz"
 class ExportSettings:
     """How to export: precision ('fp32' or 'fp16' weights and activations, normalisations in float32),
     ONNX opset, whether to simplify graphs with onnxslim, the shape ranges to support, and the UNet's
-    FLOP cuts (`config.CUTS`; default without "lse": TensorRT documents its fused attention for
-    softmax(QK^T)V, which the explicit log-sum-exp form is not, so it likely runs unfused there;
-    unverified, no TensorRT here. ONNX Runtime's CPU kernels run either form unfused: add it there)."""
+    FLOP cuts (`config.CUTS`; without "lse" by default: TensorRT fuses attention written softmax(QK^T)V,
+    likely not the explicit log-sum-exp form (unverified); ONNX Runtime's CPU runs both unfused)."""
 
     precision: str = "fp32"
     opset: int = 18

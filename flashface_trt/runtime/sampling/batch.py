@@ -194,10 +194,8 @@ class PaddedPlan(StepArrays):
 
     Rows are [reference rows | padding | other rows | padding]; padding rows carry sample 0, text 0,
     member 0, timestep 0, λ 0 and group 0; padding samples keep x (alpha = s_cur = 1, the rest 0)
-    and their guidance rows point at row 0. Encoder rows are padded to ref rows + other rows / 2
-    (every other row is a 3-way cond or uncond row, the cond row sharing its reference row's
-    encoder input); padding encoder and stem rows are row 0. `key` names the bucket; `plan` is the
-    unpadded plan.
+    and their guidance rows point at row 0. Encoder rows (padding: row 0) are ref rows + other rows / 2:
+    each other row is a 3-way cond or uncond row. `key` names the bucket; `plan` is the unpadded plan.
     """
 
     key: tuple[int, int, int, int, int]  # (ref rows, other rows, samples, groups, members)
