@@ -356,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
             f"  {'':40s} {v['images_per_second']:.3f} images/s, loop {v['loop_tflops_per_s']:.3g} TFLOP/s = "
             f"{v['loop_percent_of_peak']:.1f}% of peak"
         )
+        if name != args.variants[0]:  # e.g. `eager-uncut` after `eager`: what the UNet cuts gain
+            ratio = v["loop_seconds"] / first["loop_seconds"]
+            print(f"  {'':40s} ReferenceNet + loop: {args.variants[0]} is {ratio:.3f}x faster than {name}")
     print(
         f"  loop {flops['loop'] / 1e12:.3f} TFLOP, official pattern {flops_base['loop'] / 1e12:.3f} TFLOP "
         f"({NOTES['flops']}); measured matmul peak {peak:.3g} TFLOP/s"

@@ -257,7 +257,7 @@ class StackedAttention(nn.Module):
             if stop:
                 return identity  # the ReferenceNet has every feature it needs
         if widen is not None:
-            identity = identity.index_select(0, widen)
+            identity = identity[widen]  # (keeps NHWC)
         x = (
             x.reshape(x.shape[0], h, w, c).permute(0, 3, 1, 2).contiguous(memory_format=layout)
         )  # [B', C, H, W]
