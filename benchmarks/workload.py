@@ -21,12 +21,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from flashface_trt.models.backend import TorchBackend
 from flashface_trt.models.batched import group_kv
-from flashface_trt.models.config import ModelConfig
+from flashface_trt.models.config import CUTS, ModelConfig
 from flashface_trt.models.unet import FlashFaceUNet
-from flashface_trt.models.unet_blocks import RefInputs
+from flashface_trt.models.unet_blocks import RefInputs, SharedRows
 from flashface_trt.models.vae import AutoencoderKL
 from flashface_trt.runtime.faces.images import synthetic_face
-from flashface_trt.runtime.sampling.batch import Member, RequestContext, plan_batch
+from flashface_trt.runtime.sampling.batch import Member, RequestContext, plan_batch, shared_rows
 from flashface_trt.runtime.sampling.guidance import step_update
 from flashface_trt.runtime.sampling.identities import Identity, identity_from_crops
 from flashface_trt.runtime.sampling.layout import BatchLayout
@@ -94,8 +94,12 @@ class OfficialPatternDenoiser:
         kv = [self.unet.reference_kv(feats) for _ in range(layout.rows)][0]  # projected for every row
         scale = torch.zeros(layout.rows, device=x.device, dtype=texts.dtype)
         scale[: layout.ref_rows] = step.ref_strength
-        with torch.autocast(x.device.type, dtype=torch.float16, enabled=x.device.type == "cuda"):
-            return self.unet(xb, self.ctx.mask, t, context, RefInputs(kv, scale))
+        cuts = self.unet.cuts  # the official computation takes none of our UNet cuts
+        try:
+            with torch.autocast(x.device.type, dtype=torch.float16, enabled=x.device.type == "cuda"):
+                return self.unet.set_cuts(())(xb, self.ctx.mask, t, context, RefInputs(kv, scale))
+        finally:
+            self.unet.set_cuts(cuts)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor, step: StepPlan) -> torch.Tensor:
@@ -128,11 +132,17 @@ def counted(fn, *args) -> tuple[object, int]:
     """(result, FLOPs) of one call, as torch's FlopCounterMode counts them (matmuls, convolutions, attention).
 
     Attention runs through the math kernel while counting: the CPU's fused SDPA kernel is not
-    registered with the counter (it would count 0), the decomposed one is counted on every device.
+    registered with the counter (it would count 0), the decomposed one is counted on every device;
+    the fused kernel the log-sum-exp merge calls directly is counted as SDPA.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import sdpa_flop_count
 
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+    def fused_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(q, k, v)
+
+    fused = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: fused_flops}
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False, custom_mapping=fused) as counter:
         out = fn(*args)
     return out, int(counter.get_total_flops())
 
@@ -186,7 +196,9 @@ def loop_flops(
 
 
 def meta_loop_flops(cfg: ModelConfig, workload: Workload) -> dict[str, dict[str, int]]:
-    """`loop_flops` of ours and of the official pattern ("ours", "official_pattern"), on the meta device.
+    """`loop_flops` of ours and of the official pattern ("ours", "official_pattern"), on the meta device;
+    also ours without the UNet cuts ("ours_uncut"), with each alone ("ours_cut_<name>_only") and with
+    all but the log-sum-exp merge ("ours_without_lse", the default export's).
 
     Full-size workloads in seconds, no weights, no memory; the same components as a real run: the
     ReferenceNet (features + K/V projection) once per step and the 2-/3-way UNet batches. The
@@ -210,17 +222,22 @@ def _meta_loop_flops(cfg: ModelConfig, workload: Workload) -> dict[str, dict[str
     feats, features = counted(unet.reference_features, lat, torch.zeros(1, device=dev, dtype=torch.long), ctx)
     kv, proj = counted(unet.reference_kv, feats)
     ref_step = features + proj
-    unet_counts: dict[tuple[int, int], int] = {}
+    unet_counts: dict[tuple, int] = {}
 
-    def unet_step(rows: int, ref_rows: int) -> int:
-        if (rows, ref_rows) not in unet_counts:  # ours and the official pattern share the 2-way batch
+    def unet_step(layout: BatchLayout, ref_rows: int, cuts: tuple[str, ...]) -> int:
+        key = (layout, ref_rows, cuts)
+        if key not in unet_counts:  # ours uncut and the official pattern share the 2-way batch
+            rows = layout.rows
             x = torch.empty(rows, cfg.unet.out_dim, h, w, device=dev, dtype=f16)
             mask = torch.empty(1, 1, h, w, device=dev, dtype=f16)
             t = torch.zeros(rows, device=dev, dtype=torch.long)
             c = torch.empty(rows, cfg.text.text_len, cfg.unet.context_dim, device=dev, dtype=f16)
             refs = RefInputs(kv, torch.ones(ref_rows, device=dev, dtype=f16))
-            unet_counts[rows, ref_rows] = count_flops(unet, x, mask, t, c, refs)
-        return unet_counts[rows, ref_rows]
+            samples = np.asarray(layout.sample_rows)
+            arrays = (*shared_rows(samples, np.asarray(layout.text_rows)).values(), samples)
+            share = SharedRows(*(torch.from_numpy(a).to(dev) for a in arrays))
+            unet_counts[key] = count_flops(unet.set_cuts(cuts), x, mask, t, c, refs, share)
+        return unet_counts[key]
 
     crops = torch.empty(r, 3, workload.ref_size, workload.ref_size, device=dev, dtype=f16)
     vae_counts = {
@@ -229,15 +246,19 @@ def _meta_loop_flops(cfg: ModelConfig, workload: Workload) -> dict[str, dict[str
     }
     steps = plan(workload.steps, workload.request().guidance)
     out = {}
-    for name, official in (("ours", False), ("official_pattern", True)):
+    runs = [("ours", False, CUTS), ("ours_uncut", False, ()), ("official_pattern", True, ())]
+    runs += [(f"ours_cut_{c}_only", False, (c,)) for c in CUTS]
+    runs += [("ours_without_lse", False, tuple(c for c in CUTS if c != "lse"))]  # the TensorRT export's
+    for name, official, cuts in runs:
         counts = {"reference_net_step": 0 if official else ref_step}
         for three_way, key in ((False, "unet_2way_step"), (True, "unet_3way_step")):
             layout = BatchLayout(n, three_way)  # official: λ = 0 rows take the reference branch too
-            counts[key] = unet_step(layout.rows, layout.rows if official else layout.ref_rows)
+            counts[key] = unet_step(layout, layout.rows if official else layout.ref_rows, cuts)
             if official:  # the ReferenceNet inside the step, then its K/V projected once per row
                 counts[key] += ref_step + (layout.rows - 1) * proj
         out[name] = {**counts, **vae_counts}
         out[name]["loop"] = loop_total(out[name], steps)
+    unet.set_cuts(CUTS)
     return out
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import commands as cmd
+from .models.config import CUTS, EXPORT_CUTS
 from .models.settings import TORCH_PRESETS
 from .runtime.errors import FlashFaceError
 from .runtime.faces.images import DEFAULT_MAX_PIXELS
@@ -241,6 +242,12 @@ def _add_exports(sub) -> None:
             f"(default: {DEFAULT_SIZE['weights']}; {DEFAULT_SIZE['tiny']} tiny)",
         )
     ex.add_argument("--dynamo", action="store_true", help="use the torch.export-based ONNX exporter")
+    ex.add_argument(
+        "--cuts",
+        type=lambda text: tuple(c for c in text.split(",") if c),
+        default=EXPORT_CUTS,
+        help=f"UNet FLOP cuts in the graph, of {','.join(CUTS)} (see ExportSettings)",
+    )
 
 
 def _add_engines(sub) -> None:

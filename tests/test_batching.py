@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from flashface_trt.models.backend import TorchBackend
+from flashface_trt.models.config import CUTS
 from flashface_trt.models.loading import tiny_models
 from flashface_trt.models.settings import TorchSettings
 from flashface_trt.runtime.errors import InputError
@@ -95,8 +96,12 @@ def test_plan_of_a_mixed_batch():
     assert p.group.tolist() == [0, 0, 1, 1] and len(p.groups) == 2
     assert p.guide.tolist() == [[0, 2, 3], [0, 4, 5], [1, 6, 7]]  # y_ref, y, u per sample
     assert p.coef[0, -1] == 0 and p.coef[1, -1] == p.coef[2, -1] == 1  # three_way
+    # one encoder per (sample, text): b's cond+ref and cond rows share theirs; one stem per sample
+    assert p.enc_rows.tolist() == [0, 1, 2, 6, 3, 7] and p.enc_index.tolist() == [0, 1, 2, 4, 2, 4, 3, 5]
+    assert p.stem_rows.tolist() == [0, 2, 3]
     padded = pad_plan(p, 2)
     assert padded.key == (4, 4, 4, 2, 2) and padded.guide[:, :3].tolist() == p.guide.tolist()
+    assert padded.enc_rows.tolist() == [0, 1, 2, 6, 3, 7] and padded.stem_rows.tolist() == [0, 2, 3, 0]
     c = replace(b, x=np.zeros((1, 4, 8, 8)))
     with pytest.raises(Exception, match="share size"):
         plan_batch([a, replace(c, x=np.zeros((1, 4, 16, 8)))])
@@ -228,3 +233,15 @@ def test_a_bad_request_fails_alone_before_any_network(backend, monkeypatch):
     with pytest.raises(InputError, match="face_bbox"):
         generate(backend, replace(good.request, face_bbox=(0.5, 0.5, 0.2, 0.2)), ident)
     assert encoded == [2]
+
+
+def test_cuts_keep_each_request_z0(backend):
+    """The UNet's FLOP cuts (issue 23) against the uncut UNet (same weights), over whole 2-/3-way
+    sampling loops of two samples: z0 within 1e-5."""
+    uncut = TorchBackend(tiny_models(), TorchSettings(static_loop=False, cuts=()))
+    assert backend.models.unet.cuts == set(CUTS) and not uncut.models.unet.cuts
+    ident = _identities(backend, sizes=(4,))[0]
+    req = replace(_requests()[1], steps=5)
+    assert {s.three_way for s in plan(req.steps, req.guidance)} == {False, True} and req.num_samples == 2
+    err = rel_err(solo_z0(backend, req, ident), solo_z0(uncut, req, ident))  # equal weights: equal latents
+    assert err <= BOUND

@@ -161,7 +161,8 @@ def check_suite_record(
         assert r["numerics"]["fp16_vs_fp32_eps_rel_err"] <= 2e-2
         assert r["numerics"]["fp16_vs_fp32_image_psnr_db"] >= 30
     assert set(r["numerics"]) == numerics
-    assert r["numerics"]["ours_vs_official_pattern_eps_rel_err"] <= 1e-4
+    # float16: the log-sum-exp merge rounds in another order than the official pattern (issue 23)
+    assert r["numerics"]["ours_vs_official_pattern_eps_rel_err"] <= (1e-2 if fp16 else 1e-4)
     for name in variants:  # each variant's loop checked against the plain sampler before timing
         assert r["numerics"][f"loop_{name}_vs_plain_sampler_z0_rel_err"] <= (5e-2 if fp16 else 1e-3)
 
@@ -249,7 +250,13 @@ def test_meta_device_counts_equal_a_real_run(backend):
     from flashface_trt.models.config import TINY
 
     w = Workload(height=64, width=48, refs=2, steps=5, samples=2)
-    assert meta_loop_flops(TINY, w) == real_counts(backend, w)
+    meta = meta_loop_flops(TINY, w)
+    assert {k: meta[k] for k in ("ours", "official_pattern")} == real_counts(backend, w)
+    try:  # without the UNet cuts (issue 23) too
+        backend.models.unet.set_cuts(())
+        assert meta["ours_uncut"] == real_counts(backend, w)["ours"]
+    finally:
+        backend.models.unet.set_cuts(backend.settings.cuts)
 
 
 def test_suite_times_the_official_implementation(tmp_path, capsys, record_counts):

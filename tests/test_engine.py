@@ -119,6 +119,7 @@ def test_export_ranges_and_request_sizes_agree(specs):
                         spec.check_shapes({t.name: shapes[t.name] for t in spec.inputs})
                     assert io_shapes(specs["unet"], dims)["timestep"] == (len(padded.t),)
                     assert io_shapes(specs["unet"], dims)["ref_scale"] == (len(padded.scale),)
+                    assert io_shapes(specs["unet"], dims)["enc_rows"] == (len(padded.enc_rows),)
     for n in range(1, s.max_samples + 1):
         dims = LoopDims(n, s.max_size // 8, s.max_size // 8, s.max_refs)  # the decoder reads samples only
         spec = specs["vae_decoder"]

@@ -17,13 +17,13 @@ pytest.importorskip("onnx")
 
 import onnx  # noqa: E402
 
-from flashface_trt.export.exporter import ExportSettings, export_models  # noqa: E402
-from flashface_trt.export.networks import NETWORKS  # noqa: E402
+from flashface_trt.export.exporter import ExportSettings, export_models, export_network  # noqa: E402
+from flashface_trt.export.networks import NETWORKS, network_specs  # noqa: E402
 from flashface_trt.models.backend import TorchBackend  # noqa: E402
-from flashface_trt.models.config import ModelConfig  # noqa: E402
+from flashface_trt.models.config import CUTS, ModelConfig  # noqa: E402
 from flashface_trt.models.loading import load_models, random_models, tiny_models  # noqa: E402
 from flashface_trt.runtime.artifacts.spec import TINY_SHAPES, ExportShapes  # noqa: E402
-from flashface_trt.runtime.backends.ort import OrtBackend  # noqa: E402
+from flashface_trt.runtime.backends.ort import OrtBackend, OrtSettings, Session  # noqa: E402
 from flashface_trt.runtime.faces.images import synthetic_face  # noqa: E402
 from flashface_trt.runtime.sampling.batch import Member, RequestContext, plan_batch  # noqa: E402
 from flashface_trt.runtime.sampling.guidance import step_update  # noqa: E402
@@ -335,3 +335,36 @@ def test_update_step_graphs_match_the_numpy_sampler(tiny_export, rescale):
         err = rel_err(part, ref)
         print(f"\nstep t={m.step.t} rescale={rescale}: rel err {err:.2e}, equal {np.array_equal(part, ref)}")
         assert part.shape == ref.shape and err <= (0 if rescale == 0 else 1e-6)
+
+
+def test_unet_graph_cuts_equal_the_uncut_graph(tmp_path):
+    """The UNet graph with every FLOP cut (the log-sum-exp form included) against the uncut graph on
+    ONNX Runtime, on a batch of a 2-way and a 3-way request: eps within 1e-5."""
+    models = tiny_models()
+    steps, g = plan(10, GuidanceParams()), np.random.default_rng(0)
+    ident = Identity("a", np.zeros((2, 4, 8, 8), np.float32))
+    ctx = RequestContext(None, ident, None, GuidanceParams())
+    p = plan_batch(
+        [Member(ctx, np.zeros((1, 4, 8, 8)), steps[0]), Member(ctx, np.zeros((2, 4, 8, 8)), steps[5])]
+    )
+    feeds = {
+        "x": g.standard_normal((3, 4, 8, 8)),
+        "masks": (g.random((2, 1, 8, 8)) > 0.5).astype(np.float32),
+        "texts": g.standard_normal((4, 77, models.config.unet.context_dim)),
+        **{n: getattr(p, n) for n in ("sample_rows", "member_rows", "text_rows", "enc_rows", "enc_index")},
+        "stem_rows": p.stem_rows,
+        "timestep": p.t,
+        "ref_scale": p.scale,
+        "ref_group": p.group,
+    }
+    eps = {}
+    for cuts in ((), ("encoder",), ("stem",), ("lse",), CUTS):
+        spec = network_specs(models, TINY_SHAPES, cuts)["unet"]
+        for t in spec.inputs:
+            if t.name.startswith(("ref_k.", "ref_v.")) and t.name not in feeds:  # 2 groups of 2 references
+                feeds[t.name] = g.standard_normal((2, 2 * spec.axes[t.shape[1]].min, t.shape[2]))
+        path = tmp_path / f"unet-{'-'.join(cuts)}.onnx"
+        export_network(models, "unet", spec, path, ExportSettings(shapes=TINY_SHAPES, slim=False, cuts=cuts))
+        eps[cuts] = Session(path, spec, OrtSettings()).run(**{n: feeds[n] for n in spec.input_names})["eps"]
+    assert p.rows == 8 and len(p.enc_rows) == 6
+    assert all(rel_err(e, eps[()]) <= 1e-5 for e in eps.values())

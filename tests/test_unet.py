@@ -7,12 +7,15 @@ import pytest
 import torch
 
 from flashface_trt.models import unet_blocks
-from flashface_trt.models.config import SD15, TINY, ModelConfig
+from flashface_trt.models.batched import batch_eps, indices
+from flashface_trt.models.config import CUTS, SD15, TINY, ModelConfig
 from flashface_trt.models.loading import build_loaded, component_shapes, random_state
 from flashface_trt.models.unet import FlashFaceUNet, unet_state
 from flashface_trt.models.unet_blocks import RefInputs
 from flashface_trt.models.weights import read_checkpoint
 from flashface_trt.runtime.errors import WeightsError
+from flashface_trt.runtime.sampling.batch import Member, RequestContext, plan_batch
+from flashface_trt.runtime.sampling.sampler import GuidanceParams, plan
 
 from .conftest import rel_err
 
@@ -106,19 +109,22 @@ def test_zero_strength_equals_no_references(tiny_unet):
 def test_attention_work_per_row(tiny_unet, monkeypatch):
     """Only the first B_ref rows attend over reference tokens; SA1(y) runs once per row and layer."""
     calls: list[tuple[int, int, int]] = []
-    real = unet_blocks.attend
 
-    def spy(q, k, v, heads):
-        calls.append((q.shape[0], q.shape[1], k.shape[1]))
-        return real(q, k, v, heads)
+    def spy(real):
+        def wrapped(q, k, v, heads):
+            calls.append((q.shape[0], q.shape[1], k.shape[1]))
+            return real(q, k, v, heads)
 
-    monkeypatch.setattr(unet_blocks, "attend", spy)
+        return wrapped
+
+    for name in ("attend", "attend_lse"):  # the reference branch by log-sum-exp merge uses the latter
+        monkeypatch.setattr(unet_blocks, name, spy(getattr(unet_blocks, name)))
     x, mask, t, ctx, ref_lat = _random_inputs(tiny_unet, batch=6, refs=2)
     with torch.no_grad():
         kv = tiny_unet.reference_kv(tiny_unet.reference_features(ref_lat, t[:1], ctx[:1]))
         calls.clear()
         tiny_unet(x, mask, t, ctx, RefInputs(kv, torch.full((2,), 1.2)))
-    over_refs = [c for c in calls if c[2] > c[1] and c[2] != 77]
+    over_refs = [c for c in calls if c[2] not in (c[1], 77)]  # over the reference tokens (and own ones)
     layers = tiny_unet.num_reference_layers
     assert len(over_refs) == layers and all(c[0] == 2 for c in over_refs)
     own = [c for c in calls if c[2] == c[1]]  # self-attention SA and SA1 over the row's own tokens
@@ -133,7 +139,7 @@ def test_reference_net_stops_after_last_feature(tiny_unet):
     x, mask, t, ctx, ref_lat = _random_inputs(tiny_unet, batch=1, refs=3)
     feats = tiny_unet.reference_features(ref_lat, t[:1], ctx[:1])
     assert len(feats) == tiny_unet.num_reference_layers
-    widths = [b.norm1.normalized_shape[0] for _, b in tiny_unet.reference_layer_modules()]
+    widths = [b.norm1.normalized_shape[0] for b in tiny_unet._attention_blocks(tiny_unet.decoder)]
     assert [f.shape[-1] for f in feats] == widths
     assert all(f.shape[0] == 3 for f in feats)
     kv = tiny_unet.reference_kv(feats)
@@ -205,3 +211,29 @@ def test_official_constructor_arguments_build_the_same_network():
     assert component_shapes("unet", cfg) == component_shapes("unet", SD15)
     by_head_dim = ModelConfig.from_dict({"unet": dict(official, head_dim=40), "text_encoder": {}, "vae": {}})
     assert by_head_dim.unet.heads(320) == 8 and by_head_dim.unet.heads(1280) == 32
+
+
+@pytest.mark.parametrize("cuts", [("encoder",), ("stem",), ("lse",), CUTS])
+def test_each_cut_equals_the_uncut_unet(tiny_unet, cuts):
+    """Each exact FLOP cut, alone and all together, on a batch of a 2-way and a 3-way request
+    (shared encoder rows, per-sample stems, per-row λ and K/V groups): eps within 1e-5 of uncut."""
+    g = torch.Generator().manual_seed(1)
+    c, steps = tiny_unet.cfg, plan(10, GuidanceParams())
+    ident = type("Ident", (), {"key": "a", "num_refs": 2, "latents": np.zeros((2, 4, 8, 8))})
+    members = [
+        Member(RequestContext(None, ident, None, GuidanceParams()), torch.zeros(1, 4, 16, 16), steps[0]),
+        Member(RequestContext(None, ident, None, GuidanceParams()), torch.zeros(2, 4, 16, 16), steps[5]),
+    ]
+    p = plan_batch(members)
+    x, texts = torch.randn(3, 4, 16, 16, generator=g), torch.randn(4, 77, c.context_dim, generator=g)
+    masks = (torch.rand(2, 1, 16, 16, generator=g) > 0.5).float()
+    ref_t = torch.tensor([steps[0].t, steps[5].t])
+    with torch.no_grad():
+        feats = tiny_unet.reference_features(torch.randn(4, 4, 8, 8, generator=g), ref_t, texts[1::2])
+        kv = tiny_unet.reference_kv(feats, 2)
+        eps = {}
+        for on in ((), cuts):
+            eps[on] = batch_eps(tiny_unet.set_cuts(on), x, texts, masks, indices(p, x.device), kv)
+    tiny_unet.set_cuts(CUTS)
+    assert len(p.enc_rows) == 6 < p.rows == 8 and len(p.stem_rows) == 3
+    assert rel_err(eps[cuts].numpy(), eps[()].numpy()) <= 1e-5

@@ -58,7 +58,7 @@ def export(args: argparse.Namespace) -> None:
     from ..export.exporter import ExportSettings, export_models
     from ..models.loading import load_detector, load_models, tiny_detector, tiny_models
 
-    settings = ExportSettings(args.precision, shapes=shapes, dynamo=args.dynamo)
+    settings = ExportSettings(args.precision, shapes=shapes, dynamo=args.dynamo, cuts=args.cuts)
     device, _ = torch_device(args)
     models = (
         tiny_models(device, settings.dtype)

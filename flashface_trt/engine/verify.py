@@ -39,6 +39,9 @@ INDEX_BOUNDS = {
     "member_rows": "members",
     "text_rows": "texts",
     "ref_group": "groups",
+    "enc_rows": "rows",
+    "enc_index": "encoders",
+    "stem_rows": "rows",
     "guide": "rows",
 }
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..models.backend import TorchModels
+from ..models.config import EXPORT_CUTS
 from ..models.retinaface import RetinaFace
 from ..runtime.artifacts.spec import EXPORT_FORMAT, ExportShapes, NetworkSpec
 from ..runtime.errors import InputError
@@ -37,13 +38,16 @@ VOCAB = "bpe_simple_vocab_16e6.txt.gz"
 @dataclass(frozen=True)
 class ExportSettings:
     """How to export: precision ('fp32' or 'fp16' weights and activations, normalisations in float32),
-    ONNX opset, whether to simplify graphs with onnxslim, and the shape ranges to support."""
+    ONNX opset, whether to simplify graphs with onnxslim, the shape ranges to support, and the UNet's
+    FLOP cuts (`config.CUTS`; without "lse" by default: TensorRT fuses attention written softmax(QK^T)V,
+    likely not the explicit log-sum-exp form (unverified); ONNX Runtime's CPU runs both unfused)."""
 
     precision: str = "fp32"
     opset: int = 18
     slim: bool = True
     shapes: ExportShapes = field(default_factory=ExportShapes)
     dynamo: bool = False  # the torch.export-based exporter instead of the TorchScript-based one
+    cuts: tuple[str, ...] = EXPORT_CUTS
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "fp16"):
@@ -90,7 +94,12 @@ def export_network(
     )
     t0 = time.perf_counter()
     args = sample_inputs(spec, device)
-    export_graph(graph, args, spec, path, settings.opset, external_data=big, dynamo=settings.dynamo)
+    cuts = models.unet.cuts
+    try:
+        models.unet.set_cuts(settings.cuts)
+        export_graph(graph, args, spec, path, settings.opset, external_data=big, dynamo=settings.dynamo)
+    finally:
+        models.unet.set_cuts(cuts)
     if settings.slim:
         simplify(path)
     check_graph(path, spec)
@@ -110,7 +119,7 @@ def export_models(
         raise InputError(f"models are {models.dtype} but the export asks for {settings.precision}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    specs = network_specs(models, settings.shapes)
+    specs = network_specs(models, settings.shapes, settings.cuts)
     digests: dict[int, str] = {}
     entries = {}
     for name in NETWORKS:
@@ -124,6 +133,7 @@ def export_models(
             "opset": settings.opset,
             "slim": settings.slim,
             "exporter": "dynamo" if settings.dynamo else "torchscript",
+            **({"cuts": list(settings.cuts)} if name == "unet" else {}),
             "spec": specs[name].to_dict(),
             "torch": torch.__version__,
         }

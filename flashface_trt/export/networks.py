@@ -12,11 +12,11 @@ from torch import nn
 
 from ..models.backend import TorchModels
 from ..models.batched import batch_eps
-from ..models.config import LATENT_SCALE
+from ..models.config import EXPORT_CUTS, LATENT_SCALE
 from ..models.unet import FlashFaceUNet
 from ..runtime.artifacts.axes import REF_TOKENS, axis_range, check_axes
 from ..runtime.artifacts.spec import ExportShapes, NetworkSpec, TensorSpec
-from ..runtime.sampling.batch import STEP_INPUTS
+from ..runtime.sampling.batch import SHARED_ROWS, STEP_INPUTS
 from ..runtime.sampling.guidance import STEP_COEFFICIENTS, batched_update
 from ..runtime.sampling.request import REFERENCE_SIZE
 
@@ -87,9 +87,13 @@ class UNetGraph(nn.Module):
     def forward(
         self, x, masks, texts, sample_rows, member_rows, text_rows, timestep, ref_scale, ref_group, *kv
     ):
-        """eps [B, 4, h, w] float32 of every row; rows [:B_ref] attend to their group's references."""
+        """eps [B, 4, h, w] float32 of every row; rows [:B_ref] attend to their group's references.
+
+        `kv` ends with the shared-row arrays of the UNet's cuts (`SHARED_ROWS`, in that order)."""
+        shared = [n for n, cut in SHARED_ROWS.items() if cut in self.unet.cuts]
+        kv, ix = kv[: len(kv) - len(shared)], dict(zip(shared, kv[len(kv) - len(shared) :]))
         pairs = [(kv[2 * i], kv[2 * i + 1]) for i in range(len(kv) // 2)]
-        ix = dict(zip(STEP_INPUTS, (sample_rows, member_rows, text_rows, timestep, ref_scale, ref_group)))
+        ix |= dict(zip(STEP_INPUTS, (sample_rows, member_rows, text_rows, timestep, ref_scale, ref_group)))
         return batch_eps(self.unet, x, texts.to(self.dtype), masks.to(self.dtype), ix, pairs).float()
 
 
@@ -126,8 +130,11 @@ def reference_layer_shapes(models: TorchModels, ref_size: int = REFERENCE_SIZE) 
     return [(name, f.shape[1], f.shape[2]) for name, f in zip(unet.reference_layers, feats)]
 
 
-def network_specs(models: TorchModels, shapes: ExportShapes) -> dict[str, NetworkSpec]:
-    """The spec of every exported network for these models and shape ranges (axes from `runtime.axes`)."""
+def network_specs(
+    models: TorchModels, shapes: ExportShapes, cuts: tuple[str, ...] = EXPORT_CUTS
+) -> dict[str, NetworkSpec]:
+    """The spec of every exported network for these models, shape ranges (axes from `runtime.axes`) and
+    UNet cuts (the shared-row arrays they take)."""
     cfg = models.config
     kv_dtype = "float16" if models.dtype == torch.float16 else "float32"
     ctx, z, lat_ref = cfg.unet.context_dim, cfg.vae.z_dim, shapes.ref_size // cfg.vae_factor
@@ -143,6 +150,7 @@ def network_specs(models: TorchModels, shapes: ExportShapes) -> dict[str, Networ
         for name in kv_names(layer)
     ]
     f32 = "float32"
+    shared = {"enc_rows": "encoders", "enc_index": "batch", "stem_rows": "samples"}  # each one's axis
     lat = ("latent_h", "latent_w")
     specs = {
         "text_encoder": NetworkSpec(
@@ -199,9 +207,10 @@ def network_specs(models: TorchModels, shapes: ExportShapes) -> dict[str, Networ
                 TensorSpec("ref_scale", f32, ("b_ref",)),
                 TensorSpec("ref_group", INDEX, ("b_ref",)),
                 *kv,
+                *(TensorSpec(n, INDEX, (shared[n],)) for n, cut in SHARED_ROWS.items() if cut in cuts),
             ),
             (TensorSpec("eps", f32, ("batch", cfg.unet.out_dim, *lat)),),
-            axes("samples", "members", "texts", "batch", "b_ref", "groups", *tokens, *lat),
+            axes("samples", "members", "texts", "batch", "b_ref", "encoders", "groups", *tokens, *lat),
             samples={"samples": 2, "members": 2, "texts": 4, "batch": 5, "b_ref": 3, "groups": 2},
         ),
     }

@@ -63,6 +63,7 @@ class TorchBackend:
         self.static = self.device.type == "cuda" if settings.static_loop is None else settings.static_loop
         capture = TorchCapture() if self.device.type == "cuda" else None
         self.graphs = StepGraphs(capture, settings.max_shapes)  # one graph per bucket and image size
+        models.unet.set_cuts(settings.cuts)
         if settings.channels_last:
             models.unet.to_channels_last()
         self.unet = models.unet  # what the steps call: the module, or its compiled forward

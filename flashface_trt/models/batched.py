@@ -11,11 +11,11 @@ from collections.abc import Sequence
 
 import torch
 
-from ..runtime.sampling.batch import BatchPlan, Member, cached_kv
+from ..runtime.sampling.batch import BatchPlan, Member, StepArrays, cached_kv
 from ..runtime.sampling.guidance import batched_update
 from ..runtime.sampling.identities import ReferenceKVCache
 from .unet import FlashFaceUNet
-from .unet_blocks import RefInputs
+from .unet_blocks import RefInputs, SharedRows
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -39,7 +39,7 @@ def group_kv(unet: FlashFaceUNet, members: Sequence[Member], plan: BatchPlan, ca
     ]
 
 
-def indices(plan: BatchPlan, device: torch.device) -> dict[str, torch.Tensor]:
+def indices(plan: StepArrays, device: torch.device) -> dict[str, torch.Tensor]:
     """The plan's index arrays and per-row values as tensors on `device`, by graph input name."""
     return {name: torch.from_numpy(values).to(device) for name, values in plan.inputs().items()}
 
@@ -54,7 +54,8 @@ def batch_eps(
     mask = masks.index_select(0, ix["member_rows"])  # [B, 1, h, w]
     context = texts.index_select(0, ix["text_rows"])  # [B, 77, C]
     ref = RefInputs(kv, ix["ref_scale"].to(dtype), ix["ref_group"])
-    return unet(xb, mask, ix["timestep"], context, ref)
+    share = SharedRows(ix.get("enc_rows"), ix.get("enc_index"), ix.get("stem_rows"), ix["sample_rows"])
+    return unet(xb, mask, ix["timestep"], context, ref, share)
 
 
 def step_members(

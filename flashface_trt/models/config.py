@@ -8,6 +8,11 @@ from pathlib import Path
 from typing import Any
 
 LATENT_SCALE = 0.18215  # SD 1.x VAE latent scale (official cfg.ae_scale)
+# exact FLOP cuts of the main UNet (issue 23; `FlashFaceUNet.set_cuts`): one encoder per distinct
+# encoder input, the layers before the first cross-attention once per sample, reference attention
+# by log-sum-exp merge
+CUTS = ("encoder", "stem", "lse")
+EXPORT_CUTS = ("encoder", "stem")  # the ONNX export's default (`export.exporter.ExportSettings`)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ..runtime.errors import InputError
 from ..runtime.sampling.identities import DEFAULT_KV_CACHE_BYTES
+from .config import CUTS
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # the loop is captured by our own CUDA graph
 
@@ -23,6 +24,7 @@ class TorchSettings:
     channels_last: NHWC layout for the UNet's convolutions (its weights are converted in place).
     kv_cache_bytes: byte budget of the per-identity reference K/V cache.
     max_shapes: request shapes whose static buffers and step graphs are kept, least recent dropped.
+    cuts: the exact FLOP cuts (`config.CUTS`) the UNet takes, set on the (shared) module by the backend.
     """
 
     static_loop: bool | None = None
@@ -31,6 +33,7 @@ class TorchSettings:
     channels_last: bool = False
     kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES
     max_shapes: int = 4
+    cuts: tuple[str, ...] = CUTS
 
     def validated(self) -> TorchSettings:
         """These settings, or an InputError naming the value out of range."""
@@ -46,6 +49,7 @@ class TorchSettings:
 TORCH_PRESETS = {
     "auto": TorchSettings(),
     "eager": TorchSettings(static_loop=False),
+    "eager-uncut": TorchSettings(static_loop=False, cuts=()),
     "static": TorchSettings(static_loop=True),
     "compiled": TorchSettings(static_loop=True, compile=True),
     "channels-last": TorchSettings(static_loop=True, channels_last=True),

@@ -9,19 +9,20 @@ and decoder, so `ref_middle` is never used) and both use the main `time_embeddin
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
 
-from ..runtime.errors import WeightsError
-from .config import UNetConfig
+from ..runtime.errors import InputError, WeightsError
+from .config import CUTS, UNetConfig
 from .unet_blocks import (
     AttentionBlock,
     GroupNorm32,
     RefInputs,
     RefSelfAttention,
     ResidualBlock,
+    SharedRows,
     StackedAttention,
     Upsample,
     is_attention_scale,
@@ -118,6 +119,18 @@ class FlashFaceUNet(nn.Module):
             for name, m in self.named_modules()
             if isinstance(m, AttentionBlock) and m.ref_index >= 0 and not name.startswith("ref_")
         ]
+        self.cuts = frozenset(CUTS)
+
+    def set_cuts(self, cuts: Iterable[str]) -> FlashFaceUNet:
+        """Switch the exact FLOP cuts (`config.CUTS`) named in `cuts` on, the others off."""
+        unknown = sorted(set(cuts) - set(CUTS))
+        if unknown:
+            raise InputError(f"unknown UNet cuts {unknown}; known: {list(CUTS)}")
+        self.cuts = frozenset(cuts)
+        for m in self.modules():
+            if isinstance(m, AttentionBlock):
+                m.merge = "lse" in self.cuts
+        return self
 
     def _attention_blocks(self, decoder: nn.ModuleList) -> list[AttentionBlock]:
         """Reference layers in traversal order: the middle's blocks, then the decoder's."""
@@ -139,27 +152,46 @@ class FlashFaceUNet(nn.Module):
         dtype = next(self.time_embedding.parameters()).dtype
         return self.time_embedding(sinusoidal_embedding(t, self.cfg.dim).to(dtype))  # [B, 4*dim]
 
-    def _block(self, block: nn.Module, x, e, context, ref, collect, size) -> torch.Tensor:
+    def _block(self, block: nn.Module, x, e, context, ref, collect, size, widen=None) -> torch.Tensor:
         if isinstance(block, ResidualBlock):
             return block(x, e)
         if isinstance(block, StackedAttention):
-            return block(x, context, ref, collect, self.num_reference_layers - 1)
+            return block(x, context, ref, collect, self.num_reference_layers - 1, widen)
         if isinstance(block, Upsample):
             return block(x, size)
         if isinstance(block, nn.ModuleList):
             for sub in block:
-                x = self._block(sub, x, e, context, ref, collect, size)
+                x = self._block(sub, x, e, context, ref, collect, size, widen)
                 if collect is not None and len(collect) == self.num_reference_layers:
                     return x
             return x
         return block(x)
 
-    def _run(self, x, e, context, encoder, decoder, ref=None, collect=None) -> torch.Tensor | None:
-        """UNet traversal of the official `encode`/`decode`; stops early once `collect` is full."""
+    def _run(
+        self, x, e, context, encoder, decoder, ref=None, collect=None, share=None
+    ) -> torch.Tensor | None:
+        """UNet traversal of the official `encode`/`decode`; stops early once `collect` is full.
+
+        `share` (`SharedRows`): the encoder runs on the distinct encoder rows (cut "encoder"), its
+        layers before the first cross-attention on one row per sample (cut "stem"); the middle and
+        decoder take every row's skips by index."""
+        enc = share.enc_rows if share is not None and "encoder" in self.cuts else None  # [E]
+        stem = share.stem_rows if share is not None and "stem" in self.cuts else None  # [S]
+        e_in = e_enc = e if enc is None else e[enc]
+        h, c_enc, widen = (x, context, None) if enc is None else (x[enc], context[enc], None)
+        if share is not None and stem is not None and isinstance(encoder[1][-1], StackedAttention):
+            h, e_in, widen = x[stem], e[stem], share.sample_rows if enc is None else share.sample_rows[enc]
         skips = []
-        for block in encoder:
-            x = self._block(block, x, e, context, None, collect, None)
-            skips.append(x)
+        for i, block in enumerate(encoder):
+            h = self._block(
+                block, h, e_in if i < 2 else e_enc, c_enc, None, collect, None, widen if i == 1 else None
+            )
+            skips.append(h)
+        if widen is not None:  # the stem's skip, then every skip, to the rows of the batch
+            skips[0] = skips[0][widen]
+        if share is not None and enc is not None:
+            skips = [s[share.enc_index] for s in skips]
+        x = skips[-1]
         for block in self.middle:
             x = self._block(block, x, e, context, ref, collect, None)
             if collect is not None and len(collect) == self.num_reference_layers:
@@ -179,15 +211,17 @@ class FlashFaceUNet(nn.Module):
         t: torch.Tensor,
         context: torch.Tensor,
         ref: RefInputs | None = None,
+        share: SharedRows | None = None,
     ) -> torch.Tensor:
         """eps for latents x [B,4,h,w], face mask [B|1,1,h,w], t [B], context [B,77,C].
 
         Rows [:B_ref] (B_ref = len(ref.scale)) attend to the reference tokens; the rest do not.
+        `share`: which rows have the same encoder input and latents (cuts "encoder", "stem").
         """
         b, _, h, w = x.shape
         x = torch.cat([x, mask.to(x.dtype).expand(b, 1, h, w)], dim=1)  # [B, 5, h, w]
         x = x.contiguous(memory_format=self.memory_format)
-        out = self._run(x, self._embed(t), context.to(x.dtype), self.encoder, self.decoder, ref=ref)
+        out = self._run(x, self._embed(t), context.to(x.dtype), self.encoder, self.decoder, ref, None, share)
         assert out is not None
         return out  # [B, 4, h, w]
 
@@ -222,13 +256,6 @@ class FlashFaceUNet(nn.Module):
             tokens = f.reshape(groups, -1, f.shape[-1])  # reference after reference, as the official reshape
             out.append((sa1.self_attn_first.k(tokens), sa1.self_attn_first.v(tokens)))
         return out
-
-    def reference_layer_modules(self) -> Iterator[tuple[str, AttentionBlock]]:
-        modules = dict(self.named_modules())
-        for name in self.reference_layers:
-            block = modules[name]
-            assert isinstance(block, AttentionBlock)
-            yield name, block
 
 
 def unet_state(state: Mapping[str, torch.Tensor], source: str) -> StateDict:

@@ -67,6 +67,27 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> tor
     return out.transpose(1, 2).reshape(b, lq, c)
 
 
+def attend_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attend` and its log-sum-exp [B, Lq, n] (for FlashAttention's split-KV combine, arXiv:2307.08691).
+
+    The fused kernels that return the log-sum-exp on CPU and CUDA; explicit softmax elsewhere (meta
+    device, ONNX export)."""
+    b, lq, c = q.shape
+    d = c // heads
+    q, k, v = (t.view(b, t.shape[1], heads, d).transpose(1, 2) for t in (q, k, v))  # [B, n, L, d]
+    if q.device.type == "cpu" and not torch.onnx.is_in_onnx_export():
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[:2]
+    elif q.device.type == "cuda":
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
+    else:
+        s = (q @ k.transpose(2, 3)) * d**-0.5  # [B, n, Lq, Lk]; positive dims: traced ranks may be unknown
+        lse = torch.logsumexp(s.float(), dim=3)
+        out = torch.exp(s.float() - lse.unsqueeze(3)).to(v.dtype) @ v
+    return out.transpose(1, 2).reshape(b, lq, c), lse[..., :lq].transpose(1, 2).float()
+
+
 class Attention(nn.Module):
     """Official `MultiHeadAttention`: bias-free q/k/v, biased output projection."""
 
@@ -126,6 +147,21 @@ class RefInputs:
         return k.index_select(0, self.group), v.index_select(0, self.group)
 
 
+@dataclass
+class SharedRows:
+    """Rows of one main-UNet call that share work (`runtime.sampling.batch.StepArrays`; None: not shared).
+
+    enc_rows [E]: the first row of each distinct encoder input (latents, timestep, mask, text);
+    enc_index [B]: each row's position in enc_rows; stem_rows [S]: the first row of each sample
+    (the layers before the first cross-attention); sample_rows [B]: each row's sample.
+    """
+
+    enc_rows: torch.Tensor | None
+    enc_index: torch.Tensor | None
+    stem_rows: torch.Tensor | None
+    sample_rows: torch.Tensor
+
+
 class AttentionBlock(nn.Module):
     """Transformer block (self-attn, cross-attn, GEGLU FFN), optionally with the reference branch."""
 
@@ -140,21 +176,30 @@ class AttentionBlock(nn.Module):
         self.norm3 = LayerNorm32(dim)
         self.ffn = nn.Sequential(GeGLU(dim, dim * 4), nn.Dropout(0.0), nn.Linear(dim * 4, dim))
         self.ref_index = -1  # position among reference layers; -1: not a reference layer
+        self.merge = True  # the reference branch by log-sum-exp merge (`FlashFaceUNet.cuts` "lse")
 
     def reference_branch(self, y: torch.Tensor, ref: RefInputs | None) -> torch.Tensor:
-        """SA1(y) + λ(SA1(y, [y; refs]) - SA1(y)) for the first B_ref rows, SA1(y) for the rest."""
+        """SA1(y) + λ(SA1(y, [y; refs]) - SA1(y)) for the first B_ref rows, SA1(y) for the rest.
+
+        `merge`: attention over [y; refs] as the log-sum-exp weighted mix of the attention over y
+        (SA1's own) and over refs alone (split-KV combine), mixed before SA1's output projection."""
         assert isinstance(self.self_attn, RefSelfAttention)
         sa1: Attention = self.self_attn.self_attn_first
         q, k, v = sa1.q(y), sa1.k(y), sa1.v(y)  # [B, L, C]
-        plain = sa1.o(attend(q, k, v, sa1.heads))  # SA1(y), once per row
-        if ref is None or ref.scale.shape[0] == 0:
-            return plain
-        n = ref.scale.shape[0]
+        n = 0 if ref is None else ref.scale.shape[0]
+        if ref is None or n == 0:
+            return sa1.o(attend(q, k, v, sa1.heads))  # SA1(y), once per row
         k_ref, v_ref = ref.rows(self.ref_index, n)  # [B_ref, R*L, C]: each row its group's
+        lam = ref.scale.to(y.dtype).view(n, 1, 1)
+        if self.merge:
+            img, lse_img = attend_lse(q, k, v, sa1.heads)  # [B, L, C], [B, L, n]
+            refs, lse_ref = attend_lse(q[:n], k_ref.to(k.dtype), v_ref.to(v.dtype), sa1.heads)
+            w = torch.sigmoid(lse_ref - lse_img[:n]).to(y.dtype).repeat_interleave(y.shape[2] // sa1.heads, 2)
+            return sa1.o(torch.cat([img[:n] + lam * w * (refs - img[:n]), img[n:]]))
+        plain = sa1.o(attend(q, k, v, sa1.heads))
         k_cat = torch.cat([k[:n], k_ref.to(k.dtype)], dim=1)  # [B_ref, L + R*L, C]
         v_cat = torch.cat([v[:n], v_ref.to(v.dtype)], dim=1)
         with_ref = sa1.o(attend(q[:n], k_cat, v_cat, sa1.heads))
-        lam = ref.scale.to(y.dtype).view(n, 1, 1)
         mixed = plain[:n] + lam * (with_ref - plain[:n])
         return torch.cat([mixed, plain[n:]], dim=0)
 
@@ -165,6 +210,7 @@ class AttentionBlock(nn.Module):
         ref: RefInputs | None = None,
         collect: list[torch.Tensor] | None = None,
         stop_after_collect: bool = False,
+        widen: torch.Tensor | None = None,
     ) -> torch.Tensor:
         y = self.norm1(x)  # [B, L, C]
         if collect is not None and self.ref_index >= 0:
@@ -172,6 +218,8 @@ class AttentionBlock(nn.Module):
             if stop_after_collect:
                 return x
         x = x + self.self_attn(y)
+        if widen is not None:
+            x = x.index_select(0, widen)  # [B', L, C]
         if isinstance(self.self_attn, RefSelfAttention) and collect is None:
             x = x + self.reference_branch(y, ref)
         x = x + self.cross_attn(self.norm2(x), context)
@@ -197,16 +245,22 @@ class StackedAttention(nn.Module):
         ref: RefInputs | None = None,
         collect: list[torch.Tensor] | None = None,
         stop_at: int = -1,
+        widen: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`widen` [B']: rows continued after the first block's self-attention (`AttentionBlock`)."""
         b, c, h, w = x.shape
         identity, layout = x, memory_format(x)
         x = self.conv1(self.norm1(x)).permute(0, 2, 3, 1).reshape(b, h * w, c)  # [B, HW, C], a view in NHWC
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             stop = collect is not None and block.ref_index == stop_at
-            x = block(x, context, ref, collect, stop)
+            x = block(x, context, ref, collect, stop, widen if i == 0 else None)
             if stop:
                 return identity  # the ReferenceNet has every feature it needs
-        x = x.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous(memory_format=layout)  # [B, C, H, W]
+        if widen is not None:
+            identity = identity[widen]  # (keeps NHWC)
+        x = (
+            x.reshape(x.shape[0], h, w, c).permute(0, 3, 1, 2).contiguous(memory_format=layout)
+        )  # [B', C, H, W]
         return self.conv2(x) + identity
 
 

@@ -21,7 +21,8 @@ REF_TOKENS = "ref_tokens_"  # `ref_tokens_<i>`: tokens of reference layer i over
 class LoopDims:
     """The sizes of one engine call: a (padded) batched step, or a text/VAE call.
 
-    rows / ref_rows: UNet rows and how many of them attend to references; samples: latents of
+    rows / ref_rows: UNet rows and how many of them attend to references (`encoders`: the distinct
+    encoder inputs, padded as `runtime.sampling.batch.PaddedPlan`); samples: latents of
     every request; members: requests (2 prompt rows each); groups: reference K/V groups;
     latent_h/latent_w: latent size; num_refs: references of one identity; prompts: text rows.
     """
@@ -42,6 +43,10 @@ class LoopDims:
                 raise InputError(f"{name}={getattr(self, name)} must be at least 1")
         if not 0 <= self.ref_rows <= self.rows:
             raise InputError(f"ref_rows={self.ref_rows} must be in [0, rows={self.rows}]")
+
+    @property
+    def encoders(self) -> int:
+        return self.ref_rows + (self.rows - self.ref_rows) // 2
 
     @classmethod
     def of(cls, key: tuple[int, int, int, int, int], latent_h: int, latent_w: int, num_refs: int) -> LoopDims:
@@ -68,6 +73,12 @@ def _batched(s: ExportShapes, per_request: int, opt: int) -> AxisRange:
     return AxisRange(1, min(opt, hi), hi)
 
 
+def _encoders(s: ExportShapes) -> AxisRange:
+    """Padded encoder rows: a reference rows' bucket plus half an other rows' bucket (`PaddedPlan`)."""
+    hi = _batched(s, 2 * s.max_samples, 1).max
+    return AxisRange(1, min(2 * s.opt_samples, hi), hi + hi // 2)
+
+
 AXES: dict[str, Axis] = {
     "batch": Axis(
         "UNet rows of a batched step: k x samples per request (k = 2 or 3, `BatchLayout`)",
@@ -78,6 +89,11 @@ AXES: dict[str, Axis] = {
         "leading UNet rows that attend to the references (each request's `BatchLayout.ref_rows`)",
         lambda d, p: d.ref_rows,
         lambda s, p: _batched(s, 2 * s.max_samples, s.opt_samples),
+    ),
+    "encoders": Axis(
+        "UNet rows with distinct encoder inputs: reference rows + half the others (`SharedRows`)",
+        lambda d, p: d.encoders,
+        lambda s, p: _encoders(s),
     ),
     "samples": Axis(
         "latents of a call (all requests of a batched step)",

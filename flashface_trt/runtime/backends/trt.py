@@ -29,6 +29,7 @@ from ..artifacts.exports import reference_size
 from ..artifacts.spec import NetworkSpec
 from ..errors import WeightsError
 from ..sampling.batch import (
+    SHARED_ROWS,
     STEP_INPUTS,
     BatchPlan,
     Member,
@@ -61,7 +62,7 @@ class BatchState:
                 if t.name not in self.buf:  # x and eps are shared by the two engines
                     self.buf[t.name] = DeviceTensor.empty(shapes[t.name], t.dtype)
         self.kv_names = [t.name for t in backend.specs["reference_net"].outputs]
-        staged = {name: self.buf[name] for name in (*STEP_INPUTS, "x")}
+        staged = {n: self.buf[n] for n in (*STEP_INPUTS, *SHARED_ROWS, "x") if n in self.buf}
         sizes = [-(-t.nbytes // ALIGN) * ALIGN for t in staged.values()]
         self.pinned = DeviceBuffer(sum(sizes), pinned=True)
         starts = np.cumsum([0, *sizes[:-1]]).tolist()
@@ -186,8 +187,9 @@ class TrtBackend:
             for name in st.kv_names:
                 copy_device(_slot(b[name], g), kv[name].ptr, kv[name].nbytes, self.stream)
         for name, values in padded.inputs().items():
-            st.host[name][...] = values
-            copy_to_device(b[name].ptr, st.host[name], self.stream)
+            if name in st.host:  # the shared-row arrays of the engine's cuts only
+                st.host[name][...] = values
+                copy_to_device(b[name].ptr, st.host[name], self.stream)
         self.copied.record(self.stream)
 
     def step_body(self, st: BatchState) -> None:

@@ -74,7 +74,8 @@ class StepArrays:
     member_rows [B]: the member whose mask and timestep a row takes; t [B]: the row's timestep;
     scale [B_ref], group [B_ref]: λ and K/V group of the reference rows (the first B_ref rows);
     guide [3, S]: the rows of each sample's y_ref, y (cond) and u (uncond) (2-way: y_ref = y);
-    coef [S, len(STEP_COEFFICIENTS)]: each sample's guidance and DDIM coefficients.
+    coef [S, len(STEP_COEFFICIENTS)]: each sample's guidance and DDIM coefficients;
+    enc_rows [E], enc_index [B], stem_rows [S]: rows that share UNet work (`shared_rows`).
     """
 
     sample_rows: np.ndarray
@@ -85,11 +86,29 @@ class StepArrays:
     group: np.ndarray
     guide: np.ndarray
     coef: np.ndarray
+    enc_rows: np.ndarray
+    enc_index: np.ndarray
+    stem_rows: np.ndarray
 
     def inputs(self) -> dict[str, np.ndarray]:
-        """The arrays by the names the exported UNet and step graphs take (`STEP_INPUTS`)."""
+        """The arrays by the names the exported UNet and step graphs take (`STEP_INPUTS`, `SHARED_ROWS`);
+        a graph exported without a cut takes fewer: callers keep the names their graph has."""
         values = self.sample_rows, self.member_rows, self.text_rows, self.t, self.scale, self.group
-        return dict(zip(STEP_INPUTS, (*values, self.guide, self.coef)))
+        shared = {name: getattr(self, name) for name in SHARED_ROWS}
+        return dict(zip(STEP_INPUTS, (*values, self.guide, self.coef))) | shared
+
+
+SHARED_ROWS = {"enc_rows": "encoder", "enc_index": "encoder", "stem_rows": "stem"}  # the UNet cut each serves
+
+
+def shared_rows(sample_rows: np.ndarray, text_rows: np.ndarray) -> dict[str, np.ndarray]:
+    """enc_rows [E], enc_index [B], stem_rows [S]: the first row of each distinct (sample, text), each
+    row's position among them, the first row of each sample. A sample fixes its member (mask and
+    timestep), so such rows have one encoder input, and one sample's rows the same latents."""
+    keys = sample_rows.astype(np.int64) * (int(text_rows.max(initial=0)) + 1) + text_rows
+    _, enc_rows, enc_index = np.unique(keys, return_index=True, return_inverse=True)
+    stem_rows = np.unique(sample_rows, return_index=True)[1]
+    return dict(zip(SHARED_ROWS, (a.reshape(-1).astype(np.int64) for a in (enc_rows, enc_index, stem_rows))))
 
 
 @dataclass(frozen=True)
@@ -147,7 +166,7 @@ def plan_batch(members: Sequence[Member]) -> BatchPlan:
         blocks.append(mine)
         start += n
     b_ref = len(ref)
-    rows = [r[:3] for r in ref] + rest
+    rows = np.asarray([r[:3] for r in ref] + rest, np.int64).reshape(-1, 3)  # (sample, text, member) per row
     guide = np.zeros((3, start), np.int64)
     coef = np.zeros((start, len(STEP_COEFFICIENTS)), np.float32)
     for m, first, mine in zip(members, offsets, blocks):
@@ -158,14 +177,15 @@ def plan_batch(members: Sequence[Member]) -> BatchPlan:
             guide[:, first + s] = (y_ref + s, y + s, u + s)
         coef[first : first + n] = np.asarray(m.step.coefficients(m.ctx.guidance), np.float32)
     return BatchPlan(
-        sample_rows=np.asarray([r[0] for r in rows], np.int64),
-        text_rows=np.asarray([r[1] for r in rows], np.int64),
-        member_rows=np.asarray([r[2] for r in rows], np.int64),
+        sample_rows=rows[:, 0],
+        text_rows=rows[:, 1],
+        member_rows=rows[:, 2],
         t=np.asarray([float(members[r[2]].step.t) for r in rows], np.float32),
         scale=np.asarray([r[3] for r in ref], np.float32),
         group=np.asarray([r[4] for r in ref], np.int32),
         guide=guide,
         coef=coef,
+        **shared_rows(rows[:, 0], rows[:, 1]),
         groups=tuple(groups),
         offsets=tuple(offsets),
     )
@@ -199,7 +219,8 @@ class PaddedPlan(StepArrays):
     Rows are [reference rows | padding | other rows | padding]; padding rows carry sample 0, text 0,
     member 0, timestep 0, λ 0 and group 0; padding samples' guidance rows point at row 0, their
     coefficients are 0 but alpha = s_cur = 1 (no division by zero): their next x is 0 (x finite),
-    never read. `key` names the bucket; `plan` is the unpadded plan.
+    never read. Encoder rows (padding: row 0) are ref rows + other rows / 2: each other row is a
+    3-way cond or uncond row. `key` names the bucket; `plan` is the unpadded plan.
     """
 
     key: tuple[int, int, int, int, int]  # (ref rows, other rows, samples, groups, members)
@@ -218,14 +239,20 @@ def pad_plan(plan: BatchPlan, members: int) -> PaddedPlan:
         out[ref_b : ref_b + rest] = values[b_ref:]
         return out
 
+    def moved(row: np.ndarray) -> np.ndarray:
+        """Row numbers in the padded rows."""
+        return np.where(row >= b_ref, row + (ref_b - b_ref), row)
+
     guide = np.zeros((3, s_b), np.int64)
-    guide[:, : plan.samples] = np.where(plan.guide >= b_ref, plan.guide + (ref_b - b_ref), plan.guide)
+    guide[:, : plan.samples] = moved(plan.guide)
     coef = np.zeros((s_b, plan.coef.shape[1]), np.float32)
     coef[: plan.samples] = plan.coef
     coef[plan.samples :, STEP_COEFFICIENTS.index("alpha")] = 1.0
     coef[plan.samples :, STEP_COEFFICIENTS.index("s_cur")] = 1.0
     scale, group = np.zeros(ref_b, np.float32), np.zeros(ref_b, np.int32)
     scale[:b_ref], group[:b_ref] = plan.scale, plan.group
+    enc_rows, stem_rows = np.zeros(ref_b + rest_b // 2, np.int64), np.zeros(s_b, np.int64)
+    enc_rows[: len(plan.enc_rows)], stem_rows[: plan.samples] = moved(plan.enc_rows), moved(plan.stem_rows)
     return PaddedPlan(
         sample_rows=rows(plan.sample_rows),
         text_rows=rows(plan.text_rows),
@@ -235,6 +262,9 @@ def pad_plan(plan: BatchPlan, members: int) -> PaddedPlan:
         group=group,
         guide=guide,
         coef=coef,
+        enc_rows=enc_rows,
+        enc_index=rows(plan.enc_index),
+        stem_rows=stem_rows,
         key=key,
         plan=plan,
     )
