@@ -393,7 +393,7 @@ def test_sigterm_drains_then_exits_zero(tmp_path):
 
         c = httpx.Client(base_url=url, timeout=60)
         ident = register(c, 2)["id"]
-        long = c.post("/v1/generations", json=generation(ident, steps=8)).json()
+        long = c.post("/v1/generations", json=generation(ident, steps=100)).json()
         wait_state(c, long["id"], "running")
         queued = c.post("/v1/generations", json=generation(ident)).json()
         proc.send_signal(signal.SIGTERM)
