@@ -24,11 +24,11 @@ from flashface_trt.models.backend import TorchBackend, TorchModels
 from flashface_trt.models.config import SD15
 from flashface_trt.models.loading import load_models, random_models, tiny_models
 from flashface_trt.runtime.sampling.identities import identity_from_crops
-from flashface_trt.runtime.sampling.prepare import prepare, stepper
+from flashface_trt.runtime.sampling.prepare import prefetch_kv, prepare, stepper
 from flashface_trt.runtime.sampling.request import GenerationRequest
 from flashface_trt.runtime.sampling.sampler import sample
 
-from .workload import Workload, reference_kv
+from .workload import Workload
 
 
 def sd15_random(device: str, dtype: torch.dtype) -> TorchModels:
@@ -60,8 +60,7 @@ def run_once(backend: TorchBackend, req: GenerationRequest, refs: np.ndarray, cl
     identity = clock("references", identity_from_crops, backend.encode_references, refs)
     backend.kv_cache.clear()  # every run pays for the ReferenceNet
     p = clock("text", prepare, backend, req, identity)
-    for s in p.steps:  # ReferenceNet K/V for every timestep (what the loop would compute on the fly)
-        clock("reference_kv", reference_kv, backend, p.ctx, s.t)
+    clock("reference_kv", prefetch_kv, backend, p)  # every timestep's K/V on admission, as the executor does
     z0 = clock("unet_loop", sample, stepper(backend, p.ctx), p.x, p.steps)
     clock("decode", backend.decode, z0)
     return z0

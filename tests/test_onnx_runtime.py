@@ -58,7 +58,7 @@ def test_onnx_runtime_pipeline_matches_torch(tiny_export):
 
 
 def test_identity_cache_skips_the_reference_net(tiny_export):
-    backend = OrtBackend(tiny_export)
+    backend = OrtBackend(tiny_export, OrtSettings(prefetch_images=0))  # one call per step (`test_prefetch`)
     identity = register_identity(backend, _faces(), ["a.jpg", "b.jpg", "c.jpg"])
     first = generate(backend, REQUEST, identity)
     assert backend.kv_cache.stats()["misses"] == REQUEST.steps and backend.kv_cache.hits == 0
@@ -178,10 +178,10 @@ def test_float16_export_against_float32(tmp_path):
     step = next(s for s in plan(10, g) if s.three_way)  # reference, text and unconditional rows
     mask = np.ones((16, 12), np.float32)
     ident = Identity("fp16", latents)
-    e16 = step_eps(b16, b16.context(texts, ident, mask, g, ""), x, step)
+    e16 = step_eps(b16, RequestContext(texts, ident, b16.mask_from_host(mask), g, ""), x, step)
     with torch.inference_mode():
         ident32 = Identity("fp16", b32.latents_from_host(latents))
-        ctx32 = b32.context(torch.from_numpy(texts), ident32, mask, g, "")
+        ctx32 = RequestContext(torch.from_numpy(texts), ident32, b32.mask_from_host(mask), g, "")
         e32 = step_eps(b32, ctx32, torch.from_numpy(x), step).numpy()
     assert next(iter(b16.kv_cache.get(kv_key(ident, step.t, "")).values())).dtype == np.float16
     err = rel_err(e16, e32)
@@ -227,7 +227,8 @@ def test_exported_unet_matches_official(oracle_dir, oracle_config, oracle_export
     d = np.load(oracle_dir / "unet_cases.npz")
     guidance = oracle_guidance(oracle_config)
     texts = np.concatenate([d["pos_context"], d["neg_context"]])  # [2, 77, C]
-    ctx = backend.context(texts, Identity("oracle", d["ref_latents"]), d["mask"], guidance, "")
+    mask = backend.mask_from_host(d["mask"])
+    ctx = RequestContext(texts, Identity("oracle", d["ref_latents"]), mask, guidance, "")
     step = single_step(int(d[f"{case}/t"][0]), guidance)
     x = d[f"{case}/x"]
     e1 = rel_err(step_eps(backend, ctx, x, step), d[f"{case}/eps"])

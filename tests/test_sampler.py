@@ -16,6 +16,7 @@ from flashface_trt.models.settings import TorchSettings
 from flashface_trt.models.unet import unet_state
 from flashface_trt.models.weights import read_checkpoint
 from flashface_trt.runtime.errors import InputError
+from flashface_trt.runtime.sampling.batch import RequestContext
 from flashface_trt.runtime.sampling.guidance import STEP_COEFFICIENTS, guided_eps, step_update
 from flashface_trt.runtime.sampling.identities import Identity
 from flashface_trt.runtime.sampling.prepare import step_eps, step_x0, stepper
@@ -168,7 +169,8 @@ def oracle_request(oracle_dir, oracle_config, settings: TorchSettings | None = N
     d = np.load(oracle_dir / "unet_cases.npz")
     texts = torch.from_numpy(np.concatenate([d["pos_context"], d["neg_context"]]))  # [2, 77, C]
     ident = Identity("oracle", torch.from_numpy(d["ref_latents"]))
-    return backend, backend.context(texts, ident, d["mask"], oracle_guidance(oracle_config), ""), d
+    mask = backend.mask_from_host(d["mask"])
+    return backend, RequestContext(texts, ident, mask, oracle_guidance(oracle_config), ""), d
 
 
 @pytest.fixture(scope="module")

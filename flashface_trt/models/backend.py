@@ -11,12 +11,11 @@ import torch
 
 from ..runtime.backends.graphs import StepGraphs
 from ..runtime.faces.images import to_uint8
-from ..runtime.sampling.batch import BatchPlan, Member, RequestContext, plan_batch
-from ..runtime.sampling.identities import Identity, ReferenceKVCache
+from ..runtime.sampling.batch import BatchPlan, Member, plan_batch
+from ..runtime.sampling.identities import ReferenceKVCache
 from ..runtime.sampling.request import REFERENCE_SIZE
-from ..runtime.sampling.sampler import GuidanceParams
 from ..runtime.sampling.tokenizer import ClipTokenizer
-from .batched import step_members
+from .batched import KV, reference_kv, step_members
 from .config import LATENT_SCALE, ModelConfig
 from .settings import TorchSettings
 from .static_step import StaticSteps, TorchCapture
@@ -58,7 +57,8 @@ class TorchBackend:
         self.models = models
         self.device = models.device
         self.dtype = models.dtype
-        self.ref_size = models.ref_size
+        self.ref_size, self.tokenizer = models.ref_size, models.tokenizer
+        self.precision = "fp16" if self.dtype == torch.float16 else "fp32"
         self.kv_cache = ReferenceKVCache(settings.kv_cache_bytes)
         self.static = self.device.type == "cuda" if settings.static_loop is None else settings.static_loop
         capture = TorchCapture() if self.device.type == "cuda" else None
@@ -73,17 +73,9 @@ class TorchBackend:
             self.unet = cast(FlashFaceUNet, compiled)
         self.static_steps = StaticSteps(self.unet, self.kv_cache, self.graphs, settings.max_shapes)
 
-    def context(
-        self,
-        texts: torch.Tensor,
-        identity: Identity,
-        mask: np.ndarray,
-        guidance: GuidanceParams,
-        uncond_key: str,
-    ) -> RequestContext:
-        """What a request brings to every batched step: texts [2, 77, C], mask [h, w] (made [1, 1, h, w])."""
-        m = self.from_numpy(mask.astype(np.float32))[None, None].to(self.dtype)
-        return RequestContext(texts, identity, m, guidance, uncond_key)
+    def mask_from_host(self, mask: np.ndarray) -> torch.Tensor:
+        """A face mask [h, w] as the steps read it: [1, 1, h, w] in the model dtype."""
+        return self.from_numpy(mask.astype(np.float32))[None, None].to(self.dtype)
 
     @torch.inference_mode()
     def step(self, members: Sequence[Member]) -> list[torch.Tensor]:
@@ -93,17 +85,18 @@ class TorchBackend:
         return step_members(self.unet, members, plan_batch(members), self.kv_cache)[0]
 
     @torch.inference_mode()
+    def reference_kv(self, members: list[Member]) -> list[KV]:
+        """One ReferenceNet call for the groups of `members` (`batched.reference_kv`)."""
+        return reference_kv(self.models.unet, members)
+
+    def reference_groups(self, num_refs: int) -> int:
+        """Timesteps per prefetch ReferenceNet call: `prefetch_images` references in all (0: off)."""
+        return self.settings.prefetch_images // num_refs
+
+    @torch.inference_mode()
     def batch_eps(self, members: Sequence[Member], plan: BatchPlan) -> torch.Tensor:
         """Raw model output of every row of a batched step [B, 4, h, w], in float32 (the plain step's)."""
         return step_members(self.unet, members, plan, self.kv_cache)[1].float()
-
-    @property
-    def tokenizer(self) -> ClipTokenizer:
-        return self.models.tokenizer
-
-    @property
-    def precision(self) -> str:
-        return "fp16" if self.dtype == torch.float16 else "fp32"
 
     def from_numpy(self, x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(x)).to(self.device)

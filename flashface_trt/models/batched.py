@@ -1,8 +1,8 @@
 """One UNet call over several requests (`runtime.batch.plan_batch`), and its update, in PyTorch.
 
-The ReferenceNet runs once per step for every group whose K/V are not cached (batched over
-groups, each with its own timestep and negative prompt); cached groups skip it. A batch of one
-request computes exactly the single request's official 2-/3-way batch.
+A step runs the ReferenceNet once for the groups whose K/V are not cached (batched over groups, each
+with its own timestep and negative prompt; `prepare.prefetch_kv` fills the cache on admission). A
+batch of one request computes exactly the single request's official 2-/3-way batch.
 """
 
 from __future__ import annotations
@@ -20,17 +20,18 @@ from .unet_blocks import RefInputs, SharedRows
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 
 
+def reference_kv(unet: FlashFaceUNet, ms: list[Member]) -> list[KV]:
+    """One ReferenceNet call for the groups of `ms` (one member each): each group's K/V [1, R*L, C]."""
+    lat = torch.cat([m.ctx.identity.latents for m in ms])  # [G*R, 4, hr, wr], group after group
+    t = torch.tensor([m.step.t for m in ms], device=lat.device, dtype=torch.long)  # [G]
+    ctx = torch.cat([m.ctx.texts[1:2] for m in ms])  # [G, 77, C]: each group's negative prompt
+    fresh = unet.reference_kv(unet.reference_features(lat, t, ctx), len(ms))
+    return [[(k[g : g + 1].clone(), v[g : g + 1].clone()) for k, v in fresh] for g in range(len(ms))]
+
+
 def group_kv(unet: FlashFaceUNet, members: Sequence[Member], plan: BatchPlan, cache: ReferenceKVCache) -> KV:
     """Every group's reference K/V, stacked per layer as [G, R*L, C]: cached, or computed now."""
-
-    def compute(ms: list[Member]) -> list[KV]:
-        lat = torch.cat([m.ctx.identity.latents for m in ms])  # [G*R, 4, hr, wr], group after group
-        t = torch.tensor([m.step.t for m in ms], device=lat.device, dtype=torch.long)  # [G]
-        ctx = torch.cat([m.ctx.texts[1:2] for m in ms])  # [G, 77, C]: each group's negative prompt
-        fresh = unet.reference_kv(unet.reference_features(lat, t, ctx), len(ms))
-        return [[(k[g : g + 1].clone(), v[g : g + 1].clone()) for k, v in fresh] for g in range(len(ms))]
-
-    per_group: list[KV] = cached_kv(members, plan, cache, compute)  # [1, R*L, C] each
+    per_group: list[KV] = cached_kv(members, plan, cache, lambda ms: reference_kv(unet, ms))  # [1, R*L, C]
     if len(per_group) == 1:
         return per_group[0]
     return [

@@ -165,6 +165,12 @@ def tokens_per_reference(spec: NetworkSpec, name: str) -> int:
     return spec.axes[name].min if name.startswith(REF_TOKENS) else 0
 
 
+def groups_per_call(spec: NetworkSpec, num_refs: int, images: int) -> int:
+    """K/V groups one ReferenceNet call of `spec` takes at `num_refs` references and at most `images`
+    reference images: within its `groups` and `ref_images` ranges (an engine profile refuses more)."""
+    return min(spec.axes["groups"].max, spec.axes["ref_images"].max // num_refs, images // num_refs)
+
+
 def axis_range(name: str, shapes: ExportShapes, per_ref: int = 0) -> AxisRange:
     return axis(name).range(shapes, per_ref)
 

@@ -14,14 +14,14 @@ from typing import Any
 
 import numpy as np
 
+from ..artifacts.axes import groups_per_call
 from ..artifacts.exports import UNET_GRAPHS, export_specs, read_export, reference_size
 from ..artifacts.spec import NetworkSpec
 from ..errors import FlashFaceError, InputError, WeightsError
 from ..faces.ort_detector import OrtDetector
-from ..sampling.batch import BatchPlan, Member, RequestContext, cached_kv, plan_batch
+from ..sampling.batch import BatchPlan, Member, cached_kv, plan_batch
 from ..sampling.guidance import batched_update
-from ..sampling.identities import DEFAULT_KV_CACHE_BYTES, Identity, ReferenceKVCache
-from ..sampling.sampler import GuidanceParams
+from ..sampling.identities import DEFAULT_KV_CACHE_BYTES, DEFAULT_PREFETCH_IMAGES, ReferenceKVCache
 from ..sampling.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
@@ -38,14 +38,16 @@ class OrtSettings:
     """ONNX Runtime options.
 
     provider: 'cpu', 'cuda' (I/O binding: one group's reference K/V stay on the device between the
-    ReferenceNet and UNet sessions, unverified: `OrtBackend.group_kv`) or 'tensorrt' (ONNX Runtime's
+    ReferenceNet and UNet sessions, unverified: `OrtBackend.reference_kv`) or 'tensorrt' (ONNX Runtime's
     TensorRT provider, fp16, engine cache and profiles from the export's specs); threads: intra-op
-    threads (0 = ONNX Runtime's choice); kv_cache_bytes: budget of the reference K/V cache.
+    threads (0 = ONNX Runtime's choice); kv_cache_bytes: budget of the reference K/V cache;
+    prefetch_images: reference images per ReferenceNet call on admission (`prepare.prefetch_kv`; 0: off).
     """
 
     provider: str = "cpu"
     threads: int = 0
     kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES
+    prefetch_images: int = DEFAULT_PREFETCH_IMAGES
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDERS:
@@ -136,13 +138,10 @@ class OrtBackend:
             name: Session(self.root / nets[name]["file"], specs[name], self.settings, kv_names)
             for name in UNET_GRAPHS
         }
-        self._tokenizer = ClipTokenizer(self.root / self.manifest["vocab"])
+        self.tokenizer = ClipTokenizer(self.root / self.manifest["vocab"])
+        self.precision = str(self.manifest["precision"])
         self.kv_cache = ReferenceKVCache(self.settings.kv_cache_bytes)
         log.info("ONNX Runtime backend: %s (%s)", self.root, self.manifest["precision"])
-
-    @property
-    def tokenizer(self) -> ClipTokenizer:
-        return self._tokenizer
 
     def detector(self) -> OrtDetector:
         """The exported face detector, if the export has one."""
@@ -153,10 +152,6 @@ class OrtBackend:
             )
         return OrtDetector(self.root / entry["file"], PROVIDERS[self.settings.provider])
 
-    @property
-    def precision(self) -> str:
-        return str(self.manifest["precision"])
-
     def from_numpy(self, x: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(x, dtype=np.float32)
 
@@ -164,9 +159,7 @@ class OrtBackend:
         """A backend array (latents, images) as a float32 NumPy array."""
         return np.asarray(x, dtype=np.float32)
 
-    def latents_from_host(self, latents: np.ndarray) -> np.ndarray:
-        """Stored reference latents [R, 4, hr, wr] as the backend keeps them."""
-        return np.ascontiguousarray(latents, dtype=np.float32)
+    latents_from_host = from_numpy  # stored reference latents [R, 4, hr, wr] as the backend keeps them
 
     def encode_text(self, ids: np.ndarray) -> np.ndarray:
         """Token ids [P, 77] -> hidden states [P, 77, C]."""
@@ -176,37 +169,29 @@ class OrtBackend:
         """Crops [R, 3, S, S] in [-1, 1] -> scaled latents [R, 4, S/8, S/8]."""
         return self.sessions["vae_encoder"].run(images=images)["latents"]
 
-    def context(
-        self,
-        texts: np.ndarray,
-        identity: Identity,
-        mask: np.ndarray,
-        guidance: GuidanceParams,
-        uncond_key: str,
-    ) -> RequestContext:
-        """What a request brings to every batched step: texts [2, 77, C], mask [h, w] (made [1, 1, h, w])."""
-        return RequestContext(texts, identity, mask.astype(np.float32)[None, None], guidance, uncond_key)
+    def mask_from_host(self, mask: np.ndarray) -> np.ndarray:
+        """A face mask [h, w] as the steps read it: [1, 1, h, w] float32."""
+        return mask.astype(np.float32)[None, None]
+
+    def reference_kv(self, members: list[Member]) -> list[dict[str, Any]]:
+        """One ReferenceNet call for one member per K/V group: each group's K/V [1, R*L, C] by name (a GPU
+        provider keeps one group's on the device by I/O binding, unverified; several split on the host)."""
+        fresh = self.sessions["reference_net"].run(
+            ref_latents=np.concatenate([m.ctx.identity.latents for m in members]),
+            timestep=np.asarray([m.step.t for m in members], np.float32),
+            context=np.concatenate([m.ctx.texts[1:2] for m in members]),
+        )
+        if len(members) == 1:
+            return [fresh]
+        return [{name: _host(v)[g : g + 1].copy() for name, v in fresh.items()} for g in range(len(members))]
+
+    def reference_groups(self, num_refs: int) -> int:
+        """Timesteps per prefetch ReferenceNet call (`axes.groups_per_call`)."""
+        return groups_per_call(self.sessions["reference_net"].spec, num_refs, self.settings.prefetch_images)
 
     def group_kv(self, members: Sequence[Member], plan: BatchPlan) -> dict[str, Any]:
-        """Every group's reference K/V stacked per tensor [G, R*L, C]: cached, or one ReferenceNet call
-        for all the groups that are not (each with its own timestep and negative prompt).
-
-        On a GPU provider one group's K/V stay on the device from the ReferenceNet's output to the
-        UNet's input (I/O binding); several groups are split and stacked on the host. (onnxruntime-gpu
-        cannot be installed where this is tested: the device path is unverified.)
-        """
-
-        def compute(ms: list[Member]) -> list[dict[str, Any]]:
-            fresh = self.sessions["reference_net"].run(
-                ref_latents=np.concatenate([m.ctx.identity.latents for m in ms]),
-                timestep=np.asarray([m.step.t for m in ms], np.float32),
-                context=np.concatenate([m.ctx.texts[1:2] for m in ms]),
-            )
-            if len(ms) == 1:
-                return [fresh]  # [1, R*L, C] each, device OrtValues on a GPU provider
-            return [{name: _host(v)[g : g + 1].copy() for name, v in fresh.items()} for g in range(len(ms))]
-
-        groups = cached_kv(members, plan, self.kv_cache, compute)
+        """Every group's reference K/V stacked per tensor [G, R*L, C]: cached, or computed now."""
+        groups = cached_kv(members, plan, self.kv_cache, self.reference_kv)
         if len(groups) == 1:
             return groups[0]
         return {name: np.concatenate([_host(g[name]) for g in groups]) for name in groups[0]}

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ..artifacts.axes import LoopDims, io_shapes
+from ..artifacts.axes import LoopDims, groups_per_call, io_shapes
 from ..artifacts.engines import GpuIdentity, check_engine, tensorrt_version
 from ..artifacts.exports import reference_size
 from ..artifacts.spec import NetworkSpec
@@ -31,17 +31,14 @@ from ..errors import WeightsError
 from ..sampling.batch import (
     SHARED_ROWS,
     STEP_INPUTS,
-    BatchPlan,
     Member,
     PaddedPlan,
-    RequestContext,
     cached_kv,
     pad_plan,
     plan_batch,
 )
 from ..sampling.guidance import STEP_COEFFICIENTS
-from ..sampling.identities import DEFAULT_KV_CACHE_BYTES, Identity, ReferenceKVCache
-from ..sampling.sampler import GuidanceParams
+from ..sampling.identities import DEFAULT_KV_CACHE_BYTES, DEFAULT_PREFETCH_IMAGES, ReferenceKVCache
 from ..sampling.tokenizer import ClipTokenizer
 from .buffers import check_kv_wiring
 from .cuda import DeviceBuffer, Event, Stream, copy_device, copy_to_device, copy_to_host, device_info
@@ -80,6 +77,7 @@ class TrtBackend:
     """FlashFace on TensorRT engines from `flashface-trt build` (fp16, one stream, CUDA graphs)."""
 
     name = "tensorrt"
+    prefetch_images = DEFAULT_PREFETCH_IMAGES  # reference images per ReferenceNet call on admission (0: off)
 
     def __init__(
         self, engines_dir: str | Path, kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES, max_shapes: int = 8
@@ -108,20 +106,13 @@ class TrtBackend:
         # one activation memory for every engine: they run one after another on one stream
         self.memory = DeviceBuffer(max(e.memory_size for e in self.engines.values()))
         self.stream = Stream()
-        self._tokenizer = ClipTokenizer(self.root / self.manifest["vocab"])
+        self.tokenizer = ClipTokenizer(self.root / self.manifest["vocab"])
+        self.precision = str(self.manifest.get("precision", "fp16"))
         self.kv_cache = ReferenceKVCache(kv_cache_bytes)
         self.max_shapes = max_shapes
         self.states: OrderedDict[LoopDims, BatchState] = OrderedDict()
         self.graphs = StepGraphs(TrtCapture(self.stream), max_shapes)
         self.copied = Event()  # recorded after a step's copies from its staging buffers
-
-    @property
-    def tokenizer(self) -> ClipTokenizer:
-        return self._tokenizer
-
-    @property
-    def precision(self) -> str:
-        return str(self.manifest.get("precision", "fp16"))
 
     # ---------------------------------------------------------------- batched steps
 
@@ -142,11 +133,11 @@ class TrtBackend:
                 engine.contexts.pop(old, None)
         return st
 
-    def group_kv(self, members: Sequence[Member], plan: BatchPlan) -> list[dict[str, DeviceTensor]]:
-        """Every group's K/V ({name: [1, R*L, C]}): cached, or one ReferenceNet call for the rest."""
-        return cached_kv(members, plan, self.kv_cache, self._reference_kv)
+    def reference_groups(self, num_refs: int) -> int:
+        """Timesteps per prefetch ReferenceNet call (`axes.groups_per_call`)."""
+        return groups_per_call(self.specs["reference_net"], num_refs, self.prefetch_images)
 
-    def _reference_kv(self, ms: list[Member]) -> list[dict[str, DeviceTensor]]:
+    def reference_kv(self, ms: list[Member]) -> list[dict[str, DeviceTensor]]:
         """One ReferenceNet call for the groups of `ms` (one member each): each group's K/V."""
         first = ms[0].ctx.identity.latents
         r = first.shape[0]
@@ -183,7 +174,7 @@ class TrtBackend:
                 copy_to_device(_slot(b["x"], first), staged, self.stream)
             copy_device(_slot(b["masks"], i), m.ctx.mask.ptr, m.ctx.mask.nbytes, self.stream)
             copy_device(_slot(b["texts"], 2 * i), m.ctx.texts.ptr, m.ctx.texts.nbytes, self.stream)
-        for g, kv in enumerate(self.group_kv(members, plan)):
+        for g, kv in enumerate(cached_kv(members, plan, self.kv_cache, self.reference_kv)):  # [1, R*L, C]
             for name in st.kv_names:
                 copy_device(_slot(b[name], g), kv[name].ptr, kv[name].nbytes, self.stream)
         for name, values in padded.inputs().items():
@@ -272,19 +263,9 @@ class TrtBackend:
         """Crops [R, 3, S, S] -> scaled latents [R, 4, S/8, S/8], kept on the device."""
         return self._run_host("vae_encoder", LoopDims(1, 8, 8, len(images)), images=images)["latents"]
 
-    def context(
-        self,
-        texts: DeviceTensor,
-        identity: Identity,
-        mask: np.ndarray,
-        guidance: GuidanceParams,
-        uncond_key: str,
-    ) -> RequestContext:
-        """What a request brings to every batched step; its mask goes to the device once."""
-        m = DeviceTensor.empty((1, 1, *mask.shape), "float32")
-        copy_to_device(m.ptr, np.ascontiguousarray(mask[None, None], np.float32), self.stream)
-        self.stream.synchronize()
-        return RequestContext(texts, identity, m, guidance, uncond_key)
+    def mask_from_host(self, mask: np.ndarray) -> DeviceTensor:
+        """A face mask [h, w] as the steps read it: [1, 1, h, w] float32, on the device once."""
+        return self.upload(mask[None, None], "float32")
 
     def decode(self, z: np.ndarray | DeviceTensor) -> np.ndarray:
         """Latents [N, 4, h, w] (host or device) -> uint8 images [N, 8h, 8w, 3]."""

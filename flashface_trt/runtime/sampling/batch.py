@@ -22,7 +22,6 @@ import numpy as np
 from ..errors import InputError
 from .guidance import STEP_COEFFICIENTS
 from .identities import Identity, ReferenceKVCache, kv_key
-from .layout import COND, UNCOND, BatchLayout
 from .sampler import GuidanceParams, StepPlan
 
 
@@ -202,9 +201,6 @@ def cached_kv(members: Sequence[Member], plan: BatchPlan, cache: ReferenceKVCach
             cache.put(key, kv)
             found[key] = kv
     return [found[key] for key in plan.groups]
-
-
-__all__ = ["COND", "UNCOND", "BatchLayout", "BatchPlan", "Member", "cached_kv", "plan_batch"]
 
 
 def bucket(n: int) -> int:

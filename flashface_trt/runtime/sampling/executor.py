@@ -24,7 +24,7 @@ from ..errors import FlashFaceError
 from .batch import Member
 from .identities import Identity
 from .params import BATCH_ROWS
-from .prepare import Prepared, prepare
+from .prepare import Prepared, prefetch_kv, prepare
 from .request import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -151,9 +151,10 @@ class StepExecutor:
             self._start(task)
 
     def _start(self, task: Task) -> None:
-        """`prepare` a newly admitted request (its failures end only it)."""
+        """`prepare` a newly admitted request and prefetch its reference K/V (its failures end only it)."""
         try:
             task.prepared = p = prepare(self.backend, task.request, task.identity, task.timings)
+            prefetch_kv(self.backend, p)
             task.request, task.identity, task.x = p.request, p.ctx.identity, p.x
             task.timings["denoise"] = 0.0
         except Exception as exc:

@@ -21,6 +21,8 @@ from ..errors import InputError
 log = logging.getLogger(__name__)
 
 DEFAULT_KV_CACHE_BYTES = 2 << 30
+# reference images (timesteps x references) per prefetch ReferenceNet call: 16 timesteps of 4 faces
+DEFAULT_PREFETCH_IMAGES = 64
 ORT_ITEMSIZE = {"tensor(float16)": 2, "tensor(float)": 4, "tensor(int32)": 4, "tensor(uint8)": 1}
 
 
@@ -51,11 +53,11 @@ class Identity:
         return int(self.latents.shape[0])
 
 
-def _nbytes(value: Any) -> int:
+def nbytes(value: Any) -> int:
     if isinstance(value, dict):
-        return sum(_nbytes(v) for v in value.values())
+        return sum(nbytes(v) for v in value.values())
     if isinstance(value, (list, tuple)):
-        return sum(_nbytes(v) for v in value)
+        return sum(nbytes(v) for v in value)
     if hasattr(value, "nbytes"):  # NumPy arrays, torch tensors
         return int(value.nbytes)
     # an ONNX Runtime OrtValue on a device: element count x element size; `data_type()` names the
@@ -82,6 +84,9 @@ class ReferenceKVCache:
     def __len__(self) -> int:
         return len(self._items)
 
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._items
+
     def get(self, key: Hashable) -> Any | None:
         item = self._items.get(key)
         if item is None:
@@ -93,7 +98,7 @@ class ReferenceKVCache:
 
     def put(self, key: Hashable, value: Any) -> None:
         """Insert `value` (an array, or a list/tuple/dict of them); evict least recently used entries."""
-        size = _nbytes(value)
+        size = nbytes(value)
         if key in self._items:
             self.bytes -= self._items.pop(key)[1]
         if size > self.budget:
@@ -110,14 +115,8 @@ class ReferenceKVCache:
         self.bytes = 0
 
     def stats(self) -> dict[str, int]:
-        return {
-            "hits": self.hits,
-            "misses": self.misses,
-            "evictions": self.evictions,
-            "entries": len(self._items),
-            "bytes": self.bytes,
-            "budget": self.budget,
-        }
+        counts = {name: getattr(self, name) for name in ("hits", "misses", "evictions")}
+        return {**counts, "entries": len(self._items), "bytes": self.bytes, "budget": self.budget}
 
 
 def kv_key(identity: Identity, t: int, uncond_key: str) -> tuple:

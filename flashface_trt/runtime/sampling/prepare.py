@@ -1,8 +1,8 @@
 """One request's setup, written once for every path: validate, prompts, text, identity, mask, plan, noise.
 
-`prepare` is what the step-level executor does when it admits a request (`pipeline.generate` is a
-one-request executor); `step_eps` / `step_x0` probe one step of a prepared request through its
-backend's batched UNet call, for the parity tests and the benchmarks' numerics checks.
+`prepare` and `prefetch_kv` are what the step-level executor does when it admits a request
+(`pipeline.generate` is a one-request executor); `step_eps` / `step_x0` probe one step of a prepared
+request through its backend's batched UNet call, for the parity tests and the benchmarks' numerics checks.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from ..errors import InputError
 from ..faces.images import reference_array
 from .batch import Member, RequestContext, plan_batch
 from .guidance import guided_x0
-from .identities import Identity, array_key, identity_from_crops
+from .identities import Identity, ReferenceKVCache, array_key, identity_from_crops, nbytes
 from .request import REFERENCE_SIZE, GenerationRequest, face_mask, full_prompts, initial_noise, pad_references
-from .sampler import GuidanceParams, StepPlan, plan
+from .sampler import StepPlan, plan
 from .tokenizer import Truncation
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ class Backend(Protocol):
 
     name: str
     ref_size: int  # the side of the square reference crops its networks take (official: 224)
+    kv_cache: ReferenceKVCache
 
     @property
     def tokenizer(self) -> Tokenizer: ...
@@ -61,11 +62,14 @@ class Backend(Protocol):
     def encode_references(self, images: np.ndarray) -> Any:
         """Crops [R, 3, S, S] in [-1, 1] -> scaled latents [R, 4, S/8, S/8]."""
 
-    def context(
-        self, texts: Any, identity: Identity, mask: np.ndarray, guidance: GuidanceParams, uncond_key: str
-    ) -> RequestContext:
-        """What a request brings to every batched step (texts [2, 77, C], mask [h, w]); reference K/V
-        are cached per (identity, timestep, `uncond_key` = the negative prompt's ids, reference size)."""
+    def mask_from_host(self, mask: np.ndarray) -> Any:
+        """A face mask [h, w] as the steps read it ([1, 1, h, w] on the backend)."""
+
+    def reference_kv(self, members: list[Member]) -> list[Any]:
+        """One ReferenceNet call for one member per K/V group: each group's K/V [1, R*L, C] per layer."""
+
+    def reference_groups(self, num_refs: int) -> int:
+        """Timesteps per prefetch ReferenceNet call (graph range, memory bound `prefetch_images`; 0: off)."""
 
     def step(self, members: Sequence[Member]) -> list[Any]:
         """One batched step over several requests (`runtime.batch`): every member's next x."""
@@ -106,15 +110,9 @@ def warn_truncated(tokenizer: Tokenizer, positive: str, negative: str) -> None:
     ):
         cut = tokenizer.truncation(text)
         if cut is not None:
-            log.warning(
-                "the %s is longer than CLIP's 75 tokens: %d tokens dropped from its end, where %s is "
-                "appended (dropped: %r); the model reads: %r",
-                what,
-                cut.dropped,
-                appended,
-                _short(cut.lost),
-                cut.kept,
-            )
+            message = "the %s is longer than CLIP's 75 tokens: %d tokens dropped from its end, where %s is "
+            log.warning(message + "appended (dropped: %r); the model reads: %r", what, cut.dropped, appended,
+                        _short(cut.lost), cut.kept)
 
 
 @dataclass(frozen=True)
@@ -150,7 +148,8 @@ def prepare(
     if not isinstance(identity, Identity):
         identity = register_identity(backend, identity)
     mask = face_mask(req.face_bbox, req.height, req.width)  # [H/8, W/8]
-    ctx = backend.context(texts, identity, mask, req.guidance, array_key(ids[1]))
+    # reference K/V are cached per (identity, timestep, negative prompt's ids, reference size)
+    ctx = RequestContext(texts, identity, backend.mask_from_host(mask), req.guidance, array_key(ids[1]))
     steps = plan(req.steps, req.guidance)
     x = backend.from_numpy(initial_noise(req.seed, req.num_samples, req.height, req.width))
     if timings is not None:
@@ -165,6 +164,27 @@ def prepare(
         req.height,
     )
     return Prepared(req, ctx, steps, x)
+
+
+def prefetch_kv(backend: Backend, prepared: Prepared) -> int:
+    """Every step's reference K/V of `prepared` not cached yet, into the backend's cache with
+    `backend.reference_groups` timesteps per ReferenceNet call (issue 23, item 3: saves launches, not
+    FLOPs); returns the calls made. It stops before the request's K/V exceed the cache budget (more
+    would evict the first steps' own): those steps compute theirs when they run (`batch.cached_kv`)."""
+    ctx, cache = prepared.ctx, backend.kv_cache
+    per_call = backend.reference_groups(ctx.identity.num_refs)
+    distinct = {m.kv_key: m for m in (Member(ctx, prepared.x, s) for s in prepared.steps)}  # in step order
+    todo, room, calls = [m for key, m in distinct.items() if key not in cache], cache.budget, 0
+    while todo and per_call > 0:
+        chunk, todo, calls = todo[:per_call], todo[per_call:], calls + 1
+        for m, kv in zip(chunk, backend.reference_kv(chunk), strict=True):
+            room -= nbytes(kv)
+            if room < 0:
+                return calls
+            cache.put(m.kv_key, kv)
+            cache.misses += 1  # computed, as a step's lookup would have counted it
+        todo = todo[: room // nbytes(kv)]  # what the budget holds of the rest
+    return calls
 
 
 def stepper(backend: Backend, ctx: RequestContext) -> Callable[[Any, StepPlan], Any]:
