@@ -2,7 +2,7 @@
 
 An engine profile gives every input a (min, opt, max) shape. The export spec already names each
 dynamic axis; a build may ask for other ranges (more samples, other sizes, more references), so
-the axes are recomputed from the build's `ExportShapes` through the axis table (`runtime.axes`),
+the axes are recomputed from the build's `ExportShapes` through the axis table (`runtime.artifacts.axes`),
 which says what each axis means.
 """
 

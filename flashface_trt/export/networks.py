@@ -77,7 +77,7 @@ class ReferenceNetGraph(nn.Module):
 
 
 class UNetGraph(nn.Module):
-    """The UNet over a batched step's rows, gathered from the requests' tensors (`runtime.batch`)."""
+    """The UNet over a batched step's rows, gathered from the requests' tensors (`runtime.sampling.batch`)."""
 
     def __init__(self, models: TorchModels):
         super().__init__()
@@ -99,7 +99,7 @@ class UNetGraph(nn.Module):
 
 class StepGraph(nn.Module):
     """Guidance + CFG rescale + x0 + DDIM update of every sample of a batched step
-    (`runtime.guidance.batched_update`, what the plain step runs too)."""
+    (`runtime.sampling.guidance.batched_update`, what the plain step runs too)."""
 
     def forward(
         self, x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, guide: torch.Tensor
@@ -133,8 +133,8 @@ def reference_layer_shapes(models: TorchModels, ref_size: int = REFERENCE_SIZE) 
 def network_specs(
     models: TorchModels, shapes: ExportShapes, cuts: tuple[str, ...] = EXPORT_CUTS
 ) -> dict[str, NetworkSpec]:
-    """The spec of every exported network for these models, shape ranges (axes from `runtime.axes`) and
-    UNet cuts (the shared-row arrays they take)."""
+    """The spec of every exported network for these models, shape ranges (axes from
+    `runtime.artifacts.axes`) and UNet cuts (the shared-row arrays they take)."""
     cfg = models.config
     kv_dtype = "float16" if models.dtype == torch.float16 else "float32"
     ctx, z, lat_ref = cfg.unet.context_dim, cfg.vae.z_dim, shapes.ref_size // cfg.vae_factor

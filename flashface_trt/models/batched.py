@@ -1,4 +1,4 @@
-"""One UNet call over several requests (`runtime.batch.plan_batch`), and its update, in PyTorch.
+"""One UNet call over several requests (`runtime.sampling.batch.plan_batch`), and its update, in PyTorch.
 
 A step runs the ReferenceNet once for the groups whose K/V are not cached (batched over groups, each
 with its own timestep and negative prompt; `prepare.prefetch_kv` fills the cache on admission). A

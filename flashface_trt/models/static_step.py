@@ -1,6 +1,6 @@
 """The PyTorch batched step over static buffers, replayed as a CUDA graph on a GPU.
 
-Every batch is padded to power-of-two buckets (`runtime.batch.pad_plan`): reference rows, other
+Every batch is padded to power-of-two buckets (`runtime.sampling.batch.pad_plan`): reference rows, other
 rows, samples, K/V groups, requests. One set of static tensors per bucket holds what a step reads:
 every sample's x, the requests' prompt embeddings and masks, the plan's index arrays, per-row
 timesteps and λ, per-sample coefficient rows and every group's reference K/V. They are refilled

@@ -50,7 +50,7 @@ class LoopDims:
 
     @classmethod
     def of(cls, key: tuple[int, int, int, int, int], latent_h: int, latent_w: int, num_refs: int) -> LoopDims:
-        """A padded batch (`runtime.batch.PaddedPlan.key`: ref rows, other rows, samples, groups, members)."""
+        """A padded batch (`PaddedPlan.key`: ref rows, other rows, samples, groups, members)."""
         ref_b, rest_b, s_b, g_b, m_b = key
         return cls(s_b, latent_h, latent_w, num_refs, ref_b + rest_b, ref_b, m_b, g_b)
 

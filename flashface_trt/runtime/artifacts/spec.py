@@ -144,7 +144,7 @@ class ExportShapes:
     per side (multiples of 8); opt_height/opt_width: the typical output size; max_refs: reference
     faces (the demo pads to 4); opt_refs/opt_samples: typical values; ref_size: reference crop side;
     max_requests: requests sharing one batched step (step-level batching; batched axes are
-    padded to powers of two, see `runtime.batch.pad_plan`).
+    padded to powers of two, see `runtime.sampling.batch.pad_plan`).
     """
 
     max_samples: int = 4

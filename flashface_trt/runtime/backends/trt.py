@@ -1,9 +1,9 @@
 """The TensorRT backend: engines on one stream, shared activation memory, CUDA-graphed batched steps.
 
-A step is one body over static device buffers of a padded batch (`runtime.batch.pad_plan`): the
+A step is one body over static device buffers of a padded batch (`runtime.sampling.batch.pad_plan`): the
 UNet engine gathers every row from the requests' latents, masks and prompt embeddings (the plan's
 index arrays), attends each reference row to its group's K/V, and the update engine (`step`, the
-exported `runtime.guidance.batched_update`) moves every sample to its next step; each request's
+exported `runtime.sampling.guidance.batched_update`) moves every sample to its next step; each request's
 x_next is copied from there into its own buffer. Before the body runs, the batch's values
 (latents, masks, texts, each group's K/V; the host index arrays, per-row timesteps and λ and
 per-sample coefficients through pinned staging buffers) are copied into the static buffers, so

@@ -72,7 +72,7 @@ class Backend(Protocol):
         """Timesteps per prefetch ReferenceNet call (graph range, memory bound `prefetch_images`; 0: off)."""
 
     def step(self, members: Sequence[Member]) -> list[Any]:
-        """One batched step over several requests (`runtime.batch`): every member's next x."""
+        """One batched step over several requests (`runtime.sampling.batch`): every member's next x."""
 
     def decode(self, z: Any) -> np.ndarray:
         """Scaled latents [N, 4, h, w] -> uint8 images [N, H, W, 3]."""
