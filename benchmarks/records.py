@@ -23,11 +23,14 @@ def cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
-def git_commit() -> str:
-    """The short commit the benchmark ran at ('unknown' outside a checkout)."""
+def git_commit(repo: Path | str = ".") -> str:
+    """The short commit of a checkout (default: the benchmark's own; 'unknown' outside a checkout)."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+            ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
         return out.stdout.strip() or "unknown"
     except OSError:

@@ -335,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if official:
         record["official_implementation_runs"] = official["runs"]
+        record["official_commit"] = git_commit(args.official_src)
 
     def rates_line(sp: dict) -> str:
         text = f"loop {sp['loop']:.2f}x (cached identity {sp['loop_cached_identity']:.2f}x)"
