@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import time
 
+import numpy as np
 import pytest
 
 # found, not imported: importing Ray Serve takes 2 s in every test process; the cluster fixture imports it
@@ -16,7 +17,7 @@ if importlib.util.find_spec("ray") is None:
     pytest.skip("ray is not installed (the `ray` extra)", allow_module_level=True)
 pytest.importorskip("fastapi")
 
-from .serving import KEYS, generation, register, service, wait_job  # noqa: E402
+from .serving import KEYS, generation, pixels, register, service, wait_job  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -94,7 +95,7 @@ def test_identity_affinity_keeps_the_kv_cache_hits(ray_api, tmp_path):
 
 def test_a_killed_replica_loses_no_job(ray_api, tmp_path):
     """Kill a replica under a load of mixed jobs: every accepted job ends; the succeeded ones are
-    byte for byte the single-node service's images."""
+    the single-node service's images (up to one 8-bit level)."""
     import ray
 
     c = ray_api.client(KEYS[0])
@@ -123,7 +124,10 @@ def test_a_killed_replica_loses_no_job(ray_api, tmp_path):
             r = wait_job(
                 s, s.post("/v1/generations", json={**bodies[i], "identity": local[i % 3]}).json()["id"]
             )
-            assert s.get(r["images"][0]).content == png, i
+            diff = np.abs(pixels(s.get(r["images"][0]).content).astype(int) - pixels(png))
+            # float32 sums of other batches (reference K/V computed with other timesteps, rows of
+            # other requests): the images a request gets alone, up to one 8-bit level
+            assert diff.max() <= 1 and (diff > 0).mean() < 0.01, i
     _wait_replicas(c, 2)
 
 
