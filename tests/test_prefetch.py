@@ -119,3 +119,8 @@ def test_onnx_runtime_prefetch_within_the_group_axis(tiny_export):
     assert calls_on == [4, 3] and len(calls_on) == math.ceil(REQUEST.steps / chunk)
     assert calls_off == [1] * REQUEST.steps
     assert rel_err(z_on, z_off) <= BOUND
+    # a GPU provider prefetches one timestep a call: its K/V then stay whole on the device
+    on.settings = OrtSettings(provider="cuda")
+    assert on.reference_groups(4) == 1
+    on.settings = OrtSettings(provider="cuda", prefetch_images=0)
+    assert on.reference_groups(4) == 0

@@ -186,7 +186,10 @@ class OrtBackend:
         return [{name: _host(v)[g : g + 1].copy() for name, v in fresh.items()} for g in range(len(members))]
 
     def reference_groups(self, num_refs: int) -> int:
-        """Timesteps per prefetch ReferenceNet call (`axes.groups_per_call`)."""
+        """Timesteps per prefetch ReferenceNet call (`axes.groups_per_call`); one on a GPU provider, whose
+        outputs stay on the device only whole (ONNX Runtime's Python API cannot split them there)."""
+        if self.settings.provider != "cpu":
+            return min(1, self.settings.prefetch_images)
         return groups_per_call(self.sessions["reference_net"].spec, num_refs, self.settings.prefetch_images)
 
     def group_kv(self, members: Sequence[Member], plan: BatchPlan) -> dict[str, Any]:
