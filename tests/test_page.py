@@ -46,6 +46,8 @@ FLAGS = (
 KEY = "page-key"
 STEPS, SEED, SAMPLES = 3, 11, 2
 PROMPT = "a woman in a garden"
+CONTROLS = ("num_samples", "width", "height", "steps", "seed", "recipe")
+CONTROLS += ("text_guidance", "face_guidance", "ref_strength", "ref_strength_before", "step_to_launch")
 
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
@@ -155,8 +157,7 @@ def _check_controls(d) -> None:
     """Every control's range, step and default are the request schema's; guidance follows the recipe."""
     controls = d.find_elements("css selector", "[data-param]")
     names = {c.get_attribute("data-param") for c in controls}
-    assert {"num_samples", "width", "height", "steps", "seed", "recipe", "text_guidance", "face_guidance",
-            "ref_strength", "step_to_launch", "guide_rescale"} <= names, names
+    assert set(CONTROLS) <= names, names
     for c in controls:
         p = PARAMS[c.get_attribute("data-param")]
         _shown(c, 20, 10)
@@ -261,7 +262,9 @@ def test_page_registers_generates_and_shows_progress_and_images(browser, tmp_pat
         _wait(d, lambda d: viewer.is_displayed())
         assert _shown(big, 1.5 * small["width"])["width"] > small["width"]
         assert big.get_attribute("src") == figures[0].find_element("tag name", "img").get_attribute("src")
-        assert d.find_element("id", "big-download").get_attribute("download") == f"flashface-{job['id']}-0.png"
+        assert (
+            d.find_element("id", "big-download").get_attribute("download") == f"flashface-{job['id']}-0.png"
+        )
         _screenshot(d, tmp_path / "page-enlarged.png")
         d.find_element("id", "close").click()
         _wait(d, lambda d: not viewer.is_displayed())
@@ -293,7 +296,75 @@ def test_page_registers_generates_and_shows_progress_and_images(browser, tmp_pat
         d.find_element("css selector", "#identities li button.delete").click()
         _wait(d, lambda d: _listed(d) == [])
         assert client.get(f"/v1/identities/{ident['id']}").status_code == 404
-        assert d.find_element("id", "identity").text == "" and not d.find_element("id", "generate").is_enabled()
+        assert (
+            d.find_element("id", "identity").text == "" and not d.find_element("id", "generate").is_enabled()
+        )
         d.refresh()
         _wait(d, lambda d: "No identities" in d.find_element("id", "identities-note").text)
         assert d.find_element("id", "identity").text == ""
+
+
+def _click(driver, selector: str) -> None:
+    """Click the shown element (found again where the page re-rendered it meanwhile)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    def attempt(d) -> bool:
+        try:
+            el = d.find_element("css selector", selector)
+            _shown(el)
+            el.click()
+            return True
+        except StaleElementReferenceException:
+            return False
+
+    _wait(driver, attempt, 10)
+
+
+def test_page_lists_newest_first_remembers_the_choice_and_cancels(browser, tmp_path, one_torch_thread):
+    # one job at a time (a 3-row batch): a second one waits in the queue
+    with service(tmp_path / "data", api_keys=(KEY,), max_queue=4, max_batch_rows=3) as api:
+        client = api.client(KEY)
+        older, newer = register(client, 1), register(client, 2)
+        d = browser
+        d.get(api.url + "/")
+        _type(d, "key", KEY)
+        d.find_element("id", "refresh").click()  # the key's change event lists its identities and jobs
+        _wait(d, lambda d: len(_listed(d)) == 2)
+        assert _listed(d) == [(newer["id"], False), (older["id"], False)]  # newest first, none chosen
+        assert not d.find_element("id", "generate").is_enabled()
+        _click(d, f'#identities input[value="{older["id"]}"]')
+        assert _listed(d) == [(newer["id"], False), (older["id"], True)]
+        d.refresh()
+        _wait(d, lambda d: (older["id"], True) in _listed(d))
+        assert (
+            d.find_element("id", "identity").text
+            == f"identity {older['id']} ({older['num_refs']} references)"
+        )
+
+        # a running and a queued job of this key (submitted elsewhere) are listed, and cancelled from here
+        body = generation(older["id"], steps=1000)
+        running = client.post("/v1/generations", json=body).json()
+        wait_state(client, running["id"], "running")
+        queued = client.post("/v1/generations", json=body).json()
+        assert queued["state"] == "queued"
+        d.find_element("id", "refresh").click()
+        listed = {running["id"]: ("running", ["cancel-job"]), queued["id"]: ("queued", ["cancel-job"])}
+        _wait(d, lambda d: _history(d) == listed)
+        for j in (queued, running):
+            _click(d, f'#history tr[data-job="{j["id"]}"] button.cancel-job')
+            assert wait_state(client, j["id"], "cancelled")["step"] < 1000
+            _wait(d, lambda d, j=j: _history(d)[j["id"]] == ("cancelled", []))
+
+        # the page's own job: Cancel stops it while it runs
+        _type(d, "steps", "1000")
+        d.find_element("id", "generate").click()
+        _wait(d, lambda d: _status(d)[0].startswith("Step ") and len(_history(d)) == 3)
+        (mine,) = set(_history(d)) - {running["id"], queued["id"]}
+        _click(d, "#cancel")
+        _wait(d, lambda d: _status(d)[0].startswith("cancelled"))
+        assert wait_state(client, mine, "cancelled")["step"] < 1000
+        _wait(d, lambda d: _history(d)[mine] == ("cancelled", []))
+        assert (
+            d.find_element("id", "generate").is_enabled() and not d.find_element("id", "cancel").is_enabled()
+        )
+        _screenshot(d, tmp_path / "page-cancelled.png")

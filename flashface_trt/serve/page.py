@@ -13,8 +13,14 @@ from ..runtime.sampling.params import RECIPES, REQUEST_PARAMS, REQUIRED
 
 SCHEMA = {
     "params": {
-        p.name: {"lo": p.lo, "hi": p.hi, "default": None if p.default is REQUIRED else p.default,
-                 "step": p.multiple_of if p.kind == "int" else "any", "choices": list(p.choices), "help": p.help}
+        p.name: {
+            "lo": p.lo,
+            "hi": p.hi,
+            "default": None if p.default is REQUIRED else p.default,
+            "step": p.multiple_of if p.kind == "int" else "any",
+            "choices": list(p.choices),
+            "help": p.help,
+        }
         for p in REQUEST_PARAMS
     },
     "recipes": {name: asdict(recipe.guidance) for name, recipe in RECIPES.items()},
