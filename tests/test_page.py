@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 from pathlib import Path
 
 import numpy as np
@@ -122,11 +123,16 @@ def _type(driver, element_id: str, text: str) -> None:
     el.send_keys(text)
 
 
-def _shown(el, min_width: float = 1.0, min_height: float = 1.0) -> dict:
-    """`el` is displayed with a box at least this large; its box."""
-    box = el.rect
-    assert el.is_displayed() and box["width"] >= min_width and box["height"] >= min_height, (el, box)
-    return box
+def _shown(el, min_width: float = 1.0, min_height: float = 1.0, timeout: float = 10.0) -> dict:
+    """`el` is displayed with a box at least this large within `timeout` (an image has its height
+    once loaded); its box."""
+    end = time.monotonic() + timeout
+    while True:
+        box = el.rect
+        if el.is_displayed() and box["width"] >= min_width and box["height"] >= min_height:
+            return box
+        assert time.monotonic() < end, (el.get_attribute("outerHTML")[:200], el.is_displayed(), box)
+        time.sleep(0.05)
 
 
 def _listed(driver) -> list[tuple[str, bool]]:
