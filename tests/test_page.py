@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,17 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("selenium", reason="selenium is not installed (pip install -e '.[test]')")
 
-from .serving import SIZE, face_png, generation, register, service, wait_job  # noqa: E402
+from flashface_trt.runtime.sampling.params import PARAMS, RECIPES  # noqa: E402
+
+from .serving import (  # noqa: E402
+    SIZE,
+    face_png,
+    generation,
+    register,
+    service,
+    wait_job,
+    wait_state,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -36,6 +47,8 @@ FLAGS = (
 KEY = "page-key"
 STEPS, SEED, SAMPLES = 3, 11, 2
 PROMPT = "a woman in a garden"
+CONTROLS = ("num_samples", "width", "height", "steps", "seed", "recipe")
+CONTROLS += ("text_guidance", "face_guidance", "ref_strength", "ref_strength_before", "step_to_launch")
 
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
@@ -86,6 +99,7 @@ def browser(tmp_path):
     options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
     driver = webdriver.Chrome(service=DriverService(executable_path=str(CHROMEDRIVER)), options=options)
     driver.set_script_timeout(60)
+    driver.set_window_size(1280, 1400)
     try:
         yield driver
     finally:
@@ -109,6 +123,67 @@ def _type(driver, element_id: str, text: str) -> None:
     el.send_keys(text)
 
 
+def _shown(el, min_width: float = 1.0, min_height: float = 1.0, timeout: float = 10.0) -> dict:
+    """`el` is displayed with a box at least this large within `timeout` (an image has its height
+    once loaded); its box."""
+    end = time.monotonic() + timeout
+    while True:
+        box = el.rect
+        if el.is_displayed() and box["width"] >= min_width and box["height"] >= min_height:
+            return box
+        assert time.monotonic() < end, (el.get_attribute("outerHTML")[:200], el.is_displayed(), box)
+        time.sleep(0.05)
+
+
+def _listed(driver) -> list[tuple[str, bool]]:
+    """The identity list: (id, chosen) per row, as shown (read at once: the page re-renders it)."""
+    rows = driver.execute_script(
+        "return [...document.querySelectorAll('#identities li input')].map((r) => [r.value, r.checked])"
+    )
+    return [tuple(r) for r in rows]
+
+
+def _history(driver) -> dict[str, tuple[str, list[str]]]:
+    """The job history: job id -> (state shown, its buttons' classes), read at once."""
+    rows = driver.execute_script(
+        "return [...document.querySelectorAll('#history tr')].map((r) => [r.dataset.job, "
+        "r.cells[1].textContent, [...r.querySelectorAll('button')].map((b) => b.className)])"
+    )
+    return {job: (state, buttons) for job, state, buttons in rows}
+
+
+def _screenshot(driver, path: Path) -> None:
+    """A screenshot kept as the test's artifact (its path printed: `pytest -s` shows it)."""
+    driver.save_screenshot(str(path))
+    assert path.stat().st_size > 0
+    print(f"page screenshot: {path}")
+
+
+def _check_controls(d) -> None:
+    """Every control's range, step and default are the request schema's; guidance follows the recipe."""
+    controls = d.find_elements("css selector", "[data-param]")
+    names = {c.get_attribute("data-param") for c in controls}
+    assert set(CONTROLS) <= names, names
+    for c in controls:
+        p = PARAMS[c.get_attribute("data-param")]
+        _shown(c, 20, 10)
+        if c.get_attribute("type") == "number":
+            assert (float(c.get_attribute("min")), float(c.get_attribute("max"))) == (p.lo, p.hi), p.name
+            step = c.get_attribute("step")
+            assert step == (str(p.multiple_of) if p.kind == "int" else "any"), (p.name, step)
+            if p.default is not None:
+                assert float(c.get_attribute("value")) == p.default, p.name
+            elif p.name in ("height", "width"):
+                assert c.get_attribute("value") == "", p.name  # the service's size
+    options = [o.get_attribute("value") for o in d.find_elements("css selector", "#recipe option")]
+    assert options == list(RECIPES)
+    recipe = d.find_element("id", "recipe")
+    for name in (*RECIPES, options[0]):
+        d.execute_script("arguments[0].value = arguments[1]; arguments[0].onchange()", recipe, name)
+        for field, value in vars(RECIPES[name].guidance).items():
+            assert float(d.find_element("id", field).get_attribute("value")) == value, (name, field)
+
+
 def test_page_registers_generates_and_shows_progress_and_images(browser, tmp_path, one_torch_thread):
     face = tmp_path / "face3.png"
     face.write_bytes(face_png(3))
@@ -116,6 +191,7 @@ def test_page_registers_generates_and_shows_progress_and_images(browser, tmp_pat
         d = browser
         d.get(api.url + "/")
         assert d.title == "FlashFace-TRT"
+        _check_controls(d)
         generate = d.find_element("id", "generate")
         assert not generate.is_enabled()
 
@@ -177,6 +253,35 @@ def test_page_registers_generates_and_shows_progress_and_images(browser, tmp_pat
             expected = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
             assert np.array_equal(rgba[..., :3], expected)
 
+        # shown large (the 64-px images fill a column), each with a download link to its own bytes
+        figures = d.find_elements("css selector", "#images figure")
+        assert len(figures) == SAMPLES
+        for k, figure in enumerate(figures):
+            img, link = figure.find_element("tag name", "img"), figure.find_element("link text", "Download")
+            small = _shown(img, 256, 256)
+            _shown(link)
+            assert link.get_attribute("href") == img.get_attribute("src")
+            assert link.get_attribute("download") == f"flashface-{job['id']}-{k}.png"
+        # enlarged on click, with its download link; closed again
+        figures[0].find_element("tag name", "img").click()
+        viewer, big = d.find_element("id", "viewer"), d.find_element("id", "big")
+        _wait(d, lambda d: viewer.is_displayed())
+        assert _shown(big, 1.5 * small["width"])["width"] > small["width"]
+        assert big.get_attribute("src") == figures[0].find_element("tag name", "img").get_attribute("src")
+        assert (
+            d.find_element("id", "big-download").get_attribute("download") == f"flashface-{job['id']}-0.png"
+        )
+        _screenshot(d, tmp_path / "page-enlarged.png")
+        d.find_element("id", "close").click()
+        _wait(d, lambda d: not viewer.is_displayed())
+
+        # the identity list shows the registered identity, chosen; the history lists the job, ended
+        assert _listed(d) == [(ident["id"], True)]
+        _wait(d, lambda d: _history(d).get(job["id"], ("",))[0] == "succeeded")
+        assert _history(d) == {job["id"]: ("succeeded", ["show"])}
+        _shown(d.find_element("id", "history"))
+        _screenshot(d, tmp_path / "page.png")
+
         # the page sent the prompt, steps, seed and samples it shows: the API, asked the same, agrees
         body = generation(ident["id"], prompt=PROMPT, negative_prompt="", steps=STEPS, seed=SEED)
         again = wait_job(
@@ -185,3 +290,87 @@ def test_page_registers_generates_and_shows_progress_and_images(browser, tmp_pat
         assert [client.get(u).content for u in again["images"]] == [
             client.get(u).content for u in job["images"]
         ]
+
+        # a reload remembers the key and the identity; the history lists both jobs
+        d.refresh()
+        _wait(d, lambda d: d.find_element("id", "identity").text == shown)
+        assert d.find_element("id", "key").get_attribute("value") == KEY
+        assert _listed(d) == [(ident["id"], True)] and d.find_element("id", "generate").is_enabled()
+        _wait(d, lambda d: set(_history(d)) == {job["id"], again["id"]})
+
+        # deleting removes it from the list and from the service; nothing is chosen then
+        d.find_element("css selector", "#identities li button.delete").click()
+        _wait(d, lambda d: _listed(d) == [])
+        assert client.get(f"/v1/identities/{ident['id']}").status_code == 404
+        assert (
+            d.find_element("id", "identity").text == "" and not d.find_element("id", "generate").is_enabled()
+        )
+        d.refresh()
+        _wait(d, lambda d: "No identities" in d.find_element("id", "identities-note").text)
+        assert d.find_element("id", "identity").text == ""
+
+
+def _click(driver, selector: str) -> None:
+    """Click the shown element (found again where the page re-rendered it meanwhile)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    def attempt(d) -> bool:
+        try:
+            el = d.find_element("css selector", selector)
+            _shown(el)
+            el.click()
+            return True
+        except StaleElementReferenceException:
+            return False
+
+    _wait(driver, attempt, 10)
+
+
+def test_page_lists_newest_first_remembers_the_choice_and_cancels(browser, tmp_path, one_torch_thread):
+    # one job at a time (a 3-row batch): a second one waits in the queue
+    with service(tmp_path / "data", api_keys=(KEY,), max_queue=4, max_batch_rows=3) as api:
+        client = api.client(KEY)
+        older, newer = register(client, 1), register(client, 2)
+        d = browser
+        d.get(api.url + "/")
+        _type(d, "key", KEY)
+        d.find_element("id", "refresh").click()  # the key's change event lists its identities and jobs
+        _wait(d, lambda d: len(_listed(d)) == 2)
+        assert _listed(d) == [(newer["id"], False), (older["id"], False)]  # newest first, none chosen
+        assert not d.find_element("id", "generate").is_enabled()
+        _click(d, f'#identities input[value="{older["id"]}"]')
+        assert _listed(d) == [(newer["id"], False), (older["id"], True)]
+        d.refresh()
+        _wait(d, lambda d: (older["id"], True) in _listed(d))
+        assert (
+            d.find_element("id", "identity").text
+            == f"identity {older['id']} ({older['num_refs']} references)"
+        )
+
+        # a running and a queued job of this key (submitted elsewhere) are listed, and cancelled from here
+        body = generation(older["id"], steps=1000)
+        running = client.post("/v1/generations", json=body).json()
+        wait_state(client, running["id"], "running")
+        queued = client.post("/v1/generations", json=body).json()
+        assert queued["state"] == "queued"
+        d.find_element("id", "refresh").click()
+        listed = {running["id"]: ("running", ["cancel-job"]), queued["id"]: ("queued", ["cancel-job"])}
+        _wait(d, lambda d: _history(d) == listed)
+        for j in (queued, running):
+            _click(d, f'#history tr[data-job="{j["id"]}"] button.cancel-job')
+            assert wait_state(client, j["id"], "cancelled")["step"] < 1000
+            _wait(d, lambda d, j=j: _history(d)[j["id"]] == ("cancelled", []))
+
+        # the page's own job: Cancel stops it while it runs
+        _type(d, "steps", "1000")
+        d.find_element("id", "generate").click()
+        _wait(d, lambda d: _status(d)[0].startswith("Step ") and len(_history(d)) == 3)
+        (mine,) = set(_history(d)) - {running["id"], queued["id"]}
+        _click(d, "#cancel")
+        _wait(d, lambda d: _status(d)[0].startswith("cancelled"))
+        assert wait_state(client, mine, "cancelled")["step"] < 1000
+        _wait(d, lambda d: _history(d)[mine] == ("cancelled", []))
+        assert (
+            d.find_element("id", "generate").is_enabled() and not d.find_element("id", "cancel").is_enabled()
+        )
+        _screenshot(d, tmp_path / "page-cancelled.png")

@@ -119,10 +119,16 @@ def test_identities_belong_to_their_key(api):
     assert b.delete(f"/v1/generations/{job['id']}").status_code == 404
     assert wait_job(a, job["id"])["state"] == "succeeded"
     assert b.get(f"/v1/generations/{job['id']}/images/0").status_code == 404
-    assert register(b, 5)["id"] != ident["id"]  # the same photos under another key: its own identity
+    theirs = register(b, 5)
+    assert theirs["id"] != ident["id"]  # the same photos under another key: its own identity
+    # each key lists its own identities (the records GET /v1/identities/{id} gives), no other key's
+    listed = [c.get("/v1/identities").json()["identities"] for c in (a, b)]
+    assert ident in listed[0] and theirs not in listed[0], listed
+    assert theirs in listed[1] and ident not in listed[1], listed
     assert b.delete(f"/v1/identities/{ident['id']}").status_code == 404
     assert a.delete(f"/v1/identities/{ident['id']}").status_code == 204
     assert a.get(f"/v1/identities/{ident['id']}").status_code == 404
+    assert ident not in a.get("/v1/identities").json()["identities"]
 
 
 def test_cancel_queue_priority_and_429(api):

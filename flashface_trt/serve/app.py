@@ -207,6 +207,11 @@ def create_app(service: API) -> FastAPI:
         uploads = [(p.filename or "", await p.read()) for p in photos]
         return await run_in_threadpool(service.register, who, uploads, cropped, largest_face)
 
+    @app.get("/v1/identities")
+    async def list_identities(who: str = Depends(owner)) -> dict:
+        """The caller's identities, newest first."""
+        return await run_in_threadpool(service.identities, who)
+
     @app.get("/v1/identities/{identity}")
     async def get_identity(identity: str, who: str = Depends(owner)) -> dict:
         return await run_in_threadpool(service.identity_record, who, identity)

@@ -105,6 +105,9 @@ class RayAPI:
     def delete_identity(self, owner: str, identity: str) -> None:
         self.store.delete(identity, owner)
 
+    def identities(self, owner: str) -> dict[str, Any]:
+        return {"identities": self.store.listed(owner)}
+
     # ---------------------------------------------------------------- jobs
 
     def default_size(self) -> tuple[int, int]:

@@ -50,6 +50,8 @@ class API(Protocol):
 
     def identity_record(self, owner: str, identity: str) -> dict[str, Any]: ...
 
+    def identities(self, owner: str) -> dict[str, Any]: ...
+
     def delete_identity(self, owner: str, identity: str) -> None: ...
 
     def submit_record(self, owner: str, body: dict[str, Any]) -> dict[str, Any]: ...
@@ -160,6 +162,9 @@ class Service:
 
     def delete_identity(self, owner: str, identity: str) -> None:
         self.store.delete(identity, owner)
+
+    def identities(self, owner: str) -> dict[str, Any]:
+        return {"identities": self.store.listed(owner)}
 
     # ---------------------------------------------------------------- jobs
 

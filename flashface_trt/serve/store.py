@@ -104,6 +104,17 @@ class IdentityStore:
             raise NotFound(f"no identity {identity!r}")
         return item
 
+    def listed(self, owner: str) -> list[dict[str, Any]]:
+        """`owner`'s identities' public records, newest first (also those other processes stored)."""
+        dated = []
+        for meta in self.root.glob("*/meta.json"):
+            item = self.get(meta.parent.name, owner)
+            try:
+                dated += [] if item is None else [(meta.stat().st_mtime, item.id, item.public())]
+            except FileNotFoundError:  # deleted meanwhile
+                continue
+        return [record for *_, record in sorted(dated, key=lambda d: d[:2], reverse=True)]
+
     def put(
         self, owner: str, crops: np.ndarray, latents: np.ndarray, faces: list[dict], encoder: str
     ) -> StoredIdentity:
