@@ -154,6 +154,8 @@ def test_errors_in_openais_shape_and_status(api):
     with pytest.raises(openai.BadRequestError) as e:  # photos and an identity: which face?
         client.images.edit(image=FACES, prompt="a man", extra_body={"identity": ident})
     assert e.value.body["param"] == "image"
+    raw = api.client(KEYS[0]).post("/v1/images/generations", content=b"{not json")
+    assert raw.status_code == 400 and raw.json()["error"]["type"] == "invalid_request_error"
     anon = api.client().get("/v1/generations")  # our own routes keep their own error shape
     assert anon.status_code == 401 and isinstance(anon.json()["error"], str)
 

@@ -1,8 +1,7 @@
 """OpenAI's images API (https://platform.openai.com/docs/api-reference/images) over the same service:
 requests map onto the one request schema and go through `API.register` / `API.submit_record`; errors
-on these paths only take OpenAI's shape `{"error": {"message", "type", "param", "code"}}` and codes."""
-
-from __future__ import annotations
+on these paths only take OpenAI's shape `{"error": {"message", "type", "param", "code"}}` and codes.
+No `from __future__ import annotations`: Ray Serve re-reads the closures' annotations in its replicas."""
 
 import base64
 import hashlib
