@@ -24,6 +24,7 @@ from ..runtime.faces.images import ImageTooLarge
 from ..runtime.sampling.params import PARAMS, REQUEST_PARAMS, REQUIRED, Param
 from .config import owner_of
 from .jobs import QueueFull
+from .openai_api import openai_router
 from .page import PAGE
 from .service import API, NotFound, PayloadTooLarge, Unavailable
 
@@ -280,4 +281,5 @@ def create_app(service: API) -> FastAPI:
             stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
 
+    app.include_router(openai_router(service, owner))  # OpenAI's images API (its own error shape)
     return app
