@@ -27,8 +27,11 @@ class WeightsError(FlashFaceError):
 
 
 class InputError(FlashFaceError, ValueError):
-    """A user-supplied parameter, image or prompt is out of range or malformed; `field` names it."""
+    """A user-supplied parameter, image or prompt is out of range or malformed; `field` names it.
 
-    def __init__(self, message: str, field: str | None = None) -> None:
+    `option`: a parameter the message names by its API name as a remedy; the CLI spells it as its flag.
+    """
+
+    def __init__(self, message: str, field: str | None = None, option: str | None = None) -> None:
         super().__init__(message)
-        self.field = field
+        self.field, self.option = field, option
