@@ -10,10 +10,10 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import __version__
 from . import commands as cmd
 from .commands.checks import cli_message
 from .models.config import CUTS, EXPORT_CUTS
@@ -284,7 +284,8 @@ def _add_engines(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashface-trt", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--verbose", action="store_true", help="log debug messages")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    version = f"%(prog)s {metadata.version('flashface-trt')}"
+    parser.add_argument("--version", action="version", version=version, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(sub)
     _add_detect(sub)

@@ -27,11 +27,8 @@ class WeightsError(FlashFaceError):
 
 
 class InputError(FlashFaceError, ValueError):
-    """A user-supplied parameter, image or prompt is out of range or malformed; `field` names it.
-
-    `option`: a parameter the message names by its API name as a remedy; the CLI spells it as its flag.
-    """
+    """A user-supplied parameter, image or prompt is out of range or malformed; `field` names it."""
 
     def __init__(self, message: str, field: str | None = None, option: str | None = None) -> None:
         super().__init__(message)
-        self.field, self.option = field, option
+        self.field, self.option = field, option  # option: a remedy the message names (the CLI: its flag)

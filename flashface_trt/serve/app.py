@@ -107,8 +107,7 @@ class Head:
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http" or scope.get("method") != "HEAD":
-            await self.app(scope, receive, send)
-            return
+            return await self.app(scope, receive, send)
         ended = False
 
         async def headers_only(message: dict) -> None:
@@ -192,8 +191,8 @@ def create_app(service: API) -> FastAPI:
     async def _framework(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
         where = f"{request.method} {request.url.path[:200]}"
-        message = {404: f"no route {where}", 405: f"method not allowed: {where}"}
-        return _error(exc.status_code, message.get(exc.status_code, str(exc.detail)), None, exc.headers)
+        message = {404: f"no route {where}", 405: f"method not allowed: {where}"}.get(exc.status_code)
+        return _error(exc.status_code, message or str(exc.detail), None, dict(exc.headers or {}))
 
     @app.exception_handler(FlashFaceError)
     async def _flashface(request: Request, exc: Exception) -> JSONResponse:
@@ -319,7 +318,6 @@ def create_app(service: API) -> FastAPI:
 
     @app.get("/v1/generations/{job_id}/images/{k}")
     async def image(job_id: str, k: str, who: str = Depends(owner)) -> FileResponse:
-        """Image k (0, 1, ...: a plain decimal index) of a succeeded job."""
         if not re.fullmatch(r"[0-9]{1,6}", k):
             raise NotFound(f"no image {k[:64]!r}: the index is 0, 1, ...")
         path = await run_in_threadpool(service.image, who, _known(job_id, "generation"), int(k))

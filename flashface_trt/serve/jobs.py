@@ -105,7 +105,7 @@ class JobBook:
         self.seq = 0
         self.finished_order: list[str] = []
         self.mean_job_s = 5.0  # running mean of job durations (Retry-After estimates)
-        self.watchers: dict[str, set[Callable[[], None]]] = {}  # job id -> wake-ups of async waiters
+        self.watchers: dict[str, set[Callable[[], object]]] = {}  # job id -> wake-ups of async waiters
         if recover:
             self._recover()
 

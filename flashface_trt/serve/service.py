@@ -222,9 +222,7 @@ class Service:
     def image(self, owner: str, job_id: str, k: int) -> Path:
         return self.book.records.image(self.job(owner, job_id), k)
 
-    async def next_events(
-        self, owner: str, job_id: str, seen: int, timeout: float
-    ) -> tuple[list[dict[str, Any]], bool]:
+    async def next_events(self, owner: str, job_id: str, seen: int, timeout: float) -> tuple[list, bool]:
         """`progress`, awaited up to `timeout` s for a new event or the end: the book wakes this
         coroutine on each step and at the end (no thread held, no polling)."""
         loop = asyncio.get_running_loop()
