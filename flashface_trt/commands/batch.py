@@ -5,9 +5,8 @@ Each object's keys are `generate` options by name (the schema's `GENERATE_PARAMS
 `recipe`, `steps`, `seed`, ...) plus `face` (a photo or a list of photos) and `out` (the output
 image); a key a line leaves out takes the command line's value. One rule for paths: relative ones
 resolve against the batch file's directory, as does `<--out stem>_<line><suffix>`, the output of
-a line without `out`. Every line
-is checked (keys, values, ranges, photos, outputs) before anything loads; photo sets shared by
-several lines are detected and encoded once.
+a line without `out`. Every line is checked (keys, values, ranges, photos, outputs) before anything
+loads; photo sets shared by several lines are detected and encoded once.
 """
 
 from __future__ import annotations
