@@ -10,10 +10,12 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from . import commands as cmd
+from .commands.checks import cli_message
 from .models.config import CUTS, EXPORT_CUTS
 from .models.settings import TORCH_PRESETS
 from .runtime.errors import FlashFaceError
@@ -186,7 +188,8 @@ def _add_generate(sub) -> None:
         type=Path,
         metavar="JSONL",
         help="many requests in one call, run together step by step: one JSON object of generate options "
-        "per line (prompt, face, seed, steps, out, ...; missing keys take these flags' values)",
+        "per line (prompt, face, seed, steps, out, ...; missing keys take these flags' values); relative "
+        "paths resolve against the file's directory, as does a line's default output <--out stem>_<line>",
     )
     _add_params(gen, [BATCH_ROWS], {"max_batch_rows": " with --batch-file"})
 
@@ -281,6 +284,8 @@ def _add_engines(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashface-trt", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--verbose", action="store_true", help="log debug messages")
+    version = f"%(prog)s {metadata.version('flashface-trt')}"
+    parser.add_argument("--version", action="version", version=version, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(sub)
     _add_detect(sub)
@@ -340,8 +345,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return cmd.run(args)
     except FlashFaceError as exc:
-        print(f"flashface-trt: error: {exc}", file=sys.stderr)
+        print(f"flashface-trt: error: {cli_message(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("flashface-trt: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -380,7 +380,7 @@ def test_several_faces_need_largest_face(tmp_path, tiny_run):
     synthetic_face(240, seed=3).save(photo)
     ((boxes, _),) = detect_faces([Image.open(photo).convert("RGB")], tiny_run)
     assert len(boxes) > 1  # random weights find many 'faces'
-    with pytest.raises(InputError, match=rf"{len(boxes)} faces found in 'group.png'.*--largest-face"):
+    with pytest.raises(InputError, match=rf"{len(boxes)} faces found in 'group.png'.*use largest_face"):
         load_references([photo], tiny_run)
     (ref,) = load_references([photo], tiny_run, largest=True)
     areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from flashface_trt.commands.checks import cli_message
 from flashface_trt.runtime.errors import InputError
 from flashface_trt.runtime.faces.crop import box_problem, crop_face, eye_angle, select_face
 from flashface_trt.runtime.faces.images import DEFAULT_MAX_PIXELS, load_image, reference_array
@@ -178,7 +179,8 @@ def test_select_face_several() -> None:
     boxes, lms = _faces([[0, 0, 10, 10, 0.9], [0, 0, 20, 20, 0.7], [5, 5, 25, 25, 0.8]])
     with pytest.raises(InputError) as e:
         select_face(boxes, lms, "x.jpg", largest=False)
-    assert str(e.value) == "3 faces found in 'x.jpg'; crop it or pass --largest-face"
+    assert str(e.value) == "3 faces found in 'x.jpg'; crop it or use largest_face"  # the API's field
+    assert cli_message(e.value) == "3 faces found in 'x.jpg'; crop it or use --largest-face"  # the CLI's flag
     assert select_face(boxes, lms, "x.jpg", largest=True) == 2  # areas 100, 400, 400: tie -> score 0.8
     boxes[2, 4] = 0.6
     assert select_face(boxes, lms, "x.jpg", largest=True) == 1

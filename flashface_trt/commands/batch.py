@@ -3,10 +3,10 @@
 The file holds one JSON object per line (blank lines and lines starting with `#` are skipped).
 Each object's keys are `generate` options by name (the schema's `GENERATE_PARAMS`: `prompt`,
 `recipe`, `steps`, `seed`, ...) plus `face` (a photo or a list of photos) and `out` (the output
-image); a key a line leaves out takes the command line's value. Relative paths are read from
-the batch file's directory. A line without `out` writes `<--out stem>_<line><suffix>`. Every line
-is checked (keys, values, ranges, photos, outputs) before anything loads; photo sets shared by
-several lines are detected and encoded once.
+image); a key a line leaves out takes the command line's value. One rule for paths: relative ones
+resolve against the batch file's directory, as does `<--out stem>_<line><suffix>`, the output of
+a line without `out`. Every line is checked (keys, values, ranges, photos, outputs) before anything
+loads; photo sets shared by several lines are detected and encoded once.
 """
 
 from __future__ import annotations
@@ -92,9 +92,10 @@ def read_batch_file(
             raise InputError(f"{where}: unknown keys {unknown}; known: {list(KEYS)}", unknown[0])
         values = {k: _value(where, k, v, base) for k, v in entry.items()}
         ns = argparse.Namespace(**{**vars(args), **values})
-        if not ns.prompt:
-            raise InputError(f"{where}: no prompt (give 'prompt' on the line or --prompt)", "prompt")
-        out = values.get("out", args.out.with_name(f"{args.out.stem}_{number}{args.out.suffix}"))
+        if not ns.prompt or not ns.prompt.strip():
+            what = "the prompt is empty" if isinstance(ns.prompt, str) else "no prompt"
+            raise InputError(f"{where}: {what} (give 'prompt' on the line or --prompt)", "prompt")
+        out = values.get("out", base / args.out.with_name(f"{args.out.stem}_{number}{args.out.suffix}"))
         try:
             request = make_request(ns, size)
             paths = image_paths(out, request.num_samples)
@@ -112,6 +113,14 @@ def read_batch_file(
     if not lines:
         raise InputError(f"--batch-file {str(path)!r} holds no requests", "batch_file")
     return lines
+
+
+def on_line(args: argparse.Namespace, number: int, fn: Callable[..., Any], *given: Any) -> Any:
+    """`fn(*given)`, its InputError naming the batch file's line."""
+    try:
+        return fn(*given)
+    except InputError as exc:
+        raise InputError(f"{args.batch_file}:{number}: {exc}", exc.field, exc.option) from exc
 
 
 def run_batch(

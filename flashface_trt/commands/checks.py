@@ -13,6 +13,13 @@ from ..runtime.sampling.params import BATCH_ROWS
 
 log = logging.getLogger("flashface_trt")
 
+
+def cli_message(exc: BaseException) -> str:
+    """An error as the CLI says it: the remedy an InputError names by its API field, as the flag."""
+    option = getattr(exc, "option", None)
+    return str(exc).replace(option, "--" + option.replace("_", "-")) if option else str(exc)
+
+
 def check_weights_dir(path: Path, flag: str = "--weights") -> None:
     """`path` (given as `flag`) is an existing directory."""
     if not path.is_dir():

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..backends import require_onnxruntime, require_torch, torch_detector
 from ..runtime.errors import FlashFaceError
-from .checks import check_count, check_weights_dir
+from .checks import check_count, check_weights_dir, cli_message
 
 
 def _detector(args: argparse.Namespace):
@@ -52,7 +52,7 @@ def detect(args: argparse.Namespace) -> int:
         if len(boxes) > args.show:
             print(f"  ... {len(boxes) - args.show} more")
         if isinstance(ref, InputError):
-            print(f"  refused: {ref}")
+            print(f"  refused: {cli_message(ref)}")
             refused += 1
             continue
         args.out_dir.mkdir(parents=True, exist_ok=True)  # only once there is a crop to write

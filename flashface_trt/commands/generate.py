@@ -80,7 +80,7 @@ def _read_photos(args: argparse.Namespace, paths: Sequence[Path]) -> list[Image.
 def _generate_batch(args: argparse.Namespace, manifest: dict | None, size: tuple[int, int]) -> int:
     """`generate --batch-file`: every line checked first, then all run by the step-level executor."""
     from ..runtime.sampling.pipeline import register_identity
-    from .batch import read_batch_file, run_batch
+    from .batch import on_line, read_batch_file, run_batch
 
     lines = read_batch_file(args, size, request_from)
     for line in lines:
@@ -91,12 +91,15 @@ def _generate_batch(args: argparse.Namespace, manifest: dict | None, size: tuple
                 _check_ranges(args, manifest, line.request, max(len(line.faces), 1))
             except InputError as exc:
                 raise InputError(f"{args.batch_file}:{line.number}: {exc}", exc.field) from exc
-    sets = dict.fromkeys(line.faces for line in lines)  # each photo set decoded once
-    photos = {faces: _read_photos(args, faces) for faces in sets}
+    first: dict[tuple[Path, ...], int] = {}  # each photo set read once; errors name its first line
+    for line in lines:
+        first.setdefault(line.faces, line.number)
+    photos = {faces: on_line(args, n, _read_photos, args, faces) for faces, n in first.items()}
     backend, detector = load_backend(args)
 
     def identity_of(paths: tuple[Path, ...]):
-        return register_identity(backend, _crops(args, photos[paths], detector, paths))
+        crops = on_line(args, first[paths], _crops, args, photos[paths], detector, paths)
+        return register_identity(backend, crops)
 
     return run_batch(args, backend, lines, identity_of)
 
@@ -112,6 +115,8 @@ def generate(args: argparse.Namespace) -> int:
         check_weights_dir(args.weights)
     manifest = _manifest(args)
     size = _default_size(args, manifest)
+    if args.prompt is not None and not args.prompt.strip():
+        raise InputError(f"--prompt {args.prompt!r} is empty: say what to draw", "prompt")
     if args.batch_file:
         return _generate_batch(args, manifest, size)
     if not args.prompt:

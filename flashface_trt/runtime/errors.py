@@ -29,6 +29,6 @@ class WeightsError(FlashFaceError):
 class InputError(FlashFaceError, ValueError):
     """A user-supplied parameter, image or prompt is out of range or malformed; `field` names it."""
 
-    def __init__(self, message: str, field: str | None = None) -> None:
+    def __init__(self, message: str, field: str | None = None, option: str | None = None) -> None:
         super().__init__(message)
-        self.field = field
+        self.field, self.option = field, option  # option: a remedy the message names (the CLI: its flag)

@@ -1,7 +1,8 @@
 """The HTTP API of `flashface-trt serve` (FastAPI; OpenAPI at /docs): routes, auth, errors, limits.
 
 Every route calls a `Service` method; the model itself only ever runs on the service's worker
-thread, so no route blocks on it (the few that wait, do so in a thread pool).
+thread, so no route blocks on it; `?wait=true` and event streams await the job book's wake-ups (no
+thread held, no polling). Every error is `{"error": message, "field": name or absent}`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import asyncio
 import hmac
 import json
 import logging
+import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
@@ -18,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ConfigDict, Field, create_model
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from ..runtime.errors import FlashFaceError, InputError
 from ..runtime.faces.images import ImageTooLarge
@@ -26,7 +30,8 @@ from .config import owner_of
 from .jobs import QueueFull
 from .openai_api import openai_router
 from .page import PAGE
-from .service import API, NotFound, PayloadTooLarge, Unavailable
+from .records import ID
+from .service import API, NotFound, PayloadTooLarge, Service, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +100,35 @@ class BodyLimit:
         await self.app(scope, buffered, send)
 
 
+class Head:
+    """ASGI middleware: HEAD runs the GET route and sends its status and headers, no body."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope.get("method") != "HEAD":
+            return await self.app(scope, receive, send)
+        ended = False
+
+        async def headers_only(message: dict) -> None:
+            nonlocal ended
+            if message["type"] == "http.response.start":
+                await send(message)
+            elif not ended:  # the rest of a stream is dropped; uvicorn then reports a disconnect
+                ended = True
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+
+def _known(value: str, what: str) -> str:
+    """A job or identity id from a path, or NotFound (404) for what cannot be one (%00, 300 chars, ..)."""
+    if not ID.fullmatch(value):
+        raise NotFound(f"no {what} {value[:64]!r}")
+    return value
+
+
 class Unauthorized(FlashFaceError):
     """No or an unknown API key."""
 
@@ -109,6 +143,8 @@ def create_app(service: API) -> FastAPI:
         version="1",
     )
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
+    app.add_middleware(Head)
+    streams: dict[str, int] = {}  # open event streams and waits per owner
 
     def owner(request: Request) -> str:
         """The caller's owner id from `Authorization: Bearer <key>` (everyone is 'public' without keys)."""
@@ -152,6 +188,13 @@ def create_app(service: API) -> FastAPI:
     async def _too_large(request: Request, exc: Exception) -> JSONResponse:
         return _error(413, str(exc))
 
+    @app.exception_handler(HTTPException)
+    async def _framework(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, HTTPException)
+        where = f"{request.method} {request.url.path[:200]}"
+        message = {404: f"no route {where}", 405: f"method not allowed: {where}"}.get(exc.status_code)
+        return _error(exc.status_code, message or str(exc.detail), None, dict(exc.headers or {}))
+
     @app.exception_handler(FlashFaceError)
     async def _flashface(request: Request, exc: Exception) -> JSONResponse:
         return _error(422, str(exc))
@@ -160,6 +203,8 @@ def create_app(service: API) -> FastAPI:
     async def _invalid(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            return _error(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}")
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
         field = ".".join(loc) or None
         message = f"{field or 'request'}: {first.get('msg', 'invalid request')}"
@@ -167,6 +212,24 @@ def create_app(service: API) -> FastAPI:
             value, rule = first.get("input"), PARAMS[field].describe()
             message = f"{field}={value!r} must be {rule} ({first.get('msg')})"
         return _error(422, message, field)
+
+    def open_stream(who: str) -> None:
+        """Count one of the caller's open streams and waits; QueueFull (429) beyond `max_streams`."""
+        n, cap = streams.get(who, 0), settings.max_streams
+        if n >= cap:
+            raise QueueFull(f"{n} event streams and waits are open for this key (limit {cap})", 5)
+        streams[who] = n + 1
+
+    async def next_events(who: str, job_id: str, seen: int, timeout: float) -> tuple[list[dict], bool]:
+        """A job's progress events after `seen` and whether it ended, awaited up to `timeout` s."""
+        if isinstance(service, Service):
+            return await service.next_events(who, job_id, seen, timeout)
+        end = time.monotonic() + timeout
+        while True:  # the Ray ingress: the shared records, read again every 0.05 s
+            events, done = await run_in_threadpool(service.progress, who, job_id, seen)
+            if events or done or time.monotonic() >= end:
+                return events, done
+            await asyncio.sleep(0.05)
 
     # ---------------------------------------------------------------- operations
 
@@ -215,11 +278,11 @@ def create_app(service: API) -> FastAPI:
 
     @app.get("/v1/identities/{identity}")
     async def get_identity(identity: str, who: str = Depends(owner)) -> dict:
-        return await run_in_threadpool(service.identity_record, who, identity)
+        return await run_in_threadpool(service.identity_record, who, _known(identity, "identity"))
 
     @app.delete("/v1/identities/{identity}", status_code=204)
     async def delete_identity(identity: str, who: str = Depends(owner)) -> Response:
-        await run_in_threadpool(service.delete_identity, who, identity)
+        await run_in_threadpool(service.delete_identity, who, _known(identity, "identity"))
         return Response(status_code=204)
 
     # ---------------------------------------------------------------- generations
@@ -231,12 +294,19 @@ def create_app(service: API) -> FastAPI:
         who: str = Depends(owner),
     ) -> JSONResponse:
         fields: dict[str, Any] = body.model_dump(exclude_none=True)  # type: ignore[attr-defined]
-        record = await run_in_threadpool(service.submit_record, who, fields)
-        if wait:
-            timeout = float(fields.get("timeout_s", settings.timeout_s)) + 5
-            record = await run_in_threadpool(service.wait, who, record["id"], timeout)
-            return JSONResponse(record, status_code=200)
-        return JSONResponse(record, status_code=202)
+        if not wait:
+            return JSONResponse(await run_in_threadpool(service.submit_record, who, fields), status_code=202)
+        open_stream(who)  # 429 before the job is accepted
+        end = time.monotonic() + float(fields.get("timeout_s", settings.timeout_s)) + 5
+        seen, done = 0, False
+        try:
+            record = await run_in_threadpool(service.submit_record, who, fields)
+            while not done and time.monotonic() < end:
+                events, done = await next_events(who, record["id"], seen, end - time.monotonic())
+                seen += len(events)
+        finally:
+            streams[who] -= 1
+        return JSONResponse(await run_in_threadpool(service.job, who, record["id"]), status_code=200)
 
     @app.get("/v1/generations")
     async def list_jobs(who: str = Depends(owner)) -> dict:
@@ -245,37 +315,40 @@ def create_app(service: API) -> FastAPI:
 
     @app.get("/v1/generations/{job_id}")
     async def get_job(job_id: str, who: str = Depends(owner)) -> dict:
-        return await run_in_threadpool(service.job, who, job_id)
+        return await run_in_threadpool(service.job, who, _known(job_id, "generation"))
 
     @app.delete("/v1/generations/{job_id}")
     async def cancel(job_id: str, who: str = Depends(owner)) -> dict:
         """Cancel: a queued job is removed; a running one stops at the next step boundary."""
-        return await run_in_threadpool(service.cancel, who, job_id)
+        return await run_in_threadpool(service.cancel, who, _known(job_id, "generation"))
 
     @app.get("/v1/generations/{job_id}/images/{k}")
-    async def image(job_id: str, k: int, who: str = Depends(owner)) -> FileResponse:
-        return FileResponse(await run_in_threadpool(service.image, who, job_id, k), media_type="image/png")
+    async def image(job_id: str, k: str, who: str = Depends(owner)) -> FileResponse:
+        if not re.fullmatch(r"[0-9]{1,6}", k):
+            raise NotFound(f"no image {k[:64]!r}: the index is 0, 1, ...")
+        path = await run_in_threadpool(service.image, who, _known(job_id, "generation"), int(k))
+        return FileResponse(path, media_type="image/png")
 
     @app.get("/v1/generations/{job_id}/events")
     async def events(job_id: str, who: str = Depends(owner)) -> StreamingResponse:
         """Server-sent events: one `progress` per step, then the final `state`."""
-        await run_in_threadpool(service.job, who, job_id)  # 404 before the stream starts
+        await run_in_threadpool(service.job, who, _known(job_id, "generation"))  # 404 before the stream
+        open_stream(who)  # 429 before the stream; closed when it ends
 
         async def stream() -> AsyncIterator[str]:
-            sent, idle = 0, 0.0
-            while True:
-                events, done = await run_in_threadpool(service.progress, who, job_id, sent)
-                for event in events:
-                    yield f"event: progress\ndata: {json.dumps(event)}\n\n"
-                sent += len(events)
-                if done:
-                    break
-                await asyncio.sleep(0.05)
-                idle = 0.0 if events else idle + 0.05
-                if idle >= 15:  # a comment keeps proxies from closing an idle stream
-                    yield ": keep-alive\n\n"
-                    idle = 0.0
-            yield f"event: state\ndata: {json.dumps(await run_in_threadpool(service.job, who, job_id))}\n\n"
+            sent, done = 0, False
+            try:
+                while not done:
+                    events, done = await next_events(who, job_id, sent, 15.0)
+                    for event in events:
+                        yield f"event: progress\ndata: {json.dumps(event)}\n\n"
+                    sent += len(events)
+                    if not events and not done:  # a comment keeps proxies from closing an idle stream
+                        yield ": keep-alive\n\n"
+                record = await run_in_threadpool(service.job, who, job_id)
+                yield f"event: state\ndata: {json.dumps(record)}\n\n"
+            finally:
+                streams[who] -= 1
 
         return StreamingResponse(
             stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}

@@ -25,6 +25,7 @@ SETTINGS = (
     Param("shutdown", "str", "on SIGTERM: finish or cancel jobs", default="finish", choices=SHUTDOWN_MODES),
     Param("drain_s", "float", "longest wait for jobs on SIGTERM, seconds", 0, None, 60.0),
     Param("max_jobs", "int", "finished job records kept", 1, None, 1000),
+    Param("max_streams", "int", "open event streams and ?wait=true requests per key before 429", 1, None, 16),
     BATCH_ROWS,
     Param("warmup_steps", "int", "steps of the warm-up generation before ready (0: none)", 0, 1000, 2),
 )
@@ -44,6 +45,7 @@ class ServeSettings:
         identities and jobs belong to the key that made them (others get 404).
     shutdown: on SIGTERM, 'finish' the queued and running jobs (up to `drain_s`) or 'cancel' them.
     max_jobs: finished job records kept (oldest dropped first, with their images).
+    max_streams: event streams and `?wait=true` requests one key may hold open at once (429 beyond).
     max_batch_rows: UNet rows of the running batch (3 per sample of a 3-way step): jobs of one
         size share each denoising step up to this many rows (step-level batching).
     warmup_steps: steps of one generation run before /readyz says ready (graph capture included;
@@ -61,6 +63,7 @@ class ServeSettings:
     shutdown: str = DEFAULTS["shutdown"]
     drain_s: float = DEFAULTS["drain_s"]
     max_jobs: int = DEFAULTS["max_jobs"]
+    max_streams: int = DEFAULTS["max_streams"]
     max_batch_rows: int = DEFAULTS["max_batch_rows"]
     warmup_steps: int = DEFAULTS["warmup_steps"]
 

@@ -8,11 +8,13 @@ unfinished at start-up (the process died) is recorded as failed with that reason
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +105,7 @@ class JobBook:
         self.seq = 0
         self.finished_order: list[str] = []
         self.mean_job_s = 5.0  # running mean of job durations (Retry-After estimates)
+        self.watchers: dict[str, set[Callable[[], object]]] = {}  # job id -> wake-ups of async waiters
         if recover:
             self._recover()
 
@@ -121,6 +124,27 @@ class JobBook:
         with self.lock:
             if job.state == State.RUNNING:
                 self._write(job)
+            self._notify(job)
+
+    @contextmanager
+    def watching(self, job_id: str) -> Iterator[asyncio.Event]:
+        """An event of the running loop, set (from any thread) on each step and on the end of a job."""
+        loop, changed = asyncio.get_running_loop(), asyncio.Event()
+        wake = lambda: loop.call_soon_threadsafe(changed.set)  # noqa: E731
+        with self.lock:
+            self.watchers.setdefault(job_id, set()).add(wake)
+        try:
+            yield changed
+        finally:
+            with self.lock:
+                self.watchers[job_id].discard(wake)
+                if not self.watchers[job_id]:
+                    del self.watchers[job_id]
+
+    def _notify(self, job: Job) -> None:
+        for wake in self.watchers.get(job.id, ()):
+            with suppress(RuntimeError):  # its loop has closed
+                wake()
 
     def _recover(self) -> None:
         """Records of earlier runs: finished ones stay readable, unfinished ones are failed now."""
@@ -212,6 +236,7 @@ class JobBook:
         self._write(job)
         self.finished_order.append(job.id)
         self._prune()
+        self._notify(job)
         self.lock.notify_all()
 
     def get(self, job_id: str) -> Job | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import threading
 import time
@@ -19,6 +20,7 @@ from ..runtime.sampling.executor import Stopped
 
 log = logging.getLogger(__name__)
 
+ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # job and identity ids (ours are hex); anything else is no id
 PRIVATE = ("owner", "request")  # stored with a job's record, never shown to its client
 
 # Ray's errors for a replica (actor, worker process or node) that went away, or a request still in a
@@ -100,8 +102,8 @@ class JobRecords:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def folder(self, job_id: str) -> Path:
-        if "/" in job_id or "\\" in job_id or job_id.startswith("."):
-            raise NotFound(f"no generation {job_id!r}")
+        if not ID.fullmatch(job_id):
+            raise NotFound(f"no generation {job_id[:64]!r}")
         return self.root / job_id
 
     def image_path(self, job_id: str, k: int) -> Path:

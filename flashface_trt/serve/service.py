@@ -7,6 +7,7 @@ one behaviour. Errors are typed: `NotFound` (404), `QueueFull` (429), `Unavailab
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -64,8 +65,6 @@ class API(Protocol):
 
     def image(self, owner: str, job_id: str, k: int) -> Path: ...
 
-    def wait(self, owner: str, job_id: str, timeout: float) -> dict[str, Any]: ...
-
     def progress(self, owner: str, job_id: str, seen: int) -> tuple[list[dict[str, Any]], bool]: ...
 
 
@@ -115,7 +114,7 @@ class Service:
             "backend": None if backend is None else self.worker.encoder,
             "load_error": None if self.worker.load_error is None else str(self.worker.load_error),
             "queued": self.book.queued,
-            "running": sorted(self.book.running),
+            "running": len(self.book.running),
             "identities": len(self.store),
         }
 
@@ -228,14 +227,21 @@ class Service:
     def image(self, owner: str, job_id: str, k: int) -> Path:
         return self.book.records.image(self.job(owner, job_id), k)
 
-    def wait(self, owner: str, job_id: str, timeout: float) -> dict[str, Any]:
-        """Block until the job ends (or `timeout`); its record."""
-        end = time.monotonic() + timeout
-        job = self.book.get(job_id)
-        with self.book.lock:
-            while job is not None and not job.done and time.monotonic() < end:
-                self.book.lock.wait(min(0.5, max(end - time.monotonic(), 0.0)))
-        return self.job(owner, job_id)
+    async def next_events(self, owner: str, job_id: str, seen: int, timeout: float) -> tuple[list, bool]:
+        """`progress`, awaited up to `timeout` s for a new event or the end: the book wakes this
+        coroutine on each step and at the end (no thread held, no polling)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        with self.book.watching(job_id) as changed:
+            while True:
+                changed.clear()
+                events, done = self.progress(owner, job_id, seen)
+                if events or done or loop.time() >= end:
+                    return events, done
+                try:
+                    await asyncio.wait_for(changed.wait(), end - loop.time())
+                except asyncio.TimeoutError:
+                    pass
 
     # ---------------------------------------------------------------- shutdown
 
@@ -276,6 +282,6 @@ def parse_job(
 
 
 def _safe_name(name: str | None, i: int) -> str:
-    """An upload's base name for messages and temporary files ('photo<i>' if it has none)."""
-    base = Path(name or "").name.replace("\x00", "")
+    """An upload's base name for messages and temporary files, cut to 100 bytes ('photo<i>' if none)."""
+    base = Path(name or "").name.replace("\x00", "").encode()[:100].decode(errors="ignore")
     return base if base and base not in (".", "..") else f"photo{i}"

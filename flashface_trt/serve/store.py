@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..runtime.sampling.identities import array_key
-from .records import NotFound
+from .records import ID, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class IdentityStore:
     def find(self, identity: str) -> StoredIdentity | None:
         """An identity of any owner (a replica loads what the ingress authorised); the directory is
         the truth, as other processes (replicas) may store or delete identities in it."""
-        if "/" in identity or "\\" in identity:
+        if not ID.fullmatch(identity):
             return None
         with self.lock:
             item = self.items.get(identity)
@@ -101,7 +101,7 @@ class IdentityStore:
         """`get`, or NotFound."""
         item = self.get(identity, owner)
         if item is None:
-            raise NotFound(f"no identity {identity!r}")
+            raise NotFound(f"no identity {identity[:64]!r}")
         return item
 
     def listed(self, owner: str) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import tempfile
 import threading
 import time
@@ -175,7 +176,11 @@ class Worker(threading.Thread):
                 path.write_bytes(data)
                 paths.append(path)
             detector = None if cropped else self._detector()
-            refs = load_references(paths, detector, largest, max_pixels)
+            try:
+                refs = load_references(paths, detector, largest, max_pixels)
+            except InputError as exc:  # the client's file names, not this server's temporary paths
+                exc.args = (re.sub(re.escape(tmp) + r"/\d+/", "", str(exc)),)
+                raise
         crops = prepare_references([r.crop for r in refs], self.backend.ref_size)  # [R, 3, S, S]
         known = self.store.get(identity_id(owner, crops), owner)
         if known is not None:  # the same crops again: nothing to encode

@@ -125,7 +125,8 @@ def select_face(boxes: ArrayLike, landmarks: ArrayLike, photo_name: str, largest
     if k == 1:
         return 0
     if not largest:
-        raise InputError(f"{k} faces found in {photo_name!r}; crop it or pass --largest-face")
+        fix = "largest_face"  # the API's field; the CLI shows its flag
+        raise InputError(f"{k} faces found in {photo_name!r}; crop it or use {fix}", None, fix)
     areas = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # [K]
     best = max(range(k), key=lambda i: (areas[i], b[i, 4], -i))
     log.info("%s: %d faces found, keeping the largest (#%d, area %.0f)", photo_name, k, best, areas[best])
