@@ -62,7 +62,9 @@ GET_ROUTES = (
     "/v1/generations/{j}",
     "/v1/generations/{j}/images/0",
     "/v1/generations/{j}/events",
+    "/v1/identities",
     "/v1/identities/{i}",
+    "/v1/models",
 )
 RAW_BODIES = (
     ("application/json", b"{"),
@@ -163,7 +165,7 @@ def test_head_answers_as_get_without_a_body(hunt, route):
 
 def test_unknown_routes_are_404_in_shape(hunt):
     _, a, _ = hunt
-    for path in ("/v2/generations", "/v1/generations/x/y/z", "/v1/identities"):
+    for path in ("/v2/generations", "/v1/generations/x/y/z", "/v1/identities/x/y"):
         r = a.get(path)
         assert r.status_code in (404, 405), r.text
         _shape(r)

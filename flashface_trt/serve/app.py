@@ -7,12 +7,10 @@ thread held, no polling). Every error is `{"error": message, "field": name or ab
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import logging
 import re
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
@@ -31,7 +29,7 @@ from .jobs import QueueFull
 from .openai_api import openai_router
 from .page import PAGE
 from .records import ID
-from .service import API, NotFound, PayloadTooLarge, Service, Unavailable
+from .service import API, NotFound, PayloadTooLarge, Unavailable, wait_end
 
 log = logging.getLogger(__name__)
 
@@ -220,17 +218,6 @@ def create_app(service: API) -> FastAPI:
             raise QueueFull(f"{n} event streams and waits are open for this key (limit {cap})", 5)
         streams[who] = n + 1
 
-    async def next_events(who: str, job_id: str, seen: int, timeout: float) -> tuple[list[dict], bool]:
-        """A job's progress events after `seen` and whether it ended, awaited up to `timeout` s."""
-        if isinstance(service, Service):
-            return await service.next_events(who, job_id, seen, timeout)
-        end = time.monotonic() + timeout
-        while True:  # the Ray ingress: the shared records, read again every 0.05 s
-            events, done = await run_in_threadpool(service.progress, who, job_id, seen)
-            if events or done or time.monotonic() >= end:
-                return events, done
-            await asyncio.sleep(0.05)
-
     # ---------------------------------------------------------------- operations
 
     @app.get("/healthz", include_in_schema=True)
@@ -297,13 +284,9 @@ def create_app(service: API) -> FastAPI:
         if not wait:
             return JSONResponse(await run_in_threadpool(service.submit_record, who, fields), status_code=202)
         open_stream(who)  # 429 before the job is accepted
-        end = time.monotonic() + float(fields.get("timeout_s", settings.timeout_s)) + 5
-        seen, done = 0, False
         try:
             record = await run_in_threadpool(service.submit_record, who, fields)
-            while not done and time.monotonic() < end:
-                events, done = await next_events(who, record["id"], seen, end - time.monotonic())
-                seen += len(events)
+            await wait_end(service, who, record["id"], float(fields.get("timeout_s", settings.timeout_s)) + 5)
         finally:
             streams[who] -= 1
         return JSONResponse(await run_in_threadpool(service.job, who, record["id"]), status_code=200)
@@ -339,7 +322,7 @@ def create_app(service: API) -> FastAPI:
             sent, done = 0, False
             try:
                 while not done:
-                    events, done = await next_events(who, job_id, sent, 15.0)
+                    events, done = await service.next_events(who, job_id, sent, 15.0)
                     for event in events:
                         yield f"event: progress\ndata: {json.dumps(event)}\n\n"
                     sent += len(events)

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 from ..runtime.errors import FlashFaceError, InputError
 from ..runtime.sampling.params import PARAMS, Param
 from .records import NotFound, QueueFull, State, ended
-from .service import API, PayloadTooLarge, Unavailable
+from .service import API, PayloadTooLarge, Unavailable, wait_end
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,8 @@ def openai_router(service: API, owner: Callable[[Request], str]) -> APIRouter:
             raise InputError("identity is required: FlashFace draws a registered face", "identity")
         job = await run_in_threadpool(service.submit_record, who, body)
         timeout = float(body.get("timeout_s", service.settings.timeout_s)) + 5
-        record = await run_in_threadpool(service.wait, who, job["id"], timeout)
+        await wait_end(service, who, job["id"], timeout)
+        record = await run_in_threadpool(service.job, who, job["id"])
         if not ended(record):  # well past its deadline: stopped, answered as it stands
             record = await run_in_threadpool(service.cancel, who, job["id"])
         if record["state"] != State.SUCCEEDED.value:

@@ -8,6 +8,7 @@ records it as failed with the reason; with no replica running, new work gets 503
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -194,15 +195,16 @@ class RayAPI:
     def image(self, owner: str, job_id: str, k: int) -> Path:
         return self.records.image(self.job(owner, job_id), k)
 
-    def wait(self, owner: str, job_id: str, timeout: float) -> dict[str, Any]:
-        end = time.monotonic() + timeout
-        while True:
-            record = self.job(owner, job_id)
-            if ended(record) or time.monotonic() > end:
-                return record
-            time.sleep(0.05)
-
     def progress(self, owner: str, job_id: str, seen: int) -> tuple[list[dict[str, Any]], bool]:
         record = self.job(owner, job_id)
         step, steps = int(record.get("step", 0)), int(record["steps"])
         return [{"step": k, "steps": steps} for k in range(seen + 1, step + 1)], ended(record)
+
+    async def next_events(self, owner: str, job_id: str, seen: int, timeout: float) -> tuple[list, bool]:
+        """`progress` from the shared records, read again every 0.05 s up to `timeout` s."""
+        end = time.monotonic() + timeout
+        while True:
+            events, done = await asyncio.to_thread(self.progress, owner, job_id, seen)
+            if events or done or time.monotonic() >= end:
+                return events, done
+            await asyncio.sleep(0.05)

@@ -67,6 +67,17 @@ class API(Protocol):
 
     def progress(self, owner: str, job_id: str, seen: int) -> tuple[list[dict[str, Any]], bool]: ...
 
+    async def next_events(self, owner: str, job_id: str, seen: int, timeout: float) -> tuple[list, bool]: ...
+
+
+async def wait_end(service: API, owner: str, job_id: str, timeout: float) -> None:
+    """Await the end of a job, or `timeout` s, through its progress events (no thread held)."""
+    end = time.monotonic() + timeout
+    seen, done = 0, False
+    while not done and time.monotonic() < end:
+        events, done = await service.next_events(owner, job_id, seen, end - time.monotonic())
+        seen += len(events)
+
 
 __all__ = ["API", "NotFound", "PayloadTooLarge", "QueueFull", "Service", "Unavailable"]
 
