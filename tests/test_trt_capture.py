@@ -21,7 +21,7 @@ from flashface_trt.runtime.sampling.pipeline import generate, register_identity
 from .trt_support import max_diff, request
 
 pytest.importorskip("onnxruntime")
-pytest.importorskip("polygraphy", reason="the engine build goes through polygraphy's API")
+pytest.importorskip("polygraphy", reason="engines are built through polygraphy's API (the trt extra)")
 
 W768 = ExportShapes(max_requests=8, opt_height=768, opt_width=768)
 

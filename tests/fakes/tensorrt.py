@@ -340,7 +340,7 @@ class Runtime:
                 Logger.ERROR, f"plan built by TensorRT {desc.get('tensorrt')}, running {module.__version__}"
             )
             return None
-        return ICudaEngine(module, desc, self.logger)
+        return module.ICudaEngine(module, desc, self.logger)  # a double may swap the kernels
 
 
 def make_module(cuda: FakeCudaRuntime, version: str) -> types.ModuleType:
