@@ -1,15 +1,27 @@
-"""One GPU check that fits one 10-minute device call; writes a JSON record (`$OUT/gpu_check.json`).
+"""The one GPU check that decides: every part in one 10-minute device call, a JSON record rewritten
+after each part.
 
-Parts, each recorded as ok / failed / skipped (with the reason), in this order:
-  cuda   the project's `runtime/backends/cuda.py` against the real driver: buffers and copies, a captured
-         graph whose replays read a table refilled between them, the error of a failing capture,
-         replay latency and copy bandwidth (no torch; CI runs this part through the CUDA double)
-  tiny   the PyTorch static step as CUDA graphs on the tiny model (fp32): loop vs plain sampler
-  w768   the same at W768 (sd15-random, 768x768, 4 references, 30 steps, fp16), with timings
+Parts, in order of value, each in its own process with its own time limit (a failing part keeps
+its traceback, a part past its limit is stopped, and the next one runs):
+  w768      W768 fp16: the official implementation (`--official`: a checkout of ali-vilab/FlashFace)
+            against ours in each PyTorch preset (eager, static graph, compiled, channels-last), loop
+            and end to end, fresh and cached identity (`benchmarks.suite`)
+  numerics  fp16 vs fp32 (eps, image PSNR), ours vs the official pattern, the official UNet loading ours
+  peak      the measured fp16 matmul rate and each preset's loop as a share of it
+  profile   torch.profiler's top kernels of one step, with attention / GroupNorm / conv / GEMM shares
+  batching  1, 2, 4, 8 concurrent W768 requests, step-level batched vs one after another (rows 24)
+  tensorrt  `TrtBackend` on real CUDA through a TensorRT double whose kernels are the exported
+            PyTorch modules (`benchmarks.cuda_trt`): allocation, alignment, K/V, capture, replay,
+            profiles; its images against ONNX Runtime's
+  cuda      `runtime/backends/cuda.py` against the driver: copies, refilled-table replays, capture error
+  compiled  the compiled preset at W768 (last: its compilation may take what budget is left)
 
-    bash benchmarks/gpu.sh wheels                      # here, once (the GPU image lacks ftfy)
-    bash benchmarks/gpu.sh check                       # on the GPU: python -m benchmarks.gpu_check
-    python -m benchmarks.gpu_check --out /tmp          # anywhere: without CUDA each part skips
+`--dry-run` rehearses every part on the CPU at tiny sizes (the `cuda` and `tensorrt` parts through
+the NumPy doubles of tests/fakes); without it and without CUDA each part records `skipped`.
+
+    bash benchmarks/gpu.sh wheels /work/official       # here, once: .whl/ and .official/ to carry
+    bash benchmarks/gpu.sh check                       # on the GPU (carry .whl and .official)
+    python -m benchmarks.gpu_check --dry-run --json /tmp/gpu_check.json
 """
 
 from __future__ import annotations
@@ -18,15 +30,19 @@ import argparse
 import json
 import os
 import platform
-import statistics
+import subprocess
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-LOOP_BOUND = {"fp32": 1e-3, "fp16": 5e-2}  # static loop vs plain sampler, max|dz| / max|z| (suite's)
+ORDER = ("w768", "numerics", "peak", "profile", "batching", "tensorrt", "cuda", "compiled")
+SECONDS = {"cuda": 30}  # each part's time limit (the others: gpu_parts.SECONDS)
+MIN_START_S = 15  # a part starts only with this much of the budget left
 
 
 def cuda_layer(rows: int = 8, row_floats: int = 4096, replays: int = 200, mib: int = 64) -> dict[str, Any]:
@@ -107,83 +123,47 @@ def cuda_layer(rows: int = 8, row_floats: int = 4096, replays: int = 200, mib: i
     }
 
 
-def torch_static(preset: str, size: int, refs: int, steps: int, precision: str, repeats: int = 2) -> dict:
-    """The static step (CUDA graphs) against the plain sampler: a capture run, a replay-only run
-    with another identity, and loop timings of both backends (CUDA events, median of `repeats`)."""
-    import torch
+def cuda_part(dry: bool) -> dict[str, Any]:
+    """`cuda_layer` on the driver, or in a dry run through the CUDA double (tests/fakes)."""
+    if not dry:
+        return cuda_layer()
+    import pytest
 
-    if not torch.cuda.is_available():
-        return {"status": "skipped", "reason": "torch sees no CUDA device"}
-    from flashface_trt.models.backend import TorchBackend
-    from flashface_trt.models.loading import tiny_models
-    from flashface_trt.models.settings import TORCH_PRESETS
-    from flashface_trt.runtime.faces.images import synthetic_face
-    from flashface_trt.runtime.sampling.identities import identity_from_crops
-    from flashface_trt.runtime.sampling.pipeline import prepare_references
-    from flashface_trt.runtime.sampling.sampler import sample
+    from tests.fakes import install
 
-    from .bench_torch import sd15_random
-    from .workload import Workload, make_denoiser
-
-    dtype = torch.float16 if precision == "fp16" else torch.float32
-    t0 = time.perf_counter()
-    models = tiny_models("cuda", dtype) if preset == "tiny" else sd15_random("cuda", dtype)
-    build_s = time.perf_counter() - t0
-    plain, static = (
-        TorchBackend(models, TORCH_PRESETS["eager"]),
-        TorchBackend(models, TORCH_PRESETS["static"]),
-    )
-    workload = Workload(size, size, refs, steps)
-    other = prepare_references([synthetic_face(seed=100 + i) for i in range(refs)])
-
-    def loop(backend: TorchBackend, second: bool) -> tuple[Any, float]:
-        ident = identity_from_crops(backend.encode_references, other) if second else None
-        den, _, prepared = make_denoiser(backend, workload, False, ident)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with torch.inference_mode():
-            start.record()
-            z = sample(den, prepared.x, prepared.steps)
-            end.record()
-        end.synchronize()
-        return z.float(), start.elapsed_time(end) / 1e3
-
-    def rel(z: Any, ref: Any) -> float:
-        return float((z - ref).abs().max() / ref.abs().max())
-
-    errors = {}
-    for second, label in ((False, "capture_run"), (True, "replay_run_other_identity")):
-        errors[label] = rel(loop(static, second)[0], loop(plain, second)[0])
-    captures_after_two = static.graphs.captures
-    times = {
-        name: statistics.median(loop(backend, True)[1] for _ in range(repeats))
-        for name, backend in (("plain", plain), ("static", static))
-    }
-    bound = LOOP_BOUND[precision]
-    ok = all(e <= bound for e in errors.values()) and captures_after_two == 2
-    return {
-        "status": "ok" if ok else "failed",
-        "workload": {"preset": preset, "size": size, "refs": refs, "steps": steps, "precision": precision},
-        "z0_rel_err_vs_plain_sampler": errors,
-        "bound": bound,
-        "captures": captures_after_two,
-        "seconds": {"model_build": build_s, **{f"loop_{k}": v for k, v in times.items()}},
-        "ms_per_step": {k: 1e3 * v / steps for k, v in times.items()},
-        "loop_speedup": times["plain"] / times["static"],
-        "peak_memory_bytes": torch.cuda.max_memory_allocated(),
-    }
+    with pytest.MonkeyPatch.context() as mp:
+        install(mp)
+        return {**cuda_layer(rows=3, row_floats=64, replays=5, mib=1), "cuda": "the CUDA double"}
 
 
-PARTS = {
-    "cuda": lambda: cuda_layer(),
-    "tiny": lambda: torch_static("tiny", 128, 4, 10, "fp32"),
-    "w768": lambda: torch_static("sd15-random", 768, 4, 30, "fp16"),
-}
-MIN_SECONDS = {"cuda": 5, "tiny": 30, "w768": 240}  # a part starts only with this much budget left
+def run_part(name: str, dry: bool, official: Path | None, work: Path) -> dict[str, Any]:
+    """One part in this process: its record, or `failed` with the traceback."""
+    try:
+        if name == "cuda":
+            return cuda_part(dry)
+        from .gpu_parts import PARTS, Sizes
+
+        return PARTS[name](Sizes.make(dry, official, work))
+    except Exception as exc:  # recorded: the other parts still run
+        return {
+            "status": "failed",
+            "reason": f"{type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc(),
+        }
 
 
 def environment() -> dict[str, Any]:
     env: dict[str, Any] = {"python": platform.python_version(), "machine": platform.machine()}
-    for name in ("torch", "cuda.bindings", "cupy", "tensorrt", "onnxruntime"):
+    for name in (
+        "torch",
+        "cuda.bindings",
+        "cupy",
+        "tensorrt",
+        "onnxruntime",
+        "ftfy",
+        "polygraphy",
+        "onnxslim",
+    ):
         try:
             module = __import__(name, fromlist=["__version__"])
             env[name] = str(getattr(module, "__version__", "?"))
@@ -192,38 +172,93 @@ def environment() -> dict[str, Any]:
     return env
 
 
+def device_name() -> str:
+    from flashface_trt.runtime.backends.cuda import device_count, device_info
+
+    return device_info(0).name if device_count() else f"no CUDA device ({platform.processor() or 'CPU'})"
+
+
+def write_atomic(path: Path, record: dict[str, Any]) -> None:
+    """The record as JSON, replacing the file in one rename (a reader never sees half of it)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def child(name: str, limit: float, dry: bool, official: Path | None, work: Path) -> dict[str, Any]:
+    """Run one part in a child process within `limit` seconds; its record (or why there is none)."""
+    out = work / f"{name}.part.json"
+    cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--run-part", name, "--work", str(work)]
+    cmd += (["--dry-run"] if dry else []) + (["--official", str(official)] if official else [])
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
+    except subprocess.TimeoutExpired as exc:
+        tail = (exc.stderr or b"")[-2000:]
+        tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
+        return {"status": "failed", "reason": f"stopped at its {limit:.3g} s limit", "stderr_tail": tail}
+    if not out.is_file():
+        return {
+            "status": "failed",
+            "reason": f"exit code {proc.returncode}, no record",
+            "stderr_tail": proc.stderr[-2000:],
+        }
+    result = json.loads(out.read_text())
+    if proc.stdout.strip():
+        result["stdout_tail"] = proc.stdout[-1500:]
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", type=Path, default=Path(os.environ.get("OUT", "/tmp")) / "gpu_check.json")
+    p.add_argument("--parts", default=",".join(ORDER), help=f"comma-separated, of {', '.join(ORDER)}")
+    p.add_argument("--dry-run", action="store_true", help="every part on the CPU at tiny sizes (CI)")
+    p.add_argument("--official", type=Path, help="a checkout of ali-vilab/FlashFace (the official baseline)")
     p.add_argument(
-        "--out", type=Path, default=Path(os.environ.get("OUT", "/tmp")), help="folder of the record"
+        "--budget-s", type=float, default=450.0, help="the whole check's time (under 8 min on an H200)"
     )
-    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
-    p.add_argument("--budget-s", type=float, default=540.0, help="parts that would not fit are skipped")
+    p.add_argument("--run-part", choices=ORDER, help=argparse.SUPPRESS)  # the child process of one part
+    p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.run_part:
+        result = run_part(args.run_part, args.dry_run, args.official, args.work)
+        write_atomic(args.work / f"{args.run_part}.part.json", result)
+        return 0
     parts = [x for x in args.parts.split(",") if x]
-    unknown = [x for x in parts if x not in PARTS]
+    unknown = [x for x in parts if x not in ORDER]
     if unknown:
-        p.error(f"unknown parts {unknown}; known: {', '.join(PARTS)}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "gpu_check.json"
-    record: dict[str, Any] = {"environment": environment(), "parts": {}}
+        p.error(f"unknown parts {unknown}; known: {', '.join(ORDER)}")
+    if args.official is not None and not (args.official / "flashface").is_dir():
+        p.error(f"--official {str(args.official)!r} is no checkout of ali-vilab/FlashFace (no flashface/)")
+    from .gpu_parts import SECONDS as PART_SECONDS
+
+    limits = {**PART_SECONDS, **SECONDS}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    record: dict[str, Any] = {
+        "device": device_name(),
+        "dry_run": args.dry_run,
+        "environment": environment(),
+        "limits_s": {n: limits[n] for n in parts},
+        "parts": {},
+    }
     t0 = time.perf_counter()
-    for name in parts:
+    for name in sorted(parts, key=ORDER.index):
         left = args.budget_s - (time.perf_counter() - t0)
-        if left < MIN_SECONDS[name]:
+        if left < MIN_START_S:
             result: dict[str, Any] = {"status": "skipped", "reason": f"{left:.0f} s of the budget left"}
         else:
             start = time.perf_counter()
-            try:
-                result = PARTS[name]()
-            except Exception as exc:  # recorded, and the other parts still run
-                result = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+            result = child(name, min(limits[name], left), args.dry_run, args.official, work)
             result["wall_s"] = time.perf_counter() - start
         record["parts"][name] = result
         record["wall_s"] = time.perf_counter() - t0
-        path.write_text(json.dumps(record, indent=1))  # written after every part: a timeout keeps the rest
-        print(f"{name:5s} {result['status']:8s} {result.get('reason', '')}", flush=True)
-    print(f"record -> {path}")
+        write_atomic(args.json, record)  # after every part: a stopped call keeps what was done
+        print(
+            f"{name:9s} {result['status']:8s} {result.get('wall_s', 0):6.1f} s {result.get('reason', '')}",
+            flush=True,
+        )
+    print(f"record -> {args.json}")
     return 1 if any(r["status"] == "failed" for r in record["parts"].values()) else 0
 
 

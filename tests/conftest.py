@@ -85,6 +85,7 @@ def tiny_export(tmp_path_factory) -> Path:
     """The tiny preset exported once per test session (every network and the detector, float32)."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
+    pytest.importorskip("onnxslim", reason="exports are simplified with onnxslim (the export extra)")
     from flashface_trt.export.exporter import ExportSettings, export_models
     from flashface_trt.models.loading import tiny_detector, tiny_models
     from flashface_trt.runtime.artifacts.spec import TINY_SHAPES

@@ -44,6 +44,7 @@ def test_torch_images_with_and_without_cuts(static):
 @pytest.fixture(scope="module")
 def uncut_export(tiny_export, tmp_path_factory):
     """The tiny preset exported without cuts (the UNet graph takes no shared-row arrays)."""
+    pytest.importorskip("onnxslim", reason="exports are simplified with onnxslim (the export extra)")
     from flashface_trt.export.exporter import ExportSettings, export_models
     from flashface_trt.models.loading import tiny_models
     from flashface_trt.runtime.artifacts.spec import TINY_SHAPES

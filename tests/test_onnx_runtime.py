@@ -14,6 +14,7 @@ from PIL import Image
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
+pytest.importorskip("onnxslim", reason="exports are simplified with onnxslim (the export extra)")
 
 import onnx  # noqa: E402
 

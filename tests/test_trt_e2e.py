@@ -21,7 +21,7 @@ from flashface_trt.runtime.sampling.pipeline import generate, register_identity
 from .trt_support import max_diff, pixels, request
 
 pytest.importorskip("onnxruntime")
-pytest.importorskip("polygraphy")
+pytest.importorskip("polygraphy", reason="engines are built through polygraphy's API (the trt extra)")
 
 
 def test_generate_with_engines_matches_onnx_runtime_across_identities_prompts_and_sizes(

@@ -22,7 +22,7 @@ from .fakes import install
 from .trt_support import build, denoise_run, max_diff, pixels, request
 
 pytest.importorskip("onnxruntime")
-pytest.importorskip("polygraphy")
+pytest.importorskip("polygraphy", reason="engines are built through polygraphy's API (the trt extra)")
 
 EXPORTED = ("text_encoder", "vae_encoder", "vae_decoder", "reference_net", "unet", "step")
 

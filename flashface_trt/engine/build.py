@@ -26,7 +26,7 @@ from ..runtime.artifacts.exports import read_export
 from ..runtime.artifacts.manifest import read_manifest
 from ..runtime.artifacts.spec import ExportShapes, NetworkSpec
 from ..runtime.backends.cuda import device_info
-from .profiles import BuildSettings, engine_profile, engine_spec
+from .profiles import BuildSettings, engine_profiles, engine_spec, memory_estimate
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def current_gpu() -> GpuIdentity:
 
 
 def build_engine(onnx_path: Path, spec: NetworkSpec, settings: BuildSettings, out: Path) -> None:
-    """One engine: parse the ONNX graph strongly typed, one optimisation profile from the spec, build.
+    """One engine: parse the ONNX graph strongly typed, its optimisation profiles (`engine_profiles`), build.
 
     The graph's own dtypes decide the engine's precision (an fp16 export gives an fp16 engine), the
     same on TensorRT 10 and 11: 11 has no weak typing (no `BuilderFlag.FP16`), so no precision flag
@@ -54,12 +54,15 @@ def build_engine(onnx_path: Path, spec: NetworkSpec, settings: BuildSettings, ou
     )
 
     network = network_from_onnx_path(str(onnx_path), strongly_typed=True)
-    profile = Profile()
-    for name, (lo, opt, hi) in engine_profile(spec, settings.shapes).items():
-        profile.add(name, lo, opt, hi)
+    profiles = []
+    for points in engine_profiles(spec, settings.shapes):
+        profile = Profile()
+        for name, (lo, opt, hi) in points.items():
+            profile.add(name, lo, opt, hi)
+        profiles.append(profile)
     cache = settings.timing_cache
     config = CreateConfig(
-        profiles=[profile],
+        profiles=profiles,
         memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(settings.workspace_gib * (1 << 30))},
         builder_optimization_level=settings.opt_level,
         load_timing_cache=str(cache) if cache is not None and cache.is_file() else None,
@@ -73,6 +76,21 @@ def build_engine(onnx_path: Path, spec: NetworkSpec, settings: BuildSettings, ou
 def export_shapes(export: dict) -> ExportShapes:
     """The shape ranges an export was made for (its manifest's `shapes`)."""
     return ExportShapes(**export["shapes"])
+
+
+def profile_estimates(export: dict, shapes: ExportShapes) -> dict:
+    """Profiles per engine and the UNet's largest activation per profile (estimates: TensorRT's own
+    figures, `get_device_memory_size_for_profile_v2`, exist only where it runs)."""
+    specs = {n: NetworkSpec.from_dict(e["spec"]) for n, e in export["networks"].items() if n != "detector"}
+    itemsize = 2 if export["precision"] == "fp16" else 4
+    return {
+        "note": "estimated without TensorRT; build time grows about linearly with the profiles it tunes",
+        "profiles": {n: len(engine_profiles(s, shapes)) for n, s in specs.items()},
+        "unet_largest_activation_bytes": [
+            memory_estimate(p, export["model_config"], itemsize)
+            for p in engine_profiles(specs["unet"], shapes)
+        ],
+    }
 
 
 def build_engines(onnx_dir: str | Path, out_dir: str | Path, settings: BuildSettings | None = None) -> dict:
@@ -119,6 +137,7 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path, settings: BuildSett
         "export": export,
         "vocab": export["vocab"],
         "engines": engines,
+        "estimates": profile_estimates(export, settings.shapes),
     }
     (out / ENGINES_MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest

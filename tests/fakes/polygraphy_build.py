@@ -58,34 +58,23 @@ def patch(monkeypatch: pytest.MonkeyPatch, builds: list[dict], overrides: dict[s
         for pool in config.memory_pool_limits or {}:
             if not isinstance(pool, trt.MemoryPoolType):
                 raise PolygraphyException(f"memory pool {pool!r} is not a tensorrt.MemoryPoolType")
-        if len(config.profiles or []) != 1:
-            raise PolygraphyException(f"expected one optimisation profile, got {len(config.profiles or [])}")
+        if not config.profiles:
+            raise PolygraphyException("expected at least one optimisation profile")
         graph = onnx.load(network.path, load_external_data=False).graph
-        profile = {}
-        for inp in graph.input:
-            dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
-            given = config.profiles[0][inp.name] if inp.name in config.profiles[0] else None
-            if given is None:
-                if any(isinstance(d, str) for d in dims):
-                    raise PolygraphyException(f"dynamic input {inp.name!r} has no profile shape")
-                continue
-            points = [tuple(int(s) for s in p) for p in (given.min, given.opt, given.max)]
-            for p in points:
-                if len(p) != len(dims) or any(isinstance(d, int) and d != s for d, s in zip(dims, p)):
-                    raise PolygraphyException(f"profile shape {p} of {inp.name!r} does not fit {dims}")
-            if not all(a <= b <= c for a, b, c in zip(*points)):
-                raise PolygraphyException(f"profile of {inp.name!r} needs min <= opt <= max: {points}")
-            profile[inp.name] = points
+        profiles = [read_profile(graph, p, PolygraphyException) for p in config.profiles]
         network_name = Path(network.path).stem.split("-")[0]
         override = dict(overrides.get(network_name, {}))
-        profile.update(override.pop("profile", {}))
+        for profile in profiles:  # an override alters every profile
+            profile.update(override.get("profile", {}))
+        override.pop("profile", None)
+        base = 4096 + 256 * len(graph.node)  # a larger profile needs more activation memory
         desc = {
             "format": PLAN_FORMAT,
             "tensorrt": trt.__version__,
             "onnx": network.path,
             "strongly_typed": network.strongly_typed,
-            "profile": profile,
-            "memory": 4096 + 256 * len(graph.node),
+            "profiles": profiles,
+            "memory": [base * (k + 1) for k in range(len(profiles))],
             **override,
         }
         cache = bound.get("save_timing_cache")
@@ -98,3 +87,23 @@ def patch(monkeypatch: pytest.MonkeyPatch, builds: list[dict], overrides: dict[s
     engine_bytes_from_network.__wrapped__ = real_build  # type: ignore[attr-defined]
     monkeypatch.setattr(pbt, "network_from_onnx_path", network_from_onnx_path)
     monkeypatch.setattr(pbt, "engine_bytes_from_network", engine_bytes_from_network)
+
+
+def read_profile(graph, given, error: type[Exception]) -> dict[str, list[tuple[int, ...]]]:
+    """One polygraphy `Profile` checked against the graph's inputs as TensorRT's builder does."""
+    profile = {}
+    for inp in graph.input:
+        dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+        shape = given[inp.name] if inp.name in given else None
+        if shape is None:
+            if any(isinstance(d, str) for d in dims):
+                raise error(f"dynamic input {inp.name!r} has no profile shape")
+            continue
+        points = [tuple(int(s) for s in p) for p in (shape.min, shape.opt, shape.max)]
+        for p in points:
+            if len(p) != len(dims) or any(isinstance(d, int) and d != s for d, s in zip(dims, p)):
+                raise error(f"profile shape {p} of {inp.name!r} does not fit {dims}")
+        if not all(a <= b <= c for a, b, c in zip(*points)):
+            raise error(f"profile of {inp.name!r} needs min <= opt <= max: {points}")
+        profile[inp.name] = points
+    return profile

@@ -1,19 +1,22 @@
 """A fake `tensorrt` module whose engines run the exported ONNX graph on ONNX Runtime's CPU provider.
 
 An engine file is the JSON description the fake build writes (`polygraphy_build`): the ONNX
-path, the optimisation profile, the TensorRT version it was built with. Its tensors' names,
-modes, dtypes and shapes come from the ONNX graph (as a parsed network's would). An execution
-reads its inputs from the bound addresses and writes its outputs there when the stream runs it,
-so a captured `execute_async_v3` replays with the addresses set at capture.
+path, the optimisation profiles and each one's activation memory, the TensorRT version it was
+built with. Its tensors' names, modes, dtypes and shapes come from the ONNX graph (as a parsed
+network's would). An execution reads its inputs from the bound addresses and writes its outputs
+there when the stream runs it, so a captured `execute_async_v3` replays with the addresses set at
+capture.
 
 Contracts enforced as TensorRT documents them (a refusal is a False return and a logged error,
 as the Python bindings do): tensor addresses 256-byte aligned (`set_tensor_address`); input
-shapes of the right rank inside the profile (`set_input_shape`); every input shape and I/O address
-set, user-managed device memory of at least `device_memory_size_v2` given (`set_device_memory`),
-before `execute_async_v3`; outputs written in the dtype the engine declares. With CUDA graphs:
-a context's first execution of a shape must happen outside capture (its lazy set-up would sync),
-and a captured graph is tied to the shapes and addresses its contexts had at capture (replaying
-after they changed is an illegal-address fault: one context per captured graph).
+shapes of the right rank inside the active profile (`set_input_shape`; profile 0 unless
+`set_optimization_profile_async` selected another, which unsets the input shapes); every input
+shape and I/O address set, user-managed device memory of at least the active profile's
+`get_device_memory_size_for_profile_v2` given (`set_device_memory`), before `execute_async_v3`;
+outputs written in the dtype the engine declares. With CUDA graphs: a context's first execution
+of a shape must happen outside capture (its lazy set-up would sync), no profile switch inside a
+capture, and a captured graph is tied to the shapes, addresses and profile its contexts had at
+capture (replaying after they changed is an illegal-address fault: one context per captured graph).
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ def session(path: str) -> Any:
 
 
 class ICudaEngine:
-    """A deserialized fake plan: I/O from the ONNX graph, one profile, ONNX Runtime as the kernels."""
+    """A deserialized fake plan: I/O from the ONNX graph, its profiles, ONNX Runtime as the kernels."""
 
     def __init__(self, module: types.ModuleType, desc: dict, logger: Logger) -> None:
         self.trt, self.desc, self.logger = module, desc, logger
@@ -113,11 +116,12 @@ class ICudaEngine:
                 shape = tuple(desc.get("shapes", {}).get(a.name, a.shape))
                 self.io[a.name] = (mode, DataType[dtype], shape)
         self.names = list(self.io)
-        self.profile = {k: [tuple(p) for p in v] for k, v in desc["profile"].items()}
-        self.device_memory_size_v2 = int(desc["memory"])
+        self.profiles = [{k: [tuple(p) for p in v] for k, v in prof.items()} for prof in desc["profiles"]]
+        self.memory = [int(m) for m in desc["memory"]]
+        self.device_memory_size_v2 = max(self.memory)
         if module.__version__.startswith("10."):
             self.device_memory_size = self.device_memory_size_v2  # removed in TensorRT 11
-        self.num_optimization_profiles = 1
+        self.num_optimization_profiles = len(self.profiles)
         self._shapes: dict[tuple, dict[str, tuple[int, ...]]] = {}
         self.runs = 0  # executions so far
 
@@ -138,10 +142,13 @@ class ICudaEngine:
         return Dims(d if isinstance(d, int) else -1 for d in self.io[name][2])
 
     def get_tensor_profile_shape(self, name: str, profile_index: int) -> list[Dims]:
-        if profile_index != 0 or name not in self.profile:
+        if not 0 <= profile_index < len(self.profiles) or name not in self.profiles[profile_index]:
             self.logger.log(Logger.ERROR, f"no profile shape for {name!r} in profile {profile_index}")
             return []
-        return [Dims(p) for p in self.profile[name]]
+        return [Dims(p) for p in self.profiles[profile_index][name]]
+
+    def get_device_memory_size_for_profile_v2(self, profile_index: int) -> int:
+        return self.memory[profile_index]
 
     def create_execution_context(
         self, strategy: Any = ExecutionContextAllocationStrategy.STATIC
@@ -185,6 +192,7 @@ class IExecutionContext:
         self.addresses: dict[str, int] = {}
         self.memory: tuple[int, int] | None = None
         self.warm: set[tuple] = set()  # input shapes this context has executed outside capture
+        self.active_optimization_profile = 0
         self.user_managed = strategy == ExecutionContextAllocationStrategy.USER_MANAGED
         if not self.user_managed:
             err, ptr = self.rt.cudaMalloc(max(engine.device_memory_size_v2, 1))
@@ -198,10 +206,22 @@ class IExecutionContext:
         if self.engine.get_tensor_mode(name) != TensorIOMode.INPUT:
             return self._error(f"{name!r} is not an input tensor")
         shape = tuple(int(s) for s in shape)
-        lo, _, hi = self.engine.profile.get(name, [self.engine.get_tensor_shape(name)] * 3)
+        profile = self.engine.profiles[self.active_optimization_profile]
+        lo, _, hi = profile.get(name, [self.engine.get_tensor_shape(name)] * 3)
         if len(shape) != len(lo) or not all(a <= s <= b for a, s, b in zip(lo, shape, hi)):
             return self._error(f"shape {shape} of {name!r} is outside the profile [{lo}, {hi}]")
         self.shapes[name] = shape
+        return True
+
+    def set_optimization_profile_async(self, profile_index: int, stream_handle: int) -> bool:
+        if not 0 <= profile_index < self.engine.num_optimization_profiles:
+            return self._error(f"optimization profile {profile_index} does not exist")
+        if int(stream_handle) not in self.rt.streams:
+            return self._error(f"stream {stream_handle!r} is not a CUDA stream")
+        if self.rt.capture_of(int(stream_handle)) is not None:
+            return self._error("profile switch inside a CUDA-graph capture")
+        self.active_optimization_profile = profile_index
+        self.shapes = {}  # TensorRT: switching invalidates the dynamic input shapes
         return True
 
     def set_tensor_address(self, name: str, memory: int) -> bool:
@@ -223,9 +243,9 @@ class IExecutionContext:
         return Dims(self.engine._output_shapes(self.shapes)[name])
 
     def set_device_memory(self, memory: int, size: int) -> None:
-        need = self.engine.device_memory_size_v2
+        need = min(self.engine.memory)  # what any profile needs; execution checks the active one's
         if size < need:
-            self._error(f"device memory of {size} bytes is smaller than device_memory_size_v2 = {need}")
+            self._error(f"device memory of {size} bytes is smaller than any profile's ({need})")
         elif int(memory) % 256:
             self._error(f"device memory {int(memory):#x} is not 256-byte aligned")
         else:
@@ -243,6 +263,9 @@ class IExecutionContext:
             return self._error(f"stream {stream_handle!r} is not a CUDA stream")
         if self.memory is None:
             return self._error("no device memory set (user-managed allocation strategy)")
+        need = eng.memory[self.active_optimization_profile]
+        if self.memory[1] < need:
+            return self._error(f"device memory of {self.memory[1]} bytes is smaller than profile's {need}")
         missing = [n for n in self._inputs() if n not in self.shapes]
         if missing:
             return self._error(f"input shapes not set: {missing}")
@@ -257,15 +280,16 @@ class IExecutionContext:
                 "first execution of these shapes inside a CUDA-graph capture (run it once first)"
             )
         state, shapes, addresses, memory = self._state(), dict(self.shapes), dict(self.addresses), self.memory
+        active = self.active_optimization_profile
         outs = eng._output_shapes(shapes)
 
         def run(replay: bool) -> None:
-            if replay and self._state() != state:
+            if replay and (self._state() != state or self.active_optimization_profile != active):
                 raise Fault(
                     cudaError_t.cudaErrorIllegalAddress,
                     f"{eng.name}: the context's shapes or addresses changed after this graph captured it",
                 )
-            self._run(shapes, addresses, memory, outs)
+            self._run(shapes, addresses, (memory[0], eng.memory[active]), outs)
 
         err = rt.enqueue(int(stream_handle), Op(f"{eng.name} execute", run))
         if err:
@@ -277,7 +301,7 @@ class IExecutionContext:
     def _run(self, shapes: dict, addresses: dict, memory: tuple[int, int], outs: dict) -> None:
         rt, eng = self.rt, self.engine
         eng.runs += 1
-        rt.device_view(memory[0], eng.device_memory_size_v2)[:] = eng.runs % 251  # its activations
+        rt.device_view(*memory)[:] = eng.runs % 251  # its activations: the active profile's size
         feeds = {}
         for name, shape in shapes.items():
             dtype = NUMPY[eng.io[name][1].name]
@@ -316,7 +340,7 @@ class Runtime:
                 Logger.ERROR, f"plan built by TensorRT {desc.get('tensorrt')}, running {module.__version__}"
             )
             return None
-        return ICudaEngine(module, desc, self.logger)
+        return module.ICudaEngine(module, desc, self.logger)  # a double may swap the kernels
 
 
 def make_module(cuda: FakeCudaRuntime, version: str) -> types.ModuleType:

@@ -6,16 +6,22 @@ initialisation and workspaces happen outside any capture), captures it the secon
 replays the captured graph from then on. Graphs are kept per key in a bounded LRU and destroyed
 when evicted or when the buffers they read are freed (`discard`). Without a capturer (the CPU)
 the body simply runs. Pattern of gpt-fast / stable-fast: capture per static shape, replay after.
+
+Capture follows trtexec's practice: `prepare` (shapes, addresses) runs before the capture so that
+only the body's enqueues are captured, and garbage collection is off during it (a collected
+`DeviceBuffer` would call cudaFree, which invalidates a capture). A key whose capture fails runs
+eagerly from then on, recorded in `failed` and logged, instead of failing its requests.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Protocol
 
-from ..errors import InputError
+from ..errors import FlashFaceError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -47,19 +53,36 @@ class StepGraphs:
         self.graphs: OrderedDict[Hashable, Graph] = OrderedDict()
         self.warm: set[Hashable] = set()
         self.captures = 0  # graphs captured so far (a test and the logs read it)
+        self.failed: dict[Hashable, str] = {}  # keys whose capture failed -> the error: they run eagerly
 
-    def run(self, key: Hashable, body: Body) -> None:
-        """Run `body` for `key`: eagerly, or as the replay of its captured graph."""
+    def run(self, key: Hashable, body: Body, prepare: Body | None = None) -> None:
+        """Run `body` for `key`: eagerly, or as the replay of its captured graph. `prepare` (binding
+        shapes and addresses) runs before every eager run and before the capture, never inside it."""
         if self.capturer is None:
             body()
             return
         graph = self.graphs.pop(key, None)
-        if graph is None and key not in self.warm:
+        if graph is None and (key not in self.warm or key in self.failed):
+            if prepare is not None:
+                prepare()
             self.capturer.eager(body)
             self.warm.add(key)
             return
         if graph is None:
-            graph = self.capturer.capture(body)
+            if prepare is not None:
+                prepare()
+            enabled = gc.isenabled()
+            gc.disable()
+            try:
+                graph = self.capturer.capture(body)
+            except (FlashFaceError, RuntimeError) as exc:  # CudaError / TensorRT / torch's capture errors
+                self.failed[key] = f"{type(exc).__name__}: {exc}"
+                log.warning("capture of step graph %s failed, it runs eagerly from now on: %s", key, exc)
+                self.capturer.eager(body)
+                return
+            finally:
+                if enabled:
+                    gc.enable()
             self.captures += 1
             log.debug("captured step graph %s", key)
         self.graphs[key] = graph
@@ -74,3 +97,4 @@ class StepGraphs:
         if key in self.graphs:
             self.graphs.pop(key).destroy()
         self.warm.discard(key)
+        self.failed.pop(key, None)

@@ -103,8 +103,9 @@ class TrtBackend:
         for name, entry in self.manifest["engines"].items():
             check_engine(self.root / entry["file"], version, gpu)  # stale engines refused
             self.engines[name] = Engine(runtime, self.root / entry["file"], self.specs[name])
-        # one activation memory for every engine: they run one after another on one stream
-        self.memory = DeviceBuffer(max(e.memory_size for e in self.engines.values()))
+        # one activation memory for every engine (they run one after another on one stream), grown to
+        # the largest profile in use (`reserve`): a small bucket's step never pays for the largest
+        self.memory = DeviceBuffer(max(e.memory_for(0) for e in self.engines.values()))
         self.stream = Stream()
         self.tokenizer = ClipTokenizer(self.root / self.manifest["vocab"])
         self.precision = str(self.manifest.get("precision", "fp16"))
@@ -183,16 +184,16 @@ class TrtBackend:
                 copy_to_device(b[name].ptr, st.host[name], self.stream)
         self.copied.record(self.stream)
 
-    def step_body(self, st: BatchState) -> None:
-        """One batched step on the static buffers: what a CUDA graph records."""
+    def step_body(self, st: BatchState, launch: bool) -> None:
+        """One batched step on the static buffers: binding its contexts (before a capture), or launching
+        them (what a CUDA graph records)."""
         for name in ("unet", "step"):
-            spec = self.specs[name]
-            self.run(
-                name,
-                st.dims,
-                io_shapes(spec, st.dims),
-                {t.name: st.buf[t.name].ptr for t in (*spec.inputs, *spec.outputs)},
-            )
+            engine, spec = self.engines[name], self.specs[name]
+            if launch:
+                engine.launch(engine.contexts[st.dims], self.stream)
+            else:
+                ptrs = {t.name: st.buf[t.name].ptr for t in (*spec.inputs, *spec.outputs)}
+                self.bind(name, st.dims, io_shapes(spec, st.dims), ptrs)
 
     def step(self, members: Sequence[Member]) -> list[DeviceTensor]:
         """One batched step: every member's next x, copied from the step's output into its own buffer."""
@@ -202,7 +203,9 @@ class TrtBackend:
         dims = LoopDims.of(padded.key, h, w, members[0].ctx.identity.num_refs)
         st = self.state(dims)
         self._load(st, members, padded)
-        self.graphs.run(dims, lambda: self.step_body(st))
+        self.graphs.run(
+            dims, lambda: self.step_body(st, launch=True), lambda: self.step_body(st, launch=False)
+        )
         outs = []
         for m, first in zip(members, plan.offsets):
             out = m.ctx.scratch.get("x")
@@ -212,9 +215,29 @@ class TrtBackend:
             outs.append(out)
         return outs
 
-    def run(self, name: str, key: Any, shapes: dict[str, tuple[int, ...]], ptrs: dict[str, int]) -> None:
+    def bind(self, name: str, key: Any, shapes: dict[str, tuple[int, ...]], ptrs: dict[str, int]) -> Any:
+        """The context of `key` bound to these shapes and addresses, with enough activation memory."""
         engine = self.engines[name]
-        engine.enqueue(engine.context(key, self.memory), shapes, ptrs, self.stream)
+        self.reserve(engine.memory_for(engine.profile_for(shapes)))
+        ctx = engine.context(key, self.memory)
+        engine.bind(ctx, shapes, ptrs, self.stream)
+        return ctx
+
+    def reserve(self, nbytes: int) -> None:
+        """Grow the shared activation memory to `nbytes`: every context moves to the new block and the
+        captured graphs, which recorded the old one, are dropped (their keys warm up again)."""
+        if nbytes <= self.memory.nbytes:
+            return
+        self.stream.synchronize()
+        self.memory = DeviceBuffer(nbytes)
+        for key in list(self.states):
+            self.graphs.discard(key)
+        for engine in self.engines.values():
+            for ctx in engine.contexts.values():
+                ctx.set_device_memory(self.memory.ptr, self.memory.nbytes)
+
+    def run(self, name: str, key: Any, shapes: dict[str, tuple[int, ...]], ptrs: dict[str, int]) -> None:
+        self.engines[name].launch(self.bind(name, key, shapes, ptrs), self.stream)
 
     # ---------------------------------------------------------------- the other networks
 

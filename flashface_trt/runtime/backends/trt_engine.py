@@ -88,26 +88,40 @@ class Engine:
         self._check_profile(path)
 
     def _check_profile(self, path: Path) -> None:
-        """Every dynamic input's profile must hold the range the manifest promises (spec axes)."""
+        """Every dynamic input's profiles together must hold the range the manifest promises (spec axes)."""
         lo_want, hi_want = self.spec.profile("min"), self.spec.profile("max")
-        for t in self.spec.inputs:
-            if not t.dynamic_axes():
-                continue
-            points = self.engine.get_tensor_profile_shape(t.name, 0)
-            if len(points) != 3:
-                raise WeightsError(f"{path.name}: input {t.name!r} has no optimisation profile")
-            lo, hi = _dims(points[0]), _dims(points[2])
-            if any(a > b for a, b in zip(lo, lo_want[t.name])) or any(
-                a < b for a, b in zip(hi, hi_want[t.name])
-            ):
+        self.ranges: list[dict[str, tuple[tuple[int, ...], tuple[int, ...]]]] = []
+        for k in range(self.engine.num_optimization_profiles):
+            ranges = {}
+            for t in self.spec.inputs:
+                points = self.engine.get_tensor_profile_shape(t.name, k) if t.dynamic_axes() else []
+                if t.dynamic_axes() and len(points) != 3:
+                    raise WeightsError(f"{path.name}: input {t.name!r} has no optimisation profile {k}")
+                if points:
+                    ranges[t.name] = (_dims(points[0]), _dims(points[2]))
+            self.ranges.append(ranges)
+        for name in self.ranges[0] if self.ranges else ():
+            lo = tuple(min(v) for v in zip(*(r[name][0] for r in self.ranges)))
+            hi = tuple(max(v) for v in zip(*(r[name][1] for r in self.ranges)))
+            if any(a > b for a, b in zip(lo, lo_want[name])) or any(a < b for a, b in zip(hi, hi_want[name])):
                 raise WeightsError(
-                    f"{path.name}: input {t.name!r} accepts {list(lo)}..{list(hi)}, the manifest promises "
-                    f"{list(lo_want[t.name])}..{list(hi_want[t.name])}; rebuild it"
+                    f"{path.name}: input {name!r} accepts {list(lo)}..{list(hi)}, the manifest promises "
+                    f"{list(lo_want[name])}..{list(hi_want[name])}; rebuild it"
                 )
 
-    @property
-    def memory_size(self) -> int:
-        return int(self.engine.device_memory_size_v2)
+    def profile_for(self, shapes: dict[str, tuple[int, ...]]) -> int:
+        """The first (smallest) optimisation profile that holds every input shape; else the last, whose
+        `set_input_shape` then names the input outside it."""
+        fits = (
+            k
+            for k, ranges in enumerate(self.ranges)
+            if all(all(a <= s <= b for a, s, b in zip(lo, shapes[n], hi)) for n, (lo, hi) in ranges.items())
+        )
+        return next(fits, len(self.ranges) - 1)
+
+    def memory_for(self, profile: int) -> int:
+        """Device memory a context needs with this profile active (TensorRT 10.1+)."""
+        return int(self.engine.get_device_memory_size_for_profile_v2(profile))
 
     def context(self, key: Any, memory: DeviceBuffer) -> trt.IExecutionContext:
         """The execution context of one graph key (TensorRT: one context per captured graph)."""
@@ -123,15 +137,19 @@ class Engine:
             self.contexts[key] = ctx
         return ctx
 
-    def enqueue(
+    def bind(
         self,
         ctx: trt.IExecutionContext,
         shapes: dict[str, tuple[int, ...]],
         ptrs: dict[str, int],
         stream: Stream,
     ) -> None:
-        """Set every input shape and I/O address (each result checked), then enqueue on `stream`."""
-        name = self.spec.name
+        """Select the profile of these shapes, set every input shape and I/O address (each checked)."""
+        name, profile = self.spec.name, self.profile_for(shapes)
+        if ctx.active_optimization_profile != profile and not ctx.set_optimization_profile_async(
+            profile, stream.handle
+        ):
+            raise FlashFaceError(f"{name}: TensorRT refused optimisation profile {profile}")
         for t in self.spec.inputs:
             if not ctx.set_input_shape(t.name, shapes[t.name]):
                 raise InputError(f"{name}: input {t.name} shape {shapes[t.name]} is outside the engine")
@@ -149,8 +167,13 @@ class Engine:
                 raise FlashFaceError(f"{name}: address {ptr:#x} of {t.name!r} is not {ALIGN}-byte aligned")
             if not ctx.set_tensor_address(t.name, ptr):
                 raise FlashFaceError(f"{name}: TensorRT refused the address {ptr:#x} of {t.name!r}")
+
+    def launch(self, ctx: trt.IExecutionContext, stream: Stream) -> None:
+        """Enqueue the bound context on `stream` (all a captured graph records)."""
         if not ctx.execute_async_v3(stream.handle):
-            raise FlashFaceError(f"{name}: TensorRT enqueue failed (execute_async_v3 returned False)")
+            raise FlashFaceError(
+                f"{self.spec.name}: TensorRT enqueue failed (execute_async_v3 returned False)"
+            )
 
 
 def _dims(dims: trt.Dims) -> tuple[int, ...]:
