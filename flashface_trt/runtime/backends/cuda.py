@@ -51,6 +51,11 @@ def device_count() -> int:
         return 0
 
 
+def free_device_memory() -> int:
+    """Free bytes of the current CUDA device (cudaMemGetInfo)."""
+    return int(check(_rt().cudaMemGetInfo(), "cudaMemGetInfo")[0])
+
+
 @dataclass(frozen=True)
 class DeviceInfo:
     name: str
