@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,7 +104,7 @@ class JobBook:
         self.running: dict[str, Job] = {}  # jobs in the running batch
         self.seq = 0
         self.finished_order: list[str] = []
-        self.mean_job_s = 5.0  # running mean of job durations (Retry-After estimates)
+        self.ends: deque[float] = deque(maxlen=32)  # when the last jobs that ran ended (throughput)
         if recover:
             self._recover()
 
@@ -117,8 +119,10 @@ class JobBook:
             self._write(job, k)
 
     def progress(self, job: Job) -> None:
-        """Record a running job's step (readers in other processes follow it)."""
+        """Record a job's step (readers in other processes follow it); its first step makes it running."""
         with self.lock:
+            if job.state == State.QUEUED and job.id in self.running:
+                job.state, job.started = State.RUNNING, time.time()
             if job.state == State.RUNNING:
                 self._write(job)
 
@@ -141,8 +145,8 @@ class JobBook:
     def submit(self, job: Job) -> Job:
         with self.lock:
             if self.queued >= self.max_queue:
-                wait = max(1, round(self.mean_job_s * (self.queued + 1)))
-                raise QueueFull(f"the queue holds {self.queued} jobs (limit {self.max_queue})", wait)
+                message = f"the queue holds {self.queued} jobs (limit {self.max_queue})"
+                raise QueueFull(message, self.retry_after())
             self.seq += 1
             job.seq = self.seq
             self.jobs[job.id] = job
@@ -152,8 +156,27 @@ class JobBook:
             self.lock.notify_all()
         return job
 
+    def retry_after(self) -> int:
+        """Seconds for the queue to drain at the throughput measured over the last jobs (5 s a job before)."""
+        now, ends = time.monotonic(), self.ends
+        rate = len(ends) / max(now - ends[0], 1.0) if ends else 0.2  # jobs ended per second
+        return min(3600, max(1, math.ceil(self.queued / rate)))
+
+    def expire(self) -> list[Job]:
+        """Queued jobs past their deadline end now (failed, kind timeout), not when they reach the head."""
+        with self.lock:
+            late = [job for job in self.pending() if time.time() > job.deadline]
+            for job in late:
+                self.queued -= 1
+                message = f"deadline of {job.timeout_s:g} s passed while queued"
+                self._finish_locked(job, State.FAILED, message, "timeout")
+            if late:
+                self._write_positions()
+            return late
+
     def take(self, timeout: float, fits: Callable[[Job], bool] | None = None) -> Job | None:
-        """The next queued job (now running), or None after `timeout` seconds without one.
+        """The next queued job (to the running batch; `progress` marks it running at its first step),
+        or None after `timeout` seconds without one.
 
         `fits`: whether the head of the queue fits the running batch; a head that does not fit
         stays first (big jobs are not overtaken forever) and None is returned.
@@ -171,9 +194,7 @@ class JobBook:
                         return None
                     heapq.heappop(self.heap)
                     self.queued -= 1
-                    job.state, job.started = State.RUNNING, time.time()
                     self.running[job.id] = job
-                    self._write(job)
                     self._write_positions()
                     return job
                 left = end - time.monotonic()
@@ -184,26 +205,25 @@ class JobBook:
     def position(self, job: Job) -> int | None:
         """Jobs ahead of a queued job (0: next), None once it left the queue."""
         with self.lock:
-            if job.state != State.QUEUED:
-                return None
+            if job.state != State.QUEUED or job.id in self.running:
+                return None if job.state != State.QUEUED else 0
             mine = (-job.priority, job.seq)
             return sum(1 for p, s, i in self.heap if (p, s) < mine and self.jobs[i].state == State.QUEUED)
 
     def cancel(self, job: Job, reason: str = "cancelled by the client") -> None:
-        """A queued job leaves the queue now; a running one stops at its next step boundary."""
+        """A queued job leaves the queue now; one in the running batch stops at its next step boundary."""
         with self.lock:
-            if job.state == State.QUEUED:
+            if job.id in self.running:
+                job.cancel_reason = reason
+            elif job.state == State.QUEUED:
                 self.queued -= 1
                 self._finish_locked(job, State.CANCELLED, reason, "cancelled")
                 self._write_positions()
-            elif job.state == State.RUNNING:
-                job.cancel_reason = reason
 
     def finish(self, job: Job, state: State, error: str | None = None, kind: str | None = None) -> None:
         with self.lock:
             if self.running.pop(job.id, None) is not None:
-                if state == State.SUCCEEDED and job.started is not None:
-                    self.mean_job_s = 0.8 * self.mean_job_s + 0.2 * (time.time() - job.started)
+                self.ends.append(time.monotonic())
             self._finish_locked(job, state, error, kind)
 
     def _finish_locked(self, job: Job, state: State, error: str | None, kind: str | None) -> None:

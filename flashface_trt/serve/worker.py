@@ -83,7 +83,9 @@ class Worker(threading.Thread):
         self.ready.set()
         log.info("worker ready on %s", self.encoder)
         while not self.stopping.is_set():
-            self._run_tasks()
+            self._run_tasks()  # registrations and other calls: between every two steps
+            for job in self.book.expire():
+                self.metrics.job_failed(job, "timeout")
             self._admit()
             if self.executor.busy:
                 self.executor.run_once()
@@ -105,7 +107,8 @@ class Worker(threading.Thread):
             self._collect()
 
     def _admit(self) -> None:
-        """Move queued jobs into the running batch while they fit (waiting briefly when idle)."""
+        """Move queued jobs into the executor only while they can run now (the rest stay in the book's
+        bounded queue; waiting briefly when idle)."""
         ex = self.executor
         while True:
             fits = lambda job: 3 * job.request.num_samples <= ex.room() or not ex.busy  # noqa: E731
