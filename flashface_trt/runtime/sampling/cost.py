@@ -151,8 +151,8 @@ class Admission:
         side = self.largest_side(n)
         hint = f"at most {side}x{side} fits" if side else "even 8x8 does not fit: ask fewer num_samples"
         raise OverBudget(
-            f"{h}x{w} x {n} sample(s) needs ~{_gib(need)} of memory, {_gib(budget)} free (memory_margin"
-            f" kept back): {hint}",
+            f"{h}x{w} x {n} sample(s) needs ~{_gib(need)} of memory, over the {_gib(budget)} this device"
+            f" has free for it: {hint}",
             "height",
         )
 
