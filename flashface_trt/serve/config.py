@@ -21,16 +21,16 @@ SETTINGS = (
     Param("max_queue", "int", "queued jobs before 429", 1, None, 64),
     Param("max_upload_mb", "float", "request body limit in MiB", 0, None, 20.0, lo_open=True),
     Param("max_pixels", "int", "pixels per uploaded photo (bomb guard)", 1, None, DEFAULT_MAX_PIXELS),
-    Param("max_upload_pixels", "int", "decoded pixels of all photos of a registration", 1, None, 10**8),
-    Param("max_files", "int", "photos per registration", 1, 1000, 16),
-    Param("max_cost", "float", "job cost limit, H*W*samples*steps/1e6 (0: none)", 0, None, 0.0),
-    Param("memory_margin", "float", "free memory share kept from jobs' peaks (1: none)", 0, 1, 0.2),
     Param("timeout_s", "float", "default per-job deadline in seconds", 0, None, 600.0, lo_open=True),
     Param("shutdown", "str", "on SIGTERM: finish or cancel jobs", default="finish", choices=SHUTDOWN_MODES),
     Param("drain_s", "float", "longest wait for jobs on SIGTERM, seconds", 0, None, 60.0),
     Param("max_jobs", "int", "finished job records kept", 1, None, 1000),
     BATCH_ROWS,
     Param("warmup_steps", "int", "steps of the warm-up generation before ready (0: none)", 0, 1000, 2),
+    Param("max_upload_pixels", "int", "decoded pixels of all photos of a registration", 1, None, 10**8),
+    Param("max_files", "int", "photos per registration", 1, 1000, 16),
+    Param("max_cost", "float", "job cost limit, H*W*samples*steps/1e6 (0: none)", 0, None, 0.0),
+    Param("memory_margin", "float", "free memory share kept from jobs' peaks (1: none)", 0, 1, 0.2),
 )
 DEFAULTS = {p.name: p.default for p in SETTINGS}
 
@@ -43,10 +43,6 @@ class ServeSettings:
     data_dir: identities (crops, latents) and finished jobs (records, PNGs) persist here.
     max_queue: queued generations accepted before new ones get 429 with Retry-After.
     max_upload_mb: request bodies above this get 413; max_pixels: the per-photo pixel guard.
-    max_upload_pixels / max_files: a registration's photos' decoded pixels (read from their headers
-        before any decode) and count, else 413.
-    max_cost / memory_margin: a job over max_cost megapixel-steps, or whose estimated peak memory
-        (`runtime.sampling.cost`) exceeds the device's free memory less this share, gets 422.
     timeout_s: default per-job deadline (queueing included); a job past it is failed.
     api_keys: bearer keys; with keys every route but the health checks needs one, and
         identities and jobs belong to the key that made them (others get 404).
@@ -56,6 +52,10 @@ class ServeSettings:
         size share each denoising step up to this many rows (step-level batching).
     warmup_steps: steps of one generation run before /readyz says ready (graph capture included;
         0: none).
+    max_upload_pixels / max_files: a registration's photos' decoded pixels (read from their headers
+        before any decode) and count, else 413.
+    max_cost / memory_margin: a job over max_cost megapixel-steps, or whose estimated peak memory
+        (`runtime.sampling.cost`) exceeds the device's free memory less this share, gets 422.
     """
 
     host: str = DEFAULTS["host"]
@@ -64,10 +64,6 @@ class ServeSettings:
     max_queue: int = DEFAULTS["max_queue"]
     max_upload_mb: float = DEFAULTS["max_upload_mb"]
     max_pixels: int = DEFAULTS["max_pixels"]
-    max_upload_pixels: int = DEFAULTS["max_upload_pixels"]
-    max_files: int = DEFAULTS["max_files"]
-    max_cost: float = DEFAULTS["max_cost"]
-    memory_margin: float = DEFAULTS["memory_margin"]
     timeout_s: float = DEFAULTS["timeout_s"]
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     shutdown: str = DEFAULTS["shutdown"]
@@ -75,6 +71,10 @@ class ServeSettings:
     max_jobs: int = DEFAULTS["max_jobs"]
     max_batch_rows: int = DEFAULTS["max_batch_rows"]
     warmup_steps: int = DEFAULTS["warmup_steps"]
+    max_upload_pixels: int = DEFAULTS["max_upload_pixels"]
+    max_files: int = DEFAULTS["max_files"]
+    max_cost: float = DEFAULTS["max_cost"]
+    memory_margin: float = DEFAULTS["memory_margin"]
 
     def validated(self) -> ServeSettings:
         """Return self after checking every setting by `SETTINGS`; InputError names value and range."""

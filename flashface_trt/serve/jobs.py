@@ -104,7 +104,8 @@ class JobBook:
         self.running: dict[str, Job] = {}  # jobs in the running batch
         self.seq = 0
         self.finished_order: list[str] = []
-        self.ends: deque[float] = deque(maxlen=32)  # when the last jobs that ran ended (throughput)
+        self.busy: deque[float] = deque(maxlen=32)  # busy seconds each recent job added (throughput)
+        self.last_end = 0.0
         if recover:
             self._recover()
 
@@ -157,10 +158,10 @@ class JobBook:
         return job
 
     def retry_after(self) -> int:
-        """Seconds for the queue to drain at the throughput measured over the last jobs (5 s a job before)."""
-        now, ends = time.monotonic(), self.ends
-        rate = len(ends) / max(now - ends[0], 1.0) if ends else 0.2  # jobs ended per second
-        return min(3600, max(1, math.ceil(self.queued / rate)))
+        """Seconds for the queue to drain at the measured throughput: busy seconds per job over the
+        last jobs (idle time left out; jobs sharing a batch split it), 5 s a job before any."""
+        per_job = sum(self.busy) / len(self.busy) if self.busy else 5.0
+        return min(3600, max(1, math.ceil(self.queued * per_job)))
 
     def expire(self) -> list[Job]:
         """Queued jobs past their deadline end now (failed, kind timeout), not when they reach the head."""
@@ -223,7 +224,9 @@ class JobBook:
     def finish(self, job: Job, state: State, error: str | None = None, kind: str | None = None) -> None:
         with self.lock:
             if self.running.pop(job.id, None) is not None:
-                self.ends.append(time.monotonic())
+                now = time.time()
+                self.busy.append(now - max(self.last_end, job.started or now))
+                self.last_end = now
             self._finish_locked(job, state, error, kind)
 
     def _finish_locked(self, job: Job, state: State, error: str | None, kind: str | None) -> None:
