@@ -68,22 +68,12 @@ def _check_ranges(args: argparse.Namespace, manifest: dict, request: GenerationR
 
 
 def _admission(args: argparse.Namespace, manifest: dict | None, rows: int = 0):
-    """The memory the model flags' backend would have free (less MARGIN) and its footprint, weights
-    counted by their files' sizes: nothing is loaded (`cost.Admission`)."""
-    from ..runtime.sampling.cost import Admission, Footprint, available_ram, budget_of
+    """The footprint of the model flags' networks (weights by file size) and the memory their device
+    has free, less MARGIN (`cost.Admission`): nothing loaded."""
+    from ..runtime.sampling.cost import Admission, Footprint, available_ram
 
     root, free = args.onnx or args.engines or args.weights, available_ram()
-    if manifest is not None:
-        config = manifest.get("model_config") or manifest["export"]["model_config"]
-        family, precision = "onnxruntime" if args.onnx else "tensorrt", manifest["precision"]
-        if args.engines:
-            from ..runtime.backends.cuda import CudaError, free_device_memory
-
-            try:
-                free = free_device_memory()
-            except CudaError:
-                free = None  # no device here: the engines' load will say so
-    else:
+    if manifest is None:
         import torch
 
         from ..backends import torch_device
@@ -94,8 +84,15 @@ def _admission(args: argparse.Namespace, manifest: dict | None, rows: int = 0):
         config = (TINY if args.preset else model_config_for(args.weights)).to_dict()
         family, precision = "torch", "fp16" if dtype == torch.float16 else "fp32"
         free = torch.cuda.mem_get_info()[0] if device == "cuda" else free
+    else:
+        config = manifest.get("model_config") or manifest["export"]["model_config"]
+        family, precision = "onnxruntime" if args.onnx else "tensorrt", manifest["precision"]
+        if args.engines:
+            from ..runtime.backends.cuda import free_device_memory
+
+            free = free_device_memory()
     weights = sum(f.stat().st_size for f in Path(root).rglob("*") if f.is_file()) if root else 0
-    return Admission(0, Footprint.of(config, precision, family, weights), budget_of(free, MARGIN), rows)
+    return Admission(0, Footprint.of(config, precision, family, weights), free, MARGIN, rows)
 
 
 def _read_photos(args: argparse.Namespace, paths: Sequence[Path]) -> list[Image.Image] | None:

@@ -123,7 +123,7 @@ class TorchBackend:
         return torch.cat([LATENT_SCALE * self.models.vae.encode(chunk) for chunk in x.split(VAE_BATCH)])
 
     def free_memory(self) -> int | None:
-        """Free bytes of the device (`cost.free_memory`): CUDA's, else the host's available RAM."""
+        """Free bytes of the device (`Service.admission`): CUDA's, else the host's available RAM."""
         return torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else available_ram()
 
     def decode(self, z: torch.Tensor) -> np.ndarray:

@@ -52,10 +52,8 @@ class ServeSettings:
         size share each denoising step up to this many rows (step-level batching).
     warmup_steps: steps of one generation run before /readyz says ready (graph capture included;
         0: none).
-    max_upload_pixels / max_files: a registration's photos' decoded pixels (read from their headers
-        before any decode) and count, else 413.
-    max_cost / memory_margin: a job over max_cost megapixel-steps, or whose estimated peak memory
-        (`runtime.sampling.cost`) exceeds the device's free memory less this share, gets 422.
+    max_upload_pixels / max_files: a registration's decoded pixels (from headers) and photos, else 413.
+    max_cost / memory_margin: jobs over these megapixel-steps or this share of free memory get 422.
     """
 
     host: str = DEFAULTS["host"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import heapq
 import logging
-import math
 import threading
 import time
 from collections import deque
@@ -158,10 +157,9 @@ class JobBook:
         return job
 
     def retry_after(self) -> int:
-        """Seconds for the queue to drain at the measured throughput: busy seconds per job over the
-        last jobs (idle time left out; jobs sharing a batch split it), 5 s a job before any."""
+        """Seconds to drain the queue at the busy seconds per job measured lately (5 s before any)."""
         per_job = sum(self.busy) / len(self.busy) if self.busy else 5.0
-        return min(3600, max(1, math.ceil(self.queued * per_job)))
+        return min(3600, 1 + int(self.queued * per_job))
 
     def expire(self) -> list[Job]:
         """Queued jobs past their deadline end now (failed, kind timeout), not when they reach the head."""

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from ..runtime.errors import FlashFaceError, InputError
 from ..runtime.faces.images import check_pixels
-from ..runtime.sampling.cost import Admission, budget_of, footprint_of, free_memory
+from ..runtime.sampling.cost import Admission, available_ram, footprint_of
 from ..runtime.sampling.params import REQUEST_PARAMS, SERVICE
 from ..runtime.sampling.request import GenerationRequest, make_request
 from .config import ServeSettings
@@ -27,7 +27,6 @@ from .store import IdentityStore
 from .worker import LoadBackend, Worker
 
 log = logging.getLogger(__name__)
-# settings /readyz reports beside the admission's limits
 LIMITS = ("max_queue", "max_files", "max_pixels", "max_upload_pixels", "memory_margin", "max_batch_rows")
 
 
@@ -100,11 +99,10 @@ class Service:
 
     def admission(self) -> Admission:
         """The job limits: max_cost, and once the backend is warm, the memory it has free less the margin."""
-        s, backend = self.settings, self.worker.backend
+        s, be = self.settings, self.worker.backend
         if self._admission is None and self.worker.ready.is_set():
-            budget = budget_of(free_memory(backend), s.memory_margin)
-            self._admission = Admission(s.max_cost, footprint_of(backend), budget, s.max_batch_rows)
-            log.info("admission limits: %s", self._admission.limits())
+            free = getattr(be, "free_memory", available_ram)()  # the device's: CUDA's, else the host's
+            self._admission = Admission(s.max_cost, footprint_of(be), free, s.memory_margin, s.max_batch_rows)
         return self._admission or Admission(s.max_cost)
 
     def start(self) -> Service:

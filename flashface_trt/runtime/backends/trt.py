@@ -78,7 +78,7 @@ class TrtBackend:
     """FlashFace on TensorRT engines from `flashface-trt build` (fp16, one stream, CUDA graphs)."""
 
     name = "tensorrt"
-    free_memory = staticmethod(free_memory)  # the device's free bytes, for `cost.free_memory`
+    free_memory = staticmethod(free_memory)  # the device's free bytes, for `Service.admission`
     prefetch_images = DEFAULT_PREFETCH_IMAGES  # reference images per ReferenceNet call on admission (0: off)
 
     def __init__(
