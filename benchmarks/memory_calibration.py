@@ -38,8 +38,12 @@ def measure(side: int, samples: int = 1) -> dict[str, float]:
     marks: list[int] = []
     req = GenerationRequest(prompt="x", steps=1, height=side, width=side, num_samples=samples)
     generate(backend, req, [synthetic_face()], on_step=lambda k, n: marks.append(_rss()))
-    return {"side": side, "samples": samples, "step_mib": (marks[0] - base) / MIB,
-            "decode_mib": (_rss() - base) / MIB}
+    return {
+        "side": side,
+        "samples": samples,
+        "step_mib": (marks[0] - base) / MIB,
+        "decode_mib": (_rss() - base) / MIB,
+    }
 
 
 if __name__ == "__main__":
@@ -48,6 +52,10 @@ if __name__ == "__main__":
     else:
         for arg in sys.argv[1:]:
             side, _, n = arg.partition("x")
-            out = subprocess.run([sys.executable, "-m", "benchmarks.memory_calibration", "--one", side, n or "1"],
-                                 capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, "-m", "benchmarks.memory_calibration", "--one", side, n or "1"],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             print(out.stdout.strip().splitlines()[-1])

@@ -88,8 +88,8 @@ class Admission:
     @property
     def budget(self) -> int | None:
         """Bytes a request's estimate may take (None: no memory check)."""
-        unknown = self.footprint is None or self.free is None or self.margin >= 1
-        return None if unknown else int(self.free * (1 - self.margin))
+        known = self.footprint is not None and self.free is not None and self.margin < 1
+        return int(self.free * (1 - self.margin)) if known and self.free is not None else None
 
     def check(self, request: Any, refs: int = 1) -> None:
         """InputError naming the limit and what would fit; nothing where the request fits."""
