@@ -1,23 +1,24 @@
 """Peak host memory of one tiny-preset step and decode on the CPU (PyTorch, float32), per size.
 
-Each size runs in a fresh process: the resident-set high-water mark (`ru_maxrss`) after loading,
-after the first denoising step and after the decode, minus the mark after loading, is what that
-phase added. `runtime/sampling/cost.py` CALIBRATION holds these numbers (its test re-checks the
+Each size runs in a fresh process: after loading and a warm-up generation the resident-set
+high-water mark is reset (`/proc/self/clear_refs`); the mark (VmHWM) after the first denoising step
+and after the decode, minus the resident set before them, is what that phase added. `runtime/sampling/cost.py` CALIBRATION holds these numbers (its test re-checks the
 estimate against them). Run: `python -m benchmarks.memory_calibration 128 256 384`.
 """
 
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 
 MIB = 1 << 20
 
 
-def _rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+def _vm(key: str) -> int:
+    """VmRSS or VmHWM of this process in bytes (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith(key + ":"))
 
 
 def measure(side: int, samples: int = 1) -> dict[str, float]:
@@ -34,15 +35,17 @@ def measure(side: int, samples: int = 1) -> dict[str, float]:
     torch.set_num_threads(1)
     backend = TorchBackend(tiny_models("cpu", torch.float32), TORCH_PRESETS["auto"])
     generate(backend, GenerationRequest(prompt="warm", steps=1, height=64, width=64), [synthetic_face()])
-    base = _rss()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    base = _vm("VmRSS")
     marks: list[int] = []
     req = GenerationRequest(prompt="x", steps=1, height=side, width=side, num_samples=samples)
-    generate(backend, req, [synthetic_face()], on_step=lambda k, n: marks.append(_rss()))
+    generate(backend, req, [synthetic_face()], on_step=lambda k, n: marks.append(_vm("VmHWM")))
     return {
         "side": side,
         "samples": samples,
         "step_mib": (marks[0] - base) / MIB,
-        "decode_mib": (_rss() - base) / MIB,
+        "decode_mib": (_vm("VmHWM") - base) / MIB,
     }
 
 

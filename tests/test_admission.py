@@ -20,6 +20,7 @@ from flashface_trt.runtime.errors import InputError
 from flashface_trt.runtime.faces.images import ImageTooLarge, check_pixels
 from flashface_trt.runtime.sampling.cost import (
     CALIBRATION,
+    FIXED,
     MIB,
     Admission,
     Footprint,
@@ -46,10 +47,10 @@ def bomb_png() -> bytes:
 @pytest.mark.parametrize("side, samples", sorted(CALIBRATION))
 def test_estimate_within_a_factor_of_the_calibration(side, samples):
     """The tiny preset's CPU estimate bounds the measured peak (benchmarks/memory_calibration.py) from
-    above, by at most a factor 2."""
+    above, by at most a factor 2 (plus the fixed slack, which dominates the smallest size)."""
     measured = max(CALIBRATION[side, samples]) * MIB
-    ratio = TINY_CPU.peak_bytes(side, side, samples) / measured
-    assert 1.0 <= ratio <= 2.0, ratio
+    estimate = TINY_CPU.peak_bytes(side, side, samples)
+    assert measured <= estimate <= 2 * measured + FIXED, estimate / measured
 
 
 def test_estimate_against_a_fresh_measurement():
@@ -67,7 +68,9 @@ def test_estimate_against_a_fresh_measurement():
 
     row = json.loads(out.stdout.strip().splitlines()[-1])
     measured = max(row["step_mib"], row["decode_mib"]) * MIB
-    assert 1.0 <= TINY_CPU.peak_bytes(256, 256, 1) / measured <= 2.5, row
+    # the table's row and the estimate above it, up to the allocator's noise (71-95 MiB seen here)
+    assert abs(measured / MIB / max(CALIBRATION[256, 1]) - 1) < 0.25, row
+    assert measured <= 1.1 * TINY_CPU.peak_bytes(256, 256, 1) <= 2.5 * measured, row
 
 
 def test_estimate_grows_with_every_size():
@@ -82,7 +85,7 @@ def test_estimate_grows_with_every_size():
     ort = Footprint.of(TINY.to_dict(), "fp32", "onnxruntime")
     assert ort.unet_scores and ort.peak_bytes(1024, 1024, 4) > TINY_CPU.peak_bytes(1024, 1024, 4)
     # the decode of a 4096x4096 tiny image: its latent attention alone is (512*512)^2 float32 = 256 GiB
-    assert TINY_CPU.peak_bytes(4096, 4096, 1) > 2 * 256 * 1024 * MIB
+    assert TINY_CPU.peak_bytes(4096, 4096, 1) > 256 * 1024 * MIB
 
 
 def test_footprint_of_each_backend_kind():
@@ -106,7 +109,7 @@ def test_admission_names_the_limit_and_what_fits():
     adm = Admission(footprint=TINY_CPU, free=budget, margin=0.0)
     adm.check(GenerationRequest(prompt="x", height=1024, width=1024))
     with pytest.raises(
-        InputError, match=r"4096x4096 x 1 sample\(s\) needs ~528.0 GiB .* at most 1024x1024 fits"
+        InputError, match=r"4096x4096 x 1 sample\(s\) needs ~278.0 GiB .* at most 1024x1024 fits"
     ):
         adm.check(GenerationRequest(prompt="x", height=4096, width=4096))
     assert adm.largest_side(1) == 1024 and adm.largest_side(4) < 1024 and adm.budget == budget
@@ -162,7 +165,7 @@ def test_cli_refuses_what_cannot_fit_before_loading(tmp_path, monkeypatch, capsy
     assert time.perf_counter() - t0 < 10
     err = capsys.readouterr().err
     assert re.search(
-        r"4096x4096 x 1 sample\(s\) needs ~528.0 GiB of memory, over the .* for it: at most \d+x\d+ fits",
+        r"4096x4096 x 1 sample\(s\) needs ~278.0 GiB of memory, over the .* for it: at most \d+x\d+ fits",
         err,
     )
     batch = tmp_path / "b.jsonl"
@@ -223,7 +226,7 @@ def test_http_refuses_by_cost_and_memory_before_a_job_exists(tmp_path):
         assert r.status_code == 422 and r.json()["field"] == "height", r.text
         side = limits["max_side_1_sample"]
         assert re.search(
-            rf"needs ~528.0 GiB of memory, over the .* free for it: at most {side}x{side} fits", r.text
+            rf"needs ~278.0 GiB of memory, over the .* free for it: at most {side}x{side} fits", r.text
         )
         r = c.post("/v1/generations", json=generation(ident, prompt="x" * 2001))
         assert (
