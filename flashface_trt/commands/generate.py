@@ -12,6 +12,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..backends import load_backend
+from ..runtime.backends.cuda import free_device_memory
 from ..runtime.errors import InputError
 from ..runtime.sampling.params import DEFAULT_SIZE, GENERATE_PARAMS
 from ..runtime.sampling.request import GenerationRequest, make_request
@@ -68,15 +69,16 @@ def _check_ranges(args: argparse.Namespace, manifest: dict, request: GenerationR
 
 
 def _admission(args: argparse.Namespace, manifest: dict | None, rows: int = 0):
-    """The footprint of the model flags' networks (weights by file size) and the memory their device
-    has free, less MARGIN (`cost.Admission`): nothing loaded."""
+    """The model flags' footprint (weights by file size) and their device's free memory; nothing loaded."""
     from ..runtime.sampling.cost import Admission, Footprint, available_ram
 
     root, free = args.onnx or args.engines or args.weights, available_ram()
     if manifest is None:
+        from ..backends import require_torch, torch_device
+
+        require_torch("generate")  # what to install, before torch is imported here
         import torch
 
-        from ..backends import torch_device
         from ..models.config import TINY
         from ..models.loading import model_config_for
 
@@ -87,10 +89,7 @@ def _admission(args: argparse.Namespace, manifest: dict | None, rows: int = 0):
     else:
         config = manifest.get("model_config") or manifest["export"]["model_config"]
         family, precision = "onnxruntime" if args.onnx else "tensorrt", manifest["precision"]
-        if args.engines:
-            from ..runtime.backends.cuda import free_device_memory
-
-            free = free_device_memory()
+        free = free_device_memory() if args.engines else free
     weights = sum(f.stat().st_size for f in Path(root).rglob("*") if f.is_file()) if root else 0
     return Admission(0, Footprint.of(config, precision, family, weights), free, MARGIN, rows)
 
