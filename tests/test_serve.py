@@ -254,7 +254,9 @@ def test_wait_returns_the_finished_job(api):
 
 
 def test_restart_keeps_identities_and_jobs(tmp_path):
-    with service(tmp_path, warmup_steps=0) as first:
+    # one job at a time: 'running' is said from a job's first step on, and a second job that fits the
+    # batch would run (and finish) beside the long one instead of staying queued
+    with service(tmp_path, warmup_steps=0, max_batch_rows=3) as first:
         c = first.client()
         ident = register(c, 4)
         done = wait_job(c, c.post("/v1/generations", json=generation(ident["id"])).json()["id"])

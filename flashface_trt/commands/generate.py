@@ -12,12 +12,14 @@ from pathlib import Path
 from PIL import Image
 
 from ..backends import load_backend
+from ..runtime.backends.cuda import free_device_memory
 from ..runtime.errors import InputError
 from ..runtime.sampling.params import DEFAULT_SIZE, GENERATE_PARAMS
 from ..runtime.sampling.request import GenerationRequest, make_request
 from .checks import check_generate_flags, check_weights_dir
 
 log = logging.getLogger("flashface_trt")
+MARGIN = 0.2  # share of the free memory kept back from a request's estimated peak (as `serve`'s default)
 
 
 def request_from(args: argparse.Namespace, size: tuple[int, int]) -> GenerationRequest:
@@ -66,6 +68,32 @@ def _check_ranges(args: argparse.Namespace, manifest: dict, request: GenerationR
     raise InputError(f"{'; '.join(p for p, _ in problems)} in {where}; {remedy}")
 
 
+def _admission(args: argparse.Namespace, manifest: dict | None, rows: int = 0):
+    """The model flags' footprint (weights by file size) and their device's free memory; nothing loaded."""
+    from ..runtime.sampling.cost import Admission, Footprint, available_ram
+
+    root, free = args.onnx or args.engines or args.weights, available_ram()
+    if manifest is None:
+        from ..backends import require_torch, torch_device
+
+        require_torch("generate")  # what to install, before torch is imported here
+        import torch
+
+        from ..models.config import TINY
+        from ..models.loading import model_config_for
+
+        device, dtype = torch_device(args)
+        config = (TINY if args.preset else model_config_for(args.weights)).to_dict()
+        family, precision = "torch", "fp16" if dtype == torch.float16 else "fp32"
+        free = torch.cuda.mem_get_info()[0] if device == "cuda" else free
+    else:
+        config = manifest.get("model_config") or manifest["export"]["model_config"]
+        family, precision = "onnxruntime" if args.onnx else "tensorrt", manifest["precision"]
+        free = free_device_memory() if args.engines else free
+    weights = sum(f.stat().st_size for f in Path(root).rglob("*") if f.is_file()) if root else 0
+    return Admission(0, Footprint.of(config, precision, family, weights), free, MARGIN, rows)
+
+
 def _read_photos(args: argparse.Namespace, paths: Sequence[Path]) -> list[Image.Image] | None:
     """The decoded photos (None without any, where a drawn face stands in)."""
     from ..runtime.faces.images import load_image
@@ -83,14 +111,16 @@ def _generate_batch(args: argparse.Namespace, manifest: dict | None, size: tuple
     from .batch import on_line, read_batch_file, run_batch
 
     lines = read_batch_file(args, size, request_from)
+    admission = _admission(args, manifest, args.max_batch_rows)
     for line in lines:
         if args.weights and not line.faces:
             raise InputError(f"{args.batch_file}:{line.number}: no photo ('face' on the line or --face)")
-        if manifest is not None:
-            try:
+        try:
+            if manifest is not None:
                 _check_ranges(args, manifest, line.request, max(len(line.faces), 1))
-            except InputError as exc:
-                raise InputError(f"{args.batch_file}:{line.number}: {exc}", exc.field) from exc
+            admission.check(line.request, max(len(line.faces), 1))
+        except InputError as exc:
+            raise InputError(f"{args.batch_file}:{line.number}: {exc}", exc.field) from exc
     first: dict[tuple[Path, ...], int] = {}  # each photo set read once; errors name its first line
     for line in lines:
         first.setdefault(line.faces, line.number)
@@ -124,6 +154,7 @@ def generate(args: argparse.Namespace) -> int:
     request = request_from(args, size)
     if manifest is not None:
         _check_ranges(args, manifest, request, len(args.face))
+    _admission(args, manifest).check(request, max(len(args.face), 1))  # before anything loads
     paths = image_paths(args.out, request.num_samples)
     photos = _read_photos(args, args.face)
     backend, detector = load_backend(args)

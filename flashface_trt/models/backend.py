@@ -12,6 +12,7 @@ import torch
 from ..runtime.backends.graphs import StepGraphs
 from ..runtime.faces.images import to_uint8
 from ..runtime.sampling.batch import BatchPlan, Member, plan_batch
+from ..runtime.sampling.cost import available_ram
 from ..runtime.sampling.identities import ReferenceKVCache
 from ..runtime.sampling.request import REFERENCE_SIZE
 from ..runtime.sampling.tokenizer import ClipTokenizer
@@ -59,6 +60,7 @@ class TorchBackend:
         self.dtype = models.dtype
         self.ref_size, self.tokenizer = models.ref_size, models.tokenizer
         self.precision = "fp16" if self.dtype == torch.float16 else "fp32"
+        self.model_config = models.config.to_dict()  # sizes for `cost.footprint_of`
         self.kv_cache = ReferenceKVCache(settings.kv_cache_bytes)
         self.static = self.device.type == "cuda" if settings.static_loop is None else settings.static_loop
         capture = TorchCapture() if self.device.type == "cuda" else None
@@ -119,6 +121,10 @@ class TorchBackend:
         """Reference crops [R, 3, S, S] in [-1, 1] -> scaled latents [R, 4, S/8, S/8] (posterior mean)."""
         x = self.from_numpy(images.astype(np.float32)).to(self.dtype)
         return torch.cat([LATENT_SCALE * self.models.vae.encode(chunk) for chunk in x.split(VAE_BATCH)])
+
+    def free_memory(self) -> int | None:
+        """Free bytes of the device (`Service.admission`): CUDA's, else the host's available RAM."""
+        return torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else available_ram()
 
     def decode(self, z: torch.Tensor) -> np.ndarray:
         """Scaled latents [N, 4, h, w] -> uint8 images [N, 8h, 8w, 3]."""

@@ -28,6 +28,10 @@ SETTINGS = (
     Param("max_streams", "int", "open event streams and ?wait=true requests per key before 429", 1, None, 16),
     BATCH_ROWS,
     Param("warmup_steps", "int", "steps of the warm-up generation before ready (0: none)", 0, 1000, 2),
+    Param("max_upload_pixels", "int", "decoded pixels of all photos of a registration", 1, None, 10**8),
+    Param("max_files", "int", "photos per registration", 1, 1000, 16),
+    Param("max_cost", "float", "job cost limit, H*W*samples*steps/1e6 (0: none)", 0, None, 0.0),
+    Param("memory_margin", "float", "free memory share kept from jobs' peaks (1: none)", 0, 1, 0.2),
 )
 DEFAULTS = {p.name: p.default for p in SETTINGS}
 
@@ -50,6 +54,8 @@ class ServeSettings:
         size share each denoising step up to this many rows (step-level batching).
     warmup_steps: steps of one generation run before /readyz says ready (graph capture included;
         0: none).
+    max_upload_pixels / max_files: a registration's decoded pixels (from headers) and photos, else 413.
+    max_cost / memory_margin: jobs over these megapixel-steps or this share of free memory get 422.
     """
 
     host: str = DEFAULTS["host"]
@@ -66,6 +72,10 @@ class ServeSettings:
     max_streams: int = DEFAULTS["max_streams"]
     max_batch_rows: int = DEFAULTS["max_batch_rows"]
     warmup_steps: int = DEFAULTS["warmup_steps"]
+    max_upload_pixels: int = DEFAULTS["max_upload_pixels"]
+    max_files: int = DEFAULTS["max_files"]
+    max_cost: float = DEFAULTS["max_cost"]
+    memory_margin: float = DEFAULTS["memory_margin"]
 
     def validated(self) -> ServeSettings:
         """Return self after checking every setting by `SETTINGS`; InputError names value and range."""

@@ -13,6 +13,7 @@ import heapq
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -104,7 +105,8 @@ class JobBook:
         self.running: dict[str, Job] = {}  # jobs in the running batch
         self.seq = 0
         self.finished_order: list[str] = []
-        self.mean_job_s = 5.0  # running mean of job durations (Retry-After estimates)
+        self.busy: deque[float] = deque(maxlen=32)  # busy seconds each recent job added (throughput)
+        self.last_end = 0.0
         self.watchers: dict[str, set[Callable[[], object]]] = {}  # job id -> wake-ups of async waiters
         if recover:
             self._recover()
@@ -120,8 +122,10 @@ class JobBook:
             self._write(job, k)
 
     def progress(self, job: Job) -> None:
-        """Record a running job's step (readers in other processes follow it)."""
+        """Record a job's step (readers in other processes follow it); its first step makes it running."""
         with self.lock:
+            if job.state == State.QUEUED and job.id in self.running:
+                job.state, job.started = State.RUNNING, time.time()
             if job.state == State.RUNNING:
                 self._write(job)
             self._notify(job)
@@ -165,8 +169,8 @@ class JobBook:
     def submit(self, job: Job) -> Job:
         with self.lock:
             if self.queued >= self.max_queue:
-                wait = max(1, round(self.mean_job_s * (self.queued + 1)))
-                raise QueueFull(f"the queue holds {self.queued} jobs (limit {self.max_queue})", wait)
+                message = f"the queue holds {self.queued} jobs (limit {self.max_queue})"
+                raise QueueFull(message, self.retry_after())
             self.seq += 1
             job.seq = self.seq
             self.jobs[job.id] = job
@@ -176,8 +180,26 @@ class JobBook:
             self.lock.notify_all()
         return job
 
+    def retry_after(self) -> int:
+        """Seconds to drain the queue at the busy seconds per job measured lately (5 s before any)."""
+        per_job = sum(self.busy) / len(self.busy) if self.busy else 5.0
+        return min(3600, 1 + int(self.queued * per_job))
+
+    def expire(self) -> list[Job]:
+        """Queued jobs past their deadline end now (failed, kind timeout), not when they reach the head."""
+        with self.lock:
+            late = [job for job in self.pending() if time.time() > job.deadline]
+            for job in late:
+                self.queued -= 1
+                message = f"deadline of {job.timeout_s:g} s passed while queued"
+                self._finish_locked(job, State.FAILED, message, "timeout")
+            if late:
+                self._write_positions()
+            return late
+
     def take(self, timeout: float, fits: Callable[[Job], bool] | None = None) -> Job | None:
-        """The next queued job (now running), or None after `timeout` seconds without one.
+        """The next queued job (to the running batch; `progress` marks it running at its first step),
+        or None after `timeout` seconds without one.
 
         `fits`: whether the head of the queue fits the running batch; a head that does not fit
         stays first (big jobs are not overtaken forever) and None is returned.
@@ -195,9 +217,7 @@ class JobBook:
                         return None
                     heapq.heappop(self.heap)
                     self.queued -= 1
-                    job.state, job.started = State.RUNNING, time.time()
                     self.running[job.id] = job
-                    self._write(job)
                     self._write_positions()
                     return job
                 left = end - time.monotonic()
@@ -208,26 +228,27 @@ class JobBook:
     def position(self, job: Job) -> int | None:
         """Jobs ahead of a queued job (0: next), None once it left the queue."""
         with self.lock:
-            if job.state != State.QUEUED:
-                return None
+            if job.state != State.QUEUED or job.id in self.running:
+                return None if job.state != State.QUEUED else 0
             mine = (-job.priority, job.seq)
             return sum(1 for p, s, i in self.heap if (p, s) < mine and self.jobs[i].state == State.QUEUED)
 
     def cancel(self, job: Job, reason: str = "cancelled by the client") -> None:
-        """A queued job leaves the queue now; a running one stops at its next step boundary."""
+        """A queued job leaves the queue now; one in the running batch stops at its next step boundary."""
         with self.lock:
-            if job.state == State.QUEUED:
+            if job.id in self.running:
+                job.cancel_reason = reason
+            elif job.state == State.QUEUED:
                 self.queued -= 1
                 self._finish_locked(job, State.CANCELLED, reason, "cancelled")
                 self._write_positions()
-            elif job.state == State.RUNNING:
-                job.cancel_reason = reason
 
     def finish(self, job: Job, state: State, error: str | None = None, kind: str | None = None) -> None:
         with self.lock:
             if self.running.pop(job.id, None) is not None:
-                if state == State.SUCCEEDED and job.started is not None:
-                    self.mean_job_s = 0.8 * self.mean_job_s + 0.2 * (time.time() - job.started)
+                now = time.time()
+                self.busy.append(now - max(self.last_end, job.started or now))
+                self.last_end = now
             self._finish_locked(job, state, error, kind)
 
     def _finish_locked(self, job: Job, state: State, error: str | None, kind: str | None) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
+from ..runtime.sampling.cost import Admission
 from .config import ServeSettings
 from .jobs import Job
 from .metrics import CacheCollector
@@ -121,6 +122,7 @@ class RayAPI:
         """Validate here (the same code as a single node), record the job as queued, hand it on."""
         self._require_replicas()
         identity, request, priority, timeout = parse_job(body, self.default_size(), self.settings.timeout_s)
+        Admission(self.settings.max_cost).check(request)  # memory: each replica's service checks its own
         self.store.owned(identity, owner)
         with self.lock:
             queued = sum(1 for j in self.inflight if (self.records.read(j) or {}).get("state") == "queued")

@@ -11,10 +11,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any, Protocol
 
 from ..runtime.errors import FlashFaceError, InputError
+from ..runtime.faces.images import check_pixels
+from ..runtime.sampling.cost import Admission, available_ram, footprint_of
 from ..runtime.sampling.params import REQUEST_PARAMS, SERVICE
 from ..runtime.sampling.request import GenerationRequest, make_request
 from .config import ServeSettings
@@ -25,6 +28,7 @@ from .store import IdentityStore
 from .worker import LoadBackend, Worker
 
 log = logging.getLogger(__name__)
+LIMITS = ("max_queue", "max_files", "max_pixels", "max_upload_pixels", "memory_margin", "max_batch_rows")
 
 
 
@@ -103,6 +107,15 @@ class Service:
             load, self.book, self.store, self.metrics, settings.warmup_steps, size, settings.max_batch_rows
         )
         self.draining = False
+        self._admission: Admission | None = None
+
+    def admission(self) -> Admission:
+        """The job limits: max_cost, and once the backend is warm, the memory it has free less the margin."""
+        s, be = self.settings, self.worker.backend
+        if self._admission is None and self.worker.ready.is_set():
+            free = getattr(be, "free_memory", available_ram)()  # the device's: CUDA's, else the host's
+            self._admission = Admission(s.max_cost, footprint_of(be), free, s.memory_margin, s.max_batch_rows)
+        return self._admission or Admission(s.max_cost)
 
     def start(self) -> Service:
         self.worker.start()
@@ -127,6 +140,7 @@ class Service:
             "queued": self.book.queued,
             "running": len(self.book.running),
             "identities": len(self.store),
+            "limits": {**self.admission().limits(), **{k: getattr(self.settings, k) for k in LIMITS}},
         }
 
     def _require_worker(self) -> None:
@@ -149,6 +163,8 @@ class Service:
         self._admitting()
         if not uploads:
             raise InputError("give at least one photo (multipart field 'photos')", "photos")
+        if len(uploads) > self.settings.max_files:
+            raise PayloadTooLarge(f"{len(uploads)} photos: over max_files={self.settings.max_files}")
         total = sum(len(data) for _, data in uploads)
         if total > self.settings.max_upload_bytes:
             raise PayloadTooLarge(
@@ -156,15 +172,18 @@ class Service:
             )
         names = [_safe_name(name, i) for i, (name, _) in enumerate(uploads)]
         uploads = [(n, data) for n, (_, data) in zip(names, uploads)]
-        s = self.settings
-        future = self.worker.call(
-            lambda: self.worker.register(owner, uploads, cropped, largest, s.max_pixels)
-        )
+        s, w, future = self.settings, self.worker, None
         try:
+            check_pixels(uploads, s.max_pixels, s.max_upload_pixels)  # headers only: no decode yet
+            future = self.worker.call(lambda: w.register(owner, uploads, cropped, largest, s.max_pixels))
             item = future.result(timeout=s.timeout_s)
         except InputError:
             self.metrics.errors.labels("input").inc()
             raise
+        except FutureTimeout:
+            if future is not None:
+                future.cancel()  # not run later if it has not started
+            raise Unavailable(f"the registration was not served within timeout_s={s.timeout_s:g} s") from None
         return item.public()
 
     def identity_record(self, owner: str, identity: str) -> dict[str, Any]:
@@ -183,7 +202,8 @@ class Service:
         self._admitting()
         size, timeout_s = self.worker.default_size(), self.settings.timeout_s
         identity, request, priority, timeout = parse_job(body, size, timeout_s)
-        self.store.owned(identity, owner)  # 404 before anything is queued
+        item = self.store.owned(identity, owner)  # 404 before anything is queued
+        self.admission().check(request, item.num_refs)  # cost and memory, before a job exists
         job = Job(job_id or new_job_id(), owner, identity, request, priority, timeout)
         try:
             return self.book.submit(job)

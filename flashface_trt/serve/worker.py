@@ -84,7 +84,9 @@ class Worker(threading.Thread):
         self.ready.set()
         log.info("worker ready on %s", self.encoder)
         while not self.stopping.is_set():
-            self._run_tasks()
+            self._run_tasks()  # registrations and other calls: between every two steps
+            for job in self.book.expire():
+                self.metrics.job_failed(job, "timeout")
             self._admit()
             if self.executor.busy:
                 self.executor.run_once()
@@ -106,7 +108,7 @@ class Worker(threading.Thread):
             self._collect()
 
     def _admit(self) -> None:
-        """Move queued jobs into the running batch while they fit (waiting briefly when idle)."""
+        """Move queued jobs into the executor only while they can run now (waiting briefly when idle)."""
         ex = self.executor
         while True:
             fits = lambda job: 3 * job.request.num_samples <= ex.room() or not ex.busy  # noqa: E731
@@ -227,8 +229,6 @@ class Worker(threading.Thread):
 
     def _task(self, job: Job) -> Task:
         """The executor's view of a job: its identity loaded, stop checks and progress wired."""
-        if time.time() > job.deadline:
-            raise Stopped("timeout", f"deadline of {job.timeout_s:g} s passed while queued")
         item = self.store.get(job.identity, job.owner)
         if item is None:
             raise InputError(f"identity {job.identity!r} was deleted before the job ran", "identity")

@@ -132,6 +132,11 @@ class FakeCudaRuntime(FakeMemory):
             return (cudaError_t.cudaErrorInvalidValue, None)
         return (cudaError_t.cudaSuccess, cudaDeviceProp())
 
+    def cudaMemGetInfo(self):
+        """(free, total): the device's memory less what the double holds allocated."""
+        total = cudaDeviceProp().totalGlobalMem
+        return (cudaError_t.cudaSuccess, total - sum(b.nbytes for b in self.allocs.values()), total)
+
     def cudaMalloc(self, size: int):
         if self.sticky:
             return (self.sticky, None)

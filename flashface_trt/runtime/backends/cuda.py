@@ -51,6 +51,14 @@ def device_count() -> int:
         return 0
 
 
+def free_device_memory() -> int | None:
+    """Free bytes of the current CUDA device (cudaMemGetInfo); None without one (no memory check)."""
+    try:
+        return int(check(_rt().cudaMemGetInfo(), "cudaMemGetInfo")[0])
+    except CudaError:
+        return None
+
+
 @dataclass(frozen=True)
 class DeviceInfo:
     name: str

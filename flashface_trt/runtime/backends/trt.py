@@ -42,6 +42,7 @@ from ..sampling.identities import DEFAULT_KV_CACHE_BYTES, DEFAULT_PREFETCH_IMAGE
 from ..sampling.tokenizer import ClipTokenizer
 from .buffers import check_kv_wiring
 from .cuda import DeviceBuffer, Event, Stream, copy_device, copy_to_device, copy_to_host, device_info
+from .cuda import free_device_memory as free_memory
 from .graphs import StepGraphs
 from .trt_engine import ALIGN, EAGER, DeviceTensor, Engine, TrtCapture
 
@@ -77,6 +78,7 @@ class TrtBackend:
     """FlashFace on TensorRT engines from `flashface-trt build` (fp16, one stream, CUDA graphs)."""
 
     name = "tensorrt"
+    free_memory = staticmethod(free_memory)  # the device's free bytes, for `Service.admission`
     prefetch_images = DEFAULT_PREFETCH_IMAGES  # reference images per ReferenceNet call on admission (0: off)
 
     def __init__(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +61,29 @@ def load_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
         for w in caught:
             if not issubclass(w.category, Image.DecompressionBombWarning):
                 log.warning("%s: %s", name, w.message)
+
+
+def check_pixels(
+    photos: Sequence[tuple[str, str | Path | bytes]], max_pixels: int | None, max_total: int | None = None
+) -> int:
+    """Pixels of `photos` (name, file or bytes) from headers, no decode: ImageTooLarge over a limit."""
+    total = 0
+    for name, src in photos:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            try:
+                with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as img:
+                    w, h = img.size
+            except Image.DecompressionBombError as exc:
+                raise ImageTooLarge(f"{name!r} is too large to decode: {exc}") from exc
+            except _DECODE_ERRORS as exc:
+                raise InputError(f"{name!r} is not a readable image: {exc}") from exc
+        _check_size(name, (w, h), max_pixels, caught)
+        total += w * h
+        if max_total is not None and total > max_total:
+            raise ImageTooLarge(f"{name!r} ({w}x{h} = {w * h} pixels) brings the photos to {total} decoded"
+                                f" pixels, over the limit of {max_total} for all photos together")
+    return total
 
 
 def _check_size(

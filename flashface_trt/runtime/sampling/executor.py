@@ -108,8 +108,8 @@ class StepExecutor:
         return bool(self.active or self.waiting)
 
     def room(self) -> int:
-        """Rows free in the running batch."""
-        return self.max_batch_rows - sum(t.rows for t in self.active)
+        """Rows free for a request that would start now (waiting requests, admitted next, hold theirs)."""
+        return self.max_batch_rows - sum(t.rows for t in (*self.active, *self.waiting))
 
     def run(self, tasks: Sequence[Task] = ()) -> None:
         """Submit `tasks`, then step until nothing is left."""
@@ -144,7 +144,8 @@ class StepExecutor:
         while True:
             with self.lock:
                 self.waiting.sort(key=lambda t: (-t.priority, t.seq))
-                if not self.waiting or (self.active and self.waiting[0].rows > self.room()):
+                free = self.max_batch_rows - sum(t.rows for t in self.active)
+                if not self.waiting or (self.active and self.waiting[0].rows > free):
                     return
                 task = self.waiting.pop(0)
                 self.active.append(task)

@@ -19,7 +19,8 @@ from ..errors import InputError
 from .sampler import GuidanceParams
 
 MAX_SEED = 2**32 - 1
-MAX_SIDE = 4096
+MAX_SIDE = 4096  # the schema's bound; what fits the device's memory is `cost.Admission`'s
+MAX_PROMPT = 2000  # characters of a prompt (CLIP reads 77 tokens; longer text only costs storage)
 # typical image side when a request gives none: the official 768; the tiny preset is a seconds-long CPU demo
 DEFAULT_SIZE = {"weights": 768, "tiny": 128}
 REQUIRED: Any = ...  # the default of a parameter every request must give
@@ -41,7 +42,7 @@ class Param:
     name: the field's name (`--name-with-dashes` on the command line).
     kind: a key of KINDS; strict: a bool is no integer, a string no number (an integer is a number).
     help: what it is, for `--help` and the OpenAPI description.
-    lo / hi: inclusive bounds (None: unbounded); lo_open: `lo` itself is refused (> lo).
+    lo / hi: inclusive bounds (None: unbounded), of a string's length for "str"; lo_open: > lo.
     default: the value when none is given (REQUIRED: none; None: the recipe's, backend's or service's).
     group: REQUEST (a GenerationRequest field), GUIDANCE (a GuidanceParams field, default: the
         recipe's), RECIPE (the named set applied first) or SERVICE (the HTTP service's per-job fields).
@@ -65,6 +66,8 @@ class Param:
         lo, hi = (None if v is None else text(v) for v in (self.lo, self.hi))
         if self.choices:
             return f"one of {list(self.choices)}"
+        if self.kind == "str":
+            return "" if self.hi is None else f"of at most {int(self.hi)} characters"
         if lo is None:
             return ""
         if hi is None:
@@ -98,6 +101,7 @@ class Param:
         if self.kind == "bbox":
             return validate_bbox(value)
         ok = self.typed(value) and (not self.choices or value in self.choices)
+        ok = ok and not (self.kind == "str" and self.hi is not None and len(value) > self.hi)
         if ok and self.kind in ("int", "float"):
             ok = math.isfinite(value) and (self.hi is None or value <= self.hi)
             ok = ok and (self.lo is None or (value > self.lo if self.lo_open else value >= self.lo))
@@ -157,14 +161,14 @@ RECIPES: dict[str, Recipe] = {
 # every request parameter, by the name the CLI, batch files, the API and `GenerationRequest` use;
 # guidance ranges: the official demo's sliders, widened where the model stays well defined
 REQUEST_PARAMS = (
-    Param("prompt", "str", "what to draw; the official quality suffix is added", default=REQUIRED),
-    Param("negative_prompt", "str", "what to avoid; put before the official negative prompt", default=""),
+    Param("prompt", "str", "what to draw; the official quality suffix is added", None, MAX_PROMPT, REQUIRED),
+    Param("negative_prompt", "str", "what to avoid, before the official one", None, MAX_PROMPT, ""),
     Param("recipe", "str", "named settings", default="identity", group=RECIPE, choices=tuple(RECIPES)),
     Param("steps", "int", "DDIM steps", 1, 1000, 30),
     Param("seed", "int", "seed of the initial noise", 0, MAX_SEED, 0),
     Param("num_samples", "int", "images to generate", 1, 64, 1),
-    Param("height", "int", "image height in pixels, a multiple of 8", 8, MAX_SIDE, multiple_of=8),
-    Param("width", "int", "image width in pixels, a multiple of 8", 8, MAX_SIDE, multiple_of=8),
+    Param("height", "int", "height in pixels, a multiple of 8, memory allowing;", 8, MAX_SIDE, multiple_of=8),
+    Param("width", "int", "width in pixels, a multiple of 8, memory allowing;", 8, MAX_SIDE, multiple_of=8),
     Param("face_bbox", "bbox", "where the face goes, normalised [x1, y1, x2, y2]; 0,0,0,0 = anywhere"),
     Param("text_guidance", "float", "text guidance scale", 0, 30, None, GUIDANCE),
     Param("face_guidance", "float", "reference guidance scale", 0, 10, None, GUIDANCE),
