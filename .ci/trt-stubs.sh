@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Type stubs for TensorRT (its runtime cannot be installed here): tensorrt-stubs without its
-# `tensorrt` dependency, copied to ./typings with four fixes (see README "What was run where").
+# `tensorrt` dependency, copied to ./typings with four fixes (see docs/tensorrt.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 version=10.13.0.35.1
