@@ -19,12 +19,13 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import ConfigDict, Field, create_model
 from starlette.concurrency import run_in_threadpool
 
-from ..runtime.errors import FlashFaceError, InputError
+from ..runtime.errors import FlashFaceError, InputError, StorageError
 from ..runtime.faces.images import ImageTooLarge
 from ..runtime.sampling.params import PARAMS, REQUEST_PARAMS, REQUIRED, Param
 from .config import owner_of
 from .jobs import QueueFull
 from .page import PAGE
+from .records import STORAGE_DOWN
 from .service import API, NotFound, PayloadTooLarge, Unavailable
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,10 @@ def create_app(service: API) -> FastAPI:
     @app.exception_handler(Unavailable)
     async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
         return _error(503, str(exc), None, {"Retry-After": "5"})
+
+    @app.exception_handler(StorageError)
+    async def _storage(request: Request, exc: Exception) -> JSONResponse:
+        return _error(503, f"{STORAGE_DOWN}; retry when /readyz says ready", None, {"Retry-After": "5"})
 
     @app.exception_handler(PayloadTooLarge)
     async def _too_large(request: Request, exc: Exception) -> JSONResponse:

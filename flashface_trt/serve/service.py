@@ -19,7 +19,7 @@ from ..runtime.sampling.request import GenerationRequest, make_request
 from .config import ServeSettings
 from .jobs import SHUTDOWN_REASON, Job, JobBook
 from .metrics import Metrics
-from .records import NotFound, QueueFull, State, new_job_id, public
+from .records import STORAGE_DOWN, NotFound, QueueFull, State, new_job_id, public
 from .store import IdentityStore
 from .worker import LoadBackend, Worker
 
@@ -103,12 +103,13 @@ class Service:
     # ---------------------------------------------------------------- health
 
     def ready(self) -> bool:
-        return self.worker.ready.is_set() and not self.draining
+        return self.worker.ready.is_set() and not self.draining and self.book.records.writable()
 
     def status(self) -> dict[str, Any]:
         backend = self.worker.backend
         return {
             "ready": self.ready(),
+            "reason": None if self.book.records.writable() else STORAGE_DOWN,
             "draining": self.draining,
             "backend": None if backend is None else self.worker.encoder,
             "load_error": None if self.worker.load_error is None else str(self.worker.load_error),
@@ -127,6 +128,8 @@ class Service:
         if self.draining:
             raise Unavailable("the service is shutting down and accepts no new work")
         self._require_worker()
+        if not self.book.records.writable():
+            raise Unavailable(f"{STORAGE_DOWN}; retry when /readyz says ready")
 
     # ---------------------------------------------------------------- identities
 
@@ -186,7 +189,8 @@ class Service:
     def jobs(self, owner: str) -> dict[str, Any]:
         """The caller's queued, running and recent jobs (queue and history introspection)."""
         mine = [self.job(owner, j.id) for j in list(self.book.jobs.values()) if j.owner == owner]
-        return {"queued": self.book.queued, "jobs": mine}
+        earlier = [public(r) for r in list(self.book.earlier.values()) if r["owner"] == owner]
+        return {"queued": self.book.queued, "jobs": sorted(earlier, key=lambda r: r["created"]) + mine}
 
     def progress(self, owner: str, job_id: str, seen: int) -> tuple[list[dict[str, Any]], bool]:
         """Progress events after the first `seen`, and whether the job has ended."""

@@ -6,15 +6,18 @@ generates anything, rather than after.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image
 
-from ..errors import InputError
+from ..errors import InputError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +72,44 @@ def check_output_dir(path: Path, what: str) -> None:
         if existing == path:
             raise InputError(f"{what} {str(path)!r} is a file, not a directory")
         raise InputError(f"{what} {str(path)!r} cannot be created: {str(existing)!r} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
+    try:  # a probe, not os.access: root passes that, and /proc or a read-only mount refuse files
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
         if existing == path:
-            raise InputError(f"{what} {str(path)!r} is not writable")
-        raise InputError(f"{what} {str(path)!r} cannot be created: {str(existing)!r} is not writable")
+            raise InputError(f"{what} {str(path)!r} is not writable ({exc.strerror})") from exc
+        raise InputError(
+            f"{what} {str(path)!r} cannot be created: {str(existing)!r} is not writable ({exc.strerror})"
+        ) from exc
+
+
+def write_atomic(path: Path, data: bytes | Callable[[BinaryIO], object]) -> None:
+    """Write `data` (bytes, or a writer of an open file) to `path` whole or not at all: a temporary file
+    beside it, flushed and fsynced, renamed over it; on any failure the temporary file is removed
+    (StorageError naming the path for an OSError: disk full, read-only, no permission)."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            data(f) if callable(data) else f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise StorageError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from exc
+        raise
+
+
+def save_image(image: Image.Image, path: Path) -> None:
+    """`image` written atomically to `path` in the format its extension selects."""
+    fmt = image_format(path)
+    write_atomic(path, lambda f: image.save(f, format=fmt))
 
 
 def missing_dirs(paths: Iterable[Path]) -> list[Path]:
