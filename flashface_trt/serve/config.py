@@ -27,6 +27,9 @@ SETTINGS = (
     Param("max_jobs", "int", "finished job records kept", 1, None, 1000),
     BATCH_ROWS,
     Param("warmup_steps", "int", "steps of the warm-up generation before ready (0: none)", 0, 1000, 2),
+    Param("idle_timeout_s", "float", "idle connections close after this", 0, None, 5.0, lo_open=True),
+    Param("header_timeout_s", "float", "a request head must come within this", 0, None, 10.0, lo_open=True),
+    Param("max_connections", "int", "open connections; more are closed at once", 1, None, 512),
 )
 DEFAULTS = {p.name: p.default for p in SETTINGS}
 
@@ -48,6 +51,8 @@ class ServeSettings:
         size share each denoising step up to this many rows (step-level batching).
     warmup_steps: steps of one generation run before /readyz says ready (graph capture included;
         0: none).
+    idle_timeout_s, header_timeout_s, max_connections: connection hygiene (uvicorn's keep-alive
+        timeout; a connection without a whole request head that long is closed; a cap on open ones).
     """
 
     host: str = DEFAULTS["host"]
@@ -63,6 +68,9 @@ class ServeSettings:
     max_jobs: int = DEFAULTS["max_jobs"]
     max_batch_rows: int = DEFAULTS["max_batch_rows"]
     warmup_steps: int = DEFAULTS["warmup_steps"]
+    idle_timeout_s: float = DEFAULTS["idle_timeout_s"]
+    header_timeout_s: float = DEFAULTS["header_timeout_s"]
+    max_connections: int = DEFAULTS["max_connections"]
 
     def validated(self) -> ServeSettings:
         """Return self after checking every setting by `SETTINGS`; InputError names value and range."""

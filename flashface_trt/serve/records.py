@@ -74,7 +74,8 @@ def error_kind(exc: BaseException) -> str:
 
 def storage_message(exc: BaseException) -> str:
     """A failed write's reason for the job's client: the OS's reason, no server path."""
-    return f"the service could not store the job: {getattr(exc.__cause__, 'strerror', None) or 'write failed'}"
+    reason = getattr(exc.__cause__, "strerror", None) or "the write failed"
+    return f"the service could not store the job: {reason}"
 
 
 def ended(record: dict[str, Any]) -> bool:

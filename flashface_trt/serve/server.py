@@ -37,6 +37,46 @@ def _server(config):  # type: ignore[no-untyped-def]
     return Server(config)
 
 
+def guarded_protocol(header_timeout_s: float, max_connections: int) -> type:
+    """uvicorn's HTTP protocol (httptools, else h11) closing a connection that sends no whole request
+    head within `header_timeout_s` of opening or of its last response, and any beyond
+    `max_connections` (uvicorn has neither: its keep-alive timer starts only after a response)."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+    except ImportError:
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Base  # type: ignore[assignment]
+
+    class Guarded(Base):  # type: ignore[misc, valid-type]
+        head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:  # type: ignore[no-untyped-def]
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                transport.close()
+            else:
+                self.arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self.arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+            super().connection_lost(exc)
+
+        def arm(self) -> None:
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+            self.head_timer = self.loop.call_later(header_timeout_s, self.head_timeout)
+
+        def head_timeout(self) -> None:
+            if self.cycle is None or self.cycle.response_complete:  # no request head since arming
+                self.transport.close()
+
+    return Guarded
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per log line; a job's lines carry its `job_id`."""
 
@@ -74,7 +114,12 @@ def serve(settings: ServeSettings, load: LoadBackend, size: tuple[int, int] | No
     sock = bind(settings.host, settings.port)
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(
-        create_app(service), log_config=None, lifespan="off", timeout_graceful_shutdown=10
+        create_app(service),
+        http=guarded_protocol(settings.header_timeout_s, settings.max_connections),
+        log_config=None,
+        lifespan="off",
+        timeout_graceful_shutdown=3,
+        timeout_keep_alive=settings.idle_timeout_s,  # type: ignore[arg-type]
     )
     server = _server(config)
     log.info("listening on http://%s:%d", host, port)

@@ -7,7 +7,9 @@ one behaviour. Errors are typed: `NotFound` (404), `QueueFull` (429), `Unavailab
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -253,7 +255,14 @@ class Service:
         for running in list(self.book.running.values()):
             self.book.cancel(running, SHUTDOWN_REASON)  # stops at its next step boundary (or at the stop)
         self.worker.stopping.set()
-        self.worker.join(timeout=max(end - time.monotonic(), 0.0) + 30.0)
+        self.worker.join(timeout=max(end - time.monotonic(), 0.0) + 2.0)
+        if self.worker.is_alive():  # mid-step (the thread is a daemon): its jobs end here, on disk
+            for running in list(self.book.running.values()):
+                self.book.finish(running, State.CANCELLED, f"{SHUTDOWN_REASON} mid-step", "interrupted")
+            log.warning("the worker is still in a step; its jobs were recorded as interrupted")
+        with contextlib.suppress(queue.Empty):  # registrations that will never run: 503 now
+            while True:
+                self.worker.tasks.get_nowait()[1].set_exception(Unavailable("the service is shutting down"))
         log.info("service stopped (%s)", mode)
 
 

@@ -73,8 +73,9 @@ def check_output_dir(path: Path, what: str) -> None:
             raise InputError(f"{what} {str(path)!r} is a file, not a directory")
         raise InputError(f"{what} {str(path)!r} cannot be created: {str(existing)!r} is a file")
     try:  # a probe, not os.access: root passes that, and /proc or a read-only mount refuse files
-        with tempfile.TemporaryFile(dir=existing):
-            pass
+        fd, probe = tempfile.mkstemp(prefix=".probe.", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as exc:
         if existing == path:
             raise InputError(f"{what} {str(path)!r} is not writable ({exc.strerror})") from exc
