@@ -308,7 +308,8 @@ def test_header_and_idle_timeouts_and_the_connection_cap():
         sock.close()
 
 
-def test_sigterm_mid_step_exits_promptly_and_the_job_reads_interrupted(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_mid_step_exits_promptly_and_the_job_reads_interrupted(tmp_path, sig):
     """A real `serve --preset tiny` with a slow job (seconds per step): SIGTERM mid-step exits 0
     within --drain-s plus a few seconds, no traceback; after a restart the job reads cancelled."""
     from .conftest import REPO
@@ -338,7 +339,7 @@ def test_sigterm_mid_step_exits_promptly_and_the_job_reads_interrupted(tmp_path)
         wait_state(c, job["id"], "running")
         time.sleep(2.0)  # inside a step (each takes several seconds at this size on the CPU)
         t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         code = proc.wait(60)
         took = time.monotonic() - t0
         reader.join(5)
@@ -346,9 +347,9 @@ def test_sigterm_mid_step_exits_promptly_and_the_job_reads_interrupted(tmp_path)
         if proc.poll() is None:
             proc.kill()
     err = "".join(lines)
-    print(f"SIGTERM to exit mid-step: {took:.1f} s")
+    print(f"{sig.name} to exit mid-step: {took:.1f} s")
     assert code == 0 and took < drain + 8, (code, took, err[-3000:])
-    assert "Traceback" not in err and "CancelledError" not in err, err[-3000:]
+    assert "Traceback" not in err and "CancelledError" not in err and "KeyboardInterrupt" not in err, err
     with service(tmp_path, warmup_steps=0) as again:
         record = again.client().get(f"/v1/generations/{job['id']}").json()
         assert record["state"] in ("cancelled", "failed") and record["error_kind"] in (
@@ -356,3 +357,77 @@ def test_sigterm_mid_step_exits_promptly_and_the_job_reads_interrupted(tmp_path)
             "cancelled",
         )
         assert record["step"] < 50
+
+
+def _serve_ray(tmp_path: Path, *flags: str) -> tuple[subprocess.Popen, str, list[str]]:
+    """`flashface-trt serve --ray --preset tiny` as a process on a free port; (process, url, its stderr)."""
+    from .conftest import REPO
+
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    args = [sys.executable, "-m", "flashface_trt.cli", "serve", "--ray", "--preset", "tiny"]
+    args += ["--port", str(port), "--data-dir", str(tmp_path), "--warmup-steps", "0", *flags]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(args, cwd=REPO, stderr=subprocess.PIPE, text=True, env=env)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()  # type: ignore[arg-type]
+    return proc, f"http://127.0.0.1:{port}", lines
+
+
+def _stop(proc: subprocess.Popen, lines: list[str]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = "".join(lines)
+    assert code == 0 and "Traceback" not in err, (code, err[-3000:])
+
+
+def _readyz(url: str) -> httpx.Response | None:
+    try:
+        return httpx.get(f"{url}/readyz", timeout=5)
+    except httpx.HTTPError:
+        return None
+
+
+@pytest.mark.ray
+def test_serve_ray_on_a_cpu_machine_runs_without_flags(tmp_path):
+    """No GPU: `serve --ray --preset tiny` starts its replicas as is (auto: no GPU asked), serves,
+    and SIGTERM exits 0; asked for a GPU it cannot get, the console and /readyz say why and how to
+    fix it, and SIGTERM still exits 0."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc, url, lines = _serve_ray(tmp_path / "gpu", "--gpus-per-replica", "1")
+    try:
+        end = time.monotonic() + 240
+        while time.monotonic() < end and "--gpus-per-replica 0" not in "".join(lines):
+            time.sleep(0.5)
+        assert "WARNING" in "".join(lines) and "--gpus-per-replica 0" in "".join(lines), "".join(lines)[
+            -3000:
+        ]
+        r = None
+        while time.monotonic() < end and (r is None or r.status_code == 200):
+            time.sleep(1.0)
+            r = _readyz(url)
+        assert r is not None and r.status_code == 503 and r.json()["replicas"] == 0 and r.json()["reason"]
+    finally:
+        _stop(proc, lines)
+    proc, url, lines = _serve_ray(tmp_path / "cpu")
+    try:
+        end = time.monotonic() + 300
+        while time.monotonic() < end and ((r := _readyz(url)) is None or r.status_code != 200):
+            time.sleep(1.0)
+        assert r is not None and r.status_code == 200 and r.json()["replicas"] == 1, "".join(lines)[-3000:]
+        c = httpx.Client(base_url=url, timeout=120)
+        ident = register(c, 0)["id"]
+        assert (
+            wait_job(c, c.post("/v1/generations", json=generation(ident)).json()["id"])["state"]
+            == "succeeded"
+        )
+    finally:
+        _stop(proc, lines)

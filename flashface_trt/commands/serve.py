@@ -40,10 +40,26 @@ def ray_config(args: argparse.Namespace):
         min_replicas=args.replicas,
         max_replicas=args.max_replicas or args.replicas,
         target_ongoing_requests=args.target_ongoing_requests,
-        num_gpus=args.gpus_per_replica,
+        num_gpus=replica_gpus(args),
         num_cpus=args.cpus_per_replica,
         identities_per_replica=args.identities_per_replica,
     ).validated()
+
+
+def replica_gpus(args: argparse.Namespace) -> float:
+    """GPUs a model replica asks Ray for: --gpus-per-replica, or with 'auto' 1 where its backend runs
+    on a GPU (engines, a CUDA provider or device; PyTorch's 'auto' device where torch sees CUDA), else 0."""
+    if args.gpus_per_replica != "auto":
+        return float(args.gpus_per_replica)
+    if args.engines or args.onnx:
+        return 1.0 if args.engines or args.provider in ("cuda", "tensorrt") else 0.0
+    if args.device == "auto":
+        try:
+            import torch
+        except ImportError:
+            return 0.0
+        return 1.0 if torch.cuda.is_available() else 0.0
+    return 1.0 if args.device.startswith("cuda") else 0.0
 
 
 def serve(args: argparse.Namespace) -> int:

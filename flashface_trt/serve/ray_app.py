@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import asdict
 from typing import Any
 
 from .config import ServeSettings
 from .ray_config import INGRESS, MODEL, RayConfig
-from .ray_ingress import RayAPI
+from .ray_ingress import RayAPI, replica_problem
 from .ray_replica import ModelReplica
 from .worker import LoadBackend
 
@@ -73,6 +74,34 @@ def build_app(
     return ingress.bind(model.bind(settings, load, size), settings, config.app_name, size)
 
 
+class _Stop(BaseException):
+    """SIGTERM or SIGINT: leave whatever Ray is doing (even a deployment that never becomes ready)."""
+
+
+def _watch(app_name: str, gpus: float) -> None:
+    """Say on the console, at WARNING, why no model replica starts (Ray says it in its log files only)."""
+    import ray
+
+    have = ray.cluster_resources().get("GPU", 0.0)
+    if gpus > have:
+        log.warning(
+            "each model replica asks for %g GPU and the Ray cluster has %g: no replica can start;"
+            " pass --gpus-per-replica 0 (or auto) to run on CPUs",
+            gpus,
+            have,
+        )
+    said = None
+    while True:
+        time.sleep(5.0)
+        try:
+            problem = replica_problem(app_name)
+        except Exception:  # Ray going away: nothing more to say
+            return
+        if problem and problem != said:
+            log.warning("no model replica is running: %s", problem)
+        said = problem
+
+
 def run(
     settings: ServeSettings,
     load: LoadBackend,
@@ -80,25 +109,38 @@ def run(
     config: RayConfig,
     address: str | None,
 ) -> int:
-    """`flashface-trt serve --ray`: connect to (or start) a Ray cluster, deploy, serve until SIGTERM."""
+    """`flashface-trt serve --ray`: connect to (or start) a Ray cluster, deploy, serve until SIGTERM
+    or SIGINT, which end it with status 0 whatever the state (deploying, replicas unschedulable)."""
     import signal
 
     import ray
     from ray import serve
 
+    def stop(*_: object) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)  # once: the clean-up is not interrupted
+        raise _Stop()
+
     ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
-    serve.run(build_app(settings, load, size, config), name=config.app_name, route_prefix=config.route_prefix)
-    log.info(
-        "Ray Serve application %r on http://%s:%d (%s)",
-        config.app_name,
-        settings.host,
-        settings.port,
-        asdict(config),
-    )
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *a: stop.set())
-    signal.signal(signal.SIGINT, lambda *a: stop.set())
-    stop.wait()
-    serve.delete(config.app_name)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)  # after ray.init, which installs its own
+    try:
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        args = (config.app_name, config.num_gpus)
+        threading.Thread(target=_watch, args=args, name="replica-watch", daemon=True).start()
+        app = build_app(settings, load, size, config)
+        serve.run(app, name=config.app_name, route_prefix=config.route_prefix)
+        log.info(
+            "Ray Serve application %r on http://%s:%d (%s)",
+            config.app_name,
+            settings.host,
+            settings.port,
+            asdict(config),
+        )
+        threading.Event().wait()
+    except _Stop:
+        log.info("stopping the Ray Serve application %r", config.app_name)
+    cleanup = threading.Thread(target=serve.delete, args=(config.app_name,), daemon=True)
+    cleanup.start()
+    cleanup.join(30.0)
     return 0

@@ -17,16 +17,32 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
+from ..runtime.errors import StorageError
 from .config import ServeSettings
 from .jobs import Job
 from .metrics import CacheCollector
 from .ray_config import MODEL
 from .ray_replica import replica_caches
-from .records import JobRecords, QueueFull, State, ended, error_kind, failed, new_job_id, public
+from .records import STORAGE_DOWN, JobRecords, QueueFull, State, ended, error_kind, failed, new_job_id, public
 from .service import Unavailable, parse_job
 from .store import IdentityStore
 
 log = logging.getLogger(__name__)
+
+
+def replica_problem(app_name: str) -> str | None:
+    """Why no model replica runs (Ray Serve's word on the deployment, and the fix), or None."""
+    from ray import serve
+    from ray.serve.schema import ReplicaState
+
+    try:
+        model = serve.status().applications[app_name].deployments[MODEL]
+    except (KeyError, AttributeError):
+        return None
+    if model.replica_states.get(ReplicaState.RUNNING, 0) or not model.message:
+        return None
+    fix = " (on a machine without GPUs: --gpus-per-replica 0 or auto)" if "resources" in model.message else ""
+    return model.message + fix
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -73,9 +89,20 @@ class RayAPI:
             return 0
 
     def status(self) -> dict[str, Any]:
-        n = self.replicas()
+        n, writable = self.replicas(), self.records.writable()
+        reason = None if writable else STORAGE_DOWN
+        if n == 0:
+            reason = replica_problem(self.app_name) or "no model replica is running yet"
+        ready = n > 0 and writable
         inflight = len(self.inflight)
-        return {"ready": n > 0, "draining": False, "backend": "ray", "replicas": n, "inflight": inflight}
+        return {
+            "ready": ready,
+            "reason": reason,
+            "draining": False,
+            "backend": "ray",
+            "replicas": n,
+            "inflight": inflight,
+        }
 
     def _require_replicas(self) -> None:
         if self.replicas() == 0:
@@ -124,7 +151,12 @@ class RayAPI:
                 raise QueueFull(f"the queue holds {queued} jobs (limit {self.settings.max_queue})", 5)
             job_id = new_job_id()
             self.inflight.add(job_id)
-        self.records.write(Job(job_id, owner, identity, request, priority, timeout).stored())
+        try:
+            self.records.write(Job(job_id, owner, identity, request, priority, timeout).stored())
+        except StorageError:
+            with self.lock:
+                self.inflight.discard(job_id)
+            raise
         args = (owner, job_id, dict(body), identity, timeout)
         threading.Thread(target=self._follow, args=args, name=f"job-{job_id}", daemon=True).start()
         end = time.monotonic() + 5  # answer once a replica holds it (its queue position is then known)

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -125,6 +126,11 @@ def serve(settings: ServeSettings, load: LoadBackend, size: tuple[int, int] | No
     log.info("listening on http://%s:%d", host, port)
     print(f"flashface-trt serve: listening on http://{host}:{port}", file=sys.stderr, flush=True)
     asyncio.run(_run(server, service, sock))
+    if service.worker.is_alive():  # still in a step (its jobs are recorded): exit without finalizing
+        logging.shutdown()  # the native code it runs, which aborts the process at interpreter exit
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
