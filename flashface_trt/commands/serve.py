@@ -47,19 +47,18 @@ def ray_config(args: argparse.Namespace):
 
 
 def replica_gpus(args: argparse.Namespace) -> float:
-    """GPUs a model replica asks Ray for: --gpus-per-replica, or with 'auto' 1 where its backend runs
-    on a GPU (engines, a CUDA provider or device; PyTorch's 'auto' device where torch sees CUDA), else 0."""
+    """GPUs a model replica asks Ray for: --gpus-per-replica, or (auto) 1 where its backend uses a GPU."""
     if args.gpus_per_replica != "auto":
         return float(args.gpus_per_replica)
     if args.engines or args.onnx:
-        return 1.0 if args.engines or args.provider in ("cuda", "tensorrt") else 0.0
-    if args.device == "auto":
-        try:
-            import torch
-        except ImportError:
-            return 0.0
-        return 1.0 if torch.cuda.is_available() else 0.0
-    return 1.0 if args.device.startswith("cuda") else 0.0
+        return float(bool(args.engines) or args.provider in ("cuda", "tensorrt"))
+    if args.device != "auto":
+        return float(args.device.startswith("cuda"))
+    try:
+        import torch
+    except ImportError:
+        return 0.0
+    return float(torch.cuda.is_available())
 
 
 def serve(args: argparse.Namespace) -> int:

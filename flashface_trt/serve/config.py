@@ -51,8 +51,7 @@ class ServeSettings:
         size share each denoising step up to this many rows (step-level batching).
     warmup_steps: steps of one generation run before /readyz says ready (graph capture included;
         0: none).
-    idle_timeout_s, header_timeout_s, max_connections: connection hygiene (uvicorn's keep-alive
-        timeout; a connection without a whole request head that long is closed; a cap on open ones).
+    idle_timeout_s, header_timeout_s, max_connections: idle and header-read timeouts, open connections.
     """
 
     host: str = DEFAULTS["host"]

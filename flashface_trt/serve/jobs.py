@@ -113,15 +113,12 @@ class JobBook:
     # ---------------------------------------------------------------- persistence
 
     def _write_end(self, job: Job) -> None:
-        """A job's final record; if it cannot be written, the job is failed (storage) in memory,
-        where its client reads it (the worker goes on)."""
+        """A job's final record; if it cannot be written, the job is failed (storage) in memory."""
         try:
             self.records.write(job.stored())
         except StorageError as exc:
             log.warning("job=%s: its record was not stored: %s", job.id, exc, extra={"job_id": job.id})
-            if job.error_kind != "storage":
-                job.state, job.error_kind = State.FAILED, "storage"
-                job.error = storage_message(exc)
+            job.state, job.error_kind, job.error = State.FAILED, "storage", storage_message(exc)
 
     def _progress(self, job: Job, **fields: Any) -> None:
         """A job's progress file (shared data directories only); a failed write fails the job."""
@@ -147,10 +144,7 @@ class JobBook:
         for r in sorted(self.records.all(), key=lambda r: r.get("finished") or r.get("created") or 0):
             if not ended(r):
                 r = failed(r, "the service stopped before the job finished", "interrupted")
-                try:
-                    self.records.write(r)
-                except StorageError as exc:
-                    log.warning("%s", exc)
+                self.records.write(r)  # a read-only data directory: StorageError, the service does not start
             self.earlier[r["id"]] = {**public(r), "owner": r.get("owner")}
             self.finished_order.append(r["id"])
         self._prune()
@@ -232,8 +226,8 @@ class JobBook:
 
     def finish(self, job: Job, state: State, error: str | None = None, kind: str | None = None) -> None:
         with self.lock:
-            if job.done:
-                return  # ended already (a shutdown that could not wait for the job's step)
+            if job.done:  # ended already (a shutdown that could not wait for the job's step)
+                return
             if self.running.pop(job.id, None) is not None:
                 if state == State.SUCCEEDED and job.started is not None:
                     self.mean_job_s = 0.8 * self.mean_job_s + 0.2 * (time.time() - job.started)

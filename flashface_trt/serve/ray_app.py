@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import asdict
 from typing import Any
 
 from .config import ServeSettings
 from .ray_config import INGRESS, MODEL, RayConfig
-from .ray_ingress import RayAPI, replica_problem
+from .ray_ingress import RayAPI
 from .ray_replica import ModelReplica
 from .worker import LoadBackend
 
@@ -74,34 +73,6 @@ def build_app(
     return ingress.bind(model.bind(settings, load, size), settings, config.app_name, size)
 
 
-class _Stop(BaseException):
-    """SIGTERM or SIGINT: leave whatever Ray is doing (even a deployment that never becomes ready)."""
-
-
-def _watch(app_name: str, gpus: float) -> None:
-    """Say on the console, at WARNING, why no model replica starts (Ray says it in its log files only)."""
-    import ray
-
-    have = ray.cluster_resources().get("GPU", 0.0)
-    if gpus > have:
-        log.warning(
-            "each model replica asks for %g GPU and the Ray cluster has %g: no replica can start;"
-            " pass --gpus-per-replica 0 (or auto) to run on CPUs",
-            gpus,
-            have,
-        )
-    said = None
-    while True:
-        time.sleep(5.0)
-        try:
-            problem = replica_problem(app_name)
-        except Exception:  # Ray going away: nothing more to say
-            return
-        if problem and problem != said:
-            log.warning("no model replica is running: %s", problem)
-        said = problem
-
-
 def run(
     settings: ServeSettings,
     load: LoadBackend,
@@ -109,38 +80,32 @@ def run(
     config: RayConfig,
     address: str | None,
 ) -> int:
-    """`flashface-trt serve --ray`: connect to (or start) a Ray cluster, deploy, serve until SIGTERM
-    or SIGINT, which end it with status 0 whatever the state (deploying, replicas unschedulable)."""
+    """`flashface-trt serve --ray`: start or join a Ray cluster, deploy, serve until SIGTERM/SIGINT."""
     import signal
 
     import ray
     from ray import serve
 
-    def stop(*_: object) -> None:
+    def stop(*_: object) -> None:  # leaves whatever Ray is doing (even a deployment never ready)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)  # once: the clean-up is not interrupted
-        raise _Stop()
+        raise KeyboardInterrupt
 
     ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop)  # after ray.init, which installs its own
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
-        args = (config.app_name, config.num_gpus)
-        threading.Thread(target=_watch, args=args, name="replica-watch", daemon=True).start()
+        if config.num_gpus > (have := ray.cluster_resources().get("GPU", 0.0)):  # Ray logs it in files only
+            msg = "a model replica asks %g GPU, the cluster has %g: none can start; pass --gpus-per-replica 0"
+            log.warning(msg, config.num_gpus, have)
         app = build_app(settings, load, size, config)
         serve.run(app, name=config.app_name, route_prefix=config.route_prefix)
-        log.info(
-            "Ray Serve application %r on http://%s:%d (%s)",
-            config.app_name,
-            settings.host,
-            settings.port,
-            asdict(config),
-        )
+        where = (config.app_name, settings.host, settings.port, asdict(config))
+        log.info("Ray Serve application %r on http://%s:%d (%s)", *where)
         threading.Event().wait()
-    except _Stop:
+    except KeyboardInterrupt:
         log.info("stopping the Ray Serve application %r", config.app_name)
-    cleanup = threading.Thread(target=serve.delete, args=(config.app_name,), daemon=True)
-    cleanup.start()
-    cleanup.join(30.0)
+    (cleanup := threading.Thread(target=serve.delete, args=(config.app_name,), daemon=True)).start()
+    cleanup.join(30.0)  # bounded, whatever state the deployment is in
     return 0

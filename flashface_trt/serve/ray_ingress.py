@@ -30,21 +30,6 @@ from .store import IdentityStore
 log = logging.getLogger(__name__)
 
 
-def replica_problem(app_name: str) -> str | None:
-    """Why no model replica runs (Ray Serve's word on the deployment, and the fix), or None."""
-    from ray import serve
-    from ray.serve.schema import ReplicaState
-
-    try:
-        model = serve.status().applications[app_name].deployments[MODEL]
-    except (KeyError, AttributeError):
-        return None
-    if model.replica_states.get(ReplicaState.RUNNING, 0) or not model.message:
-        return None
-    fix = " (on a machine without GPUs: --gpus-per-replica 0 or auto)" if "resources" in model.message else ""
-    return model.message + fix
-
-
 def _unwrap(exc: BaseException) -> BaseException:
     """The error a replica raised, from Ray's wrapper (RayTaskError keeps it as `cause`)."""
     cause = getattr(exc, "cause", None)
@@ -77,32 +62,30 @@ class RayAPI:
 
     # ---------------------------------------------------------------- health
 
-    def replicas(self) -> int:
-        """Model replicas running now (0: nothing can run, new work gets 503)."""
+    def model_status(self) -> Any:
         from ray import serve
-        from ray.serve.schema import ReplicaState
 
         try:
-            app = serve.status().applications[self.app_name]
-            return int(app.deployments[MODEL].replica_states.get(ReplicaState.RUNNING, 0))
+            return serve.status().applications[self.app_name].deployments[MODEL]
         except (KeyError, AttributeError):
-            return 0
+            return None
+
+    def replicas(self) -> int:
+        """Model replicas running now (0: nothing can run, new work gets 503)."""
+        from ray.serve.schema import ReplicaState
+
+        model = self.model_status()
+        return 0 if model is None else int(model.replica_states.get(ReplicaState.RUNNING, 0))
 
     def status(self) -> dict[str, Any]:
         n, writable = self.replicas(), self.records.writable()
         reason = None if writable else STORAGE_DOWN
-        if n == 0:
-            reason = replica_problem(self.app_name) or "no model replica is running yet"
+        if n == 0:  # Ray's reason (e.g. resources no node has) and the usual fix
+            said = getattr(self.model_status(), "message", "") or "starting"
+            reason = f"no model replica is running ({said}); without GPUs: --gpus-per-replica 0 or auto"
         ready = n > 0 and writable
-        inflight = len(self.inflight)
-        return {
-            "ready": ready,
-            "reason": reason,
-            "draining": False,
-            "backend": "ray",
-            "replicas": n,
-            "inflight": inflight,
-        }
+        out = {"ready": ready, "reason": reason, "draining": False, "backend": "ray", "replicas": n}
+        return {**out, "inflight": len(self.inflight)}
 
     def _require_replicas(self) -> None:
         if self.replicas() == 0:
@@ -154,8 +137,7 @@ class RayAPI:
         try:
             self.records.write(Job(job_id, owner, identity, request, priority, timeout).stored())
         except StorageError:
-            with self.lock:
-                self.inflight.discard(job_id)
+            self.inflight.discard(job_id)
             raise
         args = (owner, job_id, dict(body), identity, timeout)
         threading.Thread(target=self._follow, args=args, name=f"job-{job_id}", daemon=True).start()

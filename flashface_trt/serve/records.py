@@ -4,6 +4,7 @@ write, read and show (a JSON file per job in the data directory, beside the job'
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -74,8 +75,7 @@ def error_kind(exc: BaseException) -> str:
 
 def storage_message(exc: BaseException) -> str:
     """A failed write's reason for the job's client: the OS's reason, no server path."""
-    reason = getattr(exc.__cause__, "strerror", None) or "the write failed"
-    return f"the service could not store the job: {reason}"
+    return f"the service could not store the job: {getattr(exc.__cause__, 'strerror', None) or 'failed'}"
 
 
 def ended(record: dict[str, Any]) -> bool:
@@ -104,9 +104,8 @@ STORAGE_DOWN = "the data directory is not writable"  # no server path: /readyz a
 
 
 class JobRecords:
-    """Jobs under `root/<id>/`: record.json (written at acceptance and at the end), progress.json (a
-    running job's state, step and queue position, for other processes), images <k>.png, a `cancel` flag.
-    Every write is atomic (`write_atomic`); a failed one raises StorageError."""
+    """Jobs under `root/<id>/`: record.json (written at acceptance and at the end), progress.json (state,
+    step, queue position), images <k>.png, a `cancel` flag; every write atomic (else StorageError)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -115,16 +114,14 @@ class JobRecords:
 
     def writable(self) -> bool:
         """Whether a small atomic write in the data directory succeeds (probed at most once a second)."""
-        last, ok = self.probed
-        if time.monotonic() - last >= 1.0:
+        if time.monotonic() - self.probed[0] >= 1.0:
             try:
                 write_atomic(self.root / ".probe", b"ok")
-                ok = True
+                self.probed = (time.monotonic(), True)
             except StorageError as exc:
                 log.warning("%s", exc)
-                ok = False
-            self.probed = (time.monotonic(), ok)
-        return ok
+                self.probed = (time.monotonic(), False)
+        return self.probed[1]
 
     def folder(self, job_id: str) -> Path:
         if "/" in job_id or "\\" in job_id or job_id.startswith("."):
@@ -139,8 +136,7 @@ class JobRecords:
         return self.folder(job_id) / "cancel"
 
     def write(self, record: dict[str, Any]) -> None:
-        """A job's record, replaced atomically (readers in any process never see half a file); its
-        progress file, now stale, is removed."""
+        """A job's record, replaced atomically (no reader sees half a file); its stale progress removed."""
         folder = self.folder(record["id"])
         write_atomic(folder / "record.json", json.dumps(record).encode())
         (folder / "progress.json").unlink(missing_ok=True)
@@ -156,23 +152,15 @@ class JobRecords:
             record = json.loads((folder / "record.json").read_text())
         except (OSError, json.JSONDecodeError, NotFound):
             return None
-        if not ended(record):
-            try:
+        if not ended(record):  # no progress file yet, or gone as the record was rewritten: none
+            with contextlib.suppress(OSError, json.JSONDecodeError):
                 record.update(json.loads((folder / "progress.json").read_text()))
-            except (OSError, json.JSONDecodeError):
-                pass  # none yet, or gone as the record was rewritten
         return record
 
     def all(self) -> list[dict[str, Any]]:
-        """Every readable record (an unreadable one is logged and skipped)."""
-        records = []
-        for path in self.root.glob("*/record.json"):
-            record = self.read(path.parent.name)
-            if record is None:
-                log.warning("unreadable job record %s", path)
-            else:
-                records.append(record)
-        return records
+        """Every readable record (an unreadable one is skipped)."""
+        records = [self.read(path.parent.name) for path in self.root.glob("*/record.json")]
+        return [r for r in records if r is not None]
 
     def owned(self, owner: str, job_id: str) -> dict[str, Any]:
         """The stored record of `owner`'s job; NotFound for anyone else's or none."""

@@ -39,9 +39,8 @@ def _server(config):  # type: ignore[no-untyped-def]
 
 
 def guarded_protocol(header_timeout_s: float, max_connections: int) -> type:
-    """uvicorn's HTTP protocol (httptools, else h11) closing a connection that sends no whole request
-    head within `header_timeout_s` of opening or of its last response, and any beyond
-    `max_connections` (uvicorn has neither: its keep-alive timer starts only after a response)."""
+    """uvicorn's HTTP protocol closing connections beyond `max_connections` and any without a whole
+    request head `header_timeout_s` after opening or its last response (uvicorn has neither)."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
     except ImportError:
@@ -52,19 +51,11 @@ def guarded_protocol(header_timeout_s: float, max_connections: int) -> type:
 
         def connection_made(self, transport) -> None:  # type: ignore[no-untyped-def]
             super().connection_made(transport)
-            if len(self.connections) > max_connections:
-                transport.close()
-            else:
-                self.arm()
+            transport.close() if len(self.connections) > max_connections else self.arm()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
             self.arm()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self.head_timer is not None:
-                self.head_timer.cancel()
-            super().connection_lost(exc)
 
         def arm(self) -> None:
             if self.head_timer is not None:
@@ -114,22 +105,15 @@ def serve(settings: ServeSettings, load: LoadBackend, size: tuple[int, int] | No
     service = Service(settings, load, size).start()
     sock = bind(settings.host, settings.port)
     host, port = sock.getsockname()[:2]
-    config = uvicorn.Config(
-        create_app(service),
-        http=guarded_protocol(settings.header_timeout_s, settings.max_connections),
-        log_config=None,
-        lifespan="off",
-        timeout_graceful_shutdown=3,
-        timeout_keep_alive=settings.idle_timeout_s,  # type: ignore[arg-type]
-    )
+    http = guarded_protocol(settings.header_timeout_s, settings.max_connections)
+    config = uvicorn.Config(create_app(service), http=http, log_config=None, lifespan="off")
+    config.timeout_graceful_shutdown, config.timeout_keep_alive = 3, settings.idle_timeout_s  # type: ignore
     server = _server(config)
     log.info("listening on http://%s:%d", host, port)
     print(f"flashface-trt serve: listening on http://{host}:{port}", file=sys.stderr, flush=True)
     asyncio.run(_run(server, service, sock))
     if service.worker.is_alive():  # still in a step (its jobs are recorded): exit without finalizing
         logging.shutdown()  # the native code it runs, which aborts the process at interpreter exit
-        sys.stdout.flush()
-        sys.stderr.flush()
         os._exit(0)
     return 0
 

@@ -259,7 +259,6 @@ class Service:
         if self.worker.is_alive():  # mid-step (the thread is a daemon): its jobs end here, on disk
             for running in list(self.book.running.values()):
                 self.book.finish(running, State.CANCELLED, f"{SHUTDOWN_REASON} mid-step", "interrupted")
-            log.warning("the worker is still in a step; its jobs were recorded as interrupted")
         with contextlib.suppress(queue.Empty):  # registrations that will never run: 503 now
             while True:
                 self.worker.tasks.get_nowait()[1].set_exception(Unavailable("the service is shutting down"))

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from ..runtime.errors import StorageError
 from ..runtime.faces.outputs import write_atomic
 from ..runtime.sampling.identities import array_key
 from .records import NotFound
@@ -119,7 +118,6 @@ class IdentityStore:
         item = StoredIdentity(ident, owner, array_key(crops), len(crops), faces, encoder)
         meta = {k: getattr(item, k) for k in ("id", "owner", "key", "num_refs", "faces", "encoder")}
         try:  # every file written atomically in a hidden folder, which becomes the identity at once
-            shutil.rmtree(tmp, ignore_errors=True)
             write_atomic(tmp / "crops.npy", lambda f: np.save(f, crops.astype(np.float32)))
             write_atomic(tmp / "latents.npy", lambda f: np.save(f, latents.astype(np.float32)))
             write_atomic(tmp / "meta.json", json.dumps(meta).encode())
@@ -129,8 +127,6 @@ class IdentityStore:
                     tmp.replace(d)
                     self.items[ident] = item
                 return self.items[ident]
-        except OSError as exc:
-            raise StorageError(f"cannot store identity {ident}: {exc.strerror or exc}") from exc
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

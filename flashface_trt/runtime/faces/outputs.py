@@ -77,18 +77,13 @@ def check_output_dir(path: Path, what: str) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        if existing == path:
-            raise InputError(f"{what} {str(path)!r} is not writable ({exc.strerror})") from exc
-        raise InputError(
-            f"{what} {str(path)!r} cannot be created: {str(existing)!r} is not writable ({exc.strerror})"
-        ) from exc
+        where = "" if existing == path else f" cannot be created: {str(existing)!r}"
+        raise InputError(f"{what} {str(path)!r}{where} is not writable ({exc.strerror})") from exc
 
 
 def write_atomic(path: Path, data: bytes | Callable[[BinaryIO], object]) -> None:
-    """Write `data` (bytes, or a writer of an open file) to `path` whole or not at all: a temporary file
-    beside it, flushed and fsynced, renamed over it; on any failure the temporary file is removed
-    (StorageError naming the path for an OSError: disk full, read-only, no permission)."""
-    path = Path(path)
+    """`data` (bytes, or a writer of an open file) to `path` whole or not at all: a temporary file beside
+    it, fsynced, renamed over it, removed on any failure (an OSError: StorageError naming the path)."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,8 +104,7 @@ def write_atomic(path: Path, data: bytes | Callable[[BinaryIO], object]) -> None
 
 def save_image(image: Image.Image, path: Path) -> None:
     """`image` written atomically to `path` in the format its extension selects."""
-    fmt = image_format(path)
-    write_atomic(path, lambda f: image.save(f, format=fmt))
+    write_atomic(path, lambda f: image.save(f, format=image_format(path)))
 
 
 def missing_dirs(paths: Iterable[Path]) -> list[Path]:
