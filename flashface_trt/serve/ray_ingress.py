@@ -18,6 +18,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from ..runtime.errors import StorageError
+from ..runtime.faces.outputs import write_atomic
 from .config import ServeSettings
 from .jobs import Job
 from .metrics import CacheCollector
@@ -195,7 +196,7 @@ class RayAPI:
     def cancel(self, owner: str, job_id: str) -> dict[str, Any]:
         record = self.job(owner, job_id)
         if not ended(record):
-            self.records.cancel_flag(job_id).touch()
+            write_atomic(self.records.cancel_flag(job_id), b"")
             if record["state"] == State.QUEUED.value:  # answered as the replica will record it
                 end = time.monotonic() + 5
                 while time.monotonic() < end and self.job(owner, job_id)["state"] == State.QUEUED.value:
