@@ -27,8 +27,8 @@ SETTINGS = (
     Param("max_jobs", "int", "finished job records kept", 1, None, 1000),
     BATCH_ROWS,
     Param("warmup_steps", "int", "steps of the warm-up generation before ready (0: none)", 0, 1000, 2),
-    Param("idle_timeout_s", "float", "idle connections close after this", 0, None, 5.0, lo_open=True),
-    Param("header_timeout_s", "float", "a request head must come within this", 0, None, 10.0, lo_open=True),
+    Param("idle_timeout_s", "float", "seconds an idle connection stays open", 0, None, 5.0, lo_open=True),
+    Param("header_timeout_s", "float", "seconds a request head may take", 0, None, 10.0, lo_open=True),
     Param("max_connections", "int", "open connections; more are closed at once", 1, None, 512),
 )
 DEFAULTS = {p.name: p.default for p in SETTINGS}
