@@ -327,7 +327,9 @@ def _add_serve(sub) -> None:
         default=2.0,
         help="autoscaling target of ongoing requests per replica (> 0)",
     )
-    ray.add_argument("--gpus-per-replica", type=float, default=1.0, help="GPUs of one model replica (>= 0)")
+    gpus = "GPUs of one model replica (>= 0); auto: 1 where its backend runs on a GPU, else 0"
+    auto = lambda v: v if v == "auto" else float(v)  # noqa: E731
+    ray.add_argument("--gpus-per-replica", type=auto, default="auto", help=gpus)
     ray.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs of one model replica (>= 0)")
     ray.add_argument(
         "--identities-per-replica",

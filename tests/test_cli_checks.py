@@ -67,13 +67,22 @@ def test_generate_checks_everything_before_loading(tmp_path, capsys, no_loading,
 
 
 def test_output_directory_must_be_writable(tmp_path, capsys, no_loading, monkeypatch):
-    """A parent that cannot be written (faked: the tests run as root) is refused before loading."""
+    """A parent that cannot be written (faked: the tests run as root, whom permissions do not stop;
+    the check creates a file there, as the write will) is refused before loading."""
+    import errno
     import os
+    import tempfile
 
     locked = tmp_path / "locked"
     locked.mkdir()
-    real = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode: real(p, mode) and os.fspath(p) != str(locked))
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, **kwargs):
+        if os.fspath(kwargs.get("dir")) == str(locked):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
     assert main([*TINY, "--out", str(locked / "new" / "o.png")]) == 2
     assert "cannot be created" in capsys.readouterr().err and not (locked / "new").exists()
     assert main([*TINY, "--out", str(locked / "o.png")]) == 2

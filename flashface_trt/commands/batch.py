@@ -133,6 +133,7 @@ def run_batch(
     """
     from tqdm.auto import tqdm
 
+    from ..runtime.faces.outputs import save_image
     from ..runtime.sampling.executor import StepExecutor, Task
 
     identities: dict[tuple[Path, ...], Any] = {}
@@ -158,8 +159,7 @@ def run_batch(
             print(f"flashface-trt: error: {args.batch_file}:{line.number}: {reason}", file=sys.stderr)
             continue
         for path, img in zip(line.paths, task.images or []):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            img.save(path)
+            save_image(img, path)
             print(path)
     sizes = executor.batch_sizes
     log.info(

@@ -29,6 +29,7 @@ def _detector(args: argparse.Namespace):
 def detect(args: argparse.Namespace) -> int:
     from ..runtime.errors import InputError
     from ..runtime.faces.images import load_image
+    from ..runtime.faces.outputs import save_image
     from ..runtime.faces.references import find_references
 
     check_count("--show", args.show, 0)
@@ -55,9 +56,8 @@ def detect(args: argparse.Namespace) -> int:
             print(f"  refused: {cli_message(ref)}")
             refused += 1
             continue
-        args.out_dir.mkdir(parents=True, exist_ok=True)  # only once there is a crop to write
         out = args.out_dir / f"{path.stem}_face.png"
-        ref.crop.save(out)
+        save_image(ref.crop, out)  # the directory is made only once there is a crop to write
         print(f"  crop -> {out}")
     return 2 if refused else 0
 

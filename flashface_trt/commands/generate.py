@@ -137,7 +137,7 @@ def _generate_batch(args: argparse.Namespace, manifest: dict | None, size: tuple
 def generate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from ..runtime.faces.outputs import image_paths
+    from ..runtime.faces.outputs import image_paths, save_image
     from ..runtime.sampling.pipeline import generate as run_pipeline
 
     check_generate_flags(args)
@@ -163,9 +163,8 @@ def generate(args: argparse.Namespace) -> int:
     with tqdm(total=request.steps, desc="denoising", unit="step", file=sys.stderr) as bar:
         images = run_pipeline(backend, request, faces, on_step=lambda k, n: bar.update(1))
     log.info("generated %d image(s) in %.1f s on %s", len(images), time.perf_counter() - t0, backend.name)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     for path, img in zip(paths, images):
-        img.save(path)
+        save_image(img, path)
         print(path)
     return 0
 

@@ -40,10 +40,25 @@ def ray_config(args: argparse.Namespace):
         min_replicas=args.replicas,
         max_replicas=args.max_replicas or args.replicas,
         target_ongoing_requests=args.target_ongoing_requests,
-        num_gpus=args.gpus_per_replica,
+        num_gpus=replica_gpus(args),
         num_cpus=args.cpus_per_replica,
         identities_per_replica=args.identities_per_replica,
     ).validated()
+
+
+def replica_gpus(args: argparse.Namespace) -> float:
+    """GPUs a model replica asks Ray for: --gpus-per-replica, or (auto) 1 where its backend uses a GPU."""
+    if args.gpus_per_replica != "auto":
+        return float(args.gpus_per_replica)
+    if args.engines or args.onnx:
+        return float(bool(args.engines) or args.provider in ("cuda", "tensorrt"))
+    if args.device != "auto":
+        return float(args.device.startswith("cuda"))
+    try:
+        import torch
+    except ImportError:
+        return 0.0
+    return float(torch.cuda.is_available())
 
 
 def serve(args: argparse.Namespace) -> int:

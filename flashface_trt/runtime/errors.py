@@ -32,3 +32,7 @@ class InputError(FlashFaceError, ValueError):
     def __init__(self, message: str, field: str | None = None, option: str | None = None) -> None:
         super().__init__(message)
         self.field, self.option = field, option  # option: a remedy the message names (the CLI: its flag)
+
+
+class StorageError(FlashFaceError):
+    """A file could not be written (disk full, read-only, no permission); nothing partial was left."""

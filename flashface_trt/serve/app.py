@@ -21,14 +21,14 @@ from pydantic import ConfigDict, Field, create_model
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from ..runtime.errors import FlashFaceError, InputError
+from ..runtime.errors import FlashFaceError, InputError, StorageError
 from ..runtime.faces.images import ImageTooLarge
 from ..runtime.sampling.params import PARAMS, REQUEST_PARAMS, REQUIRED, Param
 from .config import owner_of
 from .jobs import QueueFull
 from .openai_api import openai_router
 from .page import PAGE
-from .records import ID
+from .records import ID, STORAGE_DOWN
 from .service import API, NotFound, PayloadTooLarge, Unavailable, wait_end
 
 log = logging.getLogger(__name__)
@@ -181,6 +181,10 @@ def create_app(service: API) -> FastAPI:
     @app.exception_handler(Unavailable)
     async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
         return _error(503, str(exc), None, {"Retry-After": "5"})
+
+    @app.exception_handler(StorageError)
+    async def _storage(request: Request, exc: Exception) -> JSONResponse:
+        return _error(503, f"{STORAGE_DOWN}; retry when /readyz says ready", None, {"Retry-After": "5"})
 
     @app.exception_handler(PayloadTooLarge)
     async def _too_large(request: Request, exc: Exception) -> JSONResponse:

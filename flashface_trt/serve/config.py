@@ -32,6 +32,9 @@ SETTINGS = (
     Param("max_files", "int", "photos per registration", 1, 1000, 16),
     Param("max_cost", "float", "job cost limit, H*W*samples*steps/1e6 (0: none)", 0, None, 0.0),
     Param("memory_margin", "float", "free memory share kept from jobs' peaks (1: none)", 0, 1, 0.2),
+    Param("idle_timeout_s", "float", "seconds an idle connection stays open", 0, None, 5.0, lo_open=True),
+    Param("header_timeout_s", "float", "seconds a request head may take", 0, None, 10.0, lo_open=True),
+    Param("max_connections", "int", "open connections; more are closed at once", 1, None, 512),
 )
 DEFAULTS = {p.name: p.default for p in SETTINGS}
 
@@ -56,6 +59,7 @@ class ServeSettings:
         0: none).
     max_upload_pixels / max_files: a registration's decoded pixels (from headers) and photos, else 413.
     max_cost / memory_margin: jobs over these megapixel-steps or this share of free memory get 422.
+    idle_timeout_s, header_timeout_s, max_connections: idle and header-read timeouts, open connections.
     """
 
     host: str = DEFAULTS["host"]
@@ -76,6 +80,9 @@ class ServeSettings:
     max_files: int = DEFAULTS["max_files"]
     max_cost: float = DEFAULTS["max_cost"]
     memory_margin: float = DEFAULTS["memory_margin"]
+    idle_timeout_s: float = DEFAULTS["idle_timeout_s"]
+    header_timeout_s: float = DEFAULTS["header_timeout_s"]
+    max_connections: int = DEFAULTS["max_connections"]
 
     def validated(self) -> ServeSettings:
         """Return self after checking every setting by `SETTINGS`; InputError names value and range."""

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..runtime.errors import StorageError
 from ..runtime.sampling.request import GenerationRequest
-from .records import TERMINAL, JobRecords, QueueFull, State, ended, failed
+from .records import TERMINAL, JobRecords, QueueFull, State, ended, failed, public, storage_message
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class Job:
     images: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     cancel_reason: str | None = None  # set to stop a running job at its next step boundary
+    fault: str | None = None  # a failed write of its progress: fails the job (storage) at its next step
     events: list[dict[str, Any]] = field(default_factory=list)
     seq: int = 0
 
@@ -108,26 +110,42 @@ class JobBook:
         self.busy: deque[float] = deque(maxlen=32)  # busy seconds each recent job added (throughput)
         self.last_end = 0.0
         self.watchers: dict[str, set[Callable[[], object]]] = {}  # job id -> wake-ups of async waiters
+        self.shared = not recover  # other processes read progress and positions from progress files
+        self.earlier: dict[str, dict[str, Any]] = {}  # owner and public record of earlier runs' jobs
         if recover:
             self._recover()
 
     # ---------------------------------------------------------------- persistence
 
-    def _write(self, job: Job, position: int | None = None) -> None:
-        self.records.write(job.stored(position))
+    def _write_end(self, job: Job) -> None:
+        """A job's final record; if it cannot be written, the job is failed (storage) in memory."""
+        try:
+            self.records.write(job.stored())
+        except StorageError as exc:
+            log.warning("job=%s: its record was not stored: %s", job.id, exc, extra={"job_id": job.id})
+            job.state, job.error_kind, job.error = State.FAILED, "storage", storage_message(exc)
+
+    def _progress(self, job: Job, **fields: Any) -> None:
+        """A job's progress file (shared data directories only); a failed write fails the job."""
+        if self.shared:
+            try:
+                self.records.progress(job.id, {"state": job.state.value, "step": job.step, **fields})
+            except StorageError as exc:
+                job.fault = storage_message(exc)
 
     def _write_positions(self) -> None:
-        """Every queued job's record with its place in the queue (readers in other processes)."""
-        for k, job in enumerate(self.pending()):
-            self._write(job, k)
+        """Every queued job's place in the queue (readers in other processes)."""
+        for k, job in enumerate(self.pending() if self.shared else ()):
+            self._progress(job, position=k)
 
     def progress(self, job: Job) -> None:
-        """Record a job's step (readers in other processes follow it); its first step makes it running."""
+        """A job's step, for readers in other processes (its record is not rewritten); its first step
+        makes it running."""
         with self.lock:
             if job.state == State.QUEUED and job.id in self.running:
                 job.state, job.started = State.RUNNING, time.time()
             if job.state == State.RUNNING:
-                self._write(job)
+                self._progress(job, started=job.started)
             self._notify(job)
 
     @contextmanager
@@ -151,10 +169,12 @@ class JobBook:
                 wake()
 
     def _recover(self) -> None:
-        """Records of earlier runs: finished ones stay readable, unfinished ones are failed now."""
+        """Records of earlier runs: finished ones stay readable and listed, unfinished ones are failed now."""
         for r in sorted(self.records.all(), key=lambda r: r.get("finished") or r.get("created") or 0):
             if not ended(r):
-                self.records.write(failed(r, "the service stopped before the job finished", "interrupted"))
+                r = failed(r, "the service stopped before the job finished", "interrupted")
+                self.records.write(r)  # a read-only data directory: StorageError, the service does not start
+            self.earlier[r["id"]] = {**public(r), "owner": r.get("owner")}
             self.finished_order.append(r["id"])
         self._prune()
 
@@ -162,6 +182,7 @@ class JobBook:
         while len(self.finished_order) > self.max_jobs:
             old = self.finished_order.pop(0)
             self.jobs.pop(old, None)
+            self.earlier.pop(old, None)
             self.records.remove(old)
 
     # ---------------------------------------------------------------- queue
@@ -171,6 +192,11 @@ class JobBook:
             if self.queued >= self.max_queue:
                 message = f"the queue holds {self.queued} jobs (limit {self.max_queue})"
                 raise QueueFull(message, self.retry_after())
+            try:
+                self.records.write(job.stored())  # once, request and prompt included (positions: progress)
+            except StorageError:
+                self.records.remove(job.id)
+                raise
             self.seq += 1
             job.seq = self.seq
             self.jobs[job.id] = job
@@ -245,6 +271,8 @@ class JobBook:
 
     def finish(self, job: Job, state: State, error: str | None = None, kind: str | None = None) -> None:
         with self.lock:
+            if job.done:  # ended already (a shutdown that could not wait for the job's step)
+                return
             if self.running.pop(job.id, None) is not None:
                 now = time.time()
                 self.busy.append(now - max(self.last_end, job.started or now))
@@ -254,7 +282,7 @@ class JobBook:
     def _finish_locked(self, job: Job, state: State, error: str | None, kind: str | None) -> None:
         job.state, job.finished = state, time.time()
         job.error, job.error_kind = error, kind
-        self._write(job)
+        self._write_end(job)
         self.finished_order.append(job.id)
         self._prune()
         self._notify(job)

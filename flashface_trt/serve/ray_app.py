@@ -80,25 +80,32 @@ def run(
     config: RayConfig,
     address: str | None,
 ) -> int:
-    """`flashface-trt serve --ray`: connect to (or start) a Ray cluster, deploy, serve until SIGTERM."""
+    """`flashface-trt serve --ray`: start or join a Ray cluster, deploy, serve until SIGTERM/SIGINT."""
     import signal
 
     import ray
     from ray import serve
 
+    def stop(*_: object) -> None:  # leaves whatever Ray is doing (even a deployment never ready)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)  # once: the clean-up is not interrupted
+        raise KeyboardInterrupt
+
     ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
-    serve.run(build_app(settings, load, size, config), name=config.app_name, route_prefix=config.route_prefix)
-    log.info(
-        "Ray Serve application %r on http://%s:%d (%s)",
-        config.app_name,
-        settings.host,
-        settings.port,
-        asdict(config),
-    )
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *a: stop.set())
-    signal.signal(signal.SIGINT, lambda *a: stop.set())
-    stop.wait()
-    serve.delete(config.app_name)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)  # after ray.init, which installs its own
+    try:
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        if config.num_gpus > (have := ray.cluster_resources().get("GPU", 0.0)):  # Ray logs it in files only
+            msg = "a model replica asks %g GPU, the cluster has %g: none can start; pass --gpus-per-replica 0"
+            log.warning(msg, config.num_gpus, have)
+        app = build_app(settings, load, size, config)
+        serve.run(app, name=config.app_name, route_prefix=config.route_prefix)
+        where = (config.app_name, settings.host, settings.port, asdict(config))
+        log.info("Ray Serve application %r on http://%s:%d (%s)", *where)
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        log.info("stopping the Ray Serve application %r", config.app_name)
+    (cleanup := threading.Thread(target=serve.delete, args=(config.app_name,), daemon=True)).start()
+    cleanup.join(30.0)  # bounded, whatever state the deployment is in
     return 0

@@ -25,8 +25,9 @@ class RayConfig:
 
     min_replicas/max_replicas: model replicas (equal: a fixed count; else autoscaling on
     `target_ongoing_requests` per replica); num_gpus/num_cpus: resources of one model replica
-    (1 GPU in production, 0 in CPU tests); identities_per_replica: identities a replica keeps
-    loaded (LRU); ingress_replicas: HTTP replicas; app_name, route_prefix: the Serve application;
+    (`serve --gpus-per-replica auto`: 1 where its backend runs on a GPU, else 0);
+    identities_per_replica: identities a replica keeps loaded (LRU); ingress_replicas: HTTP replicas;
+    app_name, route_prefix: the Serve application;
     health_check_period_s: how often Serve checks each model replica, so how soon a dead one is
     replaced (not a `serve` option: the tests shorten it).
     """

@@ -18,13 +18,15 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
+from ..runtime.errors import StorageError
+from ..runtime.faces.outputs import write_atomic
 from ..runtime.sampling.cost import Admission
 from .config import ServeSettings
 from .jobs import Job
 from .metrics import CacheCollector
 from .ray_config import MODEL
 from .ray_replica import replica_caches
-from .records import JobRecords, QueueFull, State, ended, error_kind, failed, new_job_id, public
+from .records import STORAGE_DOWN, JobRecords, QueueFull, State, ended, error_kind, failed, new_job_id, public
 from .service import Unavailable, parse_job
 from .store import IdentityStore
 
@@ -63,21 +65,30 @@ class RayAPI:
 
     # ---------------------------------------------------------------- health
 
-    def replicas(self) -> int:
-        """Model replicas running now (0: nothing can run, new work gets 503)."""
+    def model_status(self) -> Any:
         from ray import serve
-        from ray.serve.schema import ReplicaState
 
         try:
-            app = serve.status().applications[self.app_name]
-            return int(app.deployments[MODEL].replica_states.get(ReplicaState.RUNNING, 0))
+            return serve.status().applications[self.app_name].deployments[MODEL]
         except (KeyError, AttributeError):
-            return 0
+            return None
+
+    def replicas(self) -> int:
+        """Model replicas running now (0: nothing can run, new work gets 503)."""
+        from ray.serve.schema import ReplicaState
+
+        model = self.model_status()
+        return 0 if model is None else int(model.replica_states.get(ReplicaState.RUNNING, 0))
 
     def status(self) -> dict[str, Any]:
-        n = self.replicas()
-        inflight = len(self.inflight)
-        return {"ready": n > 0, "draining": False, "backend": "ray", "replicas": n, "inflight": inflight}
+        n, writable = self.replicas(), self.records.writable()
+        reason = None if writable else STORAGE_DOWN
+        if n == 0:  # Ray's reason (e.g. resources no node has) and the usual fix
+            said = getattr(self.model_status(), "message", "") or "starting"
+            reason = f"no model replica is running ({said}); without GPUs: --gpus-per-replica 0 or auto"
+        ready = n > 0 and writable
+        out = {"ready": ready, "reason": reason, "draining": False, "backend": "ray", "replicas": n}
+        return {**out, "inflight": len(self.inflight)}
 
     def _require_replicas(self) -> None:
         if self.replicas() == 0:
@@ -130,7 +141,11 @@ class RayAPI:
                 raise QueueFull(f"the queue holds {queued} jobs (limit {self.settings.max_queue})", 5)
             job_id = new_job_id()
             self.inflight.add(job_id)
-        self.records.write(Job(job_id, owner, identity, request, priority, timeout).stored())
+        try:
+            self.records.write(Job(job_id, owner, identity, request, priority, timeout).stored())
+        except StorageError:
+            self.inflight.discard(job_id)
+            raise
         args = (owner, job_id, dict(body), identity, timeout)
         threading.Thread(target=self._follow, args=args, name=f"job-{job_id}", daemon=True).start()
         end = time.monotonic() + 5  # answer once a replica holds it (its queue position is then known)
@@ -171,6 +186,8 @@ class RayAPI:
                 log.warning("job=%s failed (%s): %s", job_id, kind, error)
                 self.records.write(failed(record, error, kind))
                 return
+        except StorageError as exc:  # a full or read-only disk: logged, this thread ends cleanly
+            log.error("job=%s: its record was not stored: %s", job_id, exc)
         finally:
             with self.lock:
                 self.inflight.discard(job_id)
@@ -187,7 +204,7 @@ class RayAPI:
     def cancel(self, owner: str, job_id: str) -> dict[str, Any]:
         record = self.job(owner, job_id)
         if not ended(record):
-            self.records.cancel_flag(job_id).touch()
+            write_atomic(self.records.cancel_flag(job_id), b"")
             if record["state"] == State.QUEUED.value:  # answered as the replica will record it
                 end = time.monotonic() + 5
                 while time.monotonic() < end and self.job(owner, job_id)["state"] == State.QUEUED.value:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..runtime.faces.outputs import write_atomic
 from .config import ServeSettings
 from .records import NotFound
 from .service import Service
@@ -80,8 +81,5 @@ class ModelReplica:
 
     def _write_stats(self) -> None:
         """This replica's cache counters, beside the other replicas', for the ingress's /metrics."""
-        folder = self.root / "replicas"
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{self.tag}.json"
-        tmp.write_text(json.dumps({"tag": self.tag, "kv_cache": self.service.kv_stats()}))
-        tmp.replace(folder / f"{self.tag}.json")
+        stats = {"tag": self.tag, "kv_cache": self.service.kv_stats()}
+        write_atomic(self.root / "replicas" / f"{self.tag}.json", json.dumps(stats).encode())

@@ -4,18 +4,19 @@ write, read and show (a JSON file per job in the data directory, beside the job'
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import shutil
-import threading
 import time
 import uuid
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from ..runtime.errors import FlashFaceError, InputError
+from ..runtime.errors import FlashFaceError, InputError, StorageError
+from ..runtime.faces.outputs import write_atomic
 from ..runtime.sampling.executor import Stopped
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ def error_kind(exc: BaseException) -> str:
     names = {c.__name__ for c in type(exc).__mro__}
     if isinstance(exc, InputError):
         return "input"
+    if isinstance(exc, StorageError):
+        return "storage"  # the data directory could not be written (full, read-only, no permission)
     if isinstance(exc, MemoryError) or any("OutOfMemory" in name for name in names):
         return "out_of_memory"
     if isinstance(exc, QueueFull) or "GetTimeoutError" in names:
@@ -70,6 +73,11 @@ def error_kind(exc: BaseException) -> str:
     if names & REPLICA_LOST:
         return "replica_died"
     return "internal"
+
+
+def storage_message(exc: BaseException) -> str:
+    """A failed write's reason for the job's client: the OS's reason, no server path."""
+    return f"the service could not store the job: {getattr(exc.__cause__, 'strerror', None) or 'failed'}"
 
 
 def ended(record: dict[str, Any]) -> bool:
@@ -94,12 +102,28 @@ def new_job_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
+STORAGE_DOWN = "the data directory is not writable"  # no server path: /readyz answers without a key
+
+
 class JobRecords:
-    """Jobs under `root/<id>/`: record.json (replaced atomically), images <k>.png, a `cancel` flag."""
+    """Jobs under `root/<id>/`: record.json (written at acceptance and at the end), progress.json (state,
+    step, queue position), images <k>.png, a `cancel` flag; every write atomic (else StorageError)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
+        self.probed = (0.0, True)  # (monotonic time, writable) of the last probe
+
+    def writable(self) -> bool:
+        """Whether a small atomic write in the data directory succeeds (probed at most once a second)."""
+        if time.monotonic() - self.probed[0] >= 1.0:
+            try:
+                write_atomic(self.root / ".probe", b"ok")
+                self.probed = (time.monotonic(), True)
+            except StorageError as exc:
+                log.warning("%s", exc)
+                self.probed = (time.monotonic(), False)
+        return self.probed[1]
 
     def folder(self, job_id: str) -> Path:
         if not ID.fullmatch(job_id):
@@ -114,28 +138,31 @@ class JobRecords:
         return self.folder(job_id) / "cancel"
 
     def write(self, record: dict[str, Any]) -> None:
-        """A job's record, replaced atomically (readers in any process never see half a file)."""
+        """A job's record, replaced atomically (no reader sees half a file); its stale progress removed."""
         folder = self.folder(record["id"])
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f"record.json.{threading.get_ident()}.tmp"
-        tmp.write_text(json.dumps(record))
-        tmp.replace(folder / "record.json")
+        write_atomic(folder / "record.json", json.dumps(record).encode())
+        (folder / "progress.json").unlink(missing_ok=True)
+
+    def progress(self, job_id: str, progress: dict[str, Any]) -> None:
+        """A job's state, step and position, without rewriting its record (request and prompt)."""
+        write_atomic(self.folder(job_id) / "progress.json", json.dumps(progress).encode())
 
     def read(self, job_id: str) -> dict[str, Any] | None:
+        """A job's record, with its progress while it has not ended; None if there is none."""
         try:
-            return json.loads((self.folder(job_id) / "record.json").read_text())
+            folder = self.folder(job_id)
+            record = json.loads((folder / "record.json").read_text())
         except (OSError, json.JSONDecodeError, NotFound):
             return None
+        if not ended(record):  # no progress file yet, or gone as the record was rewritten: none
+            with contextlib.suppress(OSError, json.JSONDecodeError):
+                record.update(json.loads((folder / "progress.json").read_text()))
+        return record
 
     def all(self) -> list[dict[str, Any]]:
-        """Every readable record (an unreadable one is logged and skipped)."""
-        records = []
-        for path in self.root.glob("*/record.json"):
-            try:
-                records.append(json.loads(path.read_text()))
-            except (OSError, json.JSONDecodeError) as exc:
-                log.warning("unreadable job record %s: %s", path, exc)
-        return records
+        """Every readable record (an unreadable one is skipped)."""
+        records = [self.read(path.parent.name) for path in self.root.glob("*/record.json")]
+        return [r for r in records if r is not None]
 
     def owned(self, owner: str, job_id: str) -> dict[str, Any]:
         """The stored record of `owner`'s job; NotFound for anyone else's or none."""

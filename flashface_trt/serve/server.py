@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -35,6 +36,37 @@ def _server(config):  # type: ignore[no-untyped-def]
             yield
 
     return Server(config)
+
+
+def guarded_protocol(header_timeout_s: float, max_connections: int) -> type:
+    """uvicorn's HTTP protocol closing connections beyond `max_connections` and any without a whole
+    request head `header_timeout_s` after opening or its last response (uvicorn has neither)."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+    except ImportError:
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Base  # type: ignore[assignment]
+
+    class Guarded(Base):  # type: ignore[misc, valid-type]
+        head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:  # type: ignore[no-untyped-def]
+            super().connection_made(transport)
+            transport.close() if len(self.connections) > max_connections else self.arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self.arm()
+
+        def arm(self) -> None:
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+            self.head_timer = self.loop.call_later(header_timeout_s, self.head_timeout)
+
+        def head_timeout(self) -> None:
+            if self.cycle is None or self.cycle.response_complete:  # no request head since arming
+                self.transport.close()
+
+    return Guarded
 
 
 class JsonFormatter(logging.Formatter):
@@ -73,13 +105,16 @@ def serve(settings: ServeSettings, load: LoadBackend, size: tuple[int, int] | No
     service = Service(settings, load, size).start()
     sock = bind(settings.host, settings.port)
     host, port = sock.getsockname()[:2]
-    config = uvicorn.Config(
-        create_app(service), log_config=None, lifespan="off", timeout_graceful_shutdown=10
-    )
+    http = guarded_protocol(settings.header_timeout_s, settings.max_connections)
+    config = uvicorn.Config(create_app(service), http=http, log_config=None, lifespan="off")
+    config.timeout_graceful_shutdown, config.timeout_keep_alive = 3, settings.idle_timeout_s  # type: ignore
     server = _server(config)
     log.info("listening on http://%s:%d", host, port)
     print(f"flashface-trt serve: listening on http://{host}:{port}", file=sys.stderr, flush=True)
     asyncio.run(_run(server, service, sock))
+    if service.worker.is_alive():  # still in a step (its jobs are recorded): exit without finalizing
+        logging.shutdown()  # the native code it runs, which aborts the process at interpreter exit
+        os._exit(0)
     return 0
 
 

@@ -8,7 +8,9 @@ one behaviour. Errors are typed: `NotFound` (404), `QueueFull` (429), `Unavailab
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import queue
 import time
 from collections.abc import Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -23,7 +25,7 @@ from ..runtime.sampling.request import GenerationRequest, make_request
 from .config import ServeSettings
 from .jobs import SHUTDOWN_REASON, Job, JobBook
 from .metrics import Metrics
-from .records import NotFound, QueueFull, State, new_job_id, public
+from .records import STORAGE_DOWN, NotFound, QueueFull, State, new_job_id, public
 from .store import IdentityStore
 from .worker import LoadBackend, Worker
 
@@ -128,12 +130,13 @@ class Service:
     # ---------------------------------------------------------------- health
 
     def ready(self) -> bool:
-        return self.worker.ready.is_set() and not self.draining
+        return self.worker.ready.is_set() and not self.draining and self.book.records.writable()
 
     def status(self) -> dict[str, Any]:
         backend = self.worker.backend
         return {
             "ready": self.ready(),
+            "reason": None if self.book.records.writable() else STORAGE_DOWN,
             "draining": self.draining,
             "backend": None if backend is None else self.worker.encoder,
             "load_error": None if self.worker.load_error is None else str(self.worker.load_error),
@@ -153,6 +156,8 @@ class Service:
         if self.draining:
             raise Unavailable("the service is shutting down and accepts no new work")
         self._require_worker()
+        if not self.book.records.writable():
+            raise Unavailable(f"{STORAGE_DOWN}; retry when /readyz says ready")
 
     # ---------------------------------------------------------------- identities
 
@@ -221,7 +226,8 @@ class Service:
     def jobs(self, owner: str) -> dict[str, Any]:
         """The caller's queued, running and recent jobs (queue and history introspection)."""
         mine = [self.job(owner, j.id) for j in list(self.book.jobs.values()) if j.owner == owner]
-        return {"queued": self.book.queued, "jobs": mine}
+        earlier = [public(r) for r in list(self.book.earlier.values()) if r["owner"] == owner]
+        return {"queued": self.book.queued, "jobs": sorted(earlier, key=lambda r: r["created"]) + mine}
 
     def progress(self, owner: str, job_id: str, seen: int) -> tuple[list[dict[str, Any]], bool]:
         """Progress events after the first `seen`, and whether the job has ended."""
@@ -291,7 +297,13 @@ class Service:
         for running in list(self.book.running.values()):
             self.book.cancel(running, SHUTDOWN_REASON)  # stops at its next step boundary (or at the stop)
         self.worker.stopping.set()
-        self.worker.join(timeout=max(end - time.monotonic(), 0.0) + 30.0)
+        self.worker.join(timeout=max(end - time.monotonic(), 0.0) + 2.0)
+        if self.worker.is_alive():  # mid-step (the thread is a daemon): its jobs end here, on disk
+            for running in list(self.book.running.values()):
+                self.book.finish(running, State.CANCELLED, f"{SHUTDOWN_REASON} mid-step", "interrupted")
+        with contextlib.suppress(queue.Empty):  # registrations that will never run: 503 now
+            while True:
+                self.worker.tasks.get_nowait()[1].set_exception(Unavailable("the service is shutting down"))
         log.info("service stopped (%s)", mode)
 
 

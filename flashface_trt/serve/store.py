@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ..runtime.faces.outputs import write_atomic
 from ..runtime.sampling.identities import array_key
 from .records import ID, NotFound
 
@@ -125,21 +126,20 @@ class IdentityStore:
                 return self.items[ident]
         d = self.root / ident
         tmp = self.root / f".{ident}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        np.save(tmp / "crops.npy", crops.astype(np.float32))
-        np.save(tmp / "latents.npy", latents.astype(np.float32))
         item = StoredIdentity(ident, owner, array_key(crops), len(crops), faces, encoder)
         meta = {k: getattr(item, k) for k in ("id", "owner", "key", "num_refs", "faces", "encoder")}
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        with self.lock:
-            if ident not in self.items:
-                shutil.rmtree(d, ignore_errors=True)
-                tmp.replace(d)
-                self.items[ident] = item
-            else:
-                shutil.rmtree(tmp, ignore_errors=True)
-            return self.items[ident]
+        try:  # every file written atomically in a hidden folder, which becomes the identity at once
+            write_atomic(tmp / "crops.npy", lambda f: np.save(f, crops.astype(np.float32)))
+            write_atomic(tmp / "latents.npy", lambda f: np.save(f, latents.astype(np.float32)))
+            write_atomic(tmp / "meta.json", json.dumps(meta).encode())
+            with self.lock:
+                if ident not in self.items:
+                    shutil.rmtree(d, ignore_errors=True)
+                    tmp.replace(d)
+                    self.items[ident] = item
+                return self.items[ident]
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def delete(self, identity: str, owner: str) -> None:
         """Remove `owner`'s identity (also one another process stored); NotFound if there is none."""

@@ -8,6 +8,7 @@ its reason and the worker takes the next one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import re
@@ -19,8 +20,9 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from ..runtime.errors import InputError
+from ..runtime.errors import InputError, StorageError
 from ..runtime.faces.images import synthetic_face
+from ..runtime.faces.outputs import save_image
 from ..runtime.faces.references import load_references
 from ..runtime.sampling.executor import StepExecutor, Stopped, Task
 from ..runtime.sampling.identities import Identity
@@ -29,7 +31,7 @@ from ..runtime.sampling.prepare import Backend, prepare_references
 from ..runtime.sampling.request import GenerationRequest
 from .jobs import SHUTDOWN_REASON, Job, JobBook, State
 from .metrics import Metrics
-from .records import error_kind
+from .records import error_kind, storage_message
 from .store import IdentityStore, StoredIdentity, identity_id
 
 log = logging.getLogger(__name__)
@@ -84,13 +86,17 @@ class Worker(threading.Thread):
         self.ready.set()
         log.info("worker ready on %s", self.encoder)
         while not self.stopping.is_set():
-            self._run_tasks()  # registrations and other calls: between every two steps
-            for job in self.book.expire():
-                self.metrics.job_failed(job, "timeout")
-            self._admit()
-            if self.executor.busy:
-                self.executor.run_once()
-                self._collect()
+            try:
+                self._run_tasks()  # registrations and other calls: between every two steps
+                for job in self.book.expire():
+                    self.metrics.job_failed(job, "timeout")
+                self._admit()
+                if self.executor.busy:
+                    self.executor.run_once()
+                    self._collect()
+            except Exception:  # a bug outside any one job: logged, the worker goes on
+                log.exception("worker loop")
+                time.sleep(0.1)
         self._stop_jobs()
         self._run_tasks()
 
@@ -237,6 +243,8 @@ class Worker(threading.Thread):
         self.metrics.running.set(len(self.book.running))
 
         def check() -> str | None:
+            if job.fault is not None:
+                return f"storage: {job.fault}"
             if job.cancel_reason is not None:
                 return f"cancelled: {job.cancel_reason}"
             if time.time() > job.deadline:
@@ -261,10 +269,14 @@ class Worker(threading.Thread):
             if task.error is not None:
                 self._failed(job, task.error)
                 continue
+            paths = [self.book.records.image_path(job.id, k) for k in range(len(task.images or []))]
             try:
-                for k, img in enumerate(task.images or []):
-                    img.save(self.book.records.image_path(job.id, k), format="PNG")
+                for path, img in zip(paths, task.images or []):
+                    save_image(img, path)
             except Exception as exc:
+                for path in paths:  # a failed job keeps no image
+                    with contextlib.suppress(OSError):
+                        path.unlink(missing_ok=True)
                 self._failed(job, exc)
                 continue
             job.images, job.timings = (
@@ -286,6 +298,7 @@ class Worker(threading.Thread):
         kind = error_kind(exc)
         state = State.CANCELLED if kind == "cancelled" else State.FAILED
         message = str(exc) if isinstance(exc, Stopped) else f"{type(exc).__name__}: {exc}"
+        message = storage_message(exc) if isinstance(exc, StorageError) else message
         self.book.finish(job, state, message, kind)
         self.metrics.job_failed(job, kind)
         log.log(

@@ -6,15 +6,18 @@ generates anything, rather than after.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image
 
-from ..errors import InputError
+from ..errors import InputError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +72,39 @@ def check_output_dir(path: Path, what: str) -> None:
         if existing == path:
             raise InputError(f"{what} {str(path)!r} is a file, not a directory")
         raise InputError(f"{what} {str(path)!r} cannot be created: {str(existing)!r} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        if existing == path:
-            raise InputError(f"{what} {str(path)!r} is not writable")
-        raise InputError(f"{what} {str(path)!r} cannot be created: {str(existing)!r} is not writable")
+    try:  # a probe, not os.access: root passes that, and /proc or a read-only mount refuse files
+        fd, probe = tempfile.mkstemp(prefix=".probe.", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        where = "" if existing == path else f" cannot be created: {str(existing)!r}"
+        raise InputError(f"{what} {str(path)!r}{where} is not writable ({exc.strerror})") from exc
+
+
+def write_atomic(path: Path, data: bytes | Callable[[BinaryIO], object]) -> None:
+    """`data` (bytes, or a writer of an open file) to `path` whole or not at all: a temporary file beside
+    it, fsynced, renamed over it, removed on any failure (an OSError: StorageError naming the path)."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            data(f) if callable(data) else f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise StorageError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from exc
+        raise
+
+
+def save_image(image: Image.Image, path: Path) -> None:
+    """`image` written atomically to `path` in the format its extension selects."""
+    write_atomic(path, lambda f: image.save(f, format=image_format(path)))
 
 
 def missing_dirs(paths: Iterable[Path]) -> list[Path]:
