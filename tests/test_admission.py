@@ -68,9 +68,10 @@ def test_estimate_against_a_fresh_measurement():
 
     row = json.loads(out.stdout.strip().splitlines()[-1])
     measured = max(row["step_mib"], row["decode_mib"]) * MIB
-    # the table's row and the estimate above it, up to the allocator's noise (71-95 MiB seen here)
-    assert abs(measured / MIB / max(CALIBRATION[256, 1]) - 1) < 0.25, row
-    assert measured <= 1.1 * TINY_CPU.peak_bytes(256, 256, 1) <= 2.5 * measured, row
+    # resident-set deltas move with the allocator, the machine and the load (71-127 MiB seen for
+    # this row on one Xeon VM): the table's row and the estimate must be of the measurement's order
+    assert 0.5 < measured / MIB / max(CALIBRATION[256, 1]) < 2, row
+    assert 0.5 * measured <= TINY_CPU.peak_bytes(256, 256, 1) <= 2.5 * measured, row
 
 
 def test_estimate_grows_with_every_size():
