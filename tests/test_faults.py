@@ -431,3 +431,25 @@ def test_serve_ray_on_a_cpu_machine_runs_without_flags(tmp_path):
         )
     finally:
         _stop(proc, lines)
+
+
+def test_unfinished_jobs_on_a_read_only_data_dir_at_start_up(disk):
+    """A run died mid-job and the data directory is read-only at the next start: the service still
+    starts, and the job reads failed (interrupted) from memory, listed too."""
+    from flashface_trt.serve.config import ServeSettings
+    from flashface_trt.serve.service import Service
+
+    from .serving import SIZE, tiny_loader
+
+    old = JobBook(disk.root / "jobs", max_queue=4, max_jobs=10, recover=False)
+    old.submit(Job("j1", "public", "i", GenerationRequest(prompt="p", steps=5, height=64, width=64)))
+    (disk.root / "identities").mkdir()
+    disk.read_only(True)
+    try:
+        svc = Service(ServeSettings(host="127.0.0.1", port=0, data_dir=disk.root), tiny_loader(), SIZE)
+        r = svc.job("public", "j1")
+        assert (r["state"], r["error_kind"]) == ("failed", "interrupted"), r
+        assert [j["id"] for j in svc.jobs("public")["jobs"]] == ["j1"]
+        assert old.records.read("j1")["state"] == "queued"  # nothing could be written
+    finally:
+        disk.read_only(False)

@@ -173,7 +173,10 @@ class JobBook:
         for r in sorted(self.records.all(), key=lambda r: r.get("finished") or r.get("created") or 0):
             if not ended(r):
                 r = failed(r, "the service stopped before the job finished", "interrupted")
-                self.records.write(r)  # a read-only data directory: StorageError, the service does not start
+                try:
+                    self.records.write(r)
+                except StorageError as exc:  # read-only: served from memory; /readyz says not ready
+                    log.warning("job=%s: its interrupted record was not stored: %s", r["id"], exc)
             self.earlier[r["id"]] = {**public(r), "owner": r.get("owner")}
             self.finished_order.append(r["id"])
         self._prune()

@@ -249,6 +249,9 @@ class Service:
             if position is not None:
                 record["position"] = position
             return record
+        earlier = self.book.earlier.get(job_id)  # an earlier run's, as recovered (also when unwritable)
+        if earlier is not None and earlier["owner"] == owner:
+            return {k: v for k, v in earlier.items() if k != "owner"}
         return public(self.book.records.owned(owner, job_id))
 
     def cancel(self, owner: str, job_id: str) -> dict[str, Any]:
