@@ -131,6 +131,21 @@ def test_a_killed_replica_loses_no_job(ray_api, tmp_path):
     _wait_replicas(c, 2)
 
 
+def test_the_ingress_admits_by_the_replicas_memory(ray_api):
+    """The ingress refuses what no replica's memory fits, before a job exists; /readyz lists the limits."""
+    c = ray_api.client(KEYS[0])
+    _wait_replicas(c, 2)
+    ident = register(c, 42)["id"]
+    limits = c.get("/readyz").json()["limits"]
+    side = limits["max_side_1_sample"]
+    assert limits["memory_budget_bytes"] > 0 and side > 0 and limits["max_queue"] >= 1, limits
+    before = len(c.get("/v1/generations").json()["jobs"])
+    r = c.post("/v1/generations", json=generation(ident, height=4096, width=4096, steps=1))
+    assert r.status_code == 422 and r.json()["field"] == "height", r.text
+    assert f"at most {side}x{side} fits" in r.json()["error"]
+    assert len(c.get("/v1/generations").json()["jobs"]) == before
+
+
 def test_no_replica_means_503_not_a_hang(ray_api):
     import ray
 

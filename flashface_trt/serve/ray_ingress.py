@@ -20,14 +20,13 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from ..runtime.errors import StorageError
 from ..runtime.faces.outputs import write_atomic
-from ..runtime.sampling.cost import Admission
 from .config import ServeSettings
 from .jobs import Job
 from .metrics import CacheCollector
 from .ray_config import MODEL
-from .ray_replica import replica_caches
+from .ray_replica import replica_admission, replica_caches
 from .records import STORAGE_DOWN, JobRecords, QueueFull, State, ended, error_kind, failed, new_job_id, public
-from .service import Unavailable, parse_job
+from .service import LIMITS, Unavailable, parse_job
 from .store import IdentityStore
 
 log = logging.getLogger(__name__)
@@ -88,7 +87,9 @@ class RayAPI:
             reason = f"no model replica is running ({said}); without GPUs: --gpus-per-replica 0 or auto"
         ready = n > 0 and writable
         out = {"ready": ready, "reason": reason, "draining": False, "backend": "ray", "replicas": n}
-        return {**out, "inflight": len(self.inflight)}
+        settings = {k: getattr(self.settings, k) for k in LIMITS}
+        limits = {**replica_admission(self.root, self.settings.max_cost).limits(), **settings}
+        return {**out, "inflight": len(self.inflight), "limits": limits}
 
     def _require_replicas(self) -> None:
         if self.replicas() == 0:
@@ -133,7 +134,7 @@ class RayAPI:
         """Validate here (the same code as a single node), record the job as queued, hand it on."""
         self._require_replicas()
         identity, request, priority, timeout = parse_job(body, self.default_size(), self.settings.timeout_s)
-        Admission(self.settings.max_cost).check(request)  # memory: each replica's service checks its own
+        replica_admission(self.root, self.settings.max_cost).check(request)  # before a job exists
         self.store.owned(identity, owner)
         with self.lock:
             queued = sum(1 for j in self.inflight if (self.records.read(j) or {}).get("state") == "queued")

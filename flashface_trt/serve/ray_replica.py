@@ -1,7 +1,7 @@
 """A Ray Serve model replica: a single-node `Service` over the shared data directory.
 
-Each replica writes its reference K/V cache counters to `<data>/replicas/<tag>.json`, so that any
-ingress replica's /metrics can sum them and list each replica's.
+Each replica writes its reference K/V cache counters and its job limits to `<data>/replicas/<tag>.json`,
+so that any ingress replica's /metrics can sum them and list each replica's, and admit by the limits.
 """
 
 from __future__ import annotations
@@ -11,10 +11,12 @@ import json
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from ..runtime.faces.outputs import write_atomic
+from ..runtime.sampling.cost import Admission, Footprint
 from .config import ServeSettings
 from .records import NotFound
 from .service import Service
@@ -23,16 +25,31 @@ from .worker import LoadBackend
 log = logging.getLogger(__name__)
 
 
-def replica_caches(root: Path) -> dict[str, dict[str, int]]:
-    """The K/V cache counters every model replica last wrote under `root`, by replica tag."""
-    caches = {}
+def _replica_stats(root: Path) -> list[dict[str, Any]]:
+    """What every model replica last wrote under `root` (unreadable files skipped)."""
+    stats = []
     for path in sorted((root / "replicas").glob("*.json")):
         try:
-            stats = json.loads(path.read_text())
+            stats.append(json.loads(path.read_text()))
         except (OSError, json.JSONDecodeError):
             continue
-        caches[stats["tag"]] = stats["kv_cache"]
-    return caches
+    return stats
+
+
+def replica_caches(root: Path) -> dict[str, dict[str, int]]:
+    """The K/V cache counters every model replica last wrote under `root`, by replica tag."""
+    return {stats["tag"]: stats["kv_cache"] for stats in _replica_stats(root)}
+
+
+def replica_admission(root: Path, max_cost: float) -> Admission:
+    """The tightest memory limits the model replicas wrote (any replica may get a job); max_cost alone
+    before one has."""
+    written = (stats.get("admission") or {} for stats in _replica_stats(root))
+    found = [a for a in written if a.get("footprint") and a.get("free")]
+    if not found:
+        return Admission(max_cost)
+    a = min(found, key=lambda a: a["free"] * (1 - a["margin"]))
+    return Admission(**{**a, "max_cost": max_cost, "footprint": Footprint(**a["footprint"])})
 
 
 class ModelReplica:
@@ -81,5 +98,6 @@ class ModelReplica:
 
     def _write_stats(self) -> None:
         """This replica's cache counters, beside the other replicas', for the ingress's /metrics."""
-        stats = {"tag": self.tag, "kv_cache": self.service.kv_stats()}
+        admission = asdict(self.service.admission())  # the ingress admits jobs by the tightest
+        stats = {"tag": self.tag, "kv_cache": self.service.kv_stats(), "admission": admission}
         write_atomic(self.root / "replicas" / f"{self.tag}.json", json.dumps(stats).encode())
