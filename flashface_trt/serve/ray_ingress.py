@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from ..runtime.errors import StorageError
 from ..runtime.faces.outputs import write_atomic
+from ..runtime.sampling.cost import Admission
 from .config import ServeSettings
 from .jobs import Job
 from .metrics import CacheCollector
@@ -52,6 +53,7 @@ class RayAPI:
         self.store = IdentityStore(self.root / "identities")
         self.size = size
         self.inflight: set[str] = set()
+        self.admitted = (-1.0, Admission(settings.max_cost))  # (when read, the replicas' limits)
         self.lock = threading.Lock()
         self.registry = CollectorRegistry()
         r = self.registry
@@ -72,6 +74,12 @@ class RayAPI:
         except (KeyError, AttributeError):
             return None
 
+    def admission(self) -> Admission:
+        """The model replicas' tightest limits, read again from their files at most once a second."""
+        if time.monotonic() - self.admitted[0] > 1.0:
+            self.admitted = (time.monotonic(), replica_admission(self.root, self.settings.max_cost))
+        return self.admitted[1]
+
     def replicas(self) -> int:
         """Model replicas running now (0: nothing can run, new work gets 503)."""
         from ray.serve.schema import ReplicaState
@@ -88,7 +96,7 @@ class RayAPI:
         ready = n > 0 and writable
         out = {"ready": ready, "reason": reason, "draining": False, "backend": "ray", "replicas": n}
         settings = {k: getattr(self.settings, k) for k in LIMITS}
-        limits = {**replica_admission(self.root, self.settings.max_cost).limits(), **settings}
+        limits = {**self.admission().limits(), **settings}
         return {**out, "inflight": len(self.inflight), "limits": limits}
 
     def _require_replicas(self) -> None:
@@ -134,7 +142,7 @@ class RayAPI:
         """Validate here (the same code as a single node), record the job as queued, hand it on."""
         self._require_replicas()
         identity, request, priority, timeout = parse_job(body, self.default_size(), self.settings.timeout_s)
-        replica_admission(self.root, self.settings.max_cost).check(request)  # before a job exists
+        self.admission().check(request)  # before a job exists
         self.store.owned(identity, owner)
         with self.lock:
             queued = sum(1 for j in self.inflight if (self.records.read(j) or {}).get("state") == "queued")
