@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements, each fitting one 10-minute call of the device tool (records go to $OUT or /tmp).
+# The GPU measurements, each fitting one 10-minute call on the GPU machine (records go to $OUT or /tmp).
 #
 #   here, once:   bash benchmarks/gpu.sh wheels [OFFICIAL]   # .whl/: the wheels the GPU image lacks;
 #                                                            # .official/: the official checkout's sources
