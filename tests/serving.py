@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -189,6 +193,32 @@ def start_service(data_dir: Path, load=None, **settings: Any) -> ServerHandle:
         sock.close()
 
     return ServerHandle(url, stop, service, cfg.api_keys)
+
+
+def serve_process(data_dir: Path, *flags: str) -> tuple[subprocess.Popen, str, list[str], threading.Thread]:
+    """`flashface-trt serve --preset tiny` as a process on 127.0.0.1, ready; its stderr lines collected
+    by the thread returned (it ends when the process does)."""
+    from .conftest import REPO
+
+    args = [sys.executable, "-m", "flashface_trt.cli", "serve", "--preset", "tiny", "--port", "0"]
+    args += ["--data-dir", str(data_dir), "--warmup-steps", "0", *flags]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(args, cwd=REPO, stderr=subprocess.PIPE, text=True, env=env)
+    lines: list[str] = []
+    try:
+        for line in proc.stderr:  # type: ignore[union-attr]
+            lines.append(line)
+            found = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
+            if found:
+                break
+        assert found, "the service never said where it listens:\n" + "".join(lines)
+        reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
+        reader.start()
+        wait_ready(found.group(1), 300)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, found.group(1), lines, reader
 
 
 def wait_ready(url: str, timeout: float, key: str | None = None) -> None:

@@ -253,23 +253,10 @@ def test_pixel_bombs_are_refused_before_any_decode(tmp_path):
     413 naming the file that overdraws the budget, and the server's peak memory barely moves."""
     import httpx
 
-    from .serving import wait_ready
+    from .serving import serve_process
 
-    args = [sys.executable, "-m", "flashface_trt.cli", "serve", "--preset", "tiny", "--port", "0"]
-    args += ["--data-dir", str(tmp_path), "--warmup-steps", "0", "--height", "64", "--width", "64"]
-    proc = subprocess.Popen(
-        args, cwd=REPO, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-    )
+    proc, url, _, _ = serve_process(tmp_path, "--height", "64", "--width", "64")
     try:
-        url = None
-        for line in proc.stderr:  # type: ignore[union-attr]
-            found = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
-            if found:
-                url = found.group(1)
-                break
-        assert url, "the service never said where it listens"
-        threading.Thread(target=proc.stderr.read, daemon=True).start()  # type: ignore[union-attr]
-        wait_ready(url, 300)
         bomb = bomb_png()
         c = httpx.Client(base_url=url, timeout=60)
         register(c, 0)  # the upload path warm

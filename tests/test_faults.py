@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -31,7 +30,15 @@ from flashface_trt.runtime.sampling.request import GenerationRequest  # noqa: E4
 from flashface_trt.serve.jobs import Job, JobBook  # noqa: E402
 from flashface_trt.serve.records import STORAGE_DOWN, State  # noqa: E402
 
-from .serving import face_png, generation, register, service, wait_job, wait_ready, wait_state  # noqa: E402
+from .serving import (  # noqa: E402  # noqa: E402
+    face_png,
+    generation,
+    register,
+    serve_process,
+    service,
+    wait_job,
+    wait_state,
+)
 
 REAL_MKSTEMP = tempfile.mkstemp
 
@@ -312,27 +319,9 @@ def test_header_and_idle_timeouts_and_the_connection_cap():
 def test_sigterm_mid_step_exits_promptly_and_the_job_reads_interrupted(tmp_path, sig):
     """A real `serve --preset tiny` with a slow job (seconds per step): SIGTERM mid-step exits 0
     within --drain-s plus a few seconds, no traceback; after a restart the job reads cancelled."""
-    from .conftest import REPO
-
     drain = 1.0
-    args = [sys.executable, "-m", "flashface_trt.cli", "serve", "--preset", "tiny", "--port", "0"]
-    args += ["--data-dir", str(tmp_path), "--warmup-steps", "0", "--drain-s", str(drain)]
-    proc = subprocess.Popen(
-        args, cwd=REPO, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-    )
-    lines: list[str] = []
+    proc, url, lines, reader = serve_process(tmp_path, "--drain-s", str(drain))
     try:
-        url = None
-        for line in proc.stderr:  # type: ignore[union-attr]
-            lines.append(line)
-            found = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
-            if found:
-                url = found.group(1)
-                break
-        assert url, "".join(lines)
-        reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
-        reader.start()
-        wait_ready(url, 300)
         c = httpx.Client(base_url=url, timeout=60)
         ident = register(c, 0)["id"]
         job = c.post("/v1/generations", json=generation(ident, steps=50, height=1024, width=1024)).json()

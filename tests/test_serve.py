@@ -372,31 +372,12 @@ def test_bounded_load(tmp_path):
 def test_sigterm_drains_then_exits_zero(tmp_path):
     """`flashface-trt serve` as a process: SIGTERM stops admissions (503), finishes the accepted jobs,
     exits 0; a new process serves their results."""
-    import os
-    import re
     import signal
-    import subprocess
-    import sys
 
-    from .conftest import REPO
-    from .serving import wait_ready
+    from .serving import serve_process
 
-    args = [sys.executable, "-m", "flashface_trt.cli", "serve", "--preset", "tiny", "--port", "0"]
-    args += ["--data-dir", str(tmp_path), "--warmup-steps", "0", "--height", "64", "--width", "64"]
-    args += ["--drain-s", "600"]
-    proc = subprocess.Popen(
-        args, cwd=REPO, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-    )
+    proc, url, _, _ = serve_process(tmp_path, "--height", "64", "--width", "64", "--drain-s", "600")
     try:
-        url = None
-        for line in proc.stderr:  # type: ignore[union-attr]
-            found = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
-            if found:
-                url = found.group(1)
-                break
-        assert url, "the service never said where it listens"
-        threading.Thread(target=proc.stderr.read, daemon=True).start()  # type: ignore[union-attr]
-        wait_ready(url, 300)
         import httpx
 
         c = httpx.Client(base_url=url, timeout=60)
