@@ -138,20 +138,10 @@ def numerics(s: Sizes) -> dict[str, Any]:
     from flashface_trt.models.loading import tiny_models
 
     from .bench_torch import sd15_random
-    from .official import import_official
+    from .official import import_official, official_unet
 
     models = tiny_models("cpu") if s.dry else sd15_random("cpu", torch.float32)
-    make_unet = import_official(s.official)[0]
-    u = models.config.unet
-    theirs = make_unet(
-        pretrained=False,
-        dim=u.dim,
-        context_dim=u.context_dim,
-        dim_mult=list(u.dim_mult),
-        num_heads=u.num_heads,
-        num_res_blocks=u.num_res_blocks,
-        attn_scales=list(u.attn_scales),
-    )
+    theirs = official_unet(import_official(s.official)[0], models.config, "cpu")
     mine, shapes = models.unet.state_dict(), {k: v.shape for k, v in theirs.state_dict().items()}
     fits = {k: v for k, v in mine.items() if k in shapes and shapes[k] == v.shape}
     result = theirs.load_state_dict(fits, strict=False)

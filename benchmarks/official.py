@@ -70,9 +70,8 @@ def cpu_for_cuda_calls(device: str):
         torch.Tensor.cuda = original  # type: ignore[method-assign]
 
 
-def time_official(src: Path, cfg: ModelConfig, workload: Workload, device: str, repeats: int = 2) -> dict:
-    """Median seconds of the official denoising loop for `workload` (random weights)."""
-    make_unet, Diffusion, noise_schedule = import_official(src)
+def official_unet(make_unet, cfg: ModelConfig, device: str):  # type: ignore[no-untyped-def]
+    """The official UNet at `cfg`'s sizes, random weights, with FlashFace's 5-channel input, eval mode."""
     u = cfg.unet
     with torch.device(device):
         unet = make_unet(
@@ -85,7 +84,14 @@ def time_official(src: Path, cfg: ModelConfig, workload: Workload, device: str, 
             attn_scales=list(u.attn_scales),
         )
     five_channel_input(unet)  # what the official `replace_input_conv` does, at this config's width
-    unet = unet.eval().requires_grad_(False).to(device)
+    return unet.eval().requires_grad_(False).to(device)
+
+
+def time_official(src: Path, cfg: ModelConfig, workload: Workload, device: str, repeats: int = 2) -> dict:
+    """Median seconds of the official denoising loop for `workload` (random weights)."""
+    make_unet, Diffusion, noise_schedule = import_official(src)
+    u = cfg.unet
+    unet = official_unet(make_unet, cfg, device)
     sigmas = noise_schedule(schedule="scaled_linear", n=1000, beta_min=0.00085, beta_max=0.012)
     diffusion = Diffusion(sigmas=sigmas, prediction_type="eps")
     req = workload.request()
