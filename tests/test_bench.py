@@ -126,9 +126,8 @@ def check_suite_record(
     from flashface_trt.runtime.sampling.sampler import GuidanceParams, plan
 
     headline = baselines[-1]  # the official implementation when it was timed
-    assert set(r) == TOP | (
-        {"official_implementation_runs"} if headline == "official_implementation" else set()
-    )
+    official = {"official_implementation_runs", "official_commit"}
+    assert set(r) == TOP | (official if headline == "official_implementation" else set())
     assert r["torch"] == torch.__version__ and r["peak_memory_bytes"] is None
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     assert r["commit"] == head.stdout.strip()
