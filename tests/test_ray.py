@@ -77,18 +77,18 @@ def test_identity_affinity_keeps_the_kv_cache_hits(ray_api, tmp_path):
     seeds = (21, 22, 23, 24)
     idents = [register(c, s)["id"] for s in seeds]
     bodies = [generation(idents[i % 4], seed=i) for i in range(8)]  # each identity twice
+    end = time.monotonic() + 120
+    while c.get("/readyz").json()["inflight"]:  # earlier tests' jobs end first: their lookups are theirs
+        assert time.monotonic() < end, "jobs of earlier tests are still in flight"
+        time.sleep(0.1)
     hits0, misses0 = _cache(c)
-    # each identity's first job ends before its second is sent: Serve's router has then learned which
-    # replica holds it (a job sent during the first one's load may go elsewhere: docs/ray.md)
-    done = _run(c, bodies[:4]) + _run(c, bodies[4:])
+    done = _run(c, bodies)
     hits, misses = _cache(c)
     assert all(r["state"] == "succeeded" for r in done)
     with service(tmp_path, warmup_steps=0) as single:
         s = single.client()
         local = [register(s, seed)["id"] for seed in seeds]
-        mine = [{**b, "identity": local[idents.index(b["identity"])]} for b in bodies]
-        _run(s, mine[:4])
-        _run(s, mine[4:])
+        _run(s, [{**b, "identity": local[idents.index(b["identity"])]} for b in bodies])
         one_hits, one_misses = _cache(s)
     ray_hits, ray_misses = hits - hits0, misses - misses0
     ray_text, one_text = f"{ray_hits:.0f} / {ray_misses:.0f}", f"{one_hits:.0f} / {one_misses:.0f}"
