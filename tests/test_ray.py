@@ -93,7 +93,9 @@ def test_identity_affinity_keeps_the_kv_cache_hits(ray_api, tmp_path):
     ray_hits, ray_misses = hits - hits0, misses - misses0
     ray_text, one_text = f"{ray_hits:.0f} / {ray_misses:.0f}", f"{one_hits:.0f} / {one_misses:.0f}"
     print(f"\nK/V cache hits / misses: Ray {ray_text}, one replica {one_text}")
-    assert ray_hits + ray_misses == one_hits + one_misses  # the same steps were looked up
+    # every step was looked up; a replica may load an identity again cold (Serve's routing is best effort,
+    # docs/ray.md): CI saw 2 such extra misses now and then, never a lost hit
+    assert ray_hits + ray_misses >= one_hits + one_misses
     assert ray_hits >= one_hits > 0
 
 
